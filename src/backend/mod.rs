@@ -1,0 +1,93 @@
+//! Where values live: the [`Backend`] trait and its two implementations, a
+//! pool of connections to a real memcached ([`memcached`]) and an in-process
+//! store with memcached's semantics ([`embedded`]), the default when a node
+//! has no memcached address.
+//!
+//! May use: `protocol`, `config`.
+
+pub mod embedded;
+pub mod memcached;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::protocol::{Request, Response};
+
+pub use embedded::EmbeddedStore;
+pub use memcached::{MemcachedBackend, MemcachedOptions};
+
+/// A boxed, sendable future (the `Backend` trait is used as a trait object).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why a backend could not answer. Every variant means the outcome of the
+/// requests in the batch is unknown: some may have been applied.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// No connection could be had (connect refused, pool exhausted).
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    /// The backend did not answer in time.
+    #[error("backend timed out")]
+    Timeout,
+    /// The connection broke mid-request.
+    #[error("backend connection error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The backend's reply could not be framed against its request.
+    #[error("backend protocol error: {0}")]
+    Protocol(String),
+}
+
+impl BackendError {
+    /// A short, closed label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::Unavailable(_) => "unavailable",
+            BackendError::Timeout => "timeout",
+            BackendError::Io(_) => "io",
+            BackendError::Protocol(_) => "protocol",
+        }
+    }
+
+    /// The reply a client sees; the one place backend errors meet the wire.
+    pub fn to_response(&self) -> Response {
+        Response::server_error(match self {
+            BackendError::Unavailable(_) => "backend unavailable",
+            BackendError::Timeout => "backend timeout",
+            BackendError::Io(_) | BackendError::Protocol(_) => "backend error",
+        })
+    }
+}
+
+/// Pool occupancy, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub max_size: usize,
+    /// Connections open now (idle and in use).
+    pub size: usize,
+    /// Idle connections ready for use.
+    pub available: usize,
+}
+
+/// A store that executes data requests (`get gets gat gats set add replace
+/// append prepend cas incr decr delete touch flush_all`).
+pub trait Backend: Send + Sync + 'static {
+    /// Runs `requests` in order, as one client would see them on one
+    /// connection, and returns one response per request. An `Err` leaves the
+    /// outcome of every request in the batch unknown.
+    ///
+    /// Requests that are not data requests are answered `ERROR`.
+    fn call<'a>(&'a self, requests: &'a [Request]) -> BoxFuture<'a, Result<Vec<Response>, BackendError>>;
+
+    /// A short name for logs and `stats`: `embedded` or `memcached`.
+    fn kind(&self) -> &'static str;
+
+    /// Pool occupancy, where the backend has a pool.
+    fn pool_status(&self) -> Option<PoolStatus> {
+        None
+    }
+
+    /// Extra `stats` lines describing the store (items, bytes, evictions).
+    fn stats(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}

@@ -1,0 +1,317 @@
+//! The memcached text protocol, with no I/O: request and response types,
+//! the limits a request is checked against, the streaming request parser,
+//! the encoders, and the parser for a backend's replies.
+//!
+//! May use: `bytes`, `nom`. Nothing else in the crate.
+
+mod encode;
+mod error;
+mod limits;
+mod parse;
+mod reply;
+
+pub use encode::{encode_request, encode_response};
+pub use error::ClientError;
+pub use limits::Limits;
+pub use parse::{Parsed, parse_request};
+pub use reply::{ReplyParsed, parse_reply};
+
+use bytes::Bytes;
+
+/// The storage commands that carry a data block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoreOp {
+    Set,
+    Add,
+    Replace,
+    Append,
+    Prepend,
+    /// `cas`: store only if the item's CAS unique still equals the given one.
+    Cas,
+}
+
+impl StoreOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreOp::Set => "set",
+            StoreOp::Add => "add",
+            StoreOp::Replace => "replace",
+            StoreOp::Append => "append",
+            StoreOp::Prepend => "prepend",
+            StoreOp::Cas => "cas",
+        }
+    }
+}
+
+/// `incr` or `decr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ArithOp {
+    Incr,
+    Decr,
+}
+
+/// The expiry a client sent, as memcached reads it: 0 never expires, a
+/// negative value is already expired, up to 30 days is relative seconds, more
+/// is an absolute unix time. Resolved to a deadline by whoever stores it.
+pub type Exptime = i64;
+
+/// The longest relative exptime, in seconds; larger values are unix times.
+pub const REALTIME_MAXDELTA: i64 = 60 * 60 * 24 * 30;
+
+/// One parsed client request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `get`/`gets` (`cas` true for `gets`).
+    Get {
+        keys: Vec<Bytes>,
+        cas: bool,
+    },
+    /// `gat`/`gats`: get and touch.
+    Gat {
+        exptime: Exptime,
+        keys: Vec<Bytes>,
+        cas: bool,
+    },
+    /// `set add replace append prepend cas`.
+    Store {
+        op: StoreOp,
+        key: Bytes,
+        flags: u32,
+        exptime: Exptime,
+        data: Bytes,
+        /// The CAS unique of a `cas` command; 0 for the others.
+        cas_unique: u64,
+        noreply: bool,
+    },
+    /// A storage command whose declared length exceeds the item size limit.
+    /// memcached answers `SERVER_ERROR object too large for cache`, discards
+    /// the data block, and for `set` also removes the key so stale data does
+    /// not outlive the failed write.
+    TooLarge {
+        op: StoreOp,
+        key: Bytes,
+        noreply: bool,
+    },
+    Arith {
+        op: ArithOp,
+        key: Bytes,
+        delta: u64,
+        noreply: bool,
+    },
+    Delete {
+        key: Bytes,
+        noreply: bool,
+    },
+    Touch {
+        key: Bytes,
+        exptime: Exptime,
+        noreply: bool,
+    },
+    /// `flush_all [delay] [noreply]`.
+    FlushAll {
+        delay: Option<Exptime>,
+        noreply: bool,
+    },
+    Version,
+    Verbosity {
+        level: u32,
+        noreply: bool,
+    },
+    /// `stats [group ...]`, answered by memdial itself.
+    Stats {
+        args: Vec<Bytes>,
+    },
+    Quit,
+}
+
+impl Request {
+    /// True when the client asked for no reply.
+    pub fn noreply(&self) -> bool {
+        match self {
+            Request::Store { noreply, .. }
+            | Request::TooLarge { noreply, .. }
+            | Request::Arith { noreply, .. }
+            | Request::Delete { noreply, .. }
+            | Request::Touch { noreply, .. }
+            | Request::FlushAll { noreply, .. }
+            | Request::Verbosity { noreply, .. } => *noreply,
+            _ => false,
+        }
+    }
+
+    /// A short, closed label for metrics and logs.
+    pub fn command(&self) -> Command {
+        match self {
+            Request::Get { cas: false, .. } => Command::Get,
+            Request::Get { cas: true, .. } => Command::Gets,
+            Request::Gat { cas: false, .. } => Command::Gat,
+            Request::Gat { cas: true, .. } => Command::Gats,
+            Request::Store { op, .. } | Request::TooLarge { op, .. } => match op {
+                StoreOp::Set => Command::Set,
+                StoreOp::Add => Command::Add,
+                StoreOp::Replace => Command::Replace,
+                StoreOp::Append => Command::Append,
+                StoreOp::Prepend => Command::Prepend,
+                StoreOp::Cas => Command::Cas,
+            },
+            Request::Arith {
+                op: ArithOp::Incr, ..
+            } => Command::Incr,
+            Request::Arith {
+                op: ArithOp::Decr, ..
+            } => Command::Decr,
+            Request::Delete { .. } => Command::Delete,
+            Request::Touch { .. } => Command::Touch,
+            Request::FlushAll { .. } => Command::FlushAll,
+            Request::Version => Command::Version,
+            Request::Verbosity { .. } => Command::Verbosity,
+            Request::Stats { .. } => Command::Stats,
+            Request::Quit => Command::Quit,
+        }
+    }
+}
+
+/// Every command name, as a closed set for metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Command {
+    Get,
+    Gets,
+    Gat,
+    Gats,
+    Set,
+    Add,
+    Replace,
+    Append,
+    Prepend,
+    Cas,
+    Incr,
+    Decr,
+    Delete,
+    Touch,
+    FlushAll,
+    Version,
+    Verbosity,
+    Stats,
+    Quit,
+}
+
+impl Command {
+    pub const ALL: [Command; 19] = [
+        Command::Get,
+        Command::Gets,
+        Command::Gat,
+        Command::Gats,
+        Command::Set,
+        Command::Add,
+        Command::Replace,
+        Command::Append,
+        Command::Prepend,
+        Command::Cas,
+        Command::Incr,
+        Command::Decr,
+        Command::Delete,
+        Command::Touch,
+        Command::FlushAll,
+        Command::Version,
+        Command::Verbosity,
+        Command::Stats,
+        Command::Quit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Get => "get",
+            Command::Gets => "gets",
+            Command::Gat => "gat",
+            Command::Gats => "gats",
+            Command::Set => "set",
+            Command::Add => "add",
+            Command::Replace => "replace",
+            Command::Append => "append",
+            Command::Prepend => "prepend",
+            Command::Cas => "cas",
+            Command::Incr => "incr",
+            Command::Decr => "decr",
+            Command::Delete => "delete",
+            Command::Touch => "touch",
+            Command::FlushAll => "flush_all",
+            Command::Version => "version",
+            Command::Verbosity => "verbosity",
+            Command::Stats => "stats",
+            Command::Quit => "quit",
+        }
+    }
+}
+
+/// One item in a `get` family reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Value {
+    pub key: Bytes,
+    pub flags: u32,
+    pub data: Bytes,
+    /// Present for `gets`/`gats`.
+    pub cas: Option<u64>,
+}
+
+/// One reply, as memcached would send it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// `VALUE ...` lines, then `END`.
+    Values(Vec<Value>),
+    Stored,
+    NotStored,
+    Exists,
+    NotFound,
+    Deleted,
+    Touched,
+    Ok,
+    Reset,
+    /// The new value after `incr`/`decr`.
+    Number(u64),
+    /// `VERSION <text>`.
+    Version(String),
+    /// `STAT <name> <value>` lines, then `END`.
+    Stats(Vec<(String, String)>),
+    Error(ErrorReply),
+}
+
+/// The three error replies of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorReply {
+    /// `ERROR`: unknown command or wrong number of tokens.
+    Error,
+    /// `CLIENT_ERROR <message>`.
+    Client(String),
+    /// `SERVER_ERROR <message>`.
+    Server(String),
+}
+
+impl Response {
+    pub fn client_error(e: ClientError) -> Response {
+        e.into()
+    }
+
+    pub fn server_error(message: impl Into<String>) -> Response {
+        Response::Error(ErrorReply::Server(message.into()))
+    }
+
+    /// The outcome label for metrics: hit/miss for reads, the reply kind
+    /// otherwise.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Response::Values(v) if v.is_empty() => "miss",
+            Response::Values(_) => "hit",
+            Response::Stored => "stored",
+            Response::NotStored => "not_stored",
+            Response::Exists => "exists",
+            Response::NotFound => "not_found",
+            Response::Deleted => "deleted",
+            Response::Touched => "touched",
+            Response::Ok | Response::Reset | Response::Version(_) | Response::Stats(_) => "ok",
+            Response::Number(_) => "ok",
+            Response::Error(ErrorReply::Error) => "error",
+            Response::Error(ErrorReply::Client(_)) => "client_error",
+            Response::Error(ErrorReply::Server(_)) => "server_error",
+        }
+    }
+}

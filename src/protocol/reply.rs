@@ -1,0 +1,243 @@
+//! Parses a memcached backend's replies. Each reply is read knowing the
+//! request it answers, so a multi-key `get` is framed by its `END` and a
+//! number is only taken as a number where a number may come.
+
+use bytes::Bytes;
+
+use super::{ErrorReply, Request, Response, Value};
+
+/// What the front of a backend connection's buffer holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyParsed {
+    Incomplete,
+    Complete {
+        response: Response,
+        consumed: usize,
+    },
+    /// The backend said something that cannot answer this request; the
+    /// connection's framing is lost and it must be dropped.
+    Invalid(String),
+}
+
+fn line_at(buf: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    let rest = &buf[at..];
+    let nl = memchr(rest)?;
+    let line = &rest[..nl];
+    Some((line.strip_suffix(b"\r").unwrap_or(line), at + nl + 1))
+}
+
+fn memchr(s: &[u8]) -> Option<usize> {
+    s.iter().position(|&b| b == b'\n')
+}
+
+fn error_line(line: &[u8]) -> Option<Response> {
+    let text = |m: &[u8]| String::from_utf8_lossy(m).into_owned();
+    if line == b"ERROR" {
+        Some(Response::Error(ErrorReply::Error))
+    } else if let Some(m) = line.strip_prefix(b"CLIENT_ERROR ") {
+        Some(Response::Error(ErrorReply::Client(text(m))))
+    } else if let Some(m) = line.strip_prefix(b"SERVER_ERROR ") {
+        Some(Response::Error(ErrorReply::Server(text(m))))
+    } else {
+        None
+    }
+}
+
+fn invalid(request: &Request, line: &[u8]) -> ReplyParsed {
+    ReplyParsed::Invalid(format!(
+        "unexpected reply to {}: {:?}",
+        request.command().as_str(),
+        String::from_utf8_lossy(&line[..line.len().min(80)])
+    ))
+}
+
+/// Parses the reply to `request` at the front of `buf`.
+pub fn parse_reply(request: &Request, buf: &[u8]) -> ReplyParsed {
+    let Some((line, mut at)) = line_at(buf, 0) else {
+        return ReplyParsed::Incomplete;
+    };
+    let done = |response, consumed| ReplyParsed::Complete { response, consumed };
+    if let Some(e) = error_line(line) {
+        return done(e, at);
+    }
+    let simple = match (request, line) {
+        (Request::Store { .. }, b"STORED") => Some(Response::Stored),
+        (Request::Store { .. }, b"NOT_STORED") => Some(Response::NotStored),
+        (Request::Store { .. }, b"EXISTS") => Some(Response::Exists),
+        (Request::Store { .. } | Request::Arith { .. }, b"NOT_FOUND") => Some(Response::NotFound),
+        (Request::Delete { .. } | Request::Touch { .. }, b"NOT_FOUND") => Some(Response::NotFound),
+        (Request::Delete { .. }, b"DELETED") => Some(Response::Deleted),
+        (Request::Touch { .. }, b"TOUCHED") => Some(Response::Touched),
+        (Request::FlushAll { .. } | Request::Verbosity { .. }, b"OK") => Some(Response::Ok),
+        (Request::Stats { .. }, b"RESET") => Some(Response::Reset),
+        (Request::Arith { .. }, digits) => std::str::from_utf8(digits)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Response::Number),
+        (Request::Version, v) => v
+            .strip_prefix(b"VERSION ")
+            .map(|v| Response::Version(String::from_utf8_lossy(v).into_owned())),
+        _ => None,
+    };
+    if let Some(r) = simple {
+        return done(r, at);
+    }
+    match request {
+        Request::Get { .. } | Request::Gat { .. } => {
+            let mut values = Vec::new();
+            let mut line = line;
+            loop {
+                if line == b"END" {
+                    return done(Response::Values(values), at);
+                }
+                let Some(header) = value_header(line) else {
+                    return invalid(request, line);
+                };
+                let end = at + header.len + 2;
+                if buf.len() < end {
+                    return ReplyParsed::Incomplete;
+                }
+                if &buf[end - 2..end] != b"\r\n" {
+                    return invalid(request, line);
+                }
+                values.push(Value {
+                    key: Bytes::copy_from_slice(header.key),
+                    flags: header.flags,
+                    data: Bytes::copy_from_slice(&buf[at..end - 2]),
+                    cas: header.cas,
+                });
+                at = end;
+                match line_at(buf, at) {
+                    Some((l, next)) => {
+                        line = l;
+                        at = next;
+                    }
+                    None => return ReplyParsed::Incomplete,
+                }
+            }
+        }
+        Request::Stats { .. } => {
+            let mut stats = Vec::new();
+            let mut line = line;
+            loop {
+                if line == b"END" {
+                    return done(Response::Stats(stats), at);
+                }
+                let Some(stat) = line.strip_prefix(b"STAT ") else {
+                    return invalid(request, line);
+                };
+                let stat = String::from_utf8_lossy(stat);
+                let (name, val) = stat.split_once(' ').unwrap_or((&stat, ""));
+                stats.push((name.to_string(), val.to_string()));
+                match line_at(buf, at) {
+                    Some((l, next)) => {
+                        line = l;
+                        at = next;
+                    }
+                    None => return ReplyParsed::Incomplete,
+                }
+            }
+        }
+        _ => invalid(request, line),
+    }
+}
+
+struct ValueHeader<'a> {
+    key: &'a [u8],
+    flags: u32,
+    len: usize,
+    cas: Option<u64>,
+}
+
+fn value_header(line: &[u8]) -> Option<ValueHeader<'_>> {
+    let mut t = line.split(|&b| b == b' ');
+    if t.next()? != b"VALUE" {
+        return None;
+    }
+    let key = t.next()?;
+    let num = |s: &[u8]| std::str::from_utf8(s).ok()?.parse::<u64>().ok();
+    let flags = u32::try_from(num(t.next()?)?).ok()?;
+    let len = usize::try_from(num(t.next()?)?).ok()?;
+    let cas = match t.next() {
+        Some(c) => Some(num(c)?),
+        None => None,
+    };
+    if t.next().is_some() {
+        return None;
+    }
+    Some(ValueHeader {
+        key,
+        flags,
+        len,
+        cas,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get() -> Request {
+        Request::Get {
+            keys: vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")],
+            cas: true,
+        }
+    }
+
+    #[test]
+    fn multi_get_is_framed_by_end() {
+        let reply = b"VALUE a 1 3 7\r\nx\r\n\r\nEND\r\nSTORED\r\n";
+        let ReplyParsed::Complete { response, consumed } = parse_reply(&get(), reply) else {
+            panic!()
+        };
+        assert_eq!(consumed, reply.len() - 8);
+        assert_eq!(
+            response,
+            Response::Values(vec![Value {
+                key: Bytes::from_static(b"a"),
+                flags: 1,
+                data: Bytes::from_static(b"x\r\n"),
+                cas: Some(7),
+            }])
+        );
+        for cut in 0..reply.len() - 8 {
+            assert_eq!(
+                parse_reply(&get(), &reply[..cut]),
+                ReplyParsed::Incomplete,
+                "cut {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn replies_are_read_against_their_request() {
+        let incr = Request::Arith {
+            op: super::super::ArithOp::Incr,
+            key: Bytes::from_static(b"n"),
+            delta: 1,
+            noreply: false,
+        };
+        assert_eq!(
+            parse_reply(&incr, b"42\r\n"),
+            ReplyParsed::Complete {
+                response: Response::Number(42),
+                consumed: 4
+            }
+        );
+        assert!(matches!(
+            parse_reply(&get(), b"42\r\n"),
+            ReplyParsed::Invalid(_)
+        ));
+        assert!(matches!(
+            parse_reply(&incr, b"STORED\r\n"),
+            ReplyParsed::Invalid(_)
+        ));
+        assert_eq!(
+            parse_reply(&incr, b"SERVER_ERROR out of memory\r\n"),
+            ReplyParsed::Complete {
+                response: Response::server_error("out of memory"),
+                consumed: 28
+            }
+        );
+    }
+}
