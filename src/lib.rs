@@ -16,6 +16,13 @@
 //! - [`consistency`]: the pipeline every command passes through.
 //! - [`server`]: listener, connections, shutdown. Never calls a backend itself.
 //! - [`config`]: `proxy.yaml`. [`metrics`]: Prometheus registry and endpoint.
+//! - [`node`]: wires one node from its config; `main.rs` runs nodes.
 #![forbid(unsafe_code)]
 
+pub mod backend;
+pub mod config;
+pub mod consistency;
+pub mod metrics;
+pub mod node;
 pub mod protocol;
+pub mod server;

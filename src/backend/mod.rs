@@ -76,7 +76,10 @@ pub trait Backend: Send + Sync + 'static {
     /// outcome of every request in the batch unknown.
     ///
     /// Requests that are not data requests are answered `ERROR`.
-    fn call<'a>(&'a self, requests: &'a [Request]) -> BoxFuture<'a, Result<Vec<Response>, BackendError>>;
+    fn call<'a>(
+        &'a self,
+        requests: &'a [Request],
+    ) -> BoxFuture<'a, Result<Vec<Response>, BackendError>>;
 
     /// A short name for logs and `stats`: `embedded` or `memcached`.
     fn kind(&self) -> &'static str;

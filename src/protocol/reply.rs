@@ -36,10 +36,9 @@ fn error_line(line: &[u8]) -> Option<Response> {
         Some(Response::Error(ErrorReply::Error))
     } else if let Some(m) = line.strip_prefix(b"CLIENT_ERROR ") {
         Some(Response::Error(ErrorReply::Client(text(m))))
-    } else if let Some(m) = line.strip_prefix(b"SERVER_ERROR ") {
-        Some(Response::Error(ErrorReply::Server(text(m))))
     } else {
-        None
+        line.strip_prefix(b"SERVER_ERROR ")
+            .map(|m| Response::Error(ErrorReply::Server(text(m))))
     }
 }
 
@@ -93,7 +92,9 @@ pub fn parse_reply(request: &Request, buf: &[u8]) -> ReplyParsed {
                 let Some(header) = value_header(line) else {
                     return invalid(request, line);
                 };
-                let end = at + header.len + 2;
+                let Some(end) = at.checked_add(header.len).and_then(|e| e.checked_add(2)) else {
+                    return invalid(request, line);
+                };
                 if buf.len() < end {
                     return ReplyParsed::Incomplete;
                 }

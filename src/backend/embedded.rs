@@ -1,0 +1,1252 @@
+//! An in-process store with memcached 1.6's semantics, used when a node has
+//! no memcached address.
+//!
+//! | memcached                                   | here                                            |
+//! |---------------------------------------------|-------------------------------------------------|
+//! | slab allocator, `-m` megabytes              | byte budget split evenly over [`SHARDS`] shards |
+//! | one LRU per slab class                      | one `lru::LruCache` per shard, reads promote    |
+//! | item size = header + key + value            | `key + value + ITEM_OVERHEAD`                   |
+//! | clock ticks once a second                   | milliseconds on a `tokio::time::Instant` clock  |
+//! | expired items reclaimed lazily or by crawler| reclaimed lazily, when found or when evicting   |
+//! | `flush_all <delay>` via `oldest_live`       | a store-wide flush moment checked on every read |
+//! | CAS unique: global counter from 1           | the same                                        |
+//!
+//! Every request is handled synchronously under one shard's lock; no lock is
+//! held across an `.await`.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use lru::LruCache;
+use tokio::time::Instant;
+
+use super::{Backend, BackendError, BoxFuture};
+use crate::protocol::{
+    ArithOp, ClientError, ErrorReply, Exptime, REALTIME_MAXDELTA, Request, Response, StoreOp, Value,
+};
+
+/// How many independently locked shards the store has.
+pub const SHARDS: usize = 16;
+
+/// Bytes charged per item on top of its key and value, standing in for
+/// memcached's item header and hash-table slot.
+pub const ITEM_OVERHEAD: usize = 64;
+
+/// `flush_at` when no delayed flush is pending.
+const NO_FLUSH: u64 = u64::MAX;
+
+/// The memory an item is charged for.
+fn cost(key_len: usize, data_len: usize) -> usize {
+    key_len
+        .saturating_add(data_len)
+        .saturating_add(ITEM_OVERHEAD)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing here panics while holding a lock; if something ever did, the
+    // shard's data is still a valid cache, so keep serving it.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn out_of_memory() -> Response {
+    Response::server_error("out of memory storing object")
+}
+
+/// One stored value.
+#[derive(Debug, Clone)]
+struct Item {
+    flags: u32,
+    data: Bytes,
+    cas: u64,
+    /// Store-clock milliseconds at which the item expires; `None` never.
+    deadline: Option<u64>,
+    /// Store-clock milliseconds of the last store, for delayed `flush_all`.
+    stored_at: u64,
+}
+
+/// What is visible at one moment: the clock and the pending flush.
+#[derive(Debug, Clone, Copy)]
+struct View {
+    now: u64,
+    /// Items stored before this moment vanish once it is reached.
+    flush_at: u64,
+}
+
+impl View {
+    fn visible(self, item: &Item) -> bool {
+        let expired = item.deadline.is_some_and(|d| d <= self.now);
+        let flushed = self.flush_at <= self.now && item.stored_at < self.flush_at;
+        !expired && !flushed
+    }
+}
+
+struct Shard {
+    items: LruCache<Bytes, Item>,
+    /// Bytes charged for the items held, live or not yet reclaimed.
+    used: usize,
+    limit: usize,
+}
+
+impl Shard {
+    fn new(limit: usize) -> Shard {
+        Shard {
+            items: LruCache::unbounded(),
+            used: 0,
+            limit,
+        }
+    }
+
+    fn remove(&mut self, key: &[u8]) -> Option<Item> {
+        let item = self.items.pop(key)?;
+        self.used = self.used.saturating_sub(cost(key.len(), item.data.len()));
+        Some(item)
+    }
+
+    /// The live item under `key`, promoted in the LRU. A dead one (expired
+    /// or flushed) is removed and reported missing.
+    fn live(&mut self, key: &[u8], view: View) -> Option<&mut Item> {
+        let visible = view.visible(self.items.peek(key)?);
+        if !visible {
+            self.remove(key);
+            return None;
+        }
+        self.items.get_mut(key)
+    }
+
+    /// Stores `item` (which must fit in `limit`), replacing any item under
+    /// `key`, then evicts least-recently-used items until the shard is
+    /// within its budget. Returns how many live items were evicted.
+    fn insert(&mut self, key: Bytes, item: Item, view: View) -> u64 {
+        if !view.visible(&item) {
+            // Stored already expired: memcached links it and then never
+            // shows it; dropping it at once is the same to every client.
+            self.remove(&key);
+            return 0;
+        }
+        let charged = cost(key.len(), item.data.len());
+        if let Some((old_key, old)) = self.items.push(key, item) {
+            self.used = self
+                .used
+                .saturating_sub(cost(old_key.len(), old.data.len()));
+        }
+        self.used = self.used.saturating_add(charged);
+        let mut evicted = 0;
+        // The new item is the most recently used and fits on its own, so it
+        // is never the one evicted.
+        while self.used > self.limit {
+            let Some((k, old)) = self.items.pop_lru() else {
+                break;
+            };
+            self.used = self.used.saturating_sub(cost(k.len(), old.data.len()));
+            if view.visible(&old) {
+                evicted += 1;
+            }
+        }
+        evicted
+    }
+
+    fn clear(&mut self) {
+        self.items.clear();
+        self.used = 0;
+    }
+}
+
+/// An in-process, memory-bounded store with memcached 1.6's semantics.
+pub struct EmbeddedStore {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    memory_limit: usize,
+    /// The store clock's zero.
+    start: Instant,
+    /// Unix time in milliseconds at `start`, for absolute exptimes.
+    start_unix_ms: u64,
+    /// The next CAS unique to hand out.
+    next_cas: AtomicU64,
+    /// Store-clock milliseconds of the pending or passed delayed flush.
+    flush_at: AtomicU64,
+    /// Serialises `flush_all` commands.
+    flush_lock: Mutex<()>,
+    evictions: AtomicU64,
+    total_items: AtomicU64,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("shards", &self.shards.len())
+            .field("memory_limit", &self.memory_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// A store that holds at most about `memory_limit_bytes` of items
+    /// (keys, values and [`ITEM_OVERHEAD`] each), evicting the least
+    /// recently used beyond that.
+    pub fn new(memory_limit_bytes: usize) -> EmbeddedStore {
+        EmbeddedStore::with_shards(memory_limit_bytes, SHARDS)
+    }
+
+    fn with_shards(memory_limit_bytes: usize, shards: usize) -> EmbeddedStore {
+        let shards = shards.max(1);
+        let per_shard = memory_limit_bytes / shards;
+        let start_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        EmbeddedStore {
+            shards: (0..shards)
+                .map(|_| Mutex::new(Shard::new(per_shard)))
+                .collect(),
+            hasher: RandomState::new(),
+            memory_limit: memory_limit_bytes,
+            start: Instant::now(),
+            start_unix_ms,
+            next_cas: AtomicU64::new(1),
+            flush_at: AtomicU64::new(NO_FLUSH),
+            flush_lock: Mutex::new(()),
+            evictions: AtomicU64::new(0),
+            total_items: AtomicU64::new(0),
+        }
+    }
+
+    /// Runs one request and returns memcached's answer. Requests that are
+    /// not data requests are answered `ERROR`.
+    pub fn execute(&self, request: &Request) -> Response {
+        match request {
+            Request::Get { keys, cas } => self.get(keys, *cas, None),
+            Request::Gat { exptime, keys, cas } => self.get(keys, *cas, Some(*exptime)),
+            Request::Store {
+                op,
+                key,
+                flags,
+                exptime,
+                data,
+                cas_unique,
+                ..
+            } => self.store(*op, key, *flags, *exptime, data, *cas_unique),
+            Request::Arith { op, key, delta, .. } => self.arith(*op, key, *delta),
+            Request::Delete { key, .. } => self.delete(key),
+            Request::Touch { key, exptime, .. } => self.touch(key, *exptime),
+            Request::FlushAll { delay, .. } => self.flush_all(*delay),
+            Request::TooLarge { .. }
+            | Request::Version
+            | Request::Verbosity { .. }
+            | Request::Stats { .. }
+            | Request::Quit => Response::Error(ErrorReply::Error),
+        }
+    }
+
+    /// Milliseconds since the store was created.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn view(&self) -> View {
+        View {
+            now: self.now_ms(),
+            flush_at: self.flush_at.load(Ordering::Acquire),
+        }
+    }
+
+    fn shard(&self, key: &[u8]) -> MutexGuard<'_, Shard> {
+        // The modulo result is below `shards.len()`, which is a usize.
+        let i = (self.hasher.hash_one(key) % self.shards.len() as u64) as usize;
+        lock(&self.shards[i])
+    }
+
+    fn next_cas(&self) -> u64 {
+        self.next_cas.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The store-clock deadline for a client's exptime, as memcached reads
+    /// it. An already expired item gets a deadline at or before `now`.
+    fn deadline(&self, exptime: Exptime, now: u64) -> Option<u64> {
+        if exptime == 0 {
+            None
+        } else if exptime < 0 {
+            Some(0)
+        } else if exptime <= REALTIME_MAXDELTA {
+            Some(now.saturating_add(exptime.unsigned_abs().saturating_mul(1000)))
+        } else {
+            let unix_ms = exptime.unsigned_abs().saturating_mul(1000);
+            Some(unix_ms.saturating_sub(self.start_unix_ms))
+        }
+    }
+
+    fn insert(&self, shard: &mut Shard, key: &[u8], item: Item, view: View) {
+        // Copy the key so the item does not pin the connection's read buffer.
+        let evicted = shard.insert(Bytes::copy_from_slice(key), item, view);
+        if evicted > 0 {
+            self.evictions.fetch_add(evicted, Ordering::Relaxed);
+        }
+    }
+
+    fn get(&self, keys: &[Bytes], with_cas: bool, touch: Option<Exptime>) -> Response {
+        let view = self.view();
+        let deadline = touch.map(|e| self.deadline(e, view.now));
+        let mut values = Vec::new();
+        for key in keys {
+            let mut shard = self.shard(key);
+            if let Some(item) = shard.live(key, view) {
+                if let Some(d) = deadline {
+                    item.deadline = d;
+                }
+                values.push(Value {
+                    key: key.clone(),
+                    flags: item.flags,
+                    data: item.data.clone(),
+                    cas: with_cas.then_some(item.cas),
+                });
+            }
+        }
+        Response::Values(values)
+    }
+
+    fn store(
+        &self,
+        op: StoreOp,
+        key: &[u8],
+        flags: u32,
+        exptime: Exptime,
+        data: &[u8],
+        cas_unique: u64,
+    ) -> Response {
+        let view = self.view();
+        let mut shard = self.shard(key);
+        let limit = shard.limit;
+        let item = match op {
+            StoreOp::Set | StoreOp::Add | StoreOp::Replace | StoreOp::Cas => {
+                if cost(key.len(), data.len()) > limit {
+                    if op == StoreOp::Set {
+                        // As memcached does: a failed set must not leave the
+                        // old value readable.
+                        shard.remove(key);
+                    }
+                    return out_of_memory();
+                }
+                let current = shard.live(key, view).map(|item| item.cas);
+                match (op, current) {
+                    (StoreOp::Add, Some(_)) | (StoreOp::Replace, None) => {
+                        return Response::NotStored;
+                    }
+                    (StoreOp::Cas, None) => return Response::NotFound,
+                    (StoreOp::Cas, Some(cas)) if cas != cas_unique => return Response::Exists,
+                    _ => {}
+                }
+                Item {
+                    flags,
+                    data: Bytes::copy_from_slice(data),
+                    cas: 0,
+                    deadline: self.deadline(exptime, view.now),
+                    stored_at: view.now,
+                }
+            }
+            StoreOp::Append | StoreOp::Prepend => {
+                let Some(old) = shard.live(key, view) else {
+                    return Response::NotStored;
+                };
+                let len = old.data.len().saturating_add(data.len());
+                if cost(key.len(), len) > limit {
+                    return out_of_memory();
+                }
+                let mut joined = BytesMut::with_capacity(len);
+                if op == StoreOp::Append {
+                    joined.extend_from_slice(&old.data);
+                    joined.extend_from_slice(data);
+                } else {
+                    joined.extend_from_slice(data);
+                    joined.extend_from_slice(&old.data);
+                }
+                Item {
+                    flags: old.flags,
+                    data: joined.freeze(),
+                    cas: 0,
+                    deadline: old.deadline,
+                    stored_at: view.now,
+                }
+            }
+        };
+        let item = Item {
+            cas: self.next_cas(),
+            ..item
+        };
+        self.insert(&mut shard, key, item, view);
+        self.total_items.fetch_add(1, Ordering::Relaxed);
+        Response::Stored
+    }
+
+    fn arith(&self, op: ArithOp, key: &[u8], delta: u64) -> Response {
+        let view = self.view();
+        let mut shard = self.shard(key);
+        let limit = shard.limit;
+        let Some(item) = shard.live(key, view) else {
+            return Response::NotFound;
+        };
+        let Some(value) = parse_counter(&item.data) else {
+            return ClientError::NonNumeric.into();
+        };
+        let n = match op {
+            ArithOp::Incr => value.wrapping_add(delta),
+            ArithOp::Decr => value.saturating_sub(delta),
+        };
+        let mut buf = itoa::Buffer::new();
+        let text = buf.format(n).as_bytes();
+        let old_len = item.data.len();
+        let data = if text.len() <= old_len {
+            // memcached rewrites the number in place, padded with spaces.
+            let mut padded = BytesMut::with_capacity(old_len);
+            padded.extend_from_slice(text);
+            padded.resize(old_len, b' ');
+            padded.freeze()
+        } else {
+            Bytes::copy_from_slice(text)
+        };
+        if cost(key.len(), data.len()) > limit {
+            return Response::server_error("out of memory");
+        }
+        let new = Item {
+            flags: item.flags,
+            data,
+            cas: self.next_cas(),
+            deadline: item.deadline,
+            stored_at: view.now,
+        };
+        self.insert(&mut shard, key, new, view);
+        Response::Number(n)
+    }
+
+    fn delete(&self, key: &[u8]) -> Response {
+        let view = self.view();
+        let mut shard = self.shard(key);
+        if shard.live(key, view).is_none() {
+            return Response::NotFound;
+        }
+        shard.remove(key);
+        Response::Deleted
+    }
+
+    fn touch(&self, key: &[u8], exptime: Exptime) -> Response {
+        let view = self.view();
+        let deadline = self.deadline(exptime, view.now);
+        match self.shard(key).live(key, view) {
+            Some(item) => {
+                item.deadline = deadline;
+                Response::Touched
+            }
+            None => Response::NotFound,
+        }
+    }
+
+    fn flush_all(&self, delay: Option<Exptime>) -> Response {
+        let _serial = lock(&self.flush_lock);
+        let now = self.now_ms();
+        let at = match delay {
+            Some(d) if d > 0 => self.deadline(d, now),
+            _ => None,
+        };
+        match at {
+            Some(at) if at > now => {
+                let previous = self.flush_at.load(Ordering::Acquire);
+                if previous <= now {
+                    // That flush has happened; make it permanent before
+                    // replacing it, or its victims would reappear.
+                    self.sweep(previous);
+                }
+                self.flush_at.store(at, Ordering::Release);
+            }
+            _ => {
+                for shard in self.shards.iter() {
+                    lock(shard).clear();
+                }
+                self.flush_at.store(NO_FLUSH, Ordering::Release);
+            }
+        }
+        Response::Ok
+    }
+
+    /// Removes every item stored before `flush_at`.
+    fn sweep(&self, flush_at: u64) {
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            let doomed: Vec<Bytes> = shard
+                .items
+                .iter()
+                .filter(|(_, item)| item.stored_at < flush_at)
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in doomed {
+                shard.remove(&key);
+            }
+        }
+    }
+}
+
+/// Reads a counter as memcached's `strtoull` does: optional leading spaces,
+/// an optional `+`, decimal digits, then only spaces. `None` for anything
+/// else, a sign, or a value above `u64::MAX`.
+fn parse_counter(data: &[u8]) -> Option<u64> {
+    let start = data.iter().position(|&b| b != b' ').unwrap_or(data.len());
+    let rest = &data[start..];
+    let rest = rest.strip_prefix(b"+").unwrap_or(rest);
+    let end = rest
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let (digits, tail) = rest.split_at(end);
+    if digits.is_empty() || tail.iter().any(|&b| b != b' ') {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+impl Backend for EmbeddedStore {
+    fn call<'a>(
+        &'a self,
+        requests: &'a [Request],
+    ) -> BoxFuture<'a, Result<Vec<Response>, BackendError>> {
+        let responses = requests.iter().map(|r| self.execute(r)).collect();
+        Box::pin(std::future::ready(Ok(responses)))
+    }
+
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn stats(&self) -> Vec<(String, String)> {
+        let (mut items, mut bytes) = (0usize, 0usize);
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            items += shard.items.len();
+            bytes += shard.used;
+        }
+        let line = |name: &str, value: String| (name.to_string(), value);
+        vec![
+            line("curr_items", items.to_string()),
+            line("bytes", bytes.to_string()),
+            line(
+                "evictions",
+                self.evictions.load(Ordering::Relaxed).to_string(),
+            ),
+            line("limit_maxbytes", self.memory_limit.to_string()),
+            line(
+                "total_items",
+                self.total_items.load(Ordering::Relaxed).to_string(),
+            ),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const BIG: usize = 64 * 1024 * 1024;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn store(op: StoreOp, key: &str, flags: u32, exptime: Exptime, data: &str) -> Request {
+        Request::Store {
+            op,
+            key: b(key),
+            flags,
+            exptime,
+            data: b(data),
+            cas_unique: 0,
+            noreply: false,
+        }
+    }
+
+    fn set(key: &str, data: &str) -> Request {
+        store(StoreOp::Set, key, 0, 0, data)
+    }
+
+    fn cas(key: &str, data: &str, cas_unique: u64) -> Request {
+        Request::Store {
+            op: StoreOp::Cas,
+            key: b(key),
+            flags: 0,
+            exptime: 0,
+            data: b(data),
+            cas_unique,
+            noreply: false,
+        }
+    }
+
+    fn gets(keys: &[&str]) -> Request {
+        Request::Get {
+            keys: keys.iter().map(|k| b(k)).collect(),
+            cas: true,
+        }
+    }
+
+    fn arith(op: ArithOp, key: &str, delta: u64) -> Request {
+        Request::Arith {
+            op,
+            key: b(key),
+            delta,
+            noreply: false,
+        }
+    }
+
+    fn flush(delay: Option<Exptime>) -> Request {
+        Request::FlushAll {
+            delay,
+            noreply: false,
+        }
+    }
+
+    async fn run(s: &EmbeddedStore, r: Request) -> Response {
+        let mut out = s
+            .call(std::slice::from_ref(&r))
+            .await
+            .expect("embedded never fails");
+        assert_eq!(out.len(), 1);
+        out.remove(0)
+    }
+
+    /// The item under `key`, if visible: (flags, data, cas).
+    async fn fetch(s: &EmbeddedStore, key: &str) -> Option<(u32, Bytes, u64)> {
+        match run(s, gets(&[key])).await {
+            Response::Values(mut v) if v.len() == 1 => {
+                let v = v.remove(0);
+                Some((v.flags, v.data, v.cas.expect("gets returns cas")))
+            }
+            Response::Values(v) if v.is_empty() => None,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    async fn data(s: &EmbeddedStore, key: &str) -> Option<Bytes> {
+        fetch(s, key).await.map(|(_, d, _)| d)
+    }
+
+    fn stat(s: &EmbeddedStore, name: &str) -> String {
+        s.stats()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .expect("stat present")
+    }
+
+    #[tokio::test]
+    async fn get_answers_in_request_order_skipping_misses() {
+        let s = EmbeddedStore::new(BIG);
+        assert_eq!(
+            run(&s, store(StoreOp::Set, "a", 5, 0, "1")).await,
+            Response::Stored
+        );
+        assert_eq!(run(&s, set("b", "2")).await, Response::Stored);
+        let got = run(
+            &s,
+            Request::Get {
+                keys: vec![b("b"), b("x"), b("a"), b("b")],
+                cas: false,
+            },
+        )
+        .await;
+        let Response::Values(values) = got else {
+            panic!("not values: {got:?}");
+        };
+        let summary: Vec<_> = values
+            .iter()
+            .map(|v| (v.key.clone(), v.flags, v.data.clone(), v.cas))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (b("b"), 0, b("2"), None),
+                (b("a"), 5, b("1"), None),
+                (b("b"), 0, b("2"), None),
+            ]
+        );
+        let Response::Values(values) = run(&s, gets(&["a"])).await else {
+            panic!("not values");
+        };
+        assert!(values[0].cas.is_some());
+        assert_eq!(run(&s, gets(&["nope"])).await, Response::Values(vec![]));
+    }
+
+    #[tokio::test]
+    async fn batch_runs_in_order() {
+        let s = EmbeddedStore::new(BIG);
+        let out = s
+            .call(&[
+                set("k", "v"),
+                gets(&["k"]),
+                Request::Delete {
+                    key: b("k"),
+                    noreply: true,
+                },
+                gets(&["k"]),
+            ])
+            .await
+            .expect("ok");
+        assert_eq!(out.len(), 4);
+        assert_eq!(out[0], Response::Stored);
+        assert_eq!(out[1].outcome(), "hit");
+        assert_eq!(out[2], Response::Deleted);
+        assert_eq!(out[3], Response::Values(vec![]));
+    }
+
+    #[tokio::test]
+    async fn set_add_replace() {
+        let s = EmbeddedStore::new(BIG);
+        assert_eq!(
+            run(&s, store(StoreOp::Replace, "k", 0, 0, "r")).await,
+            Response::NotStored
+        );
+        assert_eq!(
+            run(&s, store(StoreOp::Add, "k", 1, 0, "a")).await,
+            Response::Stored
+        );
+        assert_eq!(
+            run(&s, store(StoreOp::Add, "k", 2, 0, "b")).await,
+            Response::NotStored
+        );
+        assert_eq!(
+            fetch(&s, "k").await.map(|(f, d, _)| (f, d)),
+            Some((1, b("a")))
+        );
+        assert_eq!(
+            run(&s, store(StoreOp::Replace, "k", 3, 0, "c")).await,
+            Response::Stored
+        );
+        assert_eq!(
+            fetch(&s, "k").await.map(|(f, d, _)| (f, d)),
+            Some((3, b("c")))
+        );
+        assert_eq!(
+            run(&s, store(StoreOp::Set, "k", 4, 0, "d")).await,
+            Response::Stored
+        );
+        assert_eq!(
+            fetch(&s, "k").await.map(|(f, d, _)| (f, d)),
+            Some((4, b("d")))
+        );
+        assert_eq!(stat(&s, "total_items"), "3");
+        assert_eq!(stat(&s, "curr_items"), "1");
+    }
+
+    #[tokio::test]
+    async fn append_prepend_keep_flags_and_need_the_item() {
+        let s = EmbeddedStore::new(BIG);
+        assert_eq!(
+            run(&s, store(StoreOp::Append, "k", 0, 0, "x")).await,
+            Response::NotStored
+        );
+        assert_eq!(
+            run(&s, store(StoreOp::Prepend, "k", 0, 0, "x")).await,
+            Response::NotStored
+        );
+        assert_eq!(data(&s, "k").await, None);
+        run(&s, store(StoreOp::Set, "k", 42, 0, "mid")).await;
+        let (_, _, cas0) = fetch(&s, "k").await.expect("present");
+        assert_eq!(
+            run(&s, store(StoreOp::Append, "k", 7, 0, "-end")).await,
+            Response::Stored
+        );
+        assert_eq!(
+            run(&s, store(StoreOp::Prepend, "k", 9, 0, "start-")).await,
+            Response::Stored
+        );
+        let (flags, d, cas1) = fetch(&s, "k").await.expect("present");
+        assert_eq!((flags, d), (42, b("start-mid-end")));
+        assert_ne!(cas0, cas1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn append_keeps_exptime() {
+        let s = EmbeddedStore::new(BIG);
+        run(&s, store(StoreOp::Set, "k", 0, 10, "a")).await;
+        // A request exptime of 0 would make it immortal; it is ignored.
+        run(&s, store(StoreOp::Append, "k", 0, 0, "b")).await;
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(data(&s, "k").await, None);
+    }
+
+    #[tokio::test]
+    async fn cas_outcomes_and_unique_changes() {
+        let s = EmbeddedStore::new(BIG);
+        assert_eq!(run(&s, cas("k", "v", 1)).await, Response::NotFound);
+        run(&s, set("k", "v1")).await;
+        let (_, _, c1) = fetch(&s, "k").await.expect("present");
+        assert_eq!(run(&s, cas("k", "v2", c1 + 1000)).await, Response::Exists);
+        assert_eq!(data(&s, "k").await, Some(b("v1")));
+        assert_eq!(run(&s, cas("k", "v2", c1)).await, Response::Stored);
+        let (_, d, c2) = fetch(&s, "k").await.expect("present");
+        assert_eq!(d, b("v2"));
+        assert!(c2 > c1);
+        // The old unique no longer matches.
+        assert_eq!(run(&s, cas("k", "v3", c1)).await, Response::Exists);
+        // touch and gat keep the unique.
+        let touch = Request::Touch {
+            key: b("k"),
+            exptime: 100,
+            noreply: false,
+        };
+        assert_eq!(run(&s, touch).await, Response::Touched);
+        let gat = Request::Gat {
+            exptime: 200,
+            keys: vec![b("k")],
+            cas: true,
+        };
+        let Response::Values(v) = run(&s, gat).await else {
+            panic!("not values");
+        };
+        assert_eq!(v[0].cas, Some(c2));
+        // incr gives a new one.
+        run(&s, set("n", "1")).await;
+        let (_, _, n1) = fetch(&s, "n").await.expect("present");
+        run(&s, arith(ArithOp::Incr, "n", 1)).await;
+        let (_, _, n2) = fetch(&s, "n").await.expect("present");
+        assert!(n2 > n1);
+    }
+
+    #[tokio::test]
+    async fn cas_uniques_count_from_one() {
+        let s = EmbeddedStore::new(BIG);
+        run(&s, set("a", "1")).await;
+        run(&s, set("b", "1")).await;
+        assert_eq!(fetch(&s, "a").await.map(|(_, _, c)| c), Some(1));
+        assert_eq!(fetch(&s, "b").await.map(|(_, _, c)| c), Some(2));
+    }
+
+    #[tokio::test]
+    async fn incr_decr_basics() {
+        let s = EmbeddedStore::new(BIG);
+        assert_eq!(
+            run(&s, arith(ArithOp::Incr, "n", 1)).await,
+            Response::NotFound
+        );
+        assert_eq!(
+            run(&s, arith(ArithOp::Decr, "n", 1)).await,
+            Response::NotFound
+        );
+        run(&s, store(StoreOp::Set, "n", 77, 0, "99")).await;
+        assert_eq!(
+            run(&s, arith(ArithOp::Incr, "n", 1)).await,
+            Response::Number(100)
+        );
+        assert_eq!(
+            fetch(&s, "n").await.map(|(f, d, _)| (f, d)),
+            Some((77, b("100")))
+        );
+        assert_eq!(
+            run(&s, arith(ArithOp::Decr, "n", 1)).await,
+            Response::Number(99)
+        );
+        assert_eq!(data(&s, "n").await, Some(b("99 ")));
+        assert_eq!(
+            run(&s, arith(ArithOp::Decr, "n", 1000)).await,
+            Response::Number(0)
+        );
+        assert_eq!(data(&s, "n").await, Some(b("0  ")));
+        run(&s, set("ten", "10")).await;
+        assert_eq!(
+            run(&s, arith(ArithOp::Decr, "ten", 10)).await,
+            Response::Number(0)
+        );
+        assert_eq!(data(&s, "ten").await, Some(b("0 ")));
+    }
+
+    #[tokio::test]
+    async fn incr_wraps_at_u64_max_with_padding() {
+        let s = EmbeddedStore::new(BIG);
+        run(&s, set("n", "18446744073709551615")).await;
+        assert_eq!(
+            run(&s, arith(ArithOp::Incr, "n", 1)).await,
+            Response::Number(0)
+        );
+        let expected = format!("0{}", " ".repeat(19));
+        assert_eq!(data(&s, "n").await, Some(b(&expected)));
+        assert_eq!(
+            run(&s, arith(ArithOp::Incr, "n", 5)).await,
+            Response::Number(5)
+        );
+    }
+
+    #[tokio::test]
+    async fn incr_reads_numbers_as_strtoull() {
+        let s = EmbeddedStore::new(BIG);
+        run(&s, set("n", " 5")).await;
+        assert_eq!(
+            run(&s, arith(ArithOp::Incr, "n", 1)).await,
+            Response::Number(6)
+        );
+        assert_eq!(data(&s, "n").await, Some(b("6 ")));
+        for ok in ["+5", "5  ", "  +5 ", "007"] {
+            run(&s, set("n", ok)).await;
+            let expected = if ok == "007" { 8 } else { 6 };
+            assert_eq!(
+                run(&s, arith(ArithOp::Incr, "n", 1)).await,
+                Response::Number(expected),
+                "{ok:?}"
+            );
+        }
+        let non_numeric = Response::client_error(ClientError::NonNumeric);
+        for bad in [
+            " 5a",
+            "-5",
+            "",
+            "   ",
+            "+",
+            "+ 5",
+            "5 5",
+            "5\r\n",
+            "123456789012345678901",
+            "18446744073709551616",
+        ] {
+            run(&s, set("n", bad)).await;
+            assert_eq!(
+                run(&s, arith(ArithOp::Incr, "n", 1)).await,
+                non_numeric,
+                "{bad:?}"
+            );
+            assert_eq!(
+                run(&s, arith(ArithOp::Decr, "n", 1)).await,
+                non_numeric,
+                "{bad:?}"
+            );
+            assert_eq!(data(&s, "n").await, Some(b(bad)), "value unchanged");
+        }
+    }
+
+    #[tokio::test]
+    async fn delete_and_touch() {
+        let s = EmbeddedStore::new(BIG);
+        let delete = || Request::Delete {
+            key: b("k"),
+            noreply: false,
+        };
+        let touch = || Request::Touch {
+            key: b("k"),
+            exptime: 0,
+            noreply: false,
+        };
+        assert_eq!(run(&s, delete()).await, Response::NotFound);
+        assert_eq!(run(&s, touch()).await, Response::NotFound);
+        run(&s, set("k", "v")).await;
+        assert_eq!(run(&s, touch()).await, Response::Touched);
+        assert_eq!(run(&s, delete()).await, Response::Deleted);
+        assert_eq!(run(&s, delete()).await, Response::NotFound);
+        assert_eq!(data(&s, "k").await, None);
+        assert_eq!(stat(&s, "curr_items"), "0");
+        assert_eq!(stat(&s, "bytes"), "0");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn relative_ttl_expires() {
+        let s = EmbeddedStore::new(BIG);
+        run(&s, store(StoreOp::Set, "k", 0, 10, "v")).await;
+        tokio::time::advance(Duration::from_millis(9_999)).await;
+        assert_eq!(data(&s, "k").await, Some(b("v")));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(data(&s, "k").await, None);
+        // Expired is missing for every command.
+        run(&s, store(StoreOp::Set, "k", 0, 1, "v")).await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            run(&s, store(StoreOp::Replace, "k", 0, 0, "w")).await,
+            Response::NotStored
+        );
+        assert_eq!(
+            run(&s, store(StoreOp::Append, "k", 0, 0, "w")).await,
+            Response::NotStored
+        );
+        assert_eq!(run(&s, cas("k", "w", 1)).await, Response::NotFound);
+        assert_eq!(
+            run(&s, arith(ArithOp::Incr, "k", 1)).await,
+            Response::NotFound
+        );
+        assert_eq!(
+            run(
+                &s,
+                Request::Delete {
+                    key: b("k"),
+                    noreply: false
+                }
+            )
+            .await,
+            Response::NotFound
+        );
+        assert_eq!(
+            run(&s, store(StoreOp::Add, "k", 0, 0, "w")).await,
+            Response::Stored
+        );
+        assert_eq!(data(&s, "k").await, Some(b("w")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn negative_exptime_is_invisible_at_once() {
+        let s = EmbeddedStore::new(BIG);
+        run(&s, set("k", "old")).await;
+        assert_eq!(
+            run(&s, store(StoreOp::Set, "k", 0, -1, "new")).await,
+            Response::Stored
+        );
+        assert_eq!(data(&s, "k").await, None);
+        assert_eq!(
+            run(&s, store(StoreOp::Add, "k", 0, 0, "again")).await,
+            Response::Stored
+        );
+        let touch = Request::Touch {
+            key: b("k"),
+            exptime: -1,
+            noreply: false,
+        };
+        assert_eq!(run(&s, touch).await, Response::Touched);
+        assert_eq!(data(&s, "k").await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absolute_exptime() {
+        let s = EmbeddedStore::new(BIG);
+        // Just past the relative range: a unix time in 1970.
+        run(
+            &s,
+            store(StoreOp::Set, "past", 0, REALTIME_MAXDELTA + 1, "v"),
+        )
+        .await;
+        assert_eq!(data(&s, "past").await, None);
+        let now_unix = i64::try_from(s.start_unix_ms / 1000).expect("fits");
+        run(&s, store(StoreOp::Set, "now", 0, now_unix, "v")).await;
+        assert_eq!(data(&s, "now").await, None);
+        run(&s, store(StoreOp::Set, "future", 0, now_unix + 100, "v")).await;
+        tokio::time::advance(Duration::from_secs(99)).await;
+        assert_eq!(data(&s, "future").await, Some(b("v")));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(data(&s, "future").await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gat_sets_a_new_ttl() {
+        let s = EmbeddedStore::new(BIG);
+        run(&s, store(StoreOp::Set, "k", 3, 10, "v")).await;
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let gat = Request::Gat {
+            exptime: 100,
+            keys: vec![b("k"), b("missing")],
+            cas: false,
+        };
+        let got = run(&s, gat).await;
+        assert_eq!(
+            got,
+            Response::Values(vec![Value {
+                key: b("k"),
+                flags: 3,
+                data: b("v"),
+                cas: None,
+            }])
+        );
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert_eq!(data(&s, "k").await, Some(b("v")));
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert_eq!(data(&s, "k").await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn touch_sets_a_new_ttl() {
+        let s = EmbeddedStore::new(BIG);
+        run(&s, store(StoreOp::Set, "k", 0, 0, "v")).await;
+        let touch = Request::Touch {
+            key: b("k"),
+            exptime: 5,
+            noreply: false,
+        };
+        assert_eq!(run(&s, touch).await, Response::Touched);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(data(&s, "k").await, None);
+    }
+
+    #[tokio::test]
+    async fn flush_all_now() {
+        let s = EmbeddedStore::new(BIG);
+        for delay in [None, Some(0), Some(-5)] {
+            run(&s, set("a", "1")).await;
+            run(&s, set("b", "2")).await;
+            assert_eq!(run(&s, flush(delay)).await, Response::Ok);
+            assert_eq!(data(&s, "a").await, None, "{delay:?}");
+            assert_eq!(data(&s, "b").await, None, "{delay:?}");
+            assert_eq!(stat(&s, "bytes"), "0");
+            run(&s, set("c", "3")).await;
+            assert_eq!(data(&s, "c").await, Some(b("3")));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delayed_flush_hides_only_older_items() {
+        let s = EmbeddedStore::new(BIG);
+        run(&s, set("old", "1")).await;
+        assert_eq!(run(&s, flush(Some(10))).await, Response::Ok);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        run(&s, set("before", "2")).await;
+        assert_eq!(data(&s, "old").await, Some(b("1")));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(data(&s, "old").await, None);
+        assert_eq!(data(&s, "before").await, None);
+        run(&s, set("after", "3")).await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(data(&s, "after").await, Some(b("3")));
+        run(&s, set("later", "4")).await;
+        assert_eq!(data(&s, "later").await, Some(b("4")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_delayed_flush_does_not_bring_back_flushed_items() {
+        let s = EmbeddedStore::with_shards(BIG, 1);
+        run(&s, set("old", "1")).await;
+        run(&s, flush(Some(1))).await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // "old" is flushed but not yet reclaimed.
+        run(&s, set("mid", "2")).await;
+        run(&s, flush(Some(60))).await;
+        assert_eq!(data(&s, "old").await, None);
+        assert_eq!(data(&s, "mid").await, Some(b("2")));
+        assert_eq!(stat(&s, "curr_items"), "1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delayed_flush_with_absolute_time() {
+        let s = EmbeddedStore::new(BIG);
+        run(&s, set("k", "v")).await;
+        let now_unix = i64::try_from(s.start_unix_ms / 1000).expect("fits");
+        run(&s, flush(Some(now_unix + 20))).await;
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(data(&s, "k").await, Some(b("v")));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(data(&s, "k").await, None);
+        // An absolute time already past flushes at once.
+        run(&s, set("k", "v")).await;
+        run(&s, flush(Some(REALTIME_MAXDELTA + 1))).await;
+        assert_eq!(data(&s, "k").await, None);
+    }
+
+    #[tokio::test]
+    async fn lru_evicts_the_least_recently_used() {
+        // One shard holding exactly three items of one-byte keys and
+        // ten-byte values.
+        let item = cost(1, 10);
+        let s = EmbeddedStore::with_shards(3 * item, 1);
+        for k in ["a", "b", "c"] {
+            assert_eq!(run(&s, set(k, "0123456789")).await, Response::Stored);
+        }
+        assert_eq!(stat(&s, "bytes"), (3 * item).to_string());
+        // Reading "a" promotes it, leaving "b" the oldest.
+        assert!(data(&s, "a").await.is_some());
+        run(&s, set("d", "0123456789")).await;
+        assert_eq!(data(&s, "b").await, None);
+        for k in ["a", "c", "d"] {
+            assert!(data(&s, k).await.is_some(), "{k}");
+        }
+        assert_eq!(stat(&s, "evictions"), "1");
+        assert_eq!(stat(&s, "curr_items"), "3");
+        // A bigger item evicts as many as it needs.
+        run(&s, set("e", &"x".repeat(item + 10))).await;
+        assert_eq!(stat(&s, "evictions"), "3");
+        assert_eq!(stat(&s, "curr_items"), "2");
+        assert!(data(&s, "e").await.is_some());
+        assert!(data(&s, "a").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_default_store_spreads_keys_over_shards() {
+        let s = EmbeddedStore::new(BIG);
+        for i in 0..1000 {
+            run(&s, set(&format!("key{i}"), &i.to_string())).await;
+        }
+        for i in 0..1000 {
+            assert_eq!(data(&s, &format!("key{i}")).await, Some(b(&i.to_string())));
+        }
+        let busy = s
+            .shards
+            .iter()
+            .filter(|sh| !lock(sh).items.is_empty())
+            .count();
+        assert!(busy > SHARDS / 2, "only {busy} shards used");
+        assert_eq!(stat(&s, "curr_items"), "1000");
+        assert_eq!(stat(&s, "evictions"), "0");
+    }
+
+    #[tokio::test]
+    async fn too_big_for_the_budget_is_refused() {
+        let s = EmbeddedStore::with_shards(1000, 1);
+        let oom = Response::Error(ErrorReply::Server("out of memory storing object".into()));
+        run(&s, set("k", "small")).await;
+        let huge = "x".repeat(1000);
+        assert_eq!(run(&s, set("k", &huge)).await, oom);
+        // A failed set does not leave the stale value behind.
+        assert_eq!(data(&s, "k").await, None);
+        run(&s, set("k", "small")).await;
+        assert_eq!(run(&s, store(StoreOp::Add, "j", 0, 0, &huge)).await, oom);
+        assert_eq!(run(&s, store(StoreOp::Append, "k", 0, 0, &huge)).await, oom);
+        assert_eq!(data(&s, "k").await, Some(b("small")));
+        assert_eq!(stat(&s, "evictions"), "0");
+        // With the default sharding the budget is per shard.
+        let s = EmbeddedStore::new(16 * 1000);
+        assert_eq!(run(&s, set("k", &huge)).await, oom);
+        assert_eq!(run(&s, set("k", &"x".repeat(500))).await, Response::Stored);
+    }
+
+    #[tokio::test]
+    async fn non_data_requests_are_errors() {
+        let s = EmbeddedStore::new(BIG);
+        for r in [
+            Request::Version,
+            Request::Quit,
+            Request::Verbosity {
+                level: 1,
+                noreply: false,
+            },
+            Request::Stats { args: vec![] },
+            Request::TooLarge {
+                op: StoreOp::Set,
+                key: b("k"),
+                noreply: false,
+            },
+        ] {
+            assert_eq!(run(&s, r).await, Response::Error(ErrorReply::Error));
+        }
+    }
+
+    #[tokio::test]
+    async fn stats_lines() {
+        let s = EmbeddedStore::new(BIG);
+        run(&s, set("k", "vv")).await;
+        run(&s, set("k", "vvv")).await;
+        assert_eq!(s.kind(), "embedded");
+        let names: Vec<String> = s.stats().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "curr_items",
+                "bytes",
+                "evictions",
+                "limit_maxbytes",
+                "total_items"
+            ]
+        );
+        assert_eq!(stat(&s, "curr_items"), "1");
+        assert_eq!(stat(&s, "bytes"), cost(1, 3).to_string());
+        assert_eq!(stat(&s, "limit_maxbytes"), BIG.to_string());
+        assert_eq!(stat(&s, "total_items"), "2");
+    }
+
+    #[test]
+    fn counter_parsing() {
+        assert_eq!(parse_counter(b"0"), Some(0));
+        assert_eq!(parse_counter(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_counter(b"18446744073709551616"), None);
+        assert_eq!(parse_counter(b" +12 "), Some(12));
+        assert_eq!(parse_counter(b"-0"), None);
+        assert_eq!(parse_counter(b"1\t"), None);
+    }
+}

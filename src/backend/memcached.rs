@@ -1,0 +1,957 @@
+//! A [`Backend`] that forwards data requests to a real memcached over a pool
+//! of TCP connections.
+//!
+//! | Contract ([`Backend::call`])              | This implementation                                            |
+//! |-------------------------------------------|----------------------------------------------------------------|
+//! | one response per request, in order        | the batch is pipelined on one pooled connection and each reply |
+//! |                                           | is parsed against its request (FIFO), see [`parse_reply`]      |
+//! | `noreply` is the caller's business        | `noreply` is stripped, so every forwarded request earns        |
+//! |                                           | exactly one reply                                              |
+//! | non-data requests answer `ERROR`          | `quit`, `version`, `verbosity`, `stats` and too-large stores   |
+//! |                                           | are answered locally and never sent                            |
+//! | an `Err` leaves the batch's outcome open  | any failure discards the connection; nothing is retried        |
+//! | never hangs                               | pool wait, connect and the whole exchange each have a timeout  |
+//!
+//! Connections are made lazily by the pool. A connection is only put back
+//! into service when its last exchange completed: it is marked broken when an
+//! exchange starts and unmarked when every reply has been read, so an error,
+//! a timeout or a cancelled caller all leave it broken, and `recycle` drops
+//! it. `recycle` also drops a connection with unread bytes or one that
+//! memcached has closed (a restart), so fresh connections replace them on the
+//! next checkout.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use deadpool::Runtime;
+use deadpool::managed::{
+    self, Metrics, Object, Pool, PoolError, RecycleError, RecycleResult, TimeoutType,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::ReadHalf;
+
+use super::{Backend, BackendError, BoxFuture, PoolStatus};
+use crate::protocol::{ErrorReply, ReplyParsed, Request, Response, encode_request, parse_reply};
+
+/// How much room is made in the read buffer before each read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Buffers that grew past this for a large exchange are given back once the
+/// exchange is over, so idle pooled connections stay small.
+const IDLE_BUFFER_MAX: usize = 256 * 1024;
+
+/// Tuning of the connection pool to one memcached.
+#[derive(Debug, Clone)]
+pub struct MemcachedOptions {
+    /// Most connections open at once (at least 1 is used).
+    pub pool_size: usize,
+    /// Bound on making one TCP connection (resolution included).
+    pub connect_timeout: Duration,
+    /// Bound on one whole exchange: writing the batch and reading every reply.
+    pub request_timeout: Duration,
+    /// Bound on waiting for a free pool slot when all connections are busy.
+    pub pool_wait_timeout: Duration,
+}
+
+impl Default for MemcachedOptions {
+    fn default() -> Self {
+        MemcachedOptions {
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(2),
+            pool_wait_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A pooled connection to one memcached.
+pub struct MemcachedBackend {
+    addr: String,
+    pool: Pool<Manager>,
+}
+
+impl std::fmt::Debug for MemcachedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemcachedBackend")
+            .field("addr", &self.addr)
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+impl MemcachedBackend {
+    /// A backend for the memcached at `addr` (`host:port`). Does not connect:
+    /// connections are made by the pool on first use.
+    pub fn new(addr: String, options: MemcachedOptions) -> MemcachedBackend {
+        let manager = Manager {
+            addr: addr.clone(),
+            connect_timeout: options.connect_timeout,
+            request_timeout: options.request_timeout,
+        };
+        // `create` bounds itself by `connect_timeout`; the pool bounds the
+        // wait for a slot. Timeouts need a runtime, which is given, so
+        // `build` cannot fail.
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .wait_timeout(Some(options.pool_wait_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .expect("a pool with a runtime always builds");
+        MemcachedBackend { addr, pool }
+    }
+
+    async fn run(&self, requests: &[Request]) -> Result<Vec<Response>, BackendError> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        if requests.iter().all(forwarded) {
+            return self.exchange(requests).await;
+        }
+        // Rare: some requests are answered here. Forward the others, then
+        // put every answer back in its request's slot.
+        let sent: Vec<Request> = requests.iter().filter(|r| forwarded(r)).cloned().collect();
+        let mut replies = if sent.is_empty() {
+            Vec::new()
+        } else {
+            self.exchange(&sent).await?
+        }
+        .into_iter();
+        requests
+            .iter()
+            .map(|r| {
+                if forwarded(r) {
+                    replies
+                        .next()
+                        .ok_or_else(|| BackendError::Protocol("fewer replies than requests".into()))
+                } else {
+                    Ok(Response::Error(ErrorReply::Error))
+                }
+            })
+            .collect()
+    }
+
+    /// Runs `requests` (all forwardable) on one pooled connection.
+    async fn exchange(&self, requests: &[Request]) -> Result<Vec<Response>, BackendError> {
+        let mut conn = self.pool.get().await.map_err(|e| self.checkout_error(e))?;
+        match conn.call(requests).await {
+            Ok(responses) => Ok(responses),
+            Err(error) => {
+                tracing::warn!(
+                    addr = %self.addr,
+                    error = %Loggable(&error),
+                    "memcached exchange failed; dropping connection"
+                );
+                // Already marked broken; taking it frees its slot now rather
+                // than at the next checkout's recycle.
+                drop(Object::take(conn));
+                Err(error)
+            }
+        }
+    }
+
+    fn checkout_error(&self, error: PoolError<BackendError>) -> BackendError {
+        match error {
+            // `create` has already logged why.
+            PoolError::Backend(e) => e,
+            PoolError::Timeout(TimeoutType::Wait) => BackendError::Timeout,
+            PoolError::Timeout(TimeoutType::Create) => {
+                BackendError::Unavailable(format!("{}: connect timed out", self.addr))
+            }
+            other => BackendError::Unavailable(format!("{}: {other}", self.addr)),
+        }
+    }
+}
+
+impl Backend for MemcachedBackend {
+    fn call<'a>(
+        &'a self,
+        requests: &'a [Request],
+    ) -> BoxFuture<'a, Result<Vec<Response>, BackendError>> {
+        Box::pin(self.run(requests))
+    }
+
+    fn kind(&self) -> &'static str {
+        "memcached"
+    }
+
+    fn pool_status(&self) -> Option<PoolStatus> {
+        let s = self.pool.status();
+        Some(PoolStatus {
+            max_size: s.max_size,
+            size: s.size,
+            available: s.available,
+        })
+    }
+}
+
+/// Whether memcached answers `request` with exactly one reply of its own.
+/// The others are answered by memdial and must never reach a pooled
+/// connection: `quit` would close it, and a too-large store has no data block.
+fn forwarded(request: &Request) -> bool {
+    match request {
+        Request::Get { .. }
+        | Request::Gat { .. }
+        | Request::Store { .. }
+        | Request::Arith { .. }
+        | Request::Delete { .. }
+        | Request::Touch { .. }
+        | Request::FlushAll { .. } => true,
+        Request::TooLarge { .. }
+        | Request::Version
+        | Request::Verbosity { .. }
+        | Request::Stats { .. }
+        | Request::Quit => false,
+    }
+}
+
+/// An error for logs: a protocol error's reason quotes the backend's reply,
+/// which may be a value, so only its kind is logged.
+struct Loggable<'a>(&'a BackendError);
+
+impl std::fmt::Display for Loggable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            BackendError::Protocol(_) => f.write_str("reply did not frame against its request"),
+            other => std::fmt::Display::fmt(other, f),
+        }
+    }
+}
+
+/// Makes and vets connections for the pool.
+struct Manager {
+    addr: String,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+}
+
+impl Manager {
+    fn unavailable(&self, reason: impl std::fmt::Display) -> BackendError {
+        tracing::warn!(addr = %self.addr, error = %reason, "memcached connect failed");
+        BackendError::Unavailable(format!("{}: {reason}", self.addr))
+    }
+}
+
+impl managed::Manager for Manager {
+    type Type = Conn;
+    type Error = BackendError;
+
+    async fn create(&self) -> Result<Conn, BackendError> {
+        let stream = match tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect(self.addr.as_str()),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(self.unavailable(e)),
+            Err(_) => return Err(self.unavailable("connect timed out")),
+        };
+        stream.set_nodelay(true).map_err(|e| self.unavailable(e))?;
+        tracing::debug!(addr = %self.addr, "memcached connection opened");
+        Ok(Conn {
+            stream,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            broken: false,
+            request_timeout: self.request_timeout,
+        })
+    }
+
+    async fn recycle(&self, conn: &mut Conn, _: &Metrics) -> RecycleResult<BackendError> {
+        if conn.broken {
+            // Its failure was logged when it happened (or its caller gave up).
+            tracing::debug!(addr = %self.addr, "dropping broken memcached connection");
+            return Err(RecycleError::message("connection broken"));
+        }
+        if !conn.rbuf.is_empty() {
+            return Err(RecycleError::message("unread bytes in buffer"));
+        }
+        // An idle connection has nothing to read: EOF means memcached closed
+        // it (a restart), bytes mean the framing is lost. `try_read` never
+        // waits.
+        let mut probe = [0u8; 1];
+        let reason = match conn.stream.try_read(&mut probe) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Ok(0) => "closed by memcached".to_string(),
+            Ok(_) => "unsolicited bytes from memcached".to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(addr = %self.addr, error = %reason, "dropping idle memcached connection");
+        Err(RecycleError::Message(reason.into()))
+    }
+}
+
+/// One connection to memcached, with its buffers.
+struct Conn {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// Set while an exchange is under way and left set if it does not
+    /// finish: such a connection is never used again.
+    broken: bool,
+    request_timeout: Duration,
+}
+
+impl Conn {
+    /// Sends `requests` in one write and reads one reply per request, in
+    /// order. Every request must be one memcached answers exactly once. Any
+    /// error leaves the connection broken.
+    async fn call(&mut self, requests: &[Request]) -> Result<Vec<Response>, BackendError> {
+        debug_assert!(requests.iter().all(forwarded));
+        self.broken = true;
+        self.wbuf.clear();
+        for request in requests {
+            encode_request(request, false, &mut self.wbuf);
+        }
+        let (mut reader, mut writer) = self.stream.split();
+        let wbuf = &self.wbuf;
+        // Write and read at once: a batch whose replies fill the socket
+        // buffers before its requests are all written would otherwise stall
+        // both sides until the timeout.
+        let write = async move { writer.write_all(wbuf).await.map_err(BackendError::Io) };
+        let read = read_replies(&mut reader, &mut self.rbuf, requests);
+        let responses = match tokio::time::timeout(self.request_timeout, async {
+            tokio::try_join!(write, read)
+        })
+        .await
+        {
+            Ok(Ok(((), responses))) => responses,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(BackendError::Timeout),
+        };
+        self.broken = false;
+        if self.wbuf.capacity() > IDLE_BUFFER_MAX {
+            self.wbuf = BytesMut::new();
+        }
+        if self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_BUFFER_MAX {
+            self.rbuf = BytesMut::new();
+        }
+        Ok(responses)
+    }
+}
+
+/// Reads and parses the reply to each request in turn.
+async fn read_replies(
+    reader: &mut ReadHalf<'_>,
+    rbuf: &mut BytesMut,
+    requests: &[Request],
+) -> Result<Vec<Response>, BackendError> {
+    let mut responses = Vec::with_capacity(requests.len());
+    for request in requests {
+        loop {
+            match parse_reply(request, rbuf) {
+                ReplyParsed::Complete { response, consumed } => {
+                    if consumed == 0 || consumed > rbuf.len() {
+                        return Err(BackendError::Protocol(format!(
+                            "reply parser consumed {consumed} of {} bytes",
+                            rbuf.len()
+                        )));
+                    }
+                    rbuf.advance(consumed);
+                    responses.push(response);
+                    break;
+                }
+                ReplyParsed::Incomplete => {
+                    rbuf.reserve(READ_CHUNK);
+                    if reader.read_buf(rbuf).await? == 0 {
+                        return Err(BackendError::Io(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "memcached closed the connection mid-reply",
+                        )));
+                    }
+                }
+                ReplyParsed::Invalid(reason) => return Err(BackendError::Protocol(reason)),
+            }
+        }
+    }
+    Ok(responses)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddr, TcpListener};
+    use std::process::{Child, Command, Stdio};
+    use std::time::Instant;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::protocol::{ArithOp, StoreOp, Value};
+
+    /// A memcached child process on a local port, killed on drop.
+    struct Memcached {
+        port: u16,
+        child: Child,
+    }
+
+    fn free_port() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        listener.local_addr().expect("local addr").port()
+    }
+
+    impl Memcached {
+        async fn start() -> Memcached {
+            Memcached::start_on(free_port()).await
+        }
+
+        /// Spawns memcached on `port` and waits until it accepts.
+        async fn start_on(port: u16) -> Memcached {
+            let child = Command::new("memcached")
+                .args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0"])
+                // Required when the tests run as root; ignored otherwise.
+                .args(["-u", "root"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn memcached");
+            let mut mc = Memcached { port, child };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                    return mc;
+                }
+                if let Ok(Some(status)) = mc.child.try_wait() {
+                    panic!("memcached exited early: {status}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "memcached did not start on {port}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        fn addr(&self) -> String {
+            format!("127.0.0.1:{}", self.port)
+        }
+
+        fn backend(&self) -> MemcachedBackend {
+            MemcachedBackend::new(self.addr(), MemcachedOptions::default())
+        }
+
+        fn stop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Drop for Memcached {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn store(op: StoreOp, key: &str, data: &[u8], cas_unique: u64) -> Request {
+        Request::Store {
+            op,
+            key: b(key),
+            flags: 7,
+            exptime: 0,
+            data: Bytes::copy_from_slice(data),
+            cas_unique,
+            noreply: false,
+        }
+    }
+
+    fn set(key: &str, data: &[u8]) -> Request {
+        store(StoreOp::Set, key, data, 0)
+    }
+
+    fn get(keys: &[&str], cas: bool) -> Request {
+        Request::Get {
+            keys: keys.iter().map(|k| b(k)).collect(),
+            cas,
+        }
+    }
+
+    fn arith(op: ArithOp, key: &str, delta: u64) -> Request {
+        Request::Arith {
+            op,
+            key: b(key),
+            delta,
+            noreply: false,
+        }
+    }
+
+    fn value(key: &str, data: &[u8]) -> Value {
+        Value {
+            key: b(key),
+            flags: 7,
+            data: Bytes::copy_from_slice(data),
+            cas: None,
+        }
+    }
+
+    /// Values with their CAS uniques blanked, and the uniques.
+    fn split_cas(r: &Response) -> (Vec<Value>, Vec<u64>) {
+        let Response::Values(vs) = r else {
+            panic!("not values: {r:?}")
+        };
+        let cas = vs.iter().map(|v| v.cas.expect("gets has cas")).collect();
+        let vs = vs
+            .iter()
+            .map(|v| Value {
+                cas: None,
+                ..v.clone()
+            })
+            .collect();
+        (vs, cas)
+    }
+
+    async fn one(backend: &MemcachedBackend, request: Request) -> Response {
+        let mut r = backend.call(&[request]).await.expect("call");
+        assert_eq!(r.len(), 1);
+        r.remove(0)
+    }
+
+    #[tokio::test]
+    async fn set_then_get_and_gets_multi_key() {
+        let mc = Memcached::start().await;
+        let backend = mc.backend();
+        assert_eq!(backend.kind(), "memcached");
+        assert_eq!(
+            backend.pool_status().map(|s| s.size),
+            Some(0),
+            "no connection before use"
+        );
+
+        let r = backend
+            .call(&[
+                set("a", b"one"),
+                set("b", b"two\r\nlines\r\n"),
+                set("empty", b""),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(r, vec![Response::Stored; 3]);
+
+        let r = backend
+            .call(&[get(&["a", "missing", "b", "empty"], false)])
+            .await
+            .unwrap();
+        assert_eq!(
+            r,
+            vec![Response::Values(vec![
+                value("a", b"one"),
+                value("b", b"two\r\nlines\r\n"),
+                value("empty", b""),
+            ])]
+        );
+
+        let r = one(&backend, get(&["b", "a"], true)).await;
+        let (vs, cas) = split_cas(&r);
+        assert_eq!(
+            vs,
+            vec![value("b", b"two\r\nlines\r\n"), value("a", b"one")]
+        );
+        assert_ne!(cas[0], cas[1]);
+
+        assert_eq!(
+            one(&backend, get(&["nothing"], false)).await,
+            Response::Values(vec![])
+        );
+        let status = backend.pool_status().unwrap();
+        assert_eq!((status.max_size, status.size, status.available), (16, 1, 1));
+    }
+
+    #[tokio::test]
+    async fn every_data_command_round_trips() {
+        let mc = Memcached::start().await;
+        let backend = mc.backend();
+        let k = |s: &str| b(s);
+
+        // add / replace
+        assert_eq!(
+            one(&backend, store(StoreOp::Add, "k", b"v1", 0)).await,
+            Response::Stored
+        );
+        assert_eq!(
+            one(&backend, store(StoreOp::Add, "k", b"v2", 0)).await,
+            Response::NotStored
+        );
+        assert_eq!(
+            one(&backend, store(StoreOp::Replace, "nok", b"x", 0)).await,
+            Response::NotStored
+        );
+        assert_eq!(
+            one(&backend, store(StoreOp::Replace, "k", b"mid", 0)).await,
+            Response::Stored
+        );
+
+        // append / prepend
+        assert_eq!(
+            one(&backend, store(StoreOp::Append, "k", b">", 0)).await,
+            Response::Stored
+        );
+        assert_eq!(
+            one(&backend, store(StoreOp::Prepend, "k", b"<", 0)).await,
+            Response::Stored
+        );
+        assert_eq!(
+            one(&backend, store(StoreOp::Append, "nok", b"x", 0)).await,
+            Response::NotStored
+        );
+        assert_eq!(
+            one(&backend, get(&["k"], false)).await,
+            Response::Values(vec![value("k", b"<mid>")])
+        );
+
+        // cas: EXISTS with a stale unique, NOT_FOUND without the item, STORED
+        // with the current one.
+        let (_, cas) = split_cas(&one(&backend, get(&["k"], true)).await);
+        let unique = cas[0];
+        assert_eq!(
+            one(
+                &backend,
+                store(StoreOp::Cas, "k", b"c", unique.wrapping_add(1000))
+            )
+            .await,
+            Response::Exists
+        );
+        assert_eq!(
+            one(&backend, store(StoreOp::Cas, "nok", b"c", unique)).await,
+            Response::NotFound
+        );
+        assert_eq!(
+            one(&backend, store(StoreOp::Cas, "k", b"c", unique)).await,
+            Response::Stored
+        );
+        assert_eq!(
+            one(&backend, store(StoreOp::Cas, "k", b"d", unique)).await,
+            Response::Exists
+        );
+
+        // incr / decr
+        assert_eq!(one(&backend, set("n", b"10")).await, Response::Stored);
+        assert_eq!(
+            one(&backend, arith(ArithOp::Incr, "n", 5)).await,
+            Response::Number(15)
+        );
+        assert_eq!(
+            one(&backend, arith(ArithOp::Decr, "n", 3)).await,
+            Response::Number(12)
+        );
+        assert_eq!(
+            one(&backend, arith(ArithOp::Decr, "n", 100)).await,
+            Response::Number(0)
+        );
+        assert_eq!(
+            one(&backend, arith(ArithOp::Incr, "nok", 1)).await,
+            Response::NotFound
+        );
+        assert!(matches!(
+            one(&backend, arith(ArithOp::Incr, "k", 1)).await,
+            Response::Error(ErrorReply::Client(_))
+        ));
+
+        // touch / gat / gats
+        let touch = |key: &str| Request::Touch {
+            key: k(key),
+            exptime: 100,
+            noreply: false,
+        };
+        assert_eq!(one(&backend, touch("k")).await, Response::Touched);
+        assert_eq!(one(&backend, touch("nok")).await, Response::NotFound);
+        assert_eq!(one(&backend, set("g", b"gv")).await, Response::Stored);
+        let gat = |cas| Request::Gat {
+            exptime: 100,
+            keys: vec![k("k"), k("nok"), k("g")],
+            cas,
+        };
+        assert_eq!(
+            one(&backend, gat(false)).await,
+            Response::Values(vec![value("k", b"c"), value("g", b"gv")])
+        );
+        let (vs, _) = split_cas(&one(&backend, gat(true)).await);
+        assert_eq!(vs, vec![value("k", b"c"), value("g", b"gv")]);
+
+        // delete
+        let delete = |key: &str| Request::Delete {
+            key: k(key),
+            noreply: false,
+        };
+        assert_eq!(one(&backend, delete("k")).await, Response::Deleted);
+        assert_eq!(one(&backend, delete("k")).await, Response::NotFound);
+
+        // noreply is stripped: the caller still gets memcached's answer.
+        let quiet = Request::Store {
+            op: StoreOp::Set,
+            key: k("q"),
+            flags: 0,
+            exptime: 0,
+            data: b("quiet"),
+            cas_unique: 0,
+            noreply: true,
+        };
+        assert_eq!(one(&backend, quiet).await, Response::Stored);
+
+        // flush_all
+        let flush = Request::FlushAll {
+            delay: None,
+            noreply: false,
+        };
+        assert_eq!(one(&backend, flush).await, Response::Ok);
+        assert_eq!(
+            one(&backend, get(&["q", "n"], false)).await,
+            Response::Values(vec![])
+        );
+
+        // A get with no key is an error memcached answers exactly once.
+        assert_eq!(
+            backend
+                .call(&[get(&[], false), get(&["q"], false)])
+                .await
+                .unwrap(),
+            vec![Response::Error(ErrorReply::Error), Response::Values(vec![])]
+        );
+        assert_eq!(
+            backend.pool_status().unwrap().size,
+            1,
+            "one connection served it all"
+        );
+    }
+
+    #[tokio::test]
+    async fn pipelined_batch_is_answered_in_order() {
+        let mc = Memcached::start().await;
+        let backend = mc.backend();
+        let mut batch = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..50 {
+            let key = format!("key{i}");
+            let data = format!("value {i}\r\n").repeat(i + 1);
+            batch.push(set(&key, data.as_bytes()));
+            expected.push(Response::Stored);
+            batch.push(get(&[&key], false));
+            expected.push(Response::Values(vec![value(&key, data.as_bytes())]));
+        }
+        assert_eq!(batch.len(), 100);
+        assert_eq!(backend.call(&batch).await.unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn large_batch_does_not_stall_on_full_socket_buffers() {
+        // Replies of many megabytes precede many megabytes of requests: this
+        // only completes if replies are read while requests are written.
+        let mc = Memcached::start().await;
+        let options = MemcachedOptions {
+            request_timeout: Duration::from_secs(20),
+            ..MemcachedOptions::default()
+        };
+        let backend = MemcachedBackend::new(mc.addr(), options);
+        let big = vec![b'x'; 900 * 1024];
+        assert_eq!(one(&backend, set("big", &big)).await, Response::Stored);
+        let mut batch: Vec<Request> = (0..16).map(|_| get(&["big"], false)).collect();
+        batch.extend((0..16).map(|i| set(&format!("big{i}"), &big)));
+        let r = backend.call(&batch).await.unwrap();
+        assert_eq!(r.len(), 32);
+        assert!(
+            r[..16]
+                .iter()
+                .all(|r| *r == Response::Values(vec![value("big", &big)]))
+        );
+        assert!(r[16..].iter().all(|r| *r == Response::Stored));
+    }
+
+    #[tokio::test]
+    async fn local_requests_are_answered_error_without_being_sent() {
+        let mc = Memcached::start().await;
+        let backend = mc.backend();
+        let batch = vec![
+            set("k", b"v"),
+            Request::Quit,
+            Request::Version,
+            get(&["k"], false),
+            Request::Stats { args: vec![] },
+            Request::Verbosity {
+                level: 1,
+                noreply: false,
+            },
+            Request::TooLarge {
+                op: StoreOp::Set,
+                key: b("k"),
+                noreply: false,
+            },
+            get(&["k"], false),
+        ];
+        let err = Response::Error(ErrorReply::Error);
+        let hit = Response::Values(vec![value("k", b"v")]);
+        assert_eq!(
+            backend.call(&batch).await.unwrap(),
+            vec![
+                Response::Stored,
+                err.clone(),
+                err.clone(),
+                hit.clone(),
+                err.clone(),
+                err.clone(),
+                err.clone(),
+                hit.clone(),
+            ]
+        );
+        // Had `quit` been sent, this connection would now be closed.
+        assert_eq!(one(&backend, get(&["k"], false)).await, hit);
+        assert_eq!(backend.pool_status().unwrap().size, 1);
+
+        // A batch of local requests alone needs no connection at all.
+        let nowhere = MemcachedBackend::new(
+            format!("127.0.0.1:{}", free_port()),
+            MemcachedOptions::default(),
+        );
+        assert_eq!(
+            nowhere
+                .call(&[Request::Version, Request::Quit])
+                .await
+                .unwrap(),
+            vec![err.clone(), err]
+        );
+        assert_eq!(nowhere.pool_status().unwrap().size, 0);
+        assert_eq!(nowhere.call(&[]).await.unwrap(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn recovers_after_memcached_restarts() {
+        let mut mc = Memcached::start().await;
+        let port = mc.port;
+        let options = MemcachedOptions {
+            connect_timeout: Duration::from_millis(500),
+            request_timeout: Duration::from_millis(500),
+            ..MemcachedOptions::default()
+        };
+        let backend = MemcachedBackend::new(mc.addr(), options);
+        assert_eq!(one(&backend, set("k", b"before")).await, Response::Stored);
+
+        mc.stop();
+        let started = Instant::now();
+        for _ in 0..3 {
+            let r = backend.call(&[get(&["k"], false)]).await;
+            assert!(r.is_err(), "memcached is down: {r:?}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "errors must come quickly"
+        );
+
+        let _mc = Memcached::start_on(port).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let r = loop {
+            match backend.call(&[get(&["k"], false)]).await {
+                Ok(r) => break r,
+                Err(e) => assert!(Instant::now() < deadline, "no recovery: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // A fresh memcached: the old value is gone and new writes work.
+        assert_eq!(r, vec![Response::Values(vec![])]);
+        assert_eq!(one(&backend, set("k", b"after")).await, Response::Stored);
+        assert_eq!(
+            one(&backend, get(&["k"], false)).await,
+            Response::Values(vec![value("k", b"after")])
+        );
+    }
+
+    #[tokio::test]
+    async fn closed_port_is_unavailable_within_connect_timeout() {
+        let connect_timeout = Duration::from_millis(300);
+        let options = MemcachedOptions {
+            connect_timeout,
+            ..MemcachedOptions::default()
+        };
+        let backend = MemcachedBackend::new(format!("127.0.0.1:{}", free_port()), options);
+        let started = Instant::now();
+        let r = backend.call(&[get(&["k"], false)]).await;
+        assert!(matches!(r, Err(BackendError::Unavailable(_))), "{r:?}");
+        assert!(started.elapsed() <= connect_timeout + Duration::from_millis(200));
+        assert_eq!(backend.pool_status().unwrap().size, 0);
+    }
+
+    /// A server that accepts and answers every connection with `reply`
+    /// (after reading what it is sent), or never answers if `reply` is None.
+    async fn fake_server(reply: Option<&'static [u8]>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = socket.read(&mut buf).await;
+                    if let Some(reply) = reply {
+                        let _ = socket.write_all(reply).await;
+                    }
+                    // Hold the connection open without answering more.
+                    let _ = socket.read(&mut buf).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn silent_server_times_out_and_connection_is_dropped() {
+        let addr = fake_server(None).await;
+        let options = MemcachedOptions {
+            request_timeout: Duration::from_millis(200),
+            ..MemcachedOptions::default()
+        };
+        let backend = MemcachedBackend::new(addr.to_string(), options);
+        let started = Instant::now();
+        let r = backend.call(&[get(&["k"], false)]).await;
+        assert!(matches!(r, Err(BackendError::Timeout)), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(
+            backend.pool_status().unwrap().size,
+            0,
+            "timed-out connection discarded"
+        );
+    }
+
+    #[tokio::test]
+    async fn misframed_reply_is_a_protocol_error() {
+        let addr = fake_server(Some(b"STORED\r\n")).await;
+        let backend = MemcachedBackend::new(addr.to_string(), MemcachedOptions::default());
+        let r = backend.call(&[get(&["k"], false)]).await;
+        assert!(matches!(r, Err(BackendError::Protocol(_))), "{r:?}");
+        assert_eq!(backend.pool_status().unwrap().size, 0);
+
+        // Trailing bytes after the expected reply also lose the connection.
+        let addr = fake_server(Some(b"STORED\r\nSTORED\r\n")).await;
+        let backend = MemcachedBackend::new(addr.to_string(), MemcachedOptions::default());
+        assert_eq!(one(&backend, set("k", b"v")).await, Response::Stored);
+        assert_eq!(backend.pool_status().unwrap().size, 1);
+        // The leftover reply makes recycle drop that connection; the next
+        // one is fresh (and the fake server answers it with STORED again).
+        assert_eq!(one(&backend, set("k", b"v")).await, Response::Stored);
+        assert_eq!(backend.pool_status().unwrap().size, 1);
+    }
+
+    #[tokio::test]
+    async fn cancelled_call_does_not_return_a_reusable_connection() {
+        let addr = fake_server(None).await;
+        let backend = MemcachedBackend::new(addr.to_string(), MemcachedOptions::default());
+        // The caller gives up mid-exchange.
+        let r = tokio::time::timeout(
+            Duration::from_millis(100),
+            backend.call(&[get(&["k"], false)]),
+        )
+        .await;
+        assert!(r.is_err());
+        let status = backend.pool_status().unwrap();
+        assert_eq!(
+            (status.size, status.available),
+            (1, 1),
+            "returned to the pool, marked broken"
+        );
+        let conn = backend.pool.get().await.unwrap();
+        assert!(
+            !conn.broken,
+            "the broken connection was recycled away, this one is fresh"
+        );
+        assert!(conn.rbuf.is_empty());
+    }
+}

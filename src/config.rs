@@ -1,0 +1,412 @@
+//! `proxy.yaml`: the schema, its defaults, `validate()`, and the merge of
+//! command-line overrides. A leaf module: serde only.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::Limits;
+
+/// How the nodes of a cluster agree on writes (see `docs/design.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    Linearizable,
+    Sequential,
+    Eventual,
+}
+
+impl Consistency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Linearizable => "linearizable",
+            Consistency::Sequential => "sequential",
+            Consistency::Eventual => "eventual",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub cluster: ClusterConfig,
+    pub nodes: Vec<NodeConfig>,
+    pub limits: LimitsConfig,
+    pub timeouts: TimeoutsConfig,
+    pub backend: BackendConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub name: String,
+    /// Shared secret the peers prove to each other on the internal port.
+    pub secret: String,
+    pub consistency: Consistency,
+}
+
+/// One node: where it listens and which memcached backs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: u32,
+    /// memcached-protocol port for clients.
+    pub client: SocketAddr,
+    /// Port for peer traffic (never for clients).
+    pub internal: SocketAddr,
+    /// HTTP port for `/metrics` and `/health`.
+    pub admin: SocketAddr,
+    /// `host:port` of this node's memcached; absent = the embedded store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memcached: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest value, in bytes (memcached `-I`).
+    pub item_size_max: usize,
+    /// Longest command line other than the `get` family.
+    pub max_line_bytes: usize,
+    /// Longest `get`/`gets`/`gat`/`gats` line.
+    pub max_get_line_bytes: usize,
+    pub max_keys_per_get: usize,
+    /// Client connections open at once; more are answered
+    /// `ERROR Too many open connections` and closed.
+    pub max_connections: usize,
+    /// Requests taken from one connection's buffer per batch.
+    pub max_pipeline_depth: usize,
+    /// Memory for the embedded store's items.
+    pub embedded_memory_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// Close a client connection idle this long; 0 never does.
+    pub idle_timeout_ms: u64,
+    pub backend_connect_timeout_ms: u64,
+    pub backend_request_timeout_ms: u64,
+    /// Longest wait for a free pooled backend connection.
+    pub backend_pool_wait_ms: u64,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Pooled connections to each node's memcached.
+    pub pool_size: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            name: "memdial".into(),
+            secret: "change-me".into(),
+            consistency: Consistency::Eventual,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Node `id` on the default ports of `DESIGN.md` (8000+, 7000+, 9000+).
+    pub fn local(id: u32) -> NodeConfig {
+        let port = |base: u16| {
+            let offset = u16::try_from(id.saturating_sub(1)).unwrap_or(0);
+            SocketAddr::from(([127, 0, 0, 1], base.saturating_add(offset)))
+        };
+        NodeConfig {
+            id,
+            client: port(8000),
+            internal: port(7000),
+            admin: port(9000),
+            memcached: None,
+        }
+    }
+}
+
+impl Default for Config {
+    /// One node on 127.0.0.1:8000 with the embedded store.
+    fn default() -> Self {
+        Config {
+            cluster: ClusterConfig::default(),
+            nodes: vec![NodeConfig::local(1)],
+            limits: LimitsConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            backend: BackendConfig::default(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = Limits::default();
+        LimitsConfig {
+            item_size_max: l.item_size_max,
+            max_line_bytes: l.max_line_bytes,
+            max_get_line_bytes: l.max_get_line_bytes,
+            max_keys_per_get: l.max_keys_per_get,
+            max_connections: 1024,
+            max_pipeline_depth: 128,
+            embedded_memory_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            idle_timeout_ms: 0,
+            backend_connect_timeout_ms: 1000,
+            backend_request_timeout_ms: 2000,
+            backend_pool_wait_ms: 1000,
+            shutdown_grace_ms: 5000,
+        }
+    }
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig { pool_size: 16 }
+    }
+}
+
+/// A config that cannot be used, naming the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: String,
+        source: serde_yaml_ng::Error,
+    },
+    #[error("invalid config: {field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Reads and validates a YAML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let config = Config::from_yaml(&text).map_err(|source| ConfigError::Parse {
+            path: shown,
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Config, serde_yaml_ng::Error> {
+        serde_yaml_ng::from_str(text)
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks what serde cannot: ranges, uniqueness, cross-field rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cluster.name.is_empty() {
+            return Err(invalid("cluster.name", "must not be empty"));
+        }
+        if self.nodes.is_empty() {
+            return Err(invalid("nodes", "at least one node is needed"));
+        }
+        let mut seen_ids = std::collections::HashSet::new();
+        let mut seen_addrs = std::collections::HashSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.id == 0 {
+                return Err(invalid(format!("nodes[{i}].id"), "must be at least 1"));
+            }
+            if !seen_ids.insert(n.id) {
+                return Err(invalid(
+                    format!("nodes[{i}].id"),
+                    format!("{} is used twice", n.id),
+                ));
+            }
+            for (name, addr) in [
+                ("client", n.client),
+                ("internal", n.internal),
+                ("admin", n.admin),
+            ] {
+                if addr.port() != 0 && !seen_addrs.insert(addr) {
+                    return Err(invalid(
+                        format!("nodes[{i}].{name}"),
+                        format!("{addr} is used twice"),
+                    ));
+                }
+            }
+            let host_port = |m: &String| {
+                m.rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_some()
+            };
+            if n.memcached.as_ref().is_some_and(|m| !host_port(m)) {
+                return Err(invalid(
+                    format!("nodes[{i}].memcached"),
+                    "must be host:port",
+                ));
+            }
+        }
+        let l = &self.limits;
+        let positive = [
+            ("limits.item_size_max", l.item_size_max),
+            ("limits.max_line_bytes", l.max_line_bytes),
+            ("limits.max_get_line_bytes", l.max_get_line_bytes),
+            ("limits.max_keys_per_get", l.max_keys_per_get),
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_pipeline_depth", l.max_pipeline_depth),
+            ("limits.embedded_memory_bytes", l.embedded_memory_bytes),
+            ("backend.pool_size", self.backend.pool_size),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(invalid(field, "must be greater than 0"));
+            }
+        }
+        if l.item_size_max > 1024 * 1024 * 1024 {
+            return Err(invalid("limits.item_size_max", "must be at most 1 GiB"));
+        }
+        if l.max_line_bytes < 512 {
+            return Err(invalid("limits.max_line_bytes", "must be at least 512"));
+        }
+        if l.max_get_line_bytes < l.max_line_bytes {
+            return Err(invalid(
+                "limits.max_get_line_bytes",
+                "must be at least limits.max_line_bytes",
+            ));
+        }
+        let t = &self.timeouts;
+        for (field, v) in [
+            (
+                "timeouts.backend_connect_timeout_ms",
+                t.backend_connect_timeout_ms,
+            ),
+            (
+                "timeouts.backend_request_timeout_ms",
+                t.backend_request_timeout_ms,
+            ),
+            ("timeouts.backend_pool_wait_ms", t.backend_pool_wait_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The node with this id.
+    pub fn node(&self, id: u32) -> Result<&NodeConfig, ConfigError> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .ok_or_else(|| invalid("--node", format!("no node with id {id} in nodes")))
+    }
+
+    pub fn protocol_limits(&self) -> Limits {
+        Limits {
+            item_size_max: self.limits.item_size_max,
+            max_line_bytes: self.limits.max_line_bytes,
+            max_get_line_bytes: self.limits.max_get_line_bytes,
+            max_keys_per_get: self.limits.max_keys_per_get,
+            ..Limits::default()
+        }
+    }
+}
+
+impl TimeoutsConfig {
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_ms > 0).then(|| Duration::from_millis(self.idle_timeout_ms))
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_round_trips_and_is_valid() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(Config::from_yaml(&c.to_yaml()).unwrap(), c);
+    }
+
+    #[test]
+    fn the_repo_proxy_yaml_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.yaml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.nodes.len(), 3);
+        assert_eq!(c.node(1).unwrap().client.port(), 8000);
+        assert_eq!(
+            c.node(3).unwrap().memcached.as_deref(),
+            Some("127.0.0.1:11203")
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = Config::from_yaml("limits:\n  item_size_maxx: 5\n").unwrap_err();
+        assert!(err.to_string().contains("item_size_maxx"), "{err}");
+    }
+
+    #[test]
+    fn validate_names_the_bad_field() {
+        let mut c = Config::default();
+        c.limits.max_pipeline_depth = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("limits.max_pipeline_depth")
+        );
+        let mut c = Config::default();
+        c.nodes.push(NodeConfig::local(1));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("nodes[1].id")
+        );
+        let mut c = Config::default();
+        c.nodes[0].memcached = Some("nohost".into());
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("nodes[0].memcached")
+        );
+        let mut c = Config::default();
+        let mut n2 = NodeConfig::local(2);
+        n2.admin = c.nodes[0].client;
+        c.nodes.push(n2);
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("nodes[1].admin")
+        );
+    }
+}

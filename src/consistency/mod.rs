@@ -1,0 +1,102 @@
+//! The consistency pipeline: every data request passes through a
+//! [`Pipeline`] between the parser and the backend. This is the seam where
+//! the cluster modes plug in (`eventual`, then the Raft-backed `sequential`
+//! and `linearizable`); [`Local`] is the single-node path.
+//!
+//! May use: `protocol`, `backend`, `cluster`, `config`, `metrics`. Never `server`.
+
+use std::sync::Arc;
+
+use crate::backend::{Backend, BoxFuture};
+use crate::metrics::Metrics;
+use crate::protocol::{ClientError, Request, Response, StoreOp};
+
+/// Executes a batch of data requests read from one client connection.
+pub trait Pipeline: Send + Sync + 'static {
+    /// Runs `requests` in order and returns one response per request.
+    /// Failures become `SERVER_ERROR` responses in their slots; the batch
+    /// always gets an answer.
+    fn execute<'a>(&'a self, requests: Vec<Request>) -> BoxFuture<'a, Vec<Response>>;
+
+    /// The backend, for `stats` and pool metrics.
+    fn backend(&self) -> &dyn Backend;
+}
+
+/// The single-node path: requests go straight to the local backend.
+pub struct Local {
+    backend: Arc<dyn Backend>,
+    metrics: Arc<Metrics>,
+}
+
+impl Local {
+    pub fn new(backend: Arc<dyn Backend>, metrics: Arc<Metrics>) -> Local {
+        Local { backend, metrics }
+    }
+}
+
+impl Pipeline for Local {
+    fn execute<'a>(&'a self, requests: Vec<Request>) -> BoxFuture<'a, Vec<Response>> {
+        Box::pin(async move {
+            let (requests, too_large) = stand_in_for_too_large(requests);
+            let mut responses = match self.backend.call(&requests).await {
+                Ok(responses) if responses.len() == requests.len() => responses,
+                Ok(responses) => {
+                    tracing::error!(
+                        sent = requests.len(),
+                        got = responses.len(),
+                        "backend answered a batch short"
+                    );
+                    self.metrics
+                        .backend_errors
+                        .with_label_values(&["protocol"])
+                        .inc();
+                    vec![Response::server_error("backend error"); requests.len()]
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, batch = requests.len(), "backend call failed");
+                    self.metrics
+                        .backend_errors
+                        .with_label_values(&[e.kind()])
+                        .inc();
+                    vec![e.to_response(); requests.len()]
+                }
+            };
+            for i in too_large {
+                responses[i] = ClientError::TooLarge.into();
+            }
+            responses
+        })
+    }
+
+    fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+}
+
+/// A `set` whose value was too large removes the key (memcached does, so
+/// stale data does not outlive a failed overwrite): it is sent as a
+/// `delete`. Returns the requests to send and the slots whose client answer
+/// is `SERVER_ERROR object too large for cache` whatever the backend says.
+fn stand_in_for_too_large(requests: Vec<Request>) -> (Vec<Request>, Vec<usize>) {
+    let mut too_large = Vec::new();
+    let sent = requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| match r {
+            Request::TooLarge {
+                op: StoreOp::Set,
+                key,
+                noreply,
+            } => {
+                too_large.push(i);
+                Request::Delete { key, noreply }
+            }
+            r @ Request::TooLarge { .. } => {
+                too_large.push(i);
+                r
+            }
+            other => other,
+        })
+        .collect();
+    (sent, too_large)
+}

@@ -1,0 +1,155 @@
+//! The `memdial` binary: `serve` runs one node, `cluster` runs every node
+//! of a config in one process.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use memdial::config::{Config, Consistency};
+use memdial::node;
+
+#[derive(Parser)]
+#[command(
+    name = "memdial",
+    version,
+    about = "A memcached proxy cluster with pluggable consistency"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one node. Without --config: one node on 127.0.0.1:8000 with the
+    /// embedded store.
+    Serve(ServeArgs),
+    /// Run every node of the config in this process (embedded stores unless
+    /// --memcached).
+    Cluster(ClusterArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// proxy.yaml to read.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Which node of the config this is.
+    #[arg(long, default_value_t = 1)]
+    node: u32,
+    /// Client address, overriding the node's `client`.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Admin (/metrics) address, overriding the node's `admin`.
+    #[arg(long)]
+    admin: Option<std::net::SocketAddr>,
+    /// memcached `host:port` to use, or `embedded`; overrides the node's `memcached`.
+    #[arg(long)]
+    backend: Option<String>,
+    /// Consistency mode, overriding `cluster.consistency`.
+    #[arg(long, value_enum)]
+    consistency: Option<Consistency>,
+}
+
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// proxy.yaml to read.
+    #[arg(long, default_value = "proxy.yaml")]
+    config: PathBuf,
+    /// Use each node's configured memcached instead of the embedded store.
+    #[arg(long)]
+    memcached: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(on_signals(shutdown.clone()));
+        match cli.command {
+            Command::Serve(args) => serve(args, shutdown).await,
+            Command::Cluster(args) => cluster(args, shutdown).await,
+        }
+    });
+    // Connections still open past the grace period are dropped here.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    result
+}
+
+async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(c) = args.consistency {
+        config.cluster.consistency = c;
+    }
+    let index = config
+        .nodes
+        .iter()
+        .position(|n| n.id == args.node)
+        .with_context(|| format!("--node {}: no such node in the config", args.node))?;
+    let node = &mut config.nodes[index];
+    if let Some(addr) = args.listen {
+        node.client = addr;
+    }
+    if let Some(addr) = args.admin {
+        node.admin = addr;
+    }
+    match args.backend.as_deref() {
+        Some("embedded") => node.memcached = None,
+        Some(addr) => node.memcached = Some(addr.to_string()),
+        None => {}
+    }
+    config.validate()?;
+    let node = node::Node::start(&config, args.node, shutdown.clone()).await?;
+    node.wait().await
+}
+
+async fn cluster(args: ClusterArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut config = Config::load(&args.config)?;
+    if !args.memcached {
+        for n in &mut config.nodes {
+            n.memcached = None;
+        }
+    }
+    let mut nodes = Vec::new();
+    for id in config.nodes.iter().map(|n| n.id).collect::<Vec<_>>() {
+        nodes.push(node::Node::start(&config, id, shutdown.clone()).await?);
+    }
+    let mut first_error = None;
+    for n in nodes {
+        if let Err(e) = n.wait().await {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// SIGTERM or a first Ctrl-C: graceful shutdown. A second Ctrl-C: exit now.
+async fn on_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down gracefully"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down gracefully (again to exit now)"),
+    }
+    shutdown.cancel();
+    int.recv().await;
+    tracing::warn!("second SIGINT: exiting now");
+    std::process::exit(130);
+}

@@ -1,0 +1,267 @@
+//! One client connection: read, parse every complete request in the buffer,
+//! run them through the pipeline as one batch, write the replies in request
+//! order with a single write, repeat.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::protocol::{
+    ClientError, Command, Parsed, Request, Response, encode_response, parse_request,
+};
+
+/// What a connection does after answering a batch.
+enum Next {
+    /// Nothing whole is buffered: read.
+    Read,
+    /// The batch stopped at the pipeline depth: parse the rest first.
+    Parse,
+    Close,
+}
+
+/// A reply slot in a batch, kept in request order.
+enum Slot {
+    /// Answered by the pipeline, in turn.
+    Pipeline { noreply: bool },
+    /// Answered without the pipeline (errors, `version`, `stats`, …).
+    Ready(Response),
+}
+
+pub(super) struct Connection<'a> {
+    stream: TcpStream,
+    shared: &'a Shared,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// Bytes still to discard: the data block of a rejected value.
+    skip: usize,
+}
+
+const READ_CHUNK: usize = 16 * 1024;
+/// A write buffer grown past this by a large reply is released afterwards.
+const KEEP_BUFFER: usize = 1024 * 1024;
+
+impl<'a> Connection<'a> {
+    pub fn new(stream: TcpStream, shared: &'a Shared) -> Self {
+        let _ = stream.set_nodelay(true);
+        Connection {
+            stream,
+            shared,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: BytesMut::with_capacity(READ_CHUNK),
+            skip: 0,
+        }
+    }
+
+    pub async fn run(mut self, shutdown: &CancellationToken) -> std::io::Result<()> {
+        loop {
+            let (slots, requests, next) = self.take_batch();
+            if !slots.is_empty() {
+                self.answer(slots, requests).await?;
+            }
+            match next {
+                Next::Close => {
+                    self.stream.shutdown().await?;
+                    return Ok(());
+                }
+                Next::Parse => {}
+                Next::Read => {
+                    if !self.read_more(shutdown).await? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads once. Returns false when the connection should end: the peer
+    /// closed, it was idle too long, or the node is shutting down.
+    async fn read_more(&mut self, shutdown: &CancellationToken) -> std::io::Result<bool> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        let idle = self.shared.settings.idle_timeout;
+        let read = self.stream.read_buf(&mut self.rbuf);
+        let n = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            r = async {
+                match idle {
+                    Some(d) => tokio::time::timeout(d, read).await.ok(),
+                    None => Some(read.await),
+                }
+            } => match r {
+                Some(n) => n?,
+                None => {
+                    tracing::debug!("idle timeout");
+                    return Ok(false);
+                }
+            },
+        };
+        self.shared.metrics.bytes_read.inc_by(n as u64);
+        Ok(n > 0)
+    }
+
+    /// Parses up to the pipeline depth of complete requests from the buffer.
+    /// Returns the reply slots, the requests for the pipeline, and what to
+    /// do once they are answered.
+    fn take_batch(&mut self) -> (Vec<Slot>, Vec<Request>, Next) {
+        let depth = self.shared.settings.max_pipeline_depth;
+        let mut slots = Vec::new();
+        let mut requests = Vec::new();
+        loop {
+            self.discard_skipped();
+            if self.skip > 0 || self.rbuf.is_empty() {
+                return (slots, requests, Next::Read);
+            }
+            if slots.len() >= depth {
+                return (slots, requests, Next::Parse);
+            }
+            match parse_request(&self.rbuf, &self.shared.settings.limits) {
+                Parsed::Incomplete => return (slots, requests, Next::Read),
+                Parsed::Request {
+                    request,
+                    consumed,
+                    skip,
+                } => {
+                    self.rbuf.advance(consumed);
+                    self.skip = skip;
+                    match request {
+                        Request::Quit => return (slots, requests, Next::Close),
+                        Request::Version => slots.push(Slot::Ready(Response::Version(version()))),
+                        Request::Verbosity { level, noreply } => {
+                            self.shared.verbosity.store(level, Ordering::Relaxed);
+                            if !noreply {
+                                slots.push(Slot::Ready(Response::Ok));
+                            }
+                        }
+                        Request::Stats { args } => {
+                            slots.push(Slot::Ready(super::stats::answer(self.shared, &args)))
+                        }
+                        data => {
+                            slots.push(Slot::Pipeline {
+                                noreply: data.noreply(),
+                            });
+                            requests.push(data);
+                        }
+                    }
+                }
+                Parsed::Invalid {
+                    error,
+                    consumed,
+                    noreply,
+                } => {
+                    self.rbuf.advance(consumed);
+                    self.count_client_error(error);
+                    if !noreply {
+                        slots.push(Slot::Ready(error.into()));
+                    }
+                }
+                Parsed::Fatal(error) => {
+                    self.count_client_error(error);
+                    tracing::info!(
+                        reply = error.line(),
+                        "closing connection after a fatal request"
+                    );
+                    slots.push(Slot::Ready(error.into()));
+                    return (slots, requests, Next::Close);
+                }
+            }
+        }
+    }
+
+    fn discard_skipped(&mut self) {
+        let n = self.skip.min(self.rbuf.len());
+        self.rbuf.advance(n);
+        self.skip -= n;
+    }
+
+    fn count_client_error(&self, error: ClientError) {
+        let reply = Response::from(error).outcome();
+        self.shared
+            .metrics
+            .client_errors
+            .with_label_values(&[reply])
+            .inc();
+    }
+
+    /// Runs the batch and writes every reply, in order, with one write.
+    async fn answer(&mut self, slots: Vec<Slot>, requests: Vec<Request>) -> std::io::Result<()> {
+        let commands: Vec<_> = requests
+            .iter()
+            .map(|r| (r.command(), key_count(r)))
+            .collect();
+        let mut responses = if requests.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            let started = Instant::now();
+            let responses = self.shared.pipeline.execute(requests).await;
+            self.record(&commands, &responses, started.elapsed().as_secs_f64());
+            responses.into_iter()
+        };
+        // Pipeline slots are in request order, so responses are taken in turn.
+        for slot in slots {
+            match slot {
+                Slot::Ready(r) => encode_response(&r, &mut self.wbuf),
+                Slot::Pipeline { noreply } => {
+                    let r = responses
+                        .next()
+                        .unwrap_or_else(|| Response::server_error("no reply"));
+                    if !noreply {
+                        encode_response(&r, &mut self.wbuf);
+                    }
+                }
+            }
+        }
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.shared
+                .metrics
+                .bytes_written
+                .inc_by(self.wbuf.len() as u64);
+            self.wbuf.clear();
+            if self.wbuf.capacity() > KEEP_BUFFER {
+                self.wbuf = BytesMut::with_capacity(READ_CHUNK);
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&self, commands: &[(Command, Option<usize>)], responses: &[Response], elapsed: f64) {
+        let m = &self.shared.metrics;
+        for ((command, keys), response) in commands.iter().zip(responses) {
+            m.latency
+                .with_label_values(&[command.as_str()])
+                .observe(elapsed);
+            m.requests
+                .with_label_values(&[command.as_str(), response.outcome()])
+                .inc();
+            if let (Some(keys), Response::Values(values)) = (keys, response) {
+                m.get_keys
+                    .with_label_values(&["hit"])
+                    .inc_by(values.len() as u64);
+                m.get_keys
+                    .with_label_values(&["miss"])
+                    .inc_by(keys.saturating_sub(values.len()) as u64);
+            }
+        }
+    }
+}
+
+/// How many keys a get-family request looks up.
+fn key_count(r: &Request) -> Option<usize> {
+    match r {
+        Request::Get { keys, .. } | Request::Gat { keys, .. } => Some(keys.len()),
+        _ => None,
+    }
+}
+
+/// What `version` answers: memcached's format, naming memdial. Clients read
+/// the leading `major.minor.patch`, so it is the memcached release whose
+/// protocol memdial speaks.
+pub(super) fn version() -> String {
+    format!("1.6.18-memdial-{}", env!("CARGO_PKG_VERSION"))
+}

@@ -1,0 +1,146 @@
+//! The client-facing side of a node: the listener with its connection
+//! limit and accept backoff, one task per connection, and shutdown with a
+//! deadline.
+//!
+//! May use: `protocol`, `consistency`, `config`, `metrics`. Never `backend`
+//! directly: every data command goes through the consistency pipeline.
+
+mod connection;
+mod stats;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::consistency::Pipeline;
+use crate::metrics::Metrics;
+use crate::protocol::Limits;
+
+/// What the client side of a node needs to know.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub node_id: u32,
+    pub limits: Limits,
+    pub max_connections: usize,
+    pub max_pipeline_depth: usize,
+    pub idle_timeout: Option<Duration>,
+    pub shutdown_grace: Duration,
+    /// Reported by `stats`.
+    pub consistency: &'static str,
+    pub embedded_memory_bytes: usize,
+}
+
+/// State shared by every connection of one node.
+pub(crate) struct Shared {
+    pub settings: ServerSettings,
+    pub pipeline: Arc<dyn Pipeline>,
+    pub metrics: Arc<Metrics>,
+    pub local_addr: SocketAddr,
+    pub verbosity: AtomicU32,
+    pub stats_baseline: stats::Baseline,
+}
+
+/// The memcached answer to one connection too many.
+const TOO_MANY_CONNECTIONS: &[u8] = b"ERROR Too many open connections\r\n";
+
+/// Serves clients on `listener` until `shutdown` is cancelled, then stops
+/// accepting, lets connections finish the requests they hold for up to the
+/// grace period, and returns.
+pub async fn run(
+    listener: TcpListener,
+    settings: ServerSettings,
+    pipeline: Arc<dyn Pipeline>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let local_addr = listener.local_addr()?;
+    let grace = settings.shutdown_grace;
+    let limit = Arc::new(Semaphore::new(settings.max_connections));
+    let shared = Arc::new(Shared {
+        settings,
+        pipeline,
+        metrics,
+        local_addr,
+        verbosity: AtomicU32::new(0),
+        stats_baseline: stats::Baseline::default(),
+    });
+    let tracker = TaskTracker::new();
+    let conn_ids = AtomicU64::new(1);
+    tracing::info!(addr = %local_addr, "listening for clients");
+
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(1);
+                a
+            }
+            Err(e) => {
+                // Out of descriptors and the like: wait, then try again.
+                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            shared.metrics.connections_rejected.inc();
+            tracing::warn!(%peer, "connection limit reached; refusing");
+            tracker.spawn(refuse(stream));
+            continue;
+        };
+        let conn_id = conn_ids.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("conn", %peer, conn_id);
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(
+            async move {
+                let _permit = permit;
+                shared.metrics.connections_total.inc();
+                shared.metrics.connections_current.inc();
+                if let Err(e) = connection::Connection::new(stream, &shared)
+                    .run(&shutdown)
+                    .await
+                {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                shared.metrics.connections_current.dec();
+            }
+            .instrument(span),
+        );
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            open = tracker.len(),
+            grace_ms = grace.as_millis() as u64,
+            "shutdown grace period over; dropping connections"
+        );
+    }
+    tracing::info!(addr = %local_addr, "client listener stopped");
+    Ok(())
+}
+
+async fn refuse(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(TOO_MANY_CONNECTIONS).await?;
+        stream.shutdown().await
+    })
+    .await;
+}

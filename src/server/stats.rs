@@ -1,0 +1,211 @@
+//! `stats` on the client port, answered like memcached so that its tools
+//! (memcached_exporter, memcached-tool, client libraries) work against a
+//! memdial node. Counters come from the node's Prometheus metrics.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use super::Shared;
+use crate::protocol::{ClientError, Command, Response};
+
+/// Counter values at the last `stats reset`, subtracted from what `stats`
+/// shows (the Prometheus counters themselves never go backwards).
+#[derive(Default)]
+pub(crate) struct Baseline(Mutex<HashMap<&'static str, u64>>);
+
+/// The answer to `stats [group ...]`.
+pub(super) fn answer(shared: &Shared, args: &[Bytes]) -> Response {
+    match args.first().map(|a| &a[..]) {
+        None => Response::Stats(general(shared)),
+        Some(b"settings") => Response::Stats(settings(shared)),
+        Some(b"reset") => {
+            let counters = counters(shared);
+            if let Ok(mut base) = shared.stats_baseline.0.lock() {
+                *base = counters.into_iter().collect();
+            }
+            Response::Reset
+        }
+        // memdial keeps no slabs; these groups are empty, as on an empty memcached.
+        Some(b"items" | b"slabs" | b"sizes" | b"conns") => Response::Stats(Vec::new()),
+        Some(b"detail") => match args.get(1).map(|a| &a[..]) {
+            Some(b"on" | b"off") => Response::Ok,
+            Some(b"dump") => Response::Stats(Vec::new()),
+            _ => ClientError::StatsDetailUsage.into(),
+        },
+        Some(_) => ClientError::UnknownCommand.into(),
+    }
+}
+
+fn requests(shared: &Shared, command: Command, outcomes: &[&str]) -> u64 {
+    outcomes
+        .iter()
+        .map(|o| {
+            shared
+                .metrics
+                .requests
+                .with_label_values(&[command.as_str(), o])
+                .get()
+        })
+        .sum()
+}
+
+/// Counters, in memcached's names, before the reset baseline is applied.
+fn counters(shared: &Shared) -> Vec<(&'static str, u64)> {
+    let m = &shared.metrics;
+    let hits = m.get_keys.with_label_values(&["hit"]).get();
+    let misses = m.get_keys.with_label_values(&["miss"]).get();
+    let stores = [
+        Command::Set,
+        Command::Add,
+        Command::Replace,
+        Command::Append,
+        Command::Prepend,
+        Command::Cas,
+    ];
+    let all = [
+        "stored",
+        "not_stored",
+        "exists",
+        "not_found",
+        "server_error",
+        "client_error",
+        "error",
+    ];
+    let cmd_set: u64 = stores.iter().map(|&c| requests(shared, c, &all)).sum();
+    let touch = |o: &[&str]| requests(shared, Command::Touch, o);
+    let gat_keys = requests(shared, Command::Gat, &["hit", "miss"])
+        + requests(shared, Command::Gats, &["hit", "miss"]);
+    vec![
+        ("total_connections", m.connections_total.get()),
+        ("rejected_connections", m.connections_rejected.get()),
+        ("cmd_get", hits + misses),
+        ("cmd_set", cmd_set),
+        ("cmd_flush", requests(shared, Command::FlushAll, &["ok"])),
+        ("cmd_touch", touch(&["touched", "not_found"]) + gat_keys),
+        ("get_hits", hits),
+        ("get_misses", misses),
+        (
+            "delete_misses",
+            requests(shared, Command::Delete, &["not_found"]),
+        ),
+        (
+            "delete_hits",
+            requests(shared, Command::Delete, &["deleted"]),
+        ),
+        (
+            "incr_misses",
+            requests(shared, Command::Incr, &["not_found"]),
+        ),
+        ("incr_hits", requests(shared, Command::Incr, &["ok"])),
+        (
+            "decr_misses",
+            requests(shared, Command::Decr, &["not_found"]),
+        ),
+        ("decr_hits", requests(shared, Command::Decr, &["ok"])),
+        ("cas_misses", requests(shared, Command::Cas, &["not_found"])),
+        ("cas_hits", requests(shared, Command::Cas, &["stored"])),
+        ("cas_badval", requests(shared, Command::Cas, &["exists"])),
+        ("touch_hits", touch(&["touched"])),
+        ("touch_misses", touch(&["not_found"])),
+        ("bytes_read", m.bytes_read.get()),
+        ("bytes_written", m.bytes_written.get()),
+    ]
+}
+
+fn general(shared: &Shared) -> Vec<(String, String)> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let s = &shared.settings;
+    let mut out: Vec<(String, String)> = vec![
+        ("pid".into(), std::process::id().to_string()),
+        (
+            "uptime".into(),
+            shared.metrics.started.elapsed().as_secs().to_string(),
+        ),
+        ("time".into(), now.to_string()),
+        ("version".into(), super::connection::version()),
+        ("pointer_size".into(), (usize::BITS).to_string()),
+        ("max_connections".into(), s.max_connections.to_string()),
+        (
+            "curr_connections".into(),
+            shared.metrics.connections_current.get().to_string(),
+        ),
+    ];
+    let base = shared
+        .stats_baseline
+        .0
+        .lock()
+        .map(|b| b.clone())
+        .unwrap_or_default();
+    for (name, v) in counters(shared) {
+        let v = v.saturating_sub(base.get(name).copied().unwrap_or(0));
+        out.push((name.into(), v.to_string()));
+    }
+    out.push(("threads".into(), worker_threads().to_string()));
+    out.extend(shared.pipeline.backend().stats());
+    out.push(("memdial_node_id".into(), s.node_id.to_string()));
+    out.push(("memdial_consistency".into(), s.consistency.into()));
+    out.push((
+        "memdial_backend".into(),
+        shared.pipeline.backend().kind().into(),
+    ));
+    if let Some(p) = shared.pipeline.backend().pool_status() {
+        out.push(("memdial_backend_pool_max".into(), p.max_size.to_string()));
+        out.push(("memdial_backend_pool_open".into(), p.size.to_string()));
+        out.push(("memdial_backend_pool_idle".into(), p.available.to_string()));
+    }
+    out
+}
+
+fn settings(shared: &Shared) -> Vec<(String, String)> {
+    let s = &shared.settings;
+    let idle = s.idle_timeout.map(|d| d.as_secs()).unwrap_or(0);
+    [
+        ("maxbytes", s.embedded_memory_bytes.to_string()),
+        ("maxconns", s.max_connections.to_string()),
+        ("tcpport", shared.local_addr.port().to_string()),
+        ("udpport", "0".into()),
+        ("inter", shared.local_addr.ip().to_string()),
+        (
+            "verbosity",
+            shared.verbosity.load(Ordering::Relaxed).to_string(),
+        ),
+        ("evictions", "on".into()),
+        ("num_threads", worker_threads().to_string()),
+        ("cas_enabled", "yes".into()),
+        ("binding_protocol", "ascii".into()),
+        ("item_size_max", s.limits.item_size_max.to_string()),
+        ("idle_timeout", idle.to_string()),
+        (
+            "memdial_max_line_bytes",
+            s.limits.max_line_bytes.to_string(),
+        ),
+        (
+            "memdial_max_get_line_bytes",
+            s.limits.max_get_line_bytes.to_string(),
+        ),
+        (
+            "memdial_max_keys_per_get",
+            s.limits.max_keys_per_get.to_string(),
+        ),
+        (
+            "memdial_max_pipeline_depth",
+            s.max_pipeline_depth.to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+fn worker_threads() -> usize {
+    tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_workers())
+        .unwrap_or(1)
+}
