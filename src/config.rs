@@ -45,6 +45,25 @@ pub struct ClusterConfig {
     /// Shared secret the peers prove to each other on the internal port.
     pub secret: String,
     pub consistency: Consistency,
+    /// How often a node sends each peer a heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which a peer is suspect.
+    pub suspect_after_ms: u64,
+    /// Silence after which a peer is down.
+    pub down_after_ms: u64,
+    /// Longest wait between attempts to reach a peer.
+    pub reconnect_max_ms: u64,
+    pub peer_connect_timeout_ms: u64,
+    /// Writes kept for peers to resume from; a peer further behind gets a
+    /// full resync.
+    pub replication_backlog: usize,
+    /// Most entries in one replication frame.
+    pub replication_batch: usize,
+    /// How long a delete's tombstone is kept (a partition longer than this
+    /// may bring a deleted key back).
+    pub tombstone_grace_ms: u64,
+    /// How often a node checks that its backing store did not restart.
+    pub store_check_interval_ms: u64,
 }
 
 /// One node: where it listens and which memcached backs it.
@@ -108,6 +127,15 @@ impl Default for ClusterConfig {
             name: "memdial".into(),
             secret: "change-me".into(),
             consistency: Consistency::Eventual,
+            heartbeat_interval_ms: 200,
+            suspect_after_ms: 1000,
+            down_after_ms: 3000,
+            reconnect_max_ms: 2000,
+            peer_connect_timeout_ms: 1000,
+            replication_backlog: 100_000,
+            replication_batch: 512,
+            tombstone_grace_ms: 600_000,
+            store_check_interval_ms: 1000,
         }
     }
 }
@@ -294,6 +322,34 @@ impl Config {
                 "limits.max_get_line_bytes",
                 "must be at least limits.max_line_bytes",
             ));
+        }
+        let c = &self.cluster;
+        for (field, v) in [
+            ("cluster.heartbeat_interval_ms", c.heartbeat_interval_ms),
+            ("cluster.reconnect_max_ms", c.reconnect_max_ms),
+            ("cluster.peer_connect_timeout_ms", c.peer_connect_timeout_ms),
+            ("cluster.replication_backlog", c.replication_backlog as u64),
+            ("cluster.replication_batch", c.replication_batch as u64),
+            ("cluster.store_check_interval_ms", c.store_check_interval_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be greater than 0"));
+            }
+        }
+        if c.suspect_after_ms <= c.heartbeat_interval_ms {
+            return Err(invalid(
+                "cluster.suspect_after_ms",
+                "must exceed cluster.heartbeat_interval_ms",
+            ));
+        }
+        if c.down_after_ms <= c.suspect_after_ms {
+            return Err(invalid(
+                "cluster.down_after_ms",
+                "must exceed cluster.suspect_after_ms",
+            ));
+        }
+        if self.nodes.len() > 1 && c.secret.is_empty() {
+            return Err(invalid("cluster.secret", "must not be empty"));
         }
         let t = &self.timeouts;
         for (field, v) in [

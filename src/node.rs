@@ -10,7 +10,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, EmbeddedStore, MemcachedBackend, MemcachedOptions};
-use crate::config::Config;
+use crate::cluster::{Backlog, Cluster, ClusterSettings, Replica};
+use crate::config::{Config, Consistency};
+use crate::consistency::eventual::Eventual;
 use crate::consistency::{Local, Pipeline};
 use crate::metrics::{self, Metrics};
 use crate::server::{self, ServerSettings};
@@ -47,14 +49,25 @@ impl Node {
             )),
             None => Arc::new(EmbeddedStore::new(config.limits.embedded_memory_bytes)),
         };
-        let pipeline: Arc<dyn Pipeline> = Arc::new(Local::new(backend.clone(), metrics.clone()));
-
         let client = TcpListener::bind(node.client)
             .await
             .with_context(|| format!("node {id}: binding client address {}", node.client))?;
         let admin = TcpListener::bind(node.admin)
             .await
             .with_context(|| format!("node {id}: binding admin address {}", node.admin))?;
+        let (pipeline, cluster) = match config.nodes.len() {
+            1 => (
+                Arc::new(Local::new(backend.clone(), metrics.clone())) as Arc<dyn Pipeline>,
+                None,
+            ),
+            _ => {
+                let internal = TcpListener::bind(node.internal).await.with_context(|| {
+                    format!("node {id}: binding internal address {}", node.internal)
+                })?;
+                let (pipeline, cluster) = cluster_pipeline(config, id, &backend, &metrics)?;
+                (pipeline, Some((cluster, internal)))
+            }
+        };
         let client_addr = client.local_addr()?;
         let admin_addr = admin.local_addr()?;
         tracing::info!(
@@ -88,16 +101,24 @@ impl Node {
                 }
             })
         };
-        let tasks = vec![
-            tokio::spawn(server::run(
-                client,
-                settings,
-                pipeline,
-                metrics.clone(),
+        let mut tasks = Vec::new();
+        if let Some(((cluster, replica), internal)) = cluster {
+            tasks.push(tokio::spawn(cluster.run(
+                internal,
+                replica,
                 shutdown.clone(),
-            )),
-            tokio::spawn(metrics::serve_admin(admin, metrics, refresh, shutdown)),
-        ];
+            )));
+        }
+        tasks.push(tokio::spawn(server::run(
+            client,
+            settings,
+            pipeline,
+            metrics.clone(),
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(metrics::serve_admin(
+            admin, metrics, refresh, shutdown,
+        )));
         Ok(Node {
             id,
             client_addr,
@@ -116,4 +137,70 @@ impl Node {
         tracing::info!(node = self.id, "node stopped");
         Ok(())
     }
+}
+
+type ClusterParts = (Arc<Cluster>, Arc<dyn Replica>);
+
+/// The pipeline of a node with peers, and the cluster layer it replicates
+/// through.
+fn cluster_pipeline(
+    config: &Config,
+    id: u32,
+    backend: &Arc<dyn Backend>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Arc<dyn Pipeline>, ClusterParts)> {
+    let c = &config.cluster;
+    let ms = Duration::from_millis;
+    let settings = ClusterSettings {
+        cluster_name: c.name.clone(),
+        secret: c.secret.clone(),
+        node_id: id,
+        peers: config
+            .nodes
+            .iter()
+            .filter(|n| n.id != id)
+            .map(|n| (n.id, n.internal))
+            .collect(),
+        heartbeat_interval: ms(c.heartbeat_interval_ms),
+        suspect_after: ms(c.suspect_after_ms),
+        down_after: ms(c.down_after_ms),
+        connect_timeout: ms(c.peer_connect_timeout_ms),
+        reconnect_max: ms(c.reconnect_max_ms),
+        batch_max: c.replication_batch,
+        store_check_interval: ms(c.store_check_interval_ms),
+    };
+    let backlog = Arc::new(Backlog::new(rand::random(), c.replication_backlog));
+    let requests = {
+        let m = metrics.clone();
+        Box::new(move || total_requests(&m))
+    };
+    let cluster = Cluster::new(settings, backlog, &metrics.registry, requests)
+        .context("registering cluster metrics")?;
+    match c.consistency {
+        Consistency::Eventual => {
+            let eventual = Eventual::new(
+                backend.clone(),
+                metrics.clone(),
+                cluster.clone(),
+                c.tombstone_grace_ms,
+            );
+            Ok((eventual.clone(), (cluster, eventual)))
+        }
+        mode => anyhow::bail!(
+            "cluster.consistency: {} is not implemented yet; eventual is",
+            mode.as_str()
+        ),
+    }
+}
+
+/// Client requests served, summed over every command and outcome.
+fn total_requests(metrics: &Metrics) -> u64 {
+    use prometheus::core::Collector;
+    metrics
+        .requests
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
 }

@@ -24,6 +24,7 @@ use lru::LruCache;
 use tokio::time::Instant;
 
 use super::{Backend, BackendError, BoxFuture};
+use crate::protocol::counter::apply_delta;
 use crate::protocol::{
     ArithOp, ClientError, ErrorReply, Exptime, REALTIME_MAXDELTA, Request, Response, StoreOp, Value,
 };
@@ -171,6 +172,8 @@ pub struct EmbeddedStore {
     flush_lock: Mutex<()>,
     evictions: AtomicU64,
     total_items: AtomicU64,
+    /// Random name of this store's lifetime.
+    instance: u64,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -209,6 +212,7 @@ impl EmbeddedStore {
             flush_lock: Mutex::new(()),
             evictions: AtomicU64::new(0),
             total_items: AtomicU64::new(0),
+            instance: rand::random(),
         }
     }
 
@@ -385,24 +389,8 @@ impl EmbeddedStore {
         let Some(item) = shard.live(key, view) else {
             return Response::NotFound;
         };
-        let Some(value) = parse_counter(&item.data) else {
+        let Some((n, data)) = apply_delta(&item.data, op, delta) else {
             return ClientError::NonNumeric.into();
-        };
-        let n = match op {
-            ArithOp::Incr => value.wrapping_add(delta),
-            ArithOp::Decr => value.saturating_sub(delta),
-        };
-        let mut buf = itoa::Buffer::new();
-        let text = buf.format(n).as_bytes();
-        let old_len = item.data.len();
-        let data = if text.len() <= old_len {
-            // memcached rewrites the number in place, padded with spaces.
-            let mut padded = BytesMut::with_capacity(old_len);
-            padded.extend_from_slice(text);
-            padded.resize(old_len, b' ');
-            padded.freeze()
-        } else {
-            Bytes::copy_from_slice(text)
         };
         if cost(key.len(), data.len()) > limit {
             return Response::server_error("out of memory");
@@ -484,26 +472,6 @@ impl EmbeddedStore {
     }
 }
 
-/// Reads a counter as memcached's `strtoull` does: optional leading spaces,
-/// an optional `+`, decimal digits, then only spaces. `None` for anything
-/// else, a sign, or a value above `u64::MAX`.
-fn parse_counter(data: &[u8]) -> Option<u64> {
-    let start = data.iter().position(|&b| b != b' ').unwrap_or(data.len());
-    let rest = &data[start..];
-    let rest = rest.strip_prefix(b"+").unwrap_or(rest);
-    let end = rest
-        .iter()
-        .position(|b| !b.is_ascii_digit())
-        .unwrap_or(rest.len());
-    let (digits, tail) = rest.split_at(end);
-    if digits.is_empty() || tail.iter().any(|&b| b != b' ') {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, &d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
-}
-
 impl Backend for EmbeddedStore {
     fn call<'a>(
         &'a self,
@@ -515,6 +483,29 @@ impl Backend for EmbeddedStore {
 
     fn kind(&self) -> &'static str {
         "embedded"
+    }
+
+    fn keys(&self) -> BoxFuture<'_, Result<Vec<Bytes>, BackendError>> {
+        let view = self.view();
+        let mut keys = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            keys.extend(
+                shard
+                    .items
+                    .iter()
+                    .filter(|(_, item)| view.visible(item))
+                    .map(|(k, _)| k.clone()),
+            );
+        }
+        Box::pin(std::future::ready(Ok(keys)))
+    }
+
+    fn instance(&self) -> BoxFuture<'_, Result<String, BackendError>> {
+        Box::pin(std::future::ready(Ok(format!(
+            "embedded-{}",
+            self.instance
+        ))))
     }
 
     fn stats(&self) -> Vec<(String, String)> {
@@ -1238,15 +1229,5 @@ mod tests {
         assert_eq!(stat(&s, "bytes"), cost(1, 3).to_string());
         assert_eq!(stat(&s, "limit_maxbytes"), BIG.to_string());
         assert_eq!(stat(&s, "total_items"), "2");
-    }
-
-    #[test]
-    fn counter_parsing() {
-        assert_eq!(parse_counter(b"0"), Some(0));
-        assert_eq!(parse_counter(b"18446744073709551615"), Some(u64::MAX));
-        assert_eq!(parse_counter(b"18446744073709551616"), None);
-        assert_eq!(parse_counter(b" +12 "), Some(12));
-        assert_eq!(parse_counter(b"-0"), None);
-        assert_eq!(parse_counter(b"1\t"), None);
     }
 }

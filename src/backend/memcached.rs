@@ -164,12 +164,125 @@ impl MemcachedBackend {
     }
 }
 
+impl MemcachedBackend {
+    /// Sends an administrative command on a connection of its own (not
+    /// pooled: its reply is not one the reply parser frames) and returns
+    /// the reply's lines up to `END`.
+    async fn admin_command(&self, command: &[u8]) -> Result<Vec<Vec<u8>>, BackendError> {
+        let timeout = self
+            .pool
+            .manager()
+            .request_timeout
+            .max(Duration::from_secs(5));
+        let connect = self.pool.manager().connect_timeout;
+        let exchange = async {
+            let mut stream = tokio::time::timeout(connect, TcpStream::connect(&self.addr))
+                .await
+                .map_err(|_| {
+                    BackendError::Unavailable(format!("{}: connect timed out", self.addr))
+                })?
+                .map_err(|e| BackendError::Unavailable(format!("{}: {e}", self.addr)))?;
+            stream.write_all(command).await?;
+            let mut buf = Vec::new();
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(BackendError::Io(io::ErrorKind::UnexpectedEof.into()));
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.ends_with(b"END\r\n")
+                    || buf.starts_with(b"BUSY")
+                    || buf.starts_with(b"ERROR")
+                {
+                    break;
+                }
+            }
+            Ok(buf
+                .split(|&b| b == b'\n')
+                .map(|l| l.strip_suffix(b"\r").unwrap_or(l).to_vec())
+                .filter(|l| !l.is_empty() && l != b"END")
+                .collect())
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| BackendError::Timeout)?
+    }
+}
+
+/// Decodes the `%XX` escapes of `lru_crawler metadump` keys.
+fn percent_decode(s: &[u8]) -> Option<bytes::Bytes> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' {
+            let hex = std::str::from_utf8(s.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    Some(out.into())
+}
+
 impl Backend for MemcachedBackend {
     fn call<'a>(
         &'a self,
         requests: &'a [Request],
     ) -> BoxFuture<'a, Result<Vec<Response>, BackendError>> {
         Box::pin(self.run(requests))
+    }
+
+    fn keys(&self) -> BoxFuture<'_, Result<Vec<bytes::Bytes>, BackendError>> {
+        Box::pin(async move {
+            // The crawler answers BUSY while another crawl runs; try a few times.
+            for attempt in 0..20u64 {
+                let lines = self.admin_command(b"lru_crawler metadump all\r\n").await?;
+                if lines.first().is_some_and(|l| l.starts_with(b"BUSY")) {
+                    tokio::time::sleep(Duration::from_millis(50 * (attempt + 1))).await;
+                    continue;
+                }
+                return lines
+                    .iter()
+                    .filter_map(|l| l.strip_prefix(b"key="))
+                    .map(|l| {
+                        let encoded = l.split(|&b| b == b' ').next().unwrap_or_default();
+                        percent_decode(encoded).ok_or_else(|| {
+                            BackendError::Protocol("bad key in lru_crawler metadump".into())
+                        })
+                    })
+                    .collect();
+            }
+            Err(BackendError::Unavailable("lru_crawler stayed busy".into()))
+        })
+    }
+
+    fn instance(&self) -> BoxFuture<'_, Result<String, BackendError>> {
+        Box::pin(async move {
+            let lines = self.admin_command(b"stats\r\n").await?;
+            let stat = |name: &str| {
+                lines.iter().find_map(|l| {
+                    let rest = l.strip_prefix(b"STAT ")?.strip_prefix(name.as_bytes())?;
+                    std::str::from_utf8(rest.strip_prefix(b" ")?)
+                        .ok()?
+                        .parse::<u64>()
+                        .ok()
+                })
+            };
+            match (stat("pid"), stat("time"), stat("uptime")) {
+                // The start time is exact to a second or two (memcached's
+                // clock); rounding to 10 s keeps it stable across calls.
+                (Some(pid), Some(time), Some(uptime)) => Ok(format!(
+                    "memcached-{pid}-{}",
+                    time.saturating_sub(uptime) / 10
+                )),
+                _ => Err(BackendError::Protocol(
+                    "stats without pid/time/uptime".into(),
+                )),
+            }
+        })
     }
 
     fn kind(&self) -> &'static str {

@@ -8,16 +8,12 @@
 pub mod embedded;
 pub mod memcached;
 
-use std::future::Future;
-use std::pin::Pin;
-
 use crate::protocol::{Request, Response};
 
 pub use embedded::EmbeddedStore;
 pub use memcached::{MemcachedBackend, MemcachedOptions};
 
-/// A boxed, sendable future (the `Backend` trait is used as a trait object).
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::BoxFuture;
 
 /// Why a backend could not answer. Every variant means the outcome of the
 /// requests in the batch is unknown: some may have been applied.
@@ -93,4 +89,11 @@ pub trait Backend: Send + Sync + 'static {
     fn stats(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+
+    /// Every key the store holds now (for a full resync between replicas).
+    fn keys(&self) -> BoxFuture<'_, Result<Vec<bytes::Bytes>, BackendError>>;
+
+    /// Names this store's lifetime: it changes when the store restarts (and
+    /// so lost its data).
+    fn instance(&self) -> BoxFuture<'_, Result<String, BackendError>>;
 }

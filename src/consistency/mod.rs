@@ -5,9 +5,14 @@
 //!
 //! May use: `protocol`, `backend`, `cluster`, `config`, `metrics`. Never `server`.
 
+pub mod eventual;
+mod hlc;
+mod record;
+
 use std::sync::Arc;
 
-use crate::backend::{Backend, BoxFuture};
+use crate::BoxFuture;
+use crate::backend::Backend;
 use crate::metrics::Metrics;
 use crate::protocol::{ClientError, Request, Response, StoreOp};
 
@@ -20,6 +25,11 @@ pub trait Pipeline: Send + Sync + 'static {
 
     /// The backend, for `stats` and pool metrics.
     fn backend(&self) -> &dyn Backend;
+
+    /// `stats cluster` lines; empty for a single node.
+    fn cluster_stats(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// The single-node path: requests go straight to the local backend.

@@ -22,6 +22,7 @@ pub(super) fn answer(shared: &Shared, args: &[Bytes]) -> Response {
     match args.first().map(|a| &a[..]) {
         None => Response::Stats(general(shared)),
         Some(b"settings") => Response::Stats(settings(shared)),
+        Some(b"cluster") => Response::Stats(cluster(shared)),
         Some(b"reset") => {
             let counters = counters(shared);
             if let Ok(mut base) = shared.stats_baseline.0.lock() {
@@ -161,6 +162,19 @@ fn general(shared: &Shared) -> Vec<(String, String)> {
         out.push(("memdial_backend_pool_idle".into(), p.available.to_string()));
     }
     out
+}
+
+/// `stats cluster`: this node and what it knows of its peers.
+fn cluster(shared: &Shared) -> Vec<(String, String)> {
+    let lines = shared.pipeline.cluster_stats();
+    if !lines.is_empty() {
+        return lines;
+    }
+    vec![
+        ("node_id".into(), shared.settings.node_id.to_string()),
+        ("mode".into(), "single".into()),
+        ("peers".into(), "0".into()),
+    ]
 }
 
 fn settings(shared: &Shared) -> Vec<(String, String)> {

@@ -1,0 +1,127 @@
+//! The replication backlog: this node's own writes, numbered, kept up to a
+//! fixed count. Peers resume from their cursor while it is in the window;
+//! a peer further behind gets a full resync instead.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::watch;
+
+use super::wire::Entry;
+
+pub struct Backlog {
+    /// Names this process lifetime: cursors from another are void.
+    pub incarnation: u64,
+    capacity: usize,
+    inner: Mutex<Inner>,
+    /// The newest sequence number, for pushers to wait on.
+    head: watch::Sender<u64>,
+}
+
+struct Inner {
+    /// Sequence number of `entries[0]`.
+    first_seq: u64,
+    entries: VecDeque<Arc<Entry>>,
+}
+
+/// What a reader asked for is no longer held.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TooOld;
+
+impl Backlog {
+    pub fn new(incarnation: u64, capacity: usize) -> Backlog {
+        Backlog {
+            incarnation,
+            capacity: capacity.max(1),
+            inner: Mutex::new(Inner {
+                first_seq: 1,
+                entries: VecDeque::new(),
+            }),
+            head: watch::Sender::new(0),
+        }
+    }
+
+    /// Appends an entry; returns its sequence number.
+    pub fn append(&self, entry: Entry) -> u64 {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.entries.push_back(Arc::new(entry));
+        if inner.entries.len() > self.capacity {
+            inner.entries.pop_front();
+            inner.first_seq += 1;
+        }
+        let seq = inner.first_seq + inner.entries.len() as u64 - 1;
+        drop(inner);
+        self.head.send_replace(seq);
+        seq
+    }
+
+    /// The newest sequence number (0 when nothing was written yet).
+    pub fn head(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entries
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Up to `max` entries after `after`, or `TooOld` if some of them have
+    /// left the window.
+    pub fn read_after(&self, after: u64, max: usize) -> Result<Vec<(u64, Arc<Entry>)>, TooOld> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if after + 1 < inner.first_seq {
+            return Err(TooOld);
+        }
+        let skip = (after + 1 - inner.first_seq) as usize;
+        Ok(inner
+            .entries
+            .iter()
+            .enumerate()
+            .skip(skip)
+            .take(max)
+            .map(|(i, e)| (inner.first_seq + i as u64, e.clone()))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::wire::{Op, Version};
+    use bytes::Bytes;
+
+    fn entry(i: u64) -> Entry {
+        Entry {
+            key: Bytes::from(format!("k{i}")),
+            version: Version { ts: i, node: 1 },
+            op: Op::Delete,
+        }
+    }
+
+    #[test]
+    fn reads_resume_after_a_cursor_within_the_window() {
+        let b = Backlog::new(1, 3);
+        assert_eq!(b.read_after(0, 10).unwrap(), vec![]);
+        for i in 1..=5 {
+            assert_eq!(b.append(entry(i)), i);
+        }
+        assert_eq!(b.head(), 5);
+        assert_eq!(b.len(), 3, "bounded by its capacity");
+        let seqs = |v: Vec<(u64, Arc<Entry>)>| v.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+        assert_eq!(seqs(b.read_after(2, 10).unwrap()), vec![3, 4, 5]);
+        assert_eq!(seqs(b.read_after(3, 1).unwrap()), vec![4]);
+        assert_eq!(seqs(b.read_after(5, 10).unwrap()), Vec::<u64>::new());
+        assert_eq!(b.read_after(1, 10), Err(TooOld));
+    }
+}
