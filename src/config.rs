@@ -57,6 +57,8 @@ pub struct ClusterConfig {
     /// Writes kept for peers to resume from; a peer further behind gets a
     /// full resync.
     pub replication_backlog: usize,
+    /// The same window's bound in bytes of keys and values.
+    pub replication_backlog_bytes: usize,
     /// Most entries in one replication frame.
     pub replication_batch: usize,
     /// How long a delete's tombstone is kept (a partition longer than this
@@ -133,6 +135,7 @@ impl Default for ClusterConfig {
             reconnect_max_ms: 2000,
             peer_connect_timeout_ms: 1000,
             replication_backlog: 100_000,
+            replication_backlog_bytes: 64 * 1024 * 1024,
             replication_batch: 512,
             tombstone_grace_ms: 600_000,
             store_check_interval_ms: 1000,
@@ -329,6 +332,10 @@ impl Config {
             ("cluster.reconnect_max_ms", c.reconnect_max_ms),
             ("cluster.peer_connect_timeout_ms", c.peer_connect_timeout_ms),
             ("cluster.replication_backlog", c.replication_backlog as u64),
+            (
+                "cluster.replication_backlog_bytes",
+                c.replication_backlog_bytes as u64,
+            ),
             ("cluster.replication_batch", c.replication_batch as u64),
             ("cluster.store_check_interval_ms", c.store_check_interval_ms),
         ] {

@@ -169,7 +169,11 @@ fn cluster_pipeline(
         batch_max: c.replication_batch,
         store_check_interval: ms(c.store_check_interval_ms),
     };
-    let backlog = Arc::new(Backlog::new(rand::random(), c.replication_backlog));
+    let backlog = Arc::new(Backlog::new(
+        rand::random(),
+        c.replication_backlog,
+        c.replication_backlog_bytes,
+    ));
     let requests = {
         let m = metrics.clone();
         Box::new(move || total_requests(&m))

@@ -1,5 +1,5 @@
 //! The replication backlog: this node's own writes, numbered, kept up to a
-//! fixed count. Peers resume from their cursor while it is in the window;
+//! fixed count and a fixed number of bytes. Peers resume from their cursor while it is in the window;
 //! a peer further behind gets a full resync instead.
 
 use std::collections::VecDeque;
@@ -13,6 +13,7 @@ pub struct Backlog {
     /// Names this process lifetime: cursors from another are void.
     pub incarnation: u64,
     capacity: usize,
+    max_bytes: usize,
     inner: Mutex<Inner>,
     /// The newest sequence number, for pushers to wait on.
     head: watch::Sender<u64>,
@@ -22,6 +23,16 @@ struct Inner {
     /// Sequence number of `entries[0]`.
     first_seq: u64,
     entries: VecDeque<Arc<Entry>>,
+    /// Key and value bytes held.
+    bytes: usize,
+}
+
+fn size(e: &Entry) -> usize {
+    let data = match &e.op {
+        super::wire::Op::Put { data, .. } => data.len(),
+        _ => 0,
+    };
+    e.key.len() + data + 48
 }
 
 /// What a reader asked for is no longer held.
@@ -29,13 +40,17 @@ struct Inner {
 pub struct TooOld;
 
 impl Backlog {
-    pub fn new(incarnation: u64, capacity: usize) -> Backlog {
+    /// Holds at most `capacity` entries and `max_bytes` of keys and values
+    /// (always at least the newest entry).
+    pub fn new(incarnation: u64, capacity: usize, max_bytes: usize) -> Backlog {
         Backlog {
             incarnation,
             capacity: capacity.max(1),
+            max_bytes,
             inner: Mutex::new(Inner {
                 first_seq: 1,
                 entries: VecDeque::new(),
+                bytes: 0,
             }),
             head: watch::Sender::new(0),
         }
@@ -44,10 +59,15 @@ impl Backlog {
     /// Appends an entry; returns its sequence number.
     pub fn append(&self, entry: Entry) -> u64 {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.bytes += size(&entry);
         inner.entries.push_back(Arc::new(entry));
-        if inner.entries.len() > self.capacity {
-            inner.entries.pop_front();
-            inner.first_seq += 1;
+        while inner.entries.len() > self.capacity
+            || (inner.bytes > self.max_bytes && inner.entries.len() > 1)
+        {
+            if let Some(old) = inner.entries.pop_front() {
+                inner.bytes -= size(&old);
+                inner.first_seq += 1;
+            }
         }
         let seq = inner.first_seq + inner.entries.len() as u64 - 1;
         drop(inner);
@@ -70,6 +90,14 @@ impl Backlog {
             .unwrap_or_else(PoisonError::into_inner)
             .entries
             .len()
+    }
+
+    /// Key and value bytes held.
+    pub fn bytes(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .bytes
     }
 
     pub fn is_empty(&self) -> bool {
@@ -111,7 +139,7 @@ mod tests {
 
     #[test]
     fn reads_resume_after_a_cursor_within_the_window() {
-        let b = Backlog::new(1, 3);
+        let b = Backlog::new(1, 3, usize::MAX);
         assert_eq!(b.read_after(0, 10).unwrap(), vec![]);
         for i in 1..=5 {
             assert_eq!(b.append(entry(i)), i);
@@ -123,5 +151,30 @@ mod tests {
         assert_eq!(seqs(b.read_after(3, 1).unwrap()), vec![4]);
         assert_eq!(seqs(b.read_after(5, 10).unwrap()), Vec::<u64>::new());
         assert_eq!(b.read_after(1, 10), Err(TooOld));
+    }
+
+    #[test]
+    fn bounded_by_bytes_too() {
+        let b = Backlog::new(1, 1000, 200);
+        let put = |n: usize| Entry {
+            key: Bytes::from_static(b"k"),
+            version: Version::default(),
+            op: Op::Put {
+                flags: 0,
+                deadline_ms: 0,
+                data: Bytes::from(vec![b'v'; n]),
+            },
+        };
+        b.append(put(100));
+        b.append(put(100));
+        assert_eq!(b.len(), 1, "the older entry left to stay within 200 bytes");
+        assert!(b.bytes() <= 200);
+        b.append(put(1000));
+        assert_eq!(
+            b.len(),
+            1,
+            "the newest entry is kept even when larger than the bound"
+        );
+        assert_eq!(b.read_after(2, 10).unwrap().len(), 1);
     }
 }
