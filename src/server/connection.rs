@@ -42,6 +42,8 @@ pub(super) struct Connection<'a> {
 }
 
 const READ_CHUNK: usize = 16 * 1024;
+/// While draining at shutdown, a client quiet this long is done.
+const DRAIN_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
 /// A write buffer grown past this by a large reply is released afterwards.
 const KEEP_BUFFER: usize = 1024 * 1024;
 
@@ -79,27 +81,38 @@ impl<'a> Connection<'a> {
     }
 
     /// Reads once. Returns false when the connection should end: the peer
-    /// closed, it was idle too long, or the node is shutting down.
+    /// closed, it was idle too long, or the node is shutting down and the
+    /// client has sent nothing more.
     async fn read_more(&mut self, shutdown: &CancellationToken) -> std::io::Result<bool> {
         if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK {
             self.rbuf.reserve(READ_CHUNK);
         }
-        let idle = self.shared.settings.idle_timeout;
+        // While shutting down, requests the client already sent are still
+        // read and answered; the connection ends once the client has been
+        // quiet for a moment (the server's grace period bounds the whole).
+        let wait = if shutdown.is_cancelled() {
+            Some(DRAIN_QUIET)
+        } else {
+            self.shared.settings.idle_timeout
+        };
         let read = self.stream.read_buf(&mut self.rbuf);
+        let read = async {
+            match wait {
+                Some(d) => tokio::time::timeout(d, read).await.ok(),
+                None => Some(read.await),
+            }
+        };
         let n = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(false),
-            r = async {
-                match idle {
-                    Some(d) => tokio::time::timeout(d, read).await.ok(),
-                    None => Some(read.await),
-                }
-            } => match r {
+            biased;
+            r = read => match r {
                 Some(n) => n?,
                 None => {
-                    tracing::debug!("idle timeout");
+                    tracing::debug!(draining = shutdown.is_cancelled(), "connection quiet; closing");
                     return Ok(false);
                 }
             },
+            // Wake up to switch to draining; the next read goes on.
+            _ = shutdown.cancelled(), if !shutdown.is_cancelled() => return Ok(true),
         };
         self.shared.metrics.bytes_read.inc_by(n as u64);
         Ok(n > 0)

@@ -194,13 +194,7 @@ pub struct Conn {
 
 impl Conn {
     pub fn open(port: u16) -> Conn {
-        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        stream.set_read_timeout(Some(WAIT)).unwrap();
-        stream.set_nodelay(true).unwrap();
-        Conn {
-            stream,
-            buf: Vec::new(),
-        }
+        Conn::try_open(port).unwrap_or_else(|| panic!("connect to {port}"))
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
@@ -252,4 +246,17 @@ impl Conn {
 /// Lossy text of bytes, for assertion messages.
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+impl Conn {
+    /// Like [`Conn::open`], but `None` when the connect fails.
+    pub fn try_open(port: u16) -> Option<Conn> {
+        let stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream.set_read_timeout(Some(WAIT)).ok()?;
+        stream.set_nodelay(true).ok()?;
+        Some(Conn {
+            stream,
+            buf: Vec::new(),
+        })
+    }
 }

@@ -1,0 +1,754 @@
+//! The client-facing server of one node, end to end: connection and request
+//! limits, idle timeout, graceful shutdown, backend outages, `stats`,
+//! `/metrics`, config loading, and bad input. Every test runs real memdial
+//! processes (and real memcached where a backend is needed) on free ports.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Conn, Memcached, Memdial, WAIT, free_port, memdial_bin, text};
+
+/// A YAML config in the temp dir, removed when dropped.
+struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    fn new(yaml: &str) -> ConfigFile {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "memdial-server-test-{}-{}.yaml",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, yaml).expect("write temp config");
+        ConfigFile(path)
+    }
+
+    /// One node on free local ports, followed by `sections` (top-level YAML).
+    fn one_node(sections: &str) -> ConfigFile {
+        Self::new(&format!("{}{sections}", one_node_yaml()))
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn one_node_yaml() -> String {
+    format!(
+        "nodes:\n  - id: 1\n    client: 127.0.0.1:{}\n    internal: 127.0.0.1:{}\n    admin: 127.0.0.1:{}\n",
+        free_port(),
+        free_port(),
+        free_port()
+    )
+}
+
+/// An embedded-store node with `sections` of config.
+fn node_with(sections: &str) -> Memdial {
+    let config = ConfigFile::one_node(sections);
+    // The file is read before the client port listens, so it may go after.
+    Memdial::serve_with_config(Some(&config.0), &["--node", "1", "--backend", "embedded"])
+}
+
+fn version_line() -> String {
+    format!("VERSION 1.6.18-memdial-{}\r\n", env!("CARGO_PKG_VERSION"))
+}
+
+/// Polls `check` until it is true; panics with `what` after `WAIT`.
+fn poll_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not after {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A new connection to `port` if it is served: it answers `version`.
+/// A refused connection (an error line, EOF or a reset) is `None`.
+fn served_connection(port: u16) -> Option<Conn> {
+    let mut conn = Conn::try_open(port)?;
+    conn.stream.write_all(b"version\r\n").ok()?;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n") {
+        match conn.stream.read(&mut byte) {
+            Ok(1) => got.push(byte[0]),
+            _ => return None,
+        }
+    }
+    (text(&got) == version_line()).then_some(conn)
+}
+
+fn new_connection_served(port: u16) -> bool {
+    served_connection(port).is_some()
+}
+
+/// `stats [args]` parsed into (name, value) pairs, checking the framing.
+fn stats(conn: &mut Conn, args: &str) -> Vec<(String, String)> {
+    let cmd = if args.is_empty() {
+        "stats\r\n".to_string()
+    } else {
+        format!("stats {args}\r\n")
+    };
+    let reply = text(&conn.call(cmd.as_bytes(), b"END\r\n"));
+    let body = reply.strip_suffix("END\r\n").unwrap();
+    body.split_terminator("\r\n")
+        .map(|line| {
+            let rest = line
+                .strip_prefix("STAT ")
+                .unwrap_or_else(|| panic!("not a STAT line: {line:?} in {reply:?}"));
+            let (k, v) = rest
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("STAT line without value: {line:?}"));
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+fn stat<'a>(stats: &'a [(String, String)], name: &str) -> &'a str {
+    stats
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no STAT {name} in {stats:?}"))
+}
+
+fn stat_u64(stats: &[(String, String)], name: &str) -> u64 {
+    let v = stat(stats, name);
+    v.parse()
+        .unwrap_or_else(|_| panic!("STAT {name} {v} is not a number"))
+}
+
+/// The value of the sample `series` (name and labels exactly as exported)
+/// in Prometheus text.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| {
+            v.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{series} {v} is not a number"))
+        })
+}
+
+/// The sum of every sample of metric `name`, whatever its labels.
+fn sum_samples(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+// 1. Connection limit.
+
+#[test]
+fn connection_limit_refuses_the_extra_connection_until_one_closes() {
+    let node = node_with("limits:\n  max_connections: 2\n");
+    // The harness's readiness probe may hold a place until memdial sees it
+    // closed, so the second connection is polled for.
+    let mut a = Conn::open(node.port);
+    assert_eq!(text(&a.call(b"version\r\n", b"\r\n")), version_line());
+    let mut b = None;
+    poll_until("a second connection served", || {
+        b = served_connection(node.port);
+        b.is_some()
+    });
+    let mut b = b.unwrap();
+
+    let mut third = Conn::open(node.port);
+    assert_eq!(
+        text(&third.read_to_eof()),
+        "ERROR Too many open connections\r\n"
+    );
+    // The refusal did not disturb the two served connections.
+    assert_eq!(text(&a.call(b"version\r\n", b"\r\n")), version_line());
+    assert_eq!(
+        text(&b.call(b"set k 0 0 1\r\nv\r\n", b"\r\n")),
+        "STORED\r\n"
+    );
+
+    drop(b);
+    poll_until("a new connection served after one closed", || {
+        new_connection_served(node.port)
+    });
+    let s = stats(&mut a, "");
+    assert!(stat_u64(&s, "rejected_connections") >= 1, "{s:?}");
+    assert_eq!(stat(&s, "max_connections"), "2");
+}
+
+// 2. Line length.
+
+#[test]
+fn overlong_line_without_newline_is_refused_and_closed() {
+    let node = Memdial::embedded();
+    let mut conn = Conn::open(node.port);
+    // Longer than max_line_bytes (2048) and no `\n`: memdial must not wait
+    // for the rest of the line.
+    let mut line = b"set ".to_vec();
+    line.extend(std::iter::repeat_n(b'k', 2100));
+    conn.send(&line);
+    assert_eq!(text(&conn.read_to_eof()), "CLIENT_ERROR line too long\r\n");
+    // Only that connection was closed.
+    assert!(new_connection_served(node.port));
+}
+
+#[test]
+fn long_get_line_is_answered() {
+    let node = Memdial::embedded();
+    let mut conn = Conn::open(node.port);
+    let keys: Vec<String> = (0..300).map(|i| format!("key-{i:016}")).collect();
+    assert!(keys.iter().all(|k| k.len() == 20));
+    for k in [&keys[7], &keys[250]] {
+        let set = format!("set {k} 3 0 2\r\nok\r\n");
+        assert_eq!(text(&conn.call(set.as_bytes(), b"\r\n")), "STORED\r\n");
+    }
+    let get = format!("get {}\r\n", keys.join(" "));
+    assert!(get.len() > 6000, "{}", get.len());
+    let reply = text(&conn.call(get.as_bytes(), b"END\r\n"));
+    assert_eq!(
+        reply,
+        format!(
+            "VALUE {} 3 2\r\nok\r\nVALUE {} 3 2\r\nok\r\nEND\r\n",
+            keys[7], keys[250]
+        )
+    );
+    assert_eq!(text(&conn.call(b"version\r\n", b"\r\n")), version_line());
+}
+
+// 3. Value size.
+
+#[test]
+fn value_over_item_size_max_is_refused_and_the_connection_survives() {
+    let node = Memdial::embedded();
+    let mut conn = Conn::open(node.port);
+    let mut req = b"set k 0 0 2000000\r\n".to_vec();
+    req.extend(std::iter::repeat_n(b'x', 2_000_000));
+    req.extend_from_slice(b"\r\n");
+    conn.send(&req);
+    assert_eq!(
+        text(&conn.read_until_suffix(b"\r\n")),
+        "SERVER_ERROR object too large for cache\r\n"
+    );
+    // The 2 MB data block was skipped, not parsed as commands.
+    assert_eq!(text(&conn.call(b"get k\r\n", b"END\r\n")), "END\r\n");
+    assert_eq!(
+        text(&conn.call(b"set k 0 0 3\r\nabc\r\n", b"\r\n")),
+        "STORED\r\n"
+    );
+    assert_eq!(
+        text(&conn.call(b"get k\r\n", b"END\r\n")),
+        "VALUE k 0 3\r\nabc\r\nEND\r\n"
+    );
+}
+
+#[test]
+fn item_size_max_is_configurable() {
+    let node = node_with("limits:\n  item_size_max: 1000\n");
+    let mut conn = Conn::open(node.port);
+    assert_eq!(stat(&stats(&mut conn, "settings"), "item_size_max"), "1000");
+
+    let fits = "a".repeat(1000);
+    let set = format!("set k 0 0 1000\r\n{fits}\r\n");
+    assert_eq!(text(&conn.call(set.as_bytes(), b"\r\n")), "STORED\r\n");
+    let over = "b".repeat(1001);
+    let set = format!("set k2 0 0 1001\r\n{over}\r\n");
+    assert_eq!(
+        text(&conn.call(set.as_bytes(), b"\r\n")),
+        "SERVER_ERROR object too large for cache\r\n"
+    );
+    assert_eq!(
+        text(&conn.call(b"get k k2\r\n", b"END\r\n")),
+        format!("VALUE k 0 1000\r\n{fits}\r\nEND\r\n")
+    );
+}
+
+// 4. Pipeline depth.
+
+#[test]
+fn pipelined_requests_beyond_the_depth_are_all_answered_in_order() {
+    let node = node_with("limits:\n  max_pipeline_depth: 4\n");
+    let mut conn = Conn::open(node.port);
+    let (mut request, mut expected) = (String::new(), String::new());
+    // 50 set/get pairs = 100 requests; each get also asks for the previous
+    // key, so a reply out of order or from the wrong batch shows.
+    let value = |i: usize| format!("value-{i}");
+    for i in 0..50 {
+        let v = value(i);
+        request += &format!("set p{i} {i} 0 {}\r\n{v}\r\n", v.len());
+        request += &format!("get p{i} p{}\r\n", i.wrapping_sub(1));
+        expected += "STORED\r\n";
+        expected += &format!("VALUE p{i} {i} {}\r\n{v}\r\n", v.len());
+        if i > 0 {
+            let prev = value(i - 1);
+            expected += &format!("VALUE p{} {} {}\r\n{prev}\r\n", i - 1, i - 1, prev.len());
+        }
+        expected += "END\r\n";
+    }
+    conn.send(request.as_bytes());
+    let got = text(&conn.read_exact_len(expected.len()));
+    for (n, (g, e)) in got.split("\r\n").zip(expected.split("\r\n")).enumerate() {
+        assert_eq!(g, e, "reply line {n}");
+    }
+    assert_eq!(got, expected);
+    // Nothing more was sent than those replies.
+    assert_eq!(text(&conn.call(b"version\r\n", b"\r\n")), version_line());
+}
+
+// 5. Keys per get.
+
+#[test]
+fn get_with_more_keys_than_the_limit_is_refused() {
+    let node = node_with("limits:\n  max_keys_per_get: 3\n");
+    let mut conn = Conn::open(node.port);
+    assert_eq!(
+        text(&conn.call(b"set a 0 0 1\r\n1\r\n", b"\r\n")),
+        "STORED\r\n"
+    );
+    assert_eq!(
+        text(&conn.call(b"get a b c d\r\n", b"\r\n")),
+        "CLIENT_ERROR bad command line format\r\n"
+    );
+    assert_eq!(
+        text(&conn.call(b"get a b c\r\n", b"END\r\n")),
+        "VALUE a 0 1\r\n1\r\nEND\r\n"
+    );
+}
+
+// 6. Idle timeout.
+
+#[test]
+fn idle_connection_is_closed_and_a_busy_one_is_not() {
+    let node = node_with("timeouts:\n  idle_timeout_ms: 300\n");
+    let mut idle = Conn::open(node.port);
+    let mut busy = Conn::open(node.port);
+    assert_eq!(text(&idle.call(b"version\r\n", b"\r\n")), version_line());
+    let idle_since = Instant::now();
+    let idle_thread = std::thread::spawn(move || {
+        let rest = idle.read_to_eof();
+        (rest, idle_since.elapsed())
+    });
+    // Four times the timeout, never silent for more than a third of it.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1200) {
+        assert_eq!(text(&busy.call(b"version\r\n", b"\r\n")), version_line());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (rest, closed_after) = idle_thread.join().unwrap();
+    assert_eq!(text(&rest), "", "nothing was sent before closing");
+    assert!(
+        closed_after >= Duration::from_millis(250) && closed_after < Duration::from_secs(5),
+        "idle connection closed after {closed_after:?}"
+    );
+    assert_eq!(text(&busy.call(b"version\r\n", b"\r\n")), version_line());
+}
+
+// 7. Graceful shutdown.
+
+#[test]
+fn sigterm_closes_idle_clients_stops_accepting_and_exits_cleanly() {
+    let mut node = Memdial::embedded();
+    let port = node.port;
+    let mut conn = Conn::open(port);
+    assert_eq!(text(&conn.call(b"version\r\n", b"\r\n")), version_line());
+    node.signal("TERM");
+    assert_eq!(text(&conn.read_to_eof()), "", "idle client sees EOF");
+    // The port stops accepting: a connect fails, or is closed unserved.
+    poll_until("client port refusing connections after SIGTERM", || {
+        !new_connection_served(port)
+    });
+    let status = node.wait_exit();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "port {port} still accepts after exit"
+    );
+}
+
+#[test]
+fn requests_sent_before_sigterm_are_answered() {
+    // Over memcached, so that afterwards the backend shows how many of the
+    // requests memdial executed.
+    let memcached = Memcached::start();
+    let mut node = Memdial::over(&memcached);
+    let stream = TcpStream::connect(("127.0.0.1", node.port)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    // Large enough to be read in many chunks, so SIGTERM is likely to come
+    // while part of it is still unread in the socket.
+    const N: usize = 20_000;
+    let value = "v".repeat(200);
+    let mut batch = Vec::new();
+    for i in 0..N {
+        batch.extend_from_slice(format!("set s{i} 0 0 200\r\n{value}\r\n").as_bytes());
+    }
+    batch.extend_from_slice(b"get s0\r\n");
+    let expected = format!(
+        "{}VALUE s0 0 200\r\n{value}\r\nEND\r\n",
+        "STORED\r\n".repeat(N)
+    );
+
+    // Read concurrently, so neither side blocks on a full socket buffer.
+    let mut reader = stream.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let r = reader.read_to_end(&mut got);
+        (got, r.map_err(|e| e.to_string()))
+    });
+    let mut writer = stream;
+    writer.write_all(&batch).expect("write batch");
+    node.signal("TERM");
+    let (got, read) = reader.join().unwrap();
+    let status = node.wait_exit();
+
+    let replies = got.windows(8).filter(|w| *w == b"STORED\r\n").count();
+    let mut direct = Conn::open(memcached.port);
+    let executed: usize = (0..N)
+        .collect::<Vec<_>>()
+        .chunks(100)
+        .map(|chunk| {
+            let keys: Vec<String> = chunk.iter().map(|i| format!("s{i}")).collect();
+            let get = format!("get {}\r\n", keys.join(" "));
+            text(&direct.call(get.as_bytes(), b"END\r\n"))
+                .matches("VALUE ")
+                .count()
+        })
+        .sum();
+    assert!(
+        read.is_ok() && got == expected.as_bytes(),
+        "{N} sets sent before SIGTERM: memdial stored {executed} in memcached, \
+         the client got {replies} STORED ({} of {} bytes), then {read:?}",
+        got.len(),
+        expected.len(),
+    );
+    assert!(status.success(), "exit status {status}");
+}
+
+// 8. Backend outage.
+
+#[test]
+fn backend_outage_answers_server_error_and_the_same_connection_recovers() {
+    let mut memcached = Memcached::start();
+    let backend_port = memcached.port;
+    let node = Memdial::over(&memcached);
+    let mut conn = Conn::open(node.port);
+    assert_eq!(
+        text(&conn.call(b"set k 0 0 1\r\na\r\n", b"\r\n")),
+        "STORED\r\n"
+    );
+
+    memcached.kill();
+    let reply = text(&conn.call(b"get k\r\n", b"\r\n"));
+    assert!(reply.starts_with("SERVER_ERROR"), "{reply:?}");
+    // Still open and still parsing.
+    assert_eq!(text(&conn.call(b"version\r\n", b"\r\n")), version_line());
+    let reply = text(&conn.call(b"set k 0 0 1\r\nb\r\n", b"\r\n"));
+    assert!(reply.starts_with("SERVER_ERROR"), "{reply:?}");
+
+    let _memcached = Memcached::start_on(backend_port);
+    poll_until("set through memdial after memcached restarted", || {
+        let reply = text(&conn.call(b"set k 0 0 1\r\nc\r\n", b"\r\n"));
+        assert!(
+            reply == "STORED\r\n" || reply.starts_with("SERVER_ERROR"),
+            "{reply:?}"
+        );
+        reply == "STORED\r\n"
+    });
+    assert_eq!(
+        text(&conn.call(b"get k\r\n", b"END\r\n")),
+        "VALUE k 0 1\r\nc\r\nEND\r\n"
+    );
+}
+
+// 9. stats and version.
+
+#[test]
+fn stats_count_like_memcached_and_reset() {
+    let node = Memdial::embedded();
+    let mut conn = Conn::open(node.port);
+    assert_eq!(
+        text(&conn.call(b"set a 0 0 1\r\n1\r\n", b"\r\n")),
+        "STORED\r\n"
+    );
+    assert_eq!(
+        text(&conn.call(b"get a b\r\n", b"END\r\n")),
+        "VALUE a 0 1\r\n1\r\nEND\r\n"
+    );
+
+    let s = stats(&mut conn, "");
+    assert_eq!(stat_u64(&s, "pid"), u64::from(node.pid()));
+    let _ = stat_u64(&s, "uptime");
+    assert!(stat_u64(&s, "curr_connections") >= 1, "{s:?}");
+    assert_eq!(stat_u64(&s, "cmd_get"), 2, "counted per key");
+    assert_eq!(stat_u64(&s, "get_hits"), 1);
+    assert_eq!(stat_u64(&s, "get_misses"), 1);
+    assert_eq!(stat_u64(&s, "cmd_set"), 1);
+    assert_eq!(stat(&s, "version"), version_line()[8..].trim_end());
+
+    let settings = stats(&mut conn, "settings");
+    assert_eq!(stat(&settings, "item_size_max"), "1048576");
+
+    assert_eq!(text(&conn.call(b"stats reset\r\n", b"\r\n")), "RESET\r\n");
+    let s = stats(&mut conn, "");
+    for name in ["cmd_get", "get_hits", "get_misses", "cmd_set"] {
+        assert_eq!(stat_u64(&s, name), 0, "{name} after stats reset");
+    }
+    assert!(stat_u64(&s, "curr_connections") >= 1, "a gauge, not reset");
+    // Counting goes on from the reset.
+    assert_eq!(
+        text(&conn.call(b"get a\r\n", b"END\r\n")),
+        "VALUE a 0 1\r\n1\r\nEND\r\n"
+    );
+    let s = stats(&mut conn, "");
+    assert_eq!(stat_u64(&s, "cmd_get"), 1);
+    assert_eq!(stat_u64(&s, "get_hits"), 1);
+    assert_eq!(stat_u64(&s, "get_misses"), 0);
+}
+
+#[test]
+fn stats_bogus_is_an_error_and_version_names_memdial() {
+    let node = Memdial::embedded();
+    let mut conn = Conn::open(node.port);
+    assert_eq!(text(&conn.call(b"stats bogus\r\n", b"\r\n")), "ERROR\r\n");
+    assert_eq!(text(&conn.call(b"version\r\n", b"\r\n")), version_line());
+}
+
+// 10. /metrics and /health.
+
+#[test]
+fn metrics_count_requests_and_health_answers_ok() {
+    let node = Memdial::embedded();
+    let mut conn = Conn::open(node.port);
+    assert_eq!(
+        text(&conn.call(b"set a 0 0 1\r\n1\r\n", b"\r\n")),
+        "STORED\r\n"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            text(&conn.call(b"get a\r\n", b"END\r\n")),
+            "VALUE a 0 1\r\n1\r\nEND\r\n"
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(text(&conn.call(b"get nope\r\n", b"END\r\n")), "END\r\n");
+    }
+
+    let body = node.http_get("/metrics");
+    let series = |s: &str| sample(&body, s).unwrap_or_else(|| panic!("no {s} in\n{body}"));
+    assert_eq!(
+        series("memdial_requests_total{command=\"get\",outcome=\"hit\"}"),
+        3.0
+    );
+    assert_eq!(
+        series("memdial_requests_total{command=\"get\",outcome=\"miss\"}"),
+        2.0
+    );
+    assert_eq!(
+        series("memdial_requests_total{command=\"set\",outcome=\"stored\"}"),
+        1.0
+    );
+    assert!(series("memdial_connections") >= 1.0, "{body}");
+    assert_eq!(
+        series("memdial_request_duration_seconds_bucket{command=\"get\",le=\"+Inf\"}"),
+        5.0
+    );
+    assert!(
+        body.contains("memdial_request_duration_seconds_bucket{command=\"get\",le=\"0.001\"}"),
+        "{body}"
+    );
+    assert_eq!(node.http_get("/health").trim(), "ok");
+}
+
+#[test]
+fn metrics_show_backend_errors_and_pool_after_an_outage() {
+    let mut memcached = Memcached::start();
+    let node = Memdial::over(&memcached);
+    let mut conn = Conn::open(node.port);
+    assert_eq!(
+        text(&conn.call(b"set k 0 0 1\r\na\r\n", b"\r\n")),
+        "STORED\r\n"
+    );
+    let before = node.http_get("/metrics");
+    assert_eq!(
+        sum_samples(&before, "memdial_backend_errors_total"),
+        0.0,
+        "{before}"
+    );
+
+    memcached.kill();
+    let reply = text(&conn.call(b"get k\r\n", b"\r\n"));
+    assert!(reply.starts_with("SERVER_ERROR"), "{reply:?}");
+
+    let body = node.http_get("/metrics");
+    assert!(
+        sum_samples(&body, "memdial_backend_errors_total") > 0.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "memdial_backend_pool_connections{state=\"max\"}"),
+        Some(16.0),
+        "{body}"
+    );
+}
+
+// 11. Config files.
+
+#[test]
+fn repo_proxy_yaml_serves_node_2() {
+    let memcached = Memcached::start();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.yaml");
+    let node = Memdial::serve_with_config(
+        Some(&config),
+        &["--node", "2", "--backend", &memcached.addr()],
+    );
+    let mut conn = Conn::open(node.port);
+    assert_eq!(
+        text(&conn.call(b"set from-proxy 0 0 2\r\nhi\r\n", b"\r\n")),
+        "STORED\r\n"
+    );
+    assert_eq!(
+        text(&conn.call(b"get from-proxy\r\n", b"END\r\n")),
+        "VALUE from-proxy 0 2\r\nhi\r\nEND\r\n"
+    );
+    // It is node 2, and the data is in the memcached given by --backend.
+    let s = stats(&mut conn, "");
+    assert_eq!(stat(&s, "memdial_node_id"), "2");
+    assert_eq!(stat(&s, "memdial_backend"), "memcached");
+    // With three nodes the eventual pipeline stores a versioned record
+    // (src/consistency/record.rs) whose data ends with the value.
+    let mut direct = Conn::open(memcached.port);
+    let raw = text(&direct.call(b"get from-proxy\r\n", b"END\r\n"));
+    assert!(
+        raw.starts_with("VALUE from-proxy ") && raw.ends_with("hi\r\nEND\r\n"),
+        "{raw:?}"
+    );
+}
+
+/// Runs `memdial serve --config` on `yaml`; returns (exited, success, stderr).
+/// A process still running after `WAIT` is killed and reported as not exited.
+fn serve_config(yaml: &str) -> (bool, bool, String) {
+    let config = ConfigFile::new(yaml);
+    let mut child = Command::new(memdial_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config.0)
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn memdial");
+    let deadline = Instant::now() + WAIT;
+    let exited = loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            break true;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().expect("wait");
+    (exited, out.status.success(), text(&out.stderr))
+}
+
+#[test]
+fn bad_configs_exit_nonzero_naming_the_field() {
+    let node = one_node_yaml();
+    let cases = [
+        (
+            format!("{node}limits:\n  max_conections: 5\n"),
+            "max_conections",
+        ),
+        (format!("{node}retries: 3\n"), "retries"),
+        (
+            format!("{node}timeouts:\n  idle_timeout_ms: soon\n"),
+            "timeouts.idle_timeout_ms",
+        ),
+        (
+            format!("{node}limits:\n  max_pipeline_depth: 0\n"),
+            "limits.max_pipeline_depth",
+        ),
+        (
+            format!("{node}limits:\n  max_line_bytes: 100\n"),
+            "limits.max_line_bytes",
+        ),
+        (
+            format!("{node}cluster:\n  heartbeat_interval_ms: 5000\n"),
+            "cluster.suspect_after_ms",
+        ),
+        (
+            format!("{node}    memcached: nohost\n"),
+            "nodes[0].memcached",
+        ),
+    ];
+    for (yaml, field) in cases {
+        let (exited, success, stderr) = serve_config(&yaml);
+        assert!(exited, "still serving with\n{yaml}");
+        assert!(!success, "exited 0 with\n{yaml}");
+        assert!(
+            stderr.contains(field),
+            "stderr does not name {field:?} for\n{yaml}\nstderr: {stderr}"
+        );
+    }
+}
+
+// 12. Bad input.
+
+/// xorshift64*: reproducible bytes without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[test]
+fn garbage_lines_get_error_lines_and_the_connection_stays() {
+    let node = Memdial::embedded();
+    let mut conn = Conn::open(node.port);
+    for seed in [1u64, 0xdead_beef, 0x1234_5678_9abc] {
+        let mut rng = Rng(seed);
+        let lines = 40;
+        let mut burst = Vec::new();
+        for _ in 0..lines {
+            let len = 1 + (rng.next() % 1000) as usize;
+            burst.extend((0..len).map(|_| match rng.next() as u8 {
+                b'\n' => b' ',
+                b => b,
+            }));
+            burst.extend_from_slice(b"\r\n");
+        }
+        burst.extend_from_slice(b"version\r\n");
+        let reply = text(&conn.call(&burst, version_line().as_bytes()));
+        let errors: Vec<&str> = reply
+            .strip_suffix(&version_line())
+            .unwrap()
+            .split_terminator("\r\n")
+            .collect();
+        assert_eq!(errors.len(), lines, "seed {seed:#x}: {reply:?}");
+        for e in &errors {
+            assert!(
+                *e == "ERROR" || e.starts_with("CLIENT_ERROR "),
+                "seed {seed:#x}: {e:?}"
+            );
+        }
+    }
+    assert_eq!(
+        text(&conn.call(b"set k 0 0 1\r\nv\r\n", b"\r\n")),
+        "STORED\r\n"
+    );
+}
