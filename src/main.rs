@@ -1,5 +1,5 @@
 //! The `memdial` binary: `serve` runs one node, `cluster` runs every node
-//! of a config in one process.
+//! of a config in one process, `cli` is an interactive client for a node.
 
 use std::path::PathBuf;
 
@@ -9,6 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 use memdial::config::{Config, Consistency};
 use memdial::node;
+
+mod cli;
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +31,10 @@ enum Command {
     /// Run every node of the config in this process (embedded stores unless
     /// --memcached).
     Cluster(ClusterArgs),
+    /// Interactive client for a node's client (memcached protocol) port:
+    /// memcached commands as typed, plus `show` (the cluster's table) and
+    /// `help`.
+    Cli(cli::CliArgs),
 }
 
 #[derive(clap::Args)]
@@ -70,13 +76,20 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
+    // The client is synchronous and keeps the default signal handling
+    // (Ctrl-C ends it), so it runs before the runtime and its handlers.
+    let command = match cli.command {
+        Command::Cli(args) => return cli::main(args),
+        other => other,
+    };
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signals(shutdown.clone()));
-        match cli.command {
+        match command {
             Command::Serve(args) => serve(args, shutdown).await,
             Command::Cluster(args) => cluster(args, shutdown).await,
+            Command::Cli(_) => Ok(()),
         }
     });
     // Connections still open past the grace period are dropped here.

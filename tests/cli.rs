@@ -1,0 +1,230 @@
+//! `memdial cli` driven through a pipe against real nodes: one embedded
+//! node, and a three-node cluster for `show`.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Memdial, WAIT, free_port, memdial_bin, wait_for_port};
+
+/// Runs `memdial cli --port PORT` with `input` on its stdin until it exits.
+fn cli(port: u16, input: &str) -> Output {
+    let mut child = Command::new(memdial_bin())
+        .args(["cli", "--port", &port.to_string()])
+        // No history file from a test run.
+        .env_remove("HOME")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn memdial cli");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input.as_bytes()).expect("write stdin");
+    drop(stdin);
+    child.wait_with_output().expect("memdial cli output")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn describe(o: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        stdout(o),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn friendly_set_then_get() {
+    let node = Memdial::embedded();
+    let out = cli(node.port, "set greeting hello\nget greeting\nquit\n");
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(text.contains("STORED"), "{}", describe(&out));
+    assert!(
+        text.contains("VALUE greeting 0 5\nhello\nEND"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn raw_storage_command_takes_the_next_line_as_data() {
+    let node = Memdial::embedded();
+    // The second set's data does not match its length: refused locally, and
+    // the connection stays in step.
+    let out = cli(node.port, "set k 0 0 3\nabc\nset k 0 0 3\nabcd\nget k\n");
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(text.contains("STORED"), "{}", describe(&out));
+    assert!(text.contains("not sent"), "{}", describe(&out));
+    assert!(text.contains("VALUE k 0 3\nabc\nEND"), "{}", describe(&out));
+    assert!(!text.contains("ERROR"), "{}", describe(&out));
+}
+
+#[test]
+fn show_on_a_single_node() {
+    let node = Memdial::embedded();
+    let out = cli(node.port, "show\n");
+    assert!(out.status.success(), "{}", describe(&out));
+    let rows = table(&stdout(&out)).unwrap_or_else(|| panic!("{}", describe(&out)));
+    assert_eq!(rows.len(), 1, "{}", describe(&out));
+    assert_eq!(
+        rows[0][..4],
+        ["1", &node.addr().to_string(), "self", "single"]
+    );
+}
+
+#[test]
+fn closed_port_is_an_error() {
+    let port = free_port();
+    let out = cli(port, "get k\n");
+    assert!(!out.status.success(), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot connect to 127.0.0.1:{port}")),
+        "{}",
+        describe(&out)
+    );
+    assert!(!err.contains("panicked"), "{}", describe(&out));
+}
+
+/// The rows of `show`'s table (each split on whitespace; the first four
+/// columns are single words), after checking its header.
+fn table(text: &str) -> Option<Vec<Vec<String>>> {
+    let mut lines = text.lines().skip_while(|l| !l.starts_with("NODE"));
+    let header = lines.next()?;
+    for column in [
+        "NODE",
+        "ADDR",
+        "STATE",
+        "MODE",
+        "LAG",
+        "LAST HEARTBEAT",
+        "RTT",
+        "REQ/S",
+    ] {
+        assert!(header.contains(column), "header {header:?} lacks {column}");
+    }
+    Some(
+        lines
+            .take_while(|l| !l.trim().is_empty())
+            .map(|l| l.split_whitespace().map(String::from).collect())
+            .collect(),
+    )
+}
+
+/// Three `memdial serve` processes of one config, killed when dropped.
+struct Cluster {
+    config: PathBuf,
+    client_ports: Vec<u16>,
+    children: Vec<Child>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let mut ports = HashSet::new();
+        let mut order = Vec::new();
+        while order.len() < 9 {
+            let p = free_port();
+            if ports.insert(p) {
+                order.push(p);
+            }
+        }
+        let mut yaml = String::from(
+            "cluster:\n  name: cli-test\n  secret: cli-test-secret\n  consistency: eventual\n  \
+             heartbeat_interval_ms: 100\n  suspect_after_ms: 500\n  down_after_ms: 1500\nnodes:\n",
+        );
+        for (i, p) in order.chunks(3).enumerate() {
+            yaml.push_str(&format!(
+                "  - id: {}\n    client: 127.0.0.1:{}\n    internal: 127.0.0.1:{}\n    admin: 127.0.0.1:{}\n",
+                i + 1,
+                p[0],
+                p[1],
+                p[2]
+            ));
+        }
+        let config = std::env::temp_dir().join(format!(
+            "memdial-cli-test-{}-{}.yaml",
+            std::process::id(),
+            order[0]
+        ));
+        std::fs::write(&config, yaml).expect("write config");
+        let mut cluster = Cluster {
+            config,
+            client_ports: order.chunks(3).map(|p| p[0]).collect(),
+            children: Vec::new(),
+        };
+        for id in 1..=3 {
+            let child = Command::new(memdial_bin())
+                .arg("serve")
+                .arg("--config")
+                .arg(&cluster.config)
+                .args(["--node", &id.to_string()])
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn memdial serve");
+            cluster.children.push(child);
+        }
+        for i in 0..3 {
+            let port = cluster.client_ports[i];
+            wait_for_port(port, &mut cluster.children[i]);
+        }
+        cluster
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+#[test]
+fn show_lists_the_cluster() {
+    let cluster = Cluster::start();
+    let port = cluster.client_ports[0];
+    let deadline = Instant::now() + WAIT;
+    let (out, rows) = loop {
+        let out = cli(port, "show\nquit\n");
+        assert!(out.status.success(), "{}", describe(&out));
+        let rows = table(&stdout(&out)).unwrap_or_else(|| panic!("{}", describe(&out)));
+        let up = rows.iter().filter(|r| r.get(2).is_some_and(|s| s == "up"));
+        if up.count() == 2 {
+            break (out, rows);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "peers not up after {WAIT:?}:\n{}",
+            describe(&out)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = describe(&out);
+    assert_eq!(rows.len(), 3, "{text}");
+    let ids: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(ids, ["1", "2", "3"], "{text}");
+    assert_eq!(rows[0][1], format!("127.0.0.1:{port}"), "{text}");
+    let states: Vec<&str> = rows.iter().map(|r| r[2].as_str()).collect();
+    assert_eq!(states, ["self", "up", "up"], "{text}");
+    assert!(rows.iter().all(|r| r[3] == "eventual"), "{text}");
+    // An up peer has been heard from.
+    for r in &rows[1..] {
+        assert!(r.join(" ").contains("ms ago"), "{text}");
+    }
+    assert!(stdout(&out).contains("mode eventual"), "{text}");
+}
