@@ -51,6 +51,9 @@ struct ServeArgs {
     /// Admin (/metrics) address, overriding the node's `admin`.
     #[arg(long)]
     admin: Option<std::net::SocketAddr>,
+    /// Peer (internal) address to listen on, overriding the node's `internal`.
+    #[arg(long)]
+    internal: Option<std::net::SocketAddr>,
     /// memcached `host:port` to use, or `embedded`; overrides the node's `memcached`.
     #[arg(long)]
     backend: Option<String>,
@@ -64,7 +67,8 @@ struct ClusterArgs {
     /// proxy.yaml to read.
     #[arg(long, default_value = "proxy.yaml")]
     config: PathBuf,
-    /// Use each node's configured memcached instead of the embedded store.
+    /// Use each node's configured memcached instead of the embedded store;
+    /// one that is not running is started when `memcached` is on PATH.
     #[arg(long)]
     memcached: bool,
 }
@@ -117,6 +121,9 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
     if let Some(addr) = args.admin {
         node.admin = addr;
     }
+    if let Some(addr) = args.internal {
+        node.internal = addr;
+    }
     match args.backend.as_deref() {
         Some("embedded") => node.memcached = None,
         Some(addr) => node.memcached = Some(addr.to_string()),
@@ -129,7 +136,15 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
 
 async fn cluster(args: ClusterArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut config = Config::load(&args.config)?;
-    if !args.memcached {
+    // Held until the cluster stops; dropping them stops the memcached.
+    let mut _started = Vec::new();
+    if args.memcached {
+        for n in &config.nodes {
+            if let Some(addr) = &n.memcached {
+                _started.extend(ensure_memcached(addr).await?);
+            }
+        }
+    } else {
         for n in &mut config.nodes {
             n.memcached = None;
         }
@@ -145,6 +160,48 @@ async fn cluster(args: ClusterArgs, shutdown: CancellationToken) -> anyhow::Resu
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Starts a memcached on `addr` unless one already answers there.
+async fn ensure_memcached(addr: &str) -> anyhow::Result<Option<tokio::process::Child>> {
+    use std::time::Duration;
+    if tokio::net::TcpStream::connect(addr).await.is_ok() {
+        tracing::info!(%addr, "using the memcached already running");
+        return Ok(None);
+    }
+    let (host, port) = addr
+        .rsplit_once(':')
+        .with_context(|| format!("memcached address {addr} is not host:port"))?;
+    let mut cmd = tokio::process::Command::new("memcached");
+    cmd.args(["-l", host, "-p", port, "-U", "0", "-m", "64"])
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null());
+    if is_root() {
+        cmd.args(["-u", "root"]);
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting memcached for {addr} (is it on PATH?)"))?;
+    for _ in 0..250 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tracing::info!(%addr, "started memcached");
+            return Ok(Some(child));
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("memcached for {addr} exited: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::bail!("memcached for {addr} did not start listening")
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
 }
 
 /// SIGTERM or a first Ctrl-C: graceful shutdown. A second Ctrl-C: exit now.

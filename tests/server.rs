@@ -606,7 +606,14 @@ fn repo_proxy_yaml_serves_node_2() {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.yaml");
     let node = Memdial::serve_with_config(
         Some(&config),
-        &["--node", "2", "--backend", &memcached.addr()],
+        &[
+            "--node",
+            "2",
+            "--backend",
+            &memcached.addr(),
+            "--internal",
+            &format!("127.0.0.1:{}", free_port()),
+        ],
     );
     let mut conn = Conn::open(node.port);
     assert_eq!(
