@@ -140,7 +140,7 @@ impl Eventual {
         Ok(self
             .current(key, cas)
             .await?
-            .filter(|c| c.record.live(now) && c.record.version > flushed))
+            .filter(|c| c.record.live(now) && c.record.version >= flushed))
     }
 
     /// Stores a new value under a fresh version and logs it for the peers.
@@ -242,7 +242,7 @@ impl Eventual {
                                 .into_iter()
                                 .filter_map(|v| {
                                     let rec = Record::decode(&v.data);
-                                    (rec.live(now) && rec.version > flushed).then_some(Value {
+                                    (rec.live(now) && rec.version >= flushed).then_some(Value {
                                         data: rec.data,
                                         ..v
                                     })
@@ -621,5 +621,209 @@ impl Replica for Eventual {
 
     fn store_instance(&self) -> BoxFuture<'_, Result<String, String>> {
         Box::pin(async move { self.backend.instance().await.map_err(|e| e.to_string()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::EmbeddedStore;
+    use crate::cluster::ClusterSettings;
+    use std::time::Duration;
+
+    fn node() -> (Arc<Eventual>, Arc<dyn Backend>) {
+        let backend: Arc<dyn Backend> = Arc::new(EmbeddedStore::new(1 << 24));
+        let metrics = Arc::new(Metrics::new());
+        let settings = ClusterSettings {
+            cluster_name: "t".into(),
+            secret: "s".into(),
+            node_id: 1,
+            peers: vec![],
+            heartbeat_interval: Duration::from_millis(100),
+            suspect_after: Duration::from_millis(500),
+            down_after: Duration::from_millis(1000),
+            connect_timeout: Duration::from_millis(100),
+            reconnect_max: Duration::from_millis(100),
+            batch_max: 16,
+            store_check_interval: Duration::from_millis(100),
+        };
+        let backlog = Arc::new(Backlog::new(7, 100, 1 << 20));
+        let cluster = Cluster::new(settings, backlog, &metrics.registry, Box::new(|| 0)).unwrap();
+        (
+            Eventual::new(backend.clone(), metrics, cluster, 60_000),
+            backend,
+        )
+    }
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn set(key: &str, data: &str) -> Request {
+        Request::Store {
+            op: StoreOp::Set,
+            key: b(key),
+            flags: 5,
+            exptime: 0,
+            data: b(data),
+            cas_unique: 0,
+            noreply: false,
+        }
+    }
+
+    fn get(key: &str) -> Request {
+        Request::Get {
+            keys: vec![b(key)],
+            cas: false,
+        }
+    }
+
+    async fn read(e: &Eventual, key: &str) -> Option<String> {
+        match e.execute(vec![get(key)]).await.pop() {
+            Some(Response::Values(v)) => v
+                .first()
+                .map(|v| String::from_utf8_lossy(&v.data).into_owned()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn put(key: &str, data: &str, ts: u64, node: u32) -> Entry {
+        Entry {
+            key: b(key),
+            version: Version { ts, node },
+            op: Op::Put {
+                flags: 0,
+                deadline_ms: 0,
+                data: b(data),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn local_writes_are_stored_with_a_header_and_logged() {
+        let (e, backend) = node();
+        assert_eq!(e.execute(vec![set("k", "v")]).await, vec![Response::Stored]);
+        assert_eq!(read(&e, "k").await.as_deref(), Some("v"));
+        let raw = backend.call(&[get("k")]).await.unwrap();
+        let Response::Values(v) = &raw[0] else {
+            panic!()
+        };
+        assert_eq!(v[0].data.len(), super::super::record::HEADER_BYTES + 1);
+        assert_eq!(e.backlog().head(), 1);
+        let logged = e.backlog().read_after(0, 10).unwrap();
+        assert!(matches!(&logged[0].1.op, Op::Put { flags: 5, .. }));
+    }
+
+    #[tokio::test]
+    async fn last_writer_wins_whatever_the_arrival_order() {
+        let (e, _) = node();
+        let now = unix_ms() << 16;
+        assert_eq!(e.apply(vec![put("k", "new", now + 10, 2)]).await, Ok(1));
+        assert_eq!(e.apply(vec![put("k", "old", now + 5, 3)]).await, Ok(0));
+        assert_eq!(read(&e, "k").await.as_deref(), Some("new"));
+        // Same clock reading: the higher node id wins.
+        assert_eq!(e.apply(vec![put("k", "tie", now + 10, 3)]).await, Ok(1));
+        assert_eq!(read(&e, "k").await.as_deref(), Some("tie"));
+        // A local write after observing them is newer still.
+        e.execute(vec![set("k", "local")]).await;
+        assert_eq!(e.apply(vec![put("k", "late", now + 10, 9)]).await, Ok(0));
+        assert_eq!(read(&e, "k").await.as_deref(), Some("local"));
+    }
+
+    #[tokio::test]
+    async fn deletes_are_tombstones_that_beat_older_puts() {
+        let (e, _) = node();
+        e.execute(vec![set("k", "v")]).await;
+        let del = Request::Delete {
+            key: b("k"),
+            noreply: false,
+        };
+        assert_eq!(e.execute(vec![del.clone()]).await, vec![Response::Deleted]);
+        assert_eq!(e.execute(vec![del]).await, vec![Response::NotFound]);
+        let old = put("k", "resurrected", 1 << 16, 2);
+        assert_eq!(e.apply(vec![old]).await, Ok(0));
+        assert_eq!(read(&e, "k").await, None);
+        let read_back = e.read(&[b("k")]).await.unwrap();
+        assert!(
+            matches!(read_back[0].op, Op::Delete),
+            "the tombstone travels in resyncs"
+        );
+    }
+
+    #[tokio::test]
+    async fn read_modify_write_commands_compute_locally() {
+        let (e, _) = node();
+        let store = |op, data: &str| Request::Store {
+            op,
+            key: b("k"),
+            flags: 0,
+            exptime: 0,
+            data: b(data),
+            cas_unique: 0,
+            noreply: false,
+        };
+        let incr = Request::Arith {
+            op: crate::protocol::ArithOp::Incr,
+            key: b("k"),
+            delta: 5,
+            noreply: false,
+        };
+        let out = e
+            .execute(vec![
+                store(StoreOp::Add, "10"),
+                store(StoreOp::Add, "x"),
+                incr.clone(),
+                store(StoreOp::Append, "0"),
+                store(StoreOp::Prepend, "1"),
+            ])
+            .await;
+        assert_eq!(
+            out,
+            vec![
+                Response::Stored,
+                Response::NotStored,
+                Response::Number(15),
+                Response::Stored,
+                Response::Stored
+            ]
+        );
+        assert_eq!(read(&e, "k").await.as_deref(), Some("1150"));
+        assert_eq!(
+            e.backlog().head(),
+            4,
+            "every change is logged, refusals are not"
+        );
+    }
+
+    #[tokio::test]
+    async fn replicated_flush_removes_only_older_writes() {
+        let (e, _) = node();
+        let now = unix_ms() << 16;
+        e.apply(vec![
+            put("old", "o", now - (1000 << 16), 2),
+            put("new", "n", now + (60_000 << 16), 2),
+        ])
+        .await
+        .unwrap();
+        let flush = Entry {
+            key: Bytes::new(),
+            version: Version { ts: now, node: 2 },
+            op: Op::Flush { at_ms: 0 },
+        };
+        e.apply(vec![flush]).await.unwrap();
+        assert_eq!(read(&e, "old").await, None);
+        assert_eq!(read(&e, "new").await.as_deref(), Some("n"));
+        assert_eq!(
+            e.apply(vec![put("old", "late", now - 1, 3)]).await,
+            Ok(0),
+            "older than the flush"
+        );
+    }
+
+    #[tokio::test]
+    async fn values_written_by_others_are_readable() {
+        let (e, backend) = node();
+        backend.call(&[set("plain", "p")]).await.unwrap();
+        assert_eq!(read(&e, "plain").await.as_deref(), Some("p"));
     }
 }
