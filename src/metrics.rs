@@ -46,13 +46,6 @@ impl Metrics {
     }
 
     fn register(registry: Registry) -> prometheus::Result<Metrics> {
-        fn reg<T: prometheus::core::Collector + Clone + 'static>(
-            r: &Registry,
-            m: T,
-        ) -> prometheus::Result<T> {
-            r.register(Box::new(m.clone()))?;
-            Ok(m)
-        }
         let counter = |name: &str, help: &str| IntCounter::new(name, help);
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             IntCounterVec::new(Opts::new(name, help), labels)
@@ -126,6 +119,15 @@ impl Metrics {
         }
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// Registers `m` in `r` and hands it back, for building metric structs.
+pub fn reg<T: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    m: T,
+) -> prometheus::Result<T> {
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
 }
 
 impl Default for Metrics {

@@ -10,6 +10,7 @@ use prometheus::{
 };
 
 use super::ClusterSettings;
+use crate::metrics::reg;
 use super::wire::{Cursor, Health};
 
 /// What the failure detector makes of a peer.
@@ -190,13 +191,6 @@ pub(super) struct ClusterMetrics {
 
 impl ClusterMetrics {
     pub fn register(r: &Registry) -> prometheus::Result<ClusterMetrics> {
-        fn reg<T: prometheus::core::Collector + Clone + 'static>(
-            r: &Registry,
-            m: T,
-        ) -> prometheus::Result<T> {
-            r.register(Box::new(m.clone()))?;
-            Ok(m)
-        }
         let peer = &["peer"];
         Ok(ClusterMetrics {
             peer_up: reg(
