@@ -239,7 +239,9 @@ impl Backend for MemcachedBackend {
         Box::pin(async move {
             // The crawler answers BUSY while another crawl runs; try a few times.
             for attempt in 0..20u64 {
-                let lines = self.admin_command(b"lru_crawler metadump all\r\n").await?;
+                // `metadump all` walks the LRUs and, on 1.6.18, misses keys
+                // that clients touch meanwhile; `hash` walks the hash table.
+                let lines = self.admin_command(b"lru_crawler metadump hash\r\n").await?;
                 if lines.first().is_some_and(|l| l.starts_with(b"BUSY")) {
                     tokio::time::sleep(Duration::from_millis(50 * (attempt + 1))).await;
                     continue;

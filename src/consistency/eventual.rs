@@ -208,7 +208,10 @@ impl Eventual {
     }
 
     async fn write_tombstone(&self, key: &Bytes, version: Version) -> Result<(), BackendError> {
-        let deadline_ms = unix_ms() + self.tombstone_grace_ms;
+        // Derived from the delete's version, not this node's clock, so every
+        // replica keeps the tombstone until the same moment and catch-up
+        // never extends it.
+        let deadline_ms = (version.ts >> 16) + self.tombstone_grace_ms;
         let record = Record {
             tombstone: true,
             version,
