@@ -10,8 +10,8 @@ use prometheus::{
 };
 
 use super::ClusterSettings;
-use crate::metrics::reg;
 use super::wire::{Cursor, Health};
+use crate::metrics::reg;
 
 /// What the failure detector makes of a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
