@@ -1,32 +1,72 @@
 //! Load harness: drives memcached direct, memdial in front of memcached,
-//! memdial with its embedded store, and a 3-node eventual cluster, with the
-//! same workload in one run, and prints ops/s, p50/p99 latency and the
-//! ratios memdial / direct. With a cluster it also measures replication
-//! delay (write on node 1 → visible on node 2) while the load runs.
+//! memdial with its embedded store and (unless `--no-cluster`) node 1 of a
+//! 3-node eventual cluster with the same memtier-like workload, in one run,
+//! and prints ops/s, p50/p99 latency and the ratios to memcached direct.
+//! With the cluster it then measures replication delay (write on node 1 →
+//! visible on node 2), idle and under load.
 //!
 //! Run: `cargo build --release && cargo bench --bench load -- [options]`
-//! Options: --conns N (50) --pipeline 1,16 --seconds S (5) --value BYTES (32)
-//!          --keys N (10000) --no-cluster
-//! Only 127.0.0.1 is used; every phase is bounded in time.
+//! (the bench uses `target/release/memdial` and does not build it).
+//!
+//! Options (defaults in brackets; `--name value` or `--name=value`):
+//!   --conns N [50]          client connections per target
+//!   --pipeline LIST [1,16]  requests per batch on each connection
+//!   --seconds S [5]         measured time per target and depth
+//!   --warmup S [1]          unmeasured time before it
+//!   --value LIST [32]       value sizes in bytes, e.g. 32,1024
+//!   --keys N [10000]        key space, prefilled on every target
+//!   --threads N [1]         load generator threads
+//!   --no-cluster            skip the 3-node cluster and replication delay
+//! Unknown arguments (cargo passes `--bench`) are ignored.
+//!
+//! Workload: 1 set : 10 gets (memtier's default), uniformly random keys.
+//! Every reply is parsed against the request it answers (a read may hold
+//! part of a reply or several); a `get` must return the key and value that
+//! were stored. Latency is per request: from writing its batch to reading
+//! its reply. Only 127.0.0.1 is used; every wait has a deadline.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::time::timeout;
+
+/// Longest wait for any single read, write or connect before the
+/// connection counts as stalled.
+const STALL: Duration = Duration::from_secs(5);
+/// Longest wait for a process to accept connections.
+const STARTUP: Duration = Duration::from_secs(15);
+
+// ---------------------------------------------------------------- options
 
 struct Opts {
     conns: usize,
     pipelines: Vec<usize>,
     seconds: u64,
-    value: usize,
+    warmup: u64,
+    values: Vec<usize>,
     keys: usize,
+    threads: usize,
     cluster: bool,
+}
+
+fn list(name: &str, v: &str) -> Vec<usize> {
+    v.split(',')
+        .map(|p| match p.trim().parse() {
+            Ok(n) if n > 0 => n,
+            _ => panic!("{name}: expected positive numbers separated by commas, got {v:?}"),
+        })
+        .collect()
+}
+
+fn number(name: &str, v: &str) -> usize {
+    list(name, v)[0]
 }
 
 fn opts() -> Opts {
@@ -34,100 +74,131 @@ fn opts() -> Opts {
         conns: 50,
         pipelines: vec![1, 16],
         seconds: 5,
-        value: 32,
+        warmup: 1,
+        values: vec![32],
         keys: 10_000,
+        threads: 1,
         cluster: true,
     };
-    let args: Vec<String> = std::env::args().collect();
-    let mut i = 1;
-    while i < args.len() {
-        let next = args.get(i + 1).cloned().unwrap_or_default();
-        match args[i].as_str() {
-            "--conns" => o.conns = next.parse().expect("--conns N"),
-            "--pipeline" => {
-                o.pipelines = next
-                    .split(',')
-                    .map(|p| p.parse().expect("--pipeline 1,16"))
-                    .collect()
-            }
-            "--seconds" => o.seconds = next.parse().expect("--seconds S"),
-            "--value" => o.value = next.parse().expect("--value BYTES"),
-            "--keys" => o.keys = next.parse().expect("--keys N"),
-            "--no-cluster" => {
-                o.cluster = false;
-                i += 1;
-                continue;
-            }
-            _ => {
-                i += 1; // cargo passes --bench; ignore what is not ours
-                continue;
-            }
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (arg.clone(), None),
+        };
+        let takes_value = [
+            "--conns",
+            "--pipeline",
+            "--seconds",
+            "--warmup",
+            "--value",
+            "--keys",
+            "--threads",
+        ];
+        if name == "--no-cluster" {
+            o.cluster = false;
+            continue;
         }
-        i += 2;
+        if !takes_value.contains(&name.as_str()) {
+            continue; // `--bench` from cargo, and anything else not ours
+        }
+        let v = inline
+            .or_else(|| args.next())
+            .unwrap_or_else(|| panic!("{name} needs a value"));
+        match name.as_str() {
+            "--conns" => o.conns = number(&name, &v),
+            "--pipeline" => o.pipelines = list(&name, &v),
+            "--seconds" => o.seconds = number(&name, &v) as u64,
+            "--warmup" => o.warmup = v.parse().expect("--warmup S"),
+            "--value" => o.values = list(&name, &v),
+            "--keys" => o.keys = number(&name, &v),
+            "--threads" => o.threads = number(&name, &v),
+            _ => unreachable!(),
+        }
     }
     o
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+// -------------------------------------------------------------- processes
 
-fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listening on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// A child process, killed when dropped (also while unwinding a panic).
+struct Proc {
+    name: String,
+    child: Child,
 }
-
-/// A child process killed when dropped.
-struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-fn memcached(port: u16) -> Proc {
-    let mut cmd = Command::new("memcached");
-    cmd.args([
-        "-l",
-        "127.0.0.1",
-        "-U",
-        "0",
-        "-t",
-        "2",
-        "-m",
-        "256",
-        "-p",
-        &port.to_string(),
-    ]);
-    if std::fs::read_to_string("/proc/self/status")
+/// A file removed when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Polls until `port` accepts a connection; fails early if the process exits.
+fn wait_ready(p: &mut Proc, port: u16) {
+    let deadline = Instant::now() + STARTUP;
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = p.child.try_wait() {
+            panic!("{} exited before listening on {port}: {status}", p.name);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: nothing listening on {port} after {STARTUP:?}",
+            p.name
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
         .map(|s| {
             s.lines()
                 .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
         })
         .unwrap_or(false)
-    {
+}
+
+fn memcached(port: u16) -> Proc {
+    let mut cmd = Command::new("memcached");
+    cmd.args(["-l", "127.0.0.1", "-U", "0", "-t", "2", "-m", "256"])
+        .args(["-p", &port.to_string()]);
+    if is_root() {
         cmd.args(["-u", "root"]);
     }
-    let p = Proc(
-        cmd.stdout(Stdio::null())
-            .spawn()
-            .expect("memcached on PATH"),
-    );
-    wait_port(port);
+    let child = cmd
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("memcached on PATH");
+    let mut p = Proc {
+        name: format!("memcached :{port}"),
+        child,
+    };
+    wait_ready(&mut p, port);
     p
 }
 
 fn memdial_bin() -> PathBuf {
-    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/memdial");
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/memdial");
     assert!(
         bin.exists(),
         "run `cargo build --release` first: {} is missing",
@@ -136,17 +207,52 @@ fn memdial_bin() -> PathBuf {
     bin
 }
 
-fn memdial(args: &[String], port: u16) -> Proc {
-    let p = Proc(
-        Command::new(memdial_bin())
-            .arg("serve")
-            .args(args)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn memdial"),
+/// Newest modification time of a file under `dir`.
+fn newest(dir: &Path) -> Option<SystemTime> {
+    let mut best = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let t = if entry.file_type().ok()?.is_dir() {
+            newest(&entry.path())
+        } else {
+            entry.metadata().ok()?.modified().ok()
+        };
+        best = best.max(t);
+    }
+    best
+}
+
+/// Warns when `target/release/memdial` is older than the sources.
+fn warn_if_stale(bin: &Path) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
+    let sources = newest(&root.join("src")).max(
+        std::fs::metadata(root.join("Cargo.toml"))
+            .and_then(|m| m.modified())
+            .ok(),
     );
-    wait_port(port);
+    if let (Some(built), Some(sources)) = (built, sources)
+        && sources > built
+    {
+        eprintln!(
+            "warning: {} is older than src/; run `cargo build --release` to measure the current code",
+            bin.display()
+        );
+    }
+}
+
+fn memdial(args: &[String], port: u16) -> Proc {
+    let child = Command::new(memdial_bin())
+        .arg("serve")
+        .args(args)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn memdial");
+    let mut p = Proc {
+        name: format!("memdial :{port}"),
+        child,
+    };
+    wait_ready(&mut p, port);
     p
 }
 
@@ -161,9 +267,9 @@ fn serve_args(port: u16, backend: &str) -> Vec<String> {
     ]
 }
 
-/// Three nodes, embedded stores, eventual mode. Returns the processes and
-/// the client ports.
-fn cluster() -> (Vec<Proc>, Vec<u16>) {
+/// Three nodes, embedded stores, eventual mode: the processes, the config
+/// file and the client ports.
+fn cluster() -> (Vec<Proc>, TempFile, Vec<u16>) {
     let ports: Vec<[u16; 3]> = (0..3)
         .map(|_| [free_port(), free_port(), free_port()])
         .collect();
@@ -176,247 +282,549 @@ fn cluster() -> (Vec<Proc>, Vec<u16>) {
             i + 1
         ));
     }
-    let path = std::env::temp_dir().join(format!("memdial-bench-{}.yaml", std::process::id()));
-    std::fs::write(&path, yaml).unwrap();
+    let file =
+        TempFile(std::env::temp_dir().join(format!("memdial-bench-{}.yaml", std::process::id())));
+    std::fs::write(&file.0, yaml).expect("write cluster config");
     let procs = (1..=3)
         .map(|id| {
-            memdial(
-                &[
-                    "--config".into(),
-                    path.display().to_string(),
-                    "--node".into(),
-                    id.to_string(),
-                ],
-                ports[id - 1][0],
-            )
+            let args = [
+                "--config".to_string(),
+                file.0.display().to_string(),
+                "--node".into(),
+                id.to_string(),
+            ];
+            memdial(&args, ports[id - 1][0])
         })
         .collect();
-    (procs, ports.iter().map(|p| p[0]).collect())
+    (procs, file, ports.iter().map(|p| p[0]).collect())
 }
 
-/// Reads one reply: a storage answer line, or VALUE blocks up to END.
-async fn read_reply(r: &mut BufReader<OwnedReadHalf>, line: &mut String) -> std::io::Result<bool> {
-    loop {
-        line.clear();
-        if r.read_line(line).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+// --------------------------------------------------------------- workload
+
+/// Requests prepared once, so the generator spends its time on the network.
+struct Workload {
+    keys: Vec<Vec<u8>>,
+    gets: Vec<Vec<u8>>,
+    sets: Vec<Vec<u8>>,
+    value: Vec<u8>,
+}
+
+impl Workload {
+    fn new(keys: usize, value_len: usize) -> Workload {
+        let value: Vec<u8> = (0..value_len).map(|i| b'a' + (i % 26) as u8).collect();
+        let keys: Vec<Vec<u8>> = (0..keys)
+            .map(|k| format!("key:{k:08}").into_bytes())
+            .collect();
+        let gets = keys
+            .iter()
+            .map(|k| [b"get ", &k[..], b"\r\n"].concat())
+            .collect();
+        let sets = keys
+            .iter()
+            .map(|k| {
+                let head = format!(" 0 0 {value_len}\r\n");
+                [b"set ", &k[..], head.as_bytes(), &value, b"\r\n"].concat()
+            })
+            .collect();
+        Workload {
+            keys,
+            gets,
+            sets,
+            value,
         }
-        if let Some(rest) = line.strip_prefix("VALUE ") {
-            let len: usize = rest
-                .trim_end()
-                .rsplit(' ')
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-            let mut data = vec![0u8; len + 2];
-            r.read_exact(&mut data).await?;
-            continue;
-        }
-        return Ok(line.starts_with("STORED") || line.starts_with("END"));
     }
 }
 
-struct Sample {
-    ops: u64,
-    errors: u64,
-    /// Batch round trips, microseconds.
-    latencies: Vec<u32>,
+// ------------------------------------------------------- reply parsing
+
+/// What a request expects back.
+#[derive(Clone, Copy)]
+enum Expect {
+    /// `set`: `STORED`.
+    Stored,
+    /// `get` of workload key `k`: its `VALUE` with the workload value, or `END`.
+    Get(usize),
+    /// `get` of a probe key: any `VALUE` for it, or `END`.
+    Probe,
 }
 
-/// One connection: P requests per batch (1 set : 10 gets), until `stop`.
+enum Outcome {
+    Stored,
+    Hit,
+    Miss,
+    /// A well-framed reply that is not what the request expects.
+    Wrong(String),
+}
+
+enum Parse {
+    Incomplete,
+    Done(usize, Outcome),
+    /// The stream can no longer be framed.
+    Garbage(String),
+}
+
+fn lossy(b: &[u8]) -> String {
+    let s = String::from_utf8_lossy(b);
+    if s.chars().count() > 80 {
+        format!("{:?}…", s.chars().take(80).collect::<String>())
+    } else {
+        format!("{s:?}")
+    }
+}
+
+/// Parses one reply at the start of `buf` as the answer to `expect`.
+fn parse_reply(buf: &[u8], expect: Expect, w: &Workload) -> Parse {
+    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+        return if buf.len() > 8192 {
+            Parse::Garbage(format!("no line end in {} bytes", buf.len()))
+        } else {
+            Parse::Incomplete
+        };
+    };
+    if nl == 0 || buf[nl - 1] != b'\r' {
+        return Parse::Garbage(format!("line not ended by CRLF: {}", lossy(&buf[..=nl])));
+    }
+    let line = &buf[..nl - 1];
+    let data = nl + 1;
+    if let Some(rest) = line.strip_prefix(b"VALUE ") {
+        let mut parts = rest.split(|&b| b == b' ');
+        let (key, flags, len) = (parts.next(), parts.next(), parts.next());
+        let len = len
+            .and_then(|l| std::str::from_utf8(l).ok())
+            .and_then(|l| l.parse::<usize>().ok());
+        let (Some(key), Some(_), Some(len)) = (key, flags, len) else {
+            return Parse::Garbage(format!("bad VALUE line {}", lossy(line)));
+        };
+        let data_end = data + len;
+        let end = data_end + b"\r\nEND\r\n".len();
+        if buf.len() < end {
+            return Parse::Incomplete;
+        }
+        if &buf[data_end..end] != b"\r\nEND\r\n" {
+            return Parse::Garbage(format!(
+                "single-key VALUE block not followed by CRLF END: {}",
+                lossy(&buf[data_end..end])
+            ));
+        }
+        let outcome = match expect {
+            Expect::Get(k) if key != &w.keys[k][..] => Outcome::Wrong(format!(
+                "get {} answered VALUE {}",
+                lossy(&w.keys[k]),
+                lossy(key)
+            )),
+            Expect::Get(k) if buf[data..data_end] != w.value[..] => Outcome::Wrong(format!(
+                "get {}: {} bytes differing from the {} stored",
+                lossy(&w.keys[k]),
+                len,
+                w.value.len()
+            )),
+            Expect::Get(_) | Expect::Probe => Outcome::Hit,
+            Expect::Stored => Outcome::Wrong(format!("set answered {}", lossy(line))),
+        };
+        return Parse::Done(end, outcome);
+    }
+    let outcome = match (line, expect) {
+        (b"STORED", Expect::Stored) => Outcome::Stored,
+        (b"END", Expect::Get(_) | Expect::Probe) => Outcome::Miss,
+        (_, Expect::Stored) => Outcome::Wrong(format!("set answered {}", lossy(line))),
+        (_, _) => Outcome::Wrong(format!("get answered {}", lossy(line))),
+    };
+    Parse::Done(data, outcome)
+}
+
+/// A client connection with its own read buffer.
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    async fn connect(port: u16) -> Result<Conn, String> {
+        let stream = match timeout(STALL, TcpStream::connect(("127.0.0.1", port))).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(format!("connect: {e}")),
+            Err(_) => return Err(format!("connect: no answer within {STALL:?}")),
+        };
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        Ok(Conn {
+            stream,
+            buf: BytesMut::with_capacity(64 * 1024),
+        })
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
+        match timeout(STALL, self.stream.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("write: {e}")),
+            Err(_) => Err(format!("write blocked for {STALL:?}")),
+        }
+    }
+
+    async fn reply(&mut self, expect: Expect, w: &Workload) -> Result<Outcome, String> {
+        loop {
+            match parse_reply(&self.buf, expect, w) {
+                Parse::Done(n, outcome) => {
+                    self.buf.advance(n);
+                    return Ok(outcome);
+                }
+                Parse::Garbage(e) => return Err(e),
+                Parse::Incomplete => {}
+            }
+            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            match timeout(STALL, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(0)) => return Err("connection closed by the server".into()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(format!("read: {e}")),
+                Err(_) => return Err(format!("no reply within {STALL:?}")),
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------ measurement
+
+/// Log-linear latency histogram in microseconds: exact below 128 µs, then
+/// 64 buckets per power of two (under 1.6 % error).
+struct Histogram {
+    counts: Vec<u64>,
+    total: u64,
+}
+
+impl Histogram {
+    const EXACT: u64 = 128;
+
+    fn new() -> Histogram {
+        Histogram {
+            counts: vec![0; 128 + 25 * 64],
+            total: 0,
+        }
+    }
+
+    fn bucket(us: u64) -> usize {
+        let us = us.min(u32::MAX as u64);
+        if us < Self::EXACT {
+            return us as usize;
+        }
+        let p = 63 - us.leading_zeros() as u64; // ≥ 7
+        let mantissa = us >> (p - 6); // 64..128
+        (128 + (p - 7) * 64 + (mantissa - 64)) as usize
+    }
+
+    /// The middle of bucket `i`, in microseconds.
+    fn value(i: usize) -> u64 {
+        if (i as u64) < Self::EXACT {
+            return i as u64;
+        }
+        let p = (i as u64 - 128) / 64 + 7;
+        let mantissa = (i as u64 - 128) % 64 + 64;
+        let width = 1u64 << (p - 6);
+        (mantissa << (p - 6)) + width / 2
+    }
+
+    fn record(&mut self, d: Duration) {
+        self.counts[Self::bucket(d.as_micros() as u64)] += 1;
+        self.total += 1;
+    }
+
+    fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.total += other.total;
+    }
+
+    fn percentile(&self, p: f64) -> u64 {
+        let rank = ((self.total as f64 * p).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Self::value(i);
+            }
+        }
+        0
+    }
+}
+
+/// What one connection saw while measuring.
+struct Stats {
+    ops: u64,
+    hits: u64,
+    misses: u64,
+    wrong: u64,
+    examples: Vec<String>,
+    failure: Option<String>,
+    latency: Histogram,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            ops: 0,
+            hits: 0,
+            misses: 0,
+            wrong: 0,
+            examples: Vec::new(),
+            failure: None,
+            latency: Histogram::new(),
+        }
+    }
+
+    fn merge(&mut self, o: Stats) {
+        self.ops += o.ops;
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.wrong += o.wrong;
+        for e in o.examples {
+            if self.examples.len() < 3 {
+                self.examples.push(e);
+            }
+        }
+        if let Some(f) = o.failure {
+            self.failure.get_or_insert(f);
+        }
+        self.latency.merge(&o.latency);
+    }
+}
+
+const WARMUP: u8 = 0;
+const MEASURE: u8 = 1;
+const STOP: u8 = 2;
+
+/// One connection: batches of `pipeline` requests (1 set : 10 gets on
+/// random keys), each written at once, every reply read and checked,
+/// until the phase is `STOP`.
 async fn client(
     port: u16,
-    o: Arc<Opts>,
+    w: Arc<Workload>,
     pipeline: usize,
     seed: u64,
-    stop: Arc<AtomicBool>,
-    record: Arc<AtomicBool>,
-) -> Sample {
-    let stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    stream.set_nodelay(true).unwrap();
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::with_capacity(64 * 1024, rd);
-    let value = "v".repeat(o.value);
+    phase: Arc<AtomicU8>,
+) -> Stats {
+    let mut s = Stats::new();
+    let mut conn = match Conn::connect(port).await {
+        Ok(c) => c,
+        Err(e) => {
+            s.failure = Some(e);
+            return s;
+        }
+    };
     let mut rng = seed | 1;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    let mut s = Sample {
-        ops: 0,
-        errors: 0,
-        latencies: Vec::new(),
-    };
-    let mut batch = Vec::with_capacity(pipeline * (o.value + 64));
-    let mut line = String::new();
-    while !stop.load(Ordering::Relaxed) {
+    let mut batch = Vec::with_capacity(pipeline * (w.value.len() + 64));
+    let mut expects = Vec::with_capacity(pipeline);
+    loop {
+        let now = phase.load(Ordering::Relaxed);
+        if now == STOP {
+            return s;
+        }
+        let record = now == MEASURE;
         batch.clear();
+        expects.clear();
         for _ in 0..pipeline {
-            let r = next();
-            let key = r % o.keys as u64;
+            // xorshift64*
+            rng ^= rng >> 12;
+            rng ^= rng << 25;
+            rng ^= rng >> 27;
+            let r = rng.wrapping_mul(0x2545_F491_4F6C_DD1D);
+            let key = ((r >> 32) % w.keys.len() as u64) as usize;
             if r % 11 == 0 {
-                batch.extend_from_slice(
-                    format!("set key:{key:08} 0 0 {}\r\n{value}\r\n", o.value).as_bytes(),
-                );
+                batch.extend_from_slice(&w.sets[key]);
+                expects.push(Expect::Stored);
             } else {
-                batch.extend_from_slice(format!("get key:{key:08}\r\n").as_bytes());
+                batch.extend_from_slice(&w.gets[key]);
+                expects.push(Expect::Get(key));
             }
         }
         let started = Instant::now();
-        wr.write_all(&batch).await.expect("write");
-        for _ in 0..pipeline {
-            match read_reply(&mut rd, &mut line).await {
-                Ok(true) => {}
-                Ok(false) => s.errors += 1,
-                Err(e) => panic!("read from {port}: {e}"),
+        if let Err(e) = conn.send(&batch).await {
+            s.failure = Some(e);
+            return s;
+        }
+        for &expect in &expects {
+            let outcome = match conn.reply(expect, &w).await {
+                Ok(o) => o,
+                Err(e) => {
+                    s.failure = Some(e);
+                    return s;
+                }
+            };
+            if let Outcome::Wrong(e) = &outcome
+                && s.examples.len() < 3
+            {
+                s.examples.push(e.clone());
+            }
+            if record {
+                s.latency.record(started.elapsed());
+                s.ops += 1;
+                match outcome {
+                    Outcome::Stored => {}
+                    Outcome::Hit => s.hits += 1,
+                    Outcome::Miss => s.misses += 1,
+                    Outcome::Wrong(_) => s.wrong += 1,
+                }
             }
         }
-        if record.load(Ordering::Relaxed) {
-            s.ops += pipeline as u64;
-            s.latencies.push(started.elapsed().as_micros() as u32);
-        }
     }
-    s
 }
 
-async fn prefill(port: u16, o: &Opts) {
-    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::new(rd);
-    let value = "v".repeat(o.value);
-    let mut line = String::new();
-    for chunk in (0..o.keys).collect::<Vec<_>>().chunks(100) {
-        let mut batch = Vec::new();
-        for key in chunk {
-            batch.extend_from_slice(
-                format!("set key:{key:08} 0 0 {}\r\n{value}\r\n", o.value).as_bytes(),
-            );
-        }
-        wr.write_all(&batch).await.unwrap();
+/// Sets every key of the workload, 100 per batch.
+async fn prefill(port: u16, w: &Workload) -> Result<(), String> {
+    let mut conn = Conn::connect(port).await?;
+    let all: Vec<usize> = (0..w.keys.len()).collect();
+    for chunk in all.chunks(100) {
+        let batch: Vec<u8> = chunk.iter().flat_map(|&k| w.sets[k].clone()).collect();
+        conn.send(&batch).await?;
         for _ in chunk {
-            read_reply(&mut rd, &mut line).await.unwrap();
+            if let Outcome::Wrong(e) = conn.reply(Expect::Stored, w).await? {
+                return Err(e);
+            }
         }
     }
+    Ok(())
 }
 
-struct Result {
-    ops_per_sec: f64,
-    p50_us: u32,
-    p99_us: u32,
-    errors: u64,
-}
-
-async fn run(port: u16, o: &Arc<Opts>, pipeline: usize) -> Result {
-    let stop = Arc::new(AtomicBool::new(false));
-    let record = Arc::new(AtomicBool::new(false));
-    let tasks: Vec<_> = (0..o.conns)
+/// `conns` clients, started together, running in the background until
+/// `phase` is `STOP`.
+fn start_clients(
+    port: u16,
+    w: &Arc<Workload>,
+    conns: usize,
+    pipeline: usize,
+    phase: &Arc<AtomicU8>,
+) -> Vec<tokio::task::JoinHandle<Stats>> {
+    (0..conns)
         .map(|i| {
-            tokio::spawn(client(
-                port,
-                o.clone(),
-                pipeline,
-                0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1) * 7919,
-                stop.clone(),
-                record.clone(),
-            ))
+            let seed = 0x9E37_79B9_7F4A_7C15 ^ ((i as u64 + 1) * 7919);
+            tokio::spawn(client(port, w.clone(), pipeline, seed, phase.clone()))
         })
-        .collect();
-    tokio::time::sleep(Duration::from_secs(1)).await; // warm-up
-    record.store(true, Ordering::Relaxed);
+        .collect()
+}
+
+/// Stops the clients and gathers what they saw; each ends within `STALL`.
+async fn join_clients(tasks: Vec<tokio::task::JoinHandle<Stats>>) -> Stats {
+    let mut all = Stats::new();
+    for t in tasks {
+        match timeout(STALL * 2, t).await {
+            Ok(Ok(s)) => all.merge(s),
+            Ok(Err(e)) => {
+                all.failure.get_or_insert(format!("client task: {e}"));
+            }
+            Err(_) => {
+                all.failure.get_or_insert("client did not stop".into());
+            }
+        }
+    }
+    all
+}
+
+struct Measured {
+    ops_per_sec: f64,
+    stats: Stats,
+}
+
+async fn measure(port: u16, w: &Arc<Workload>, o: &Opts, pipeline: usize) -> Measured {
+    let phase = Arc::new(AtomicU8::new(WARMUP));
+    let tasks = start_clients(port, w, o.conns, pipeline, &phase);
+    tokio::time::sleep(Duration::from_secs(o.warmup)).await;
+    phase.store(MEASURE, Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(o.seconds)).await;
-    stop.store(true, Ordering::Relaxed);
+    phase.store(STOP, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
-    let mut all = Vec::new();
-    let (mut ops, mut errors) = (0, 0);
-    for t in tasks {
-        let s = t.await.unwrap();
-        ops += s.ops;
-        errors += s.errors;
-        all.extend(s.latencies);
-    }
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
-    Result {
-        ops_per_sec: ops as f64 / elapsed,
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-        errors,
+    let stats = join_clients(tasks).await;
+    Measured {
+        ops_per_sec: stats.ops as f64 / elapsed,
+        stats,
     }
 }
 
-/// Writes a fresh key on `from`, polls `to` until it is visible; repeats
-/// `n` times. Returns the delays in microseconds.
-async fn replication_delays(from: u16, to: u16, n: usize) -> Vec<u32> {
-    let w = TcpStream::connect(("127.0.0.1", from)).await.unwrap();
-    let r = TcpStream::connect(("127.0.0.1", to)).await.unwrap();
-    let (wr_r, mut wr) = w.into_split();
-    let (rd_r, mut rd) = r.into_split();
-    let (mut wr_r, mut rd_r) = (BufReader::new(wr_r), BufReader::new(rd_r));
-    let mut line = String::new();
-    let mut delays = Vec::new();
+/// Sets a fresh key on `from`, polls `to` with `get` until it is there;
+/// `n` probes, 5 ms apart. Delays in µs; `None` when not seen within 5 s.
+async fn replication_delays(
+    from: u16,
+    to: u16,
+    n: usize,
+    w: &Workload,
+) -> Result<Vec<Option<u64>>, String> {
+    let mut writer = Conn::connect(from).await?;
+    let mut reader = Conn::connect(to).await?;
+    let mut delays = Vec::with_capacity(n);
     for i in 0..n {
         let key = format!("probe:{}:{i}", std::process::id());
         let started = Instant::now();
-        wr.write_all(format!("set {key} 0 0 1\r\nx\r\n").as_bytes())
-            .await
-            .unwrap();
-        read_reply(&mut wr_r, &mut line).await.unwrap();
-        let deadline = started + Duration::from_secs(5);
+        writer
+            .send(format!("set {key} 0 0 1\r\nx\r\n").as_bytes())
+            .await?;
+        if let Outcome::Wrong(e) = writer.reply(Expect::Stored, w).await? {
+            return Err(e);
+        }
+        let get = format!("get {key}\r\n");
         loop {
-            rd.write_all(format!("get {key}\r\n").as_bytes())
-                .await
-                .unwrap();
-            // VALUE line (if any) is consumed by read_reply; track whether one came.
-            line.clear();
-            rd_r.read_line(&mut line).await.unwrap();
-            let hit = line.starts_with("VALUE");
-            if hit {
-                let mut rest = vec![0u8; 3];
-                rd_r.read_exact(&mut rest).await.unwrap();
-                line.clear();
-                rd_r.read_line(&mut line).await.unwrap(); // END
-                delays.push(started.elapsed().as_micros() as u32);
-                break;
-            }
-            if Instant::now() > deadline {
-                delays.push(u32::MAX);
-                break;
+            reader.send(get.as_bytes()).await?;
+            match reader.reply(Expect::Probe, w).await? {
+                Outcome::Hit => {
+                    delays.push(Some(started.elapsed().as_micros() as u64));
+                    break;
+                }
+                Outcome::Wrong(e) => return Err(e),
+                _ if started.elapsed() > Duration::from_secs(5) => {
+                    delays.push(None);
+                    break;
+                }
+                _ => {}
             }
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    delays
+    Ok(delays)
+}
+
+// ------------------------------------------------------------------- main
+
+fn git_commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn main() {
-    let o = Arc::new(opts());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let o = opts();
+    let bin = memdial_bin();
+    warn_if_stale(&bin);
+    let rt = if o.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(o.threads)
+            .enable_all()
+            .build()
+    }
+    .expect("tokio runtime");
+
+    // Declared before the runtime work so they outlive it, and are killed
+    // on every exit path, panics included.
     let mc_port = free_port();
     let _mc = memcached(mc_port);
     let behind_port = free_port();
     let _behind = memcached(behind_port);
     let (over_port, emb_port) = (free_port(), free_port());
-    let _over = memdial(
-        &serve_args(over_port, &format!("127.0.0.1:{behind_port}")),
-        over_port,
-    );
+    let backend = format!("127.0.0.1:{behind_port}");
+    let _over = memdial(&serve_args(over_port, &backend), over_port);
     let _emb = memdial(&serve_args(emb_port, "embedded"), emb_port);
-    let (_cluster, cluster_ports) = if o.cluster {
-        cluster()
+    let (_cluster, _config, cluster_ports) = if o.cluster {
+        let (p, f, ports) = cluster();
+        (p, Some(f), ports)
     } else {
-        (Vec::new(), Vec::new())
+        (Vec::new(), None, Vec::new())
     };
 
     let mut targets = vec![
@@ -425,67 +833,105 @@ fn main() {
         ("memdial embedded", emb_port),
     ];
     if o.cluster {
-        targets.push(("memdial eventual x3 (node 1)", cluster_ports[0]));
+        targets.push(("memdial eventual x3, node 1", cluster_ports[0]));
     }
     println!(
-        "load: {} connections, 1 set : 10 gets, {} keys, {}-byte values, {} s per run after 1 s warm-up (load generator: one thread)",
-        o.conns, o.keys, o.value, o.seconds
+        "memdial load, commit {}: {} connections, 1 set : 10 gets, {} keys, {} s measured after {} s warm-up, {} generator thread(s); latency per request, µs",
+        git_commit(),
+        o.conns,
+        o.keys,
+        o.seconds,
+        o.warmup,
+        o.threads
     );
+    let mut failed = false;
     rt.block_on(async {
-        for (_, port) in &targets {
-            prefill(*port, &o).await;
-        }
-        for &pipeline in &o.pipelines {
-            println!("\npipeline depth {pipeline}");
-            println!("{:<30} {:>12} {:>9} {:>9} {:>8} {:>10} {:>10}", "target", "ops/s", "p50 us", "p99 us", "errors", "ops ratio", "p99 ratio");
-            let mut direct: Option<Result> = None;
+        for &value in &o.values {
+            let w = Arc::new(Workload::new(o.keys, value));
             for (name, port) in &targets {
-                let r = run(*port, &o, pipeline).await;
-                let (ops_ratio, p99_ratio) = match &direct {
-                    Some(d) => (
-                        format!("{:.2}", r.ops_per_sec / d.ops_per_sec),
-                        format!("{:.2}", r.p99_us as f64 / d.p99_us.max(1) as f64),
-                    ),
-                    None => ("1.00".into(), "1.00".into()),
-                };
+                if let Err(e) = prefill(*port, &w).await {
+                    panic!("prefill of {name} ({value}-byte values): {e}");
+                }
+            }
+            for &pipeline in &o.pipelines {
+                println!("\n{value}-byte values, pipeline depth {pipeline}");
                 println!(
-                    "{:<30} {:>12.0} {:>9} {:>9} {:>8} {:>10} {:>10}",
-                    name, r.ops_per_sec, r.p50_us, r.p99_us, r.errors, ops_ratio, p99_ratio
+                    "{:<28} {:>10} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9}",
+                    "target", "ops/s", "p50", "p99", "hit %", "wrong", "ops ratio", "p99 ratio"
                 );
-                if direct.is_none() {
-                    direct = Some(r);
+                let mut direct: Option<(f64, u64)> = None;
+                for (name, port) in &targets {
+                    let m = measure(*port, &w, &o, pipeline).await;
+                    let s = &m.stats;
+                    let (p50, p99) = (s.latency.percentile(0.50), s.latency.percentile(0.99));
+                    let (d_ops, d_p99) = *direct.get_or_insert((m.ops_per_sec, p99));
+                    let gets = s.hits + s.misses;
+                    println!(
+                        "{:<28} {:>10.0} {:>8} {:>8} {:>8.2} {:>7} {:>9.2} {:>9.2}",
+                        name,
+                        m.ops_per_sec,
+                        p50,
+                        p99,
+                        100.0 * s.hits as f64 / gets.max(1) as f64,
+                        s.wrong,
+                        m.ops_per_sec / d_ops.max(1.0),
+                        p99 as f64 / d_p99.max(1) as f64,
+                    );
+                    for e in &s.examples {
+                        println!("    wrong reply: {e}");
+                    }
+                    if let Some(f) = &s.failure {
+                        println!("    connection failed: {f}");
+                        failed = true;
+                    }
+                    failed |= s.wrong > 0 || s.misses > 0;
                 }
             }
         }
         if o.cluster {
-            // Replication delay, idle and under the write load of the same workload.
+            let w = Arc::new(Workload::new(o.keys, o.values[0]));
             for loaded in [false, true] {
-                let stop = Arc::new(AtomicBool::new(false));
-                let record = Arc::new(AtomicBool::new(true));
-                let load: Vec<_> = if loaded {
-                    (0..o.conns)
-                        .map(|i| tokio::spawn(client(cluster_ports[0], o.clone(), 16, (i as u64 + 3) * 104_729, stop.clone(), record.clone())))
-                        .collect()
+                let phase = Arc::new(AtomicU8::new(MEASURE));
+                let load = if loaded {
+                    start_clients(cluster_ports[0], &w, o.conns, 16, &phase)
                 } else {
                     Vec::new()
                 };
-                let mut d = replication_delays(cluster_ports[0], cluster_ports[1], 200).await;
-                stop.store(true, Ordering::Relaxed);
-                for t in load {
-                    t.await.unwrap();
-                }
+                let delays = replication_delays(cluster_ports[0], cluster_ports[1], 200, &w).await;
+                phase.store(STOP, Ordering::Relaxed);
+                join_clients(load).await;
+                let what = if loaded {
+                    format!("under load ({} conns, depth 16, on node 1)", o.conns)
+                } else {
+                    "idle".into()
+                };
+                let mut d = match delays {
+                    Ok(d) => d,
+                    Err(e) => {
+                        println!("\nreplication delay {what}: probe failed: {e}");
+                        failed = true;
+                        continue;
+                    }
+                };
+                let lost = d.iter().filter(|x| x.is_none()).count();
                 d.sort_unstable();
-                let lost = d.iter().filter(|&&x| x == u32::MAX).count();
-                let pct = |p: f64| d[((d.len() as f64 * p) as usize).min(d.len() - 1)];
+                let seen: Vec<u64> = d.into_iter().flatten().collect();
+                let pct = |p: f64| {
+                    seen.get(((seen.len() as f64 * p) as usize).min(seen.len().saturating_sub(1)))
+                        .copied()
+                        .unwrap_or(0)
+                };
                 println!(
-                    "\nreplication delay node 1 -> node 2, {} ({} probes): p50 {} us, p99 {} us, max {} us, not seen within 5 s: {lost}",
-                    if loaded { format!("under load ({} conns, pipeline 16, on node 1)", o.conns) } else { "idle".to_string() },
-                    d.len(),
+                    "\nreplication delay node 1 -> node 2, {what}, {} probes: p50 {} µs, p99 {} µs, max {} µs, not seen within 5 s: {lost}",
+                    seen.len() + lost,
                     pct(0.50),
                     pct(0.99),
-                    d.iter().filter(|&&x| x != u32::MAX).max().copied().unwrap_or(0),
+                    seen.last().copied().unwrap_or(0),
                 );
             }
         }
     });
+    if failed {
+        println!("\nsome requests failed or got wrong replies (see above)");
+    }
 }
