@@ -629,7 +629,7 @@ async fn client(
             rng ^= rng >> 27;
             let r = rng.wrapping_mul(0x2545_F491_4F6C_DD1D);
             let key = ((r >> 32) % w.keys.len() as u64) as usize;
-            if r % 11 == 0 {
+            if r.is_multiple_of(11) {
                 batch.extend_from_slice(&w.sets[key]);
                 expects.push(Expect::Stored);
             } else {
