@@ -4,7 +4,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
-RUN cargo build --release --bin memdial
+RUN cargo build --release --locked --bin memdial
 
 FROM debian:bookworm-slim
 COPY --from=build /src/target/release/memdial /usr/local/bin/memdial
