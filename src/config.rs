@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::Limits;
 
+/// The largest value a cluster can replicate: each travels between peers in
+/// one frame of the internal protocol.
+pub const MAX_CLUSTER_ITEM_BYTES: usize = 32 * 1024 * 1024;
+
 /// How the nodes of a cluster agree on writes (see `docs/design.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -66,6 +70,9 @@ pub struct ClusterConfig {
     pub tombstone_grace_ms: u64,
     /// How often a node checks that its backing store did not restart.
     pub store_check_interval_ms: u64,
+    /// How often a node compares its replica with each peer's (a digest
+    /// exchange, then a repair of what differs), ±20%; 0 never does.
+    pub anti_entropy_interval_ms: u64,
 }
 
 /// One node: where it listens and which memcached backs it.
@@ -139,6 +146,7 @@ impl Default for ClusterConfig {
             replication_batch: 512,
             tombstone_grace_ms: 600_000,
             store_check_interval_ms: 1000,
+            anti_entropy_interval_ms: 30_000,
         }
     }
 }
@@ -355,6 +363,18 @@ impl Config {
                 "must exceed cluster.suspect_after_ms",
             ));
         }
+        if c.anti_entropy_interval_ms != 0 && c.anti_entropy_interval_ms < 100 {
+            return Err(invalid(
+                "cluster.anti_entropy_interval_ms",
+                "must be 0 (never) or at least 100",
+            ));
+        }
+        if self.nodes.len() > 1 && self.limits.item_size_max > MAX_CLUSTER_ITEM_BYTES {
+            return Err(invalid(
+                "limits.item_size_max",
+                "must be at most 32 MiB in a cluster (values travel between peers in one frame)",
+            ));
+        }
         if self.nodes.len() > 1 && c.secret.is_empty() {
             return Err(invalid("cluster.secret", "must not be empty"));
         }
@@ -453,6 +473,16 @@ mod tests {
                 .to_string()
                 .contains("nodes[1].id")
         );
+        let mut c = Config::default();
+        c.cluster.anti_entropy_interval_ms = 10;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("cluster.anti_entropy_interval_ms")
+        );
+        c.cluster.anti_entropy_interval_ms = 0;
+        c.validate().unwrap();
         let mut c = Config::default();
         c.nodes[0].memcached = Some("nohost".into());
         assert!(

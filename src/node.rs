@@ -168,6 +168,9 @@ fn cluster_pipeline(
         reconnect_max: ms(c.reconnect_max_ms),
         batch_max: c.replication_batch,
         store_check_interval: ms(c.store_check_interval_ms),
+        anti_entropy_interval: (c.anti_entropy_interval_ms > 0)
+            .then(|| ms(c.anti_entropy_interval_ms)),
+        tombstone_grace: ms(c.tombstone_grace_ms),
     };
     let backlog = Arc::new(Backlog::new(
         rand::random(),

@@ -693,6 +693,162 @@ fn restarted_memcached_is_refilled_while_clients_read() {
     c.wait_converged(CONVERGE_WAIT);
 }
 
+/// memdial's 25-byte header (`src/consistency/record.rs`) in front of `data`.
+fn with_header(tombstone: bool, ts: u64, node: u32, deadline_ms: u64, data: &[u8]) -> Vec<u8> {
+    let mut raw = b"MDv1".to_vec();
+    raw.push(u8::from(tombstone));
+    raw.extend_from_slice(&ts.to_be_bytes());
+    raw.extend_from_slice(&node.to_be_bytes());
+    raw.extend_from_slice(&deadline_ms.to_be_bytes());
+    raw.extend_from_slice(data);
+    raw
+}
+
+/// `peer:<j>:repaired` summed over node `i`'s peers.
+fn repaired(c: &TestCluster, i: usize) -> u64 {
+    let stats = c.stats_cluster(i).unwrap();
+    (1..=c.n)
+        .filter(|&j| j != i)
+        .map(|j| stats[&format!("peer:{j}:repaired")].parse::<u64>().unwrap())
+        .sum()
+}
+
+/// Replicas that differ for a reason replication never sees (memcached
+/// evicting keys on one node, a value replaced behind memdial's back) are
+/// found by the periodic digest exchange and repaired, in both directions.
+#[test]
+fn anti_entropy_repairs_what_replication_missed() {
+    let _serial = serial();
+    let c = TestCluster::start(
+        3,
+        ClusterOpts {
+            memcached: true,
+            anti_entropy_interval_ms: Some(300),
+            ..ClusterOpts::default()
+        },
+    );
+    let mut n1 = c.client(1);
+    let keys: Vec<String> = (0..200).map(|i| format!("ae-{i}")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        let value = format!("ae-value-{i}-{}", "q".repeat(i % 30));
+        assert_eq!(
+            n1.set(key, (i % 4) as u32, 0, value.as_bytes()).unwrap(),
+            "STORED"
+        );
+    }
+    for key in &keys[190..] {
+        assert_eq!(n1.delete(key).unwrap(), "DELETED");
+    }
+    let (before, _) = c.wait_converged(CONVERGE_WAIT);
+    assert_eq!(before.len(), 200, "190 values and 10 tombstones");
+    let repaired_before: Vec<u64> = (1..=3).map(|i| repaired(&c, i)).collect();
+
+    // Behind memdial's back, on node 2's memcached: 20 values gone (as if
+    // evicted), 5 replaced by an older version, 3 tombstones gone; and 5
+    // keys only node 2 has (a write whose log entry never left it).
+    let mut m2 = Client::connect(c.memcached_port(2));
+    for key in &keys[..20] {
+        assert_eq!(m2.delete(key).unwrap(), "DELETED");
+    }
+    for key in &keys[20..25] {
+        let item = &before[key.as_bytes()];
+        let h = item.header().expect("memdial header");
+        let stale = with_header(false, h.ts - (1 << 16), h.node, 0, b"stale");
+        assert_eq!(m2.set(key, item.flags, 0, &stale).unwrap(), "STORED");
+    }
+    for key in &keys[190..193] {
+        assert_eq!(m2.delete(key).unwrap(), "DELETED");
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let extra: Vec<String> = (0..5).map(|i| format!("ae-extra-{i}")).collect();
+    for (i, key) in extra.iter().enumerate() {
+        let raw = with_header(false, now_ms << 16, 2, 0, format!("extra-{i}").as_bytes());
+        assert_eq!(m2.set(key, 9, 0, &raw).unwrap(), "STORED");
+    }
+    let damaged = Instant::now();
+
+    let (after, took) = c.wait_converged(CONVERGE_WAIT);
+    eprintln!(
+        "anti-entropy repaired node 2 and spread its extra keys within {:?}",
+        damaged.elapsed()
+    );
+    assert!(took < CONVERGE_WAIT);
+    for (k, item) in &before {
+        assert_eq!(
+            after.get(k),
+            Some(item),
+            "key {:?} after the repair",
+            String::from_utf8_lossy(k)
+        );
+    }
+    for (i, key) in extra.iter().enumerate() {
+        let item = &after[key.as_bytes()];
+        assert_eq!(item.data(), format!("extra-{i}").as_bytes());
+        assert_eq!(item.flags, 9);
+    }
+    assert_eq!(after.len(), 205);
+
+    // The counters follow the applies that made the replicas equal.
+    let started = Instant::now();
+    loop {
+        let now: Vec<u64> = (1..=3).map(|i| repaired(&c, i)).collect();
+        let grew: Vec<u64> = now
+            .iter()
+            .zip(&repaired_before)
+            .map(|(a, b)| a - b)
+            .collect();
+        // Node 2: 20 + 5 + 3 keys; nodes 1 and 3: the 5 extra keys each.
+        if grew[1] >= 28 && grew[0] >= 5 && grew[2] >= 5 {
+            eprintln!("repaired keys per node: {grew:?}");
+            break;
+        }
+        assert!(
+            started.elapsed() < CONVERGE_WAIT,
+            "repaired keys per node grew by {grew:?}; node 2: {:#?}",
+            c.stats_cluster(2)
+        );
+        poll_pause();
+    }
+    // Rounds run on every link, whether or not something differs.
+    let started = Instant::now();
+    loop {
+        let m = c.metrics(1).unwrap();
+        let rounds = metric(&m, "memdial_antientropy_rounds_total{peer=\"2\"}").unwrap_or(0.0);
+        if rounds >= 1.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < CONVERGE_WAIT,
+            "node 1 counted no anti-entropy round with node 2"
+        );
+        poll_pause();
+    }
+    let m2 = c.metrics(2).unwrap();
+    let fixed: f64 = [1, 3]
+        .iter()
+        .map(|p| {
+            metric(
+                &m2,
+                &format!("memdial_antientropy_repaired_keys_total{{peer=\"{p}\"}}"),
+            )
+            .unwrap_or(0.0)
+        })
+        .sum();
+    assert!(
+        fixed >= 28.0,
+        "node 2's /metrics shows {fixed} repaired keys"
+    );
+
+    let all: Vec<String> = keys.iter().chain(&extra).cloned().collect();
+    let on1 = c.client(1).get_many(&all).unwrap();
+    let on2 = c.client(2).get_many(&all).unwrap();
+    assert_eq!(on1.len(), 195, "{}", show(&on1));
+    assert!(on1 == on2, "node 2 reads: {}", values_diff(&on1, &on2));
+}
+
 #[test]
 fn wrong_secret_is_refused() {
     let _serial = serial();

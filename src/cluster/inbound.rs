@@ -1,6 +1,6 @@
 //! The internal port's acceptor: challenge every dialer, refuse those that
-//! cannot prove the shared secret (logged and counted), and apply what the
-//! accepted ones send.
+//! cannot prove the shared secret (logged and counted), apply what the
+//! accepted ones send, and answer their anti-entropy digests.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,11 +10,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::digest::{BUCKETS, Digest};
+use super::link::in_slot;
 use super::wire::{
     Cursor, Frame, Health, PROTOCOL_VERSION, Wire, WireError, hello_proof, nonce, proofs_match,
     welcome_proof,
 };
 use super::{Cluster, Replica};
+use crate::BoxFuture;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -99,9 +102,17 @@ async fn apply_loop(
         requests_total: (cluster.requests_total)(),
         log_head: cluster.backlog.head(),
     };
+    // The answer to the peer's latest digest, computed while its frames
+    // keep being applied and its heartbeats acknowledged.
+    let mut digesting: Option<BoxFuture<'_, Vec<u16>>> = None;
     loop {
         let frame = tokio::select! {
             _ = resync.changed() => return Err(InboundError::Resync),
+            diff = in_slot(&mut digesting), if digesting.is_some() => {
+                digesting = None;
+                wire.send(&Frame::DigestDiff { buckets: diff }).await?;
+                continue;
+            }
             f = wire.recv() => f?,
         };
         cluster.peers.heard(peer);
@@ -173,6 +184,32 @@ async fn apply_loop(
                     health: health(),
                 })
                 .await?;
+            }
+            Frame::Digest { buckets: theirs } => {
+                if theirs.len() != BUCKETS {
+                    return Err(WireError::Handshake("malformed digest".into()).into());
+                }
+                // Every frame the peer sent before its digest is applied, so
+                // this replica's digest, taken now, covers what the peer's
+                // does.
+                let grace = cluster.settings.tombstone_grace;
+                digesting = Some(Box::pin(async move {
+                    let mine = match cluster.list_keys(replica).await {
+                        Ok(keys) => Digest::of(replica, &keys, grace).await,
+                        Err(e) => Err(e),
+                    };
+                    match mine {
+                        Ok(mine) => mine.differing(&theirs).unwrap_or_default(),
+                        Err(e) => {
+                            tracing::warn!(
+                                error = %e,
+                                "anti-entropy: cannot compute this replica's digest; \
+                                 answering that nothing differs"
+                            );
+                            Vec::new()
+                        }
+                    }
+                }));
             }
             _ => {
                 return Err(WireError::Handshake("unexpected frame after handshake".into()).into());

@@ -1,20 +1,28 @@
 //! The outbound link to one peer: connect, prove the secret, then push this
 //! node's replication log from the peer's cursor (or a full resync when the
-//! cursor is void or out of the window), with heartbeats between.
+//! cursor is void or out of the window), with heartbeats between, and run
+//! anti-entropy rounds: send this replica's digest, and this replica's
+//! entries of the buckets where the peer answers that its replica differs.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures_util::FutureExt;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
 
 use super::backlog::TooOld;
+use super::digest::{self, BUCKETS, CHUNK, Digest};
 use super::wire::{
-    Cursor, Frame, Health, PROTOCOL_VERSION, Wire, WireError, WireRx, WireTx, hello_proof, nonce,
-    proofs_match, welcome_proof,
+    Cursor, Entry, Frame, Health, PROTOCOL_VERSION, Wire, WireError, WireRx, WireTx, entry_bytes,
+    frame_runs, hello_proof, nonce, proofs_match, welcome_proof,
 };
 use super::{Cluster, Replica};
+use crate::BoxFuture;
 
 /// Entries read per key batch during a full resync.
 const SNAPSHOT_CHUNK: usize = 256;
@@ -45,6 +53,22 @@ fn health(cluster: &Cluster) -> Health {
     Health {
         requests_total: (cluster.requests_total)(),
         log_head: cluster.backlog.head(),
+    }
+}
+
+fn heartbeat(cluster: &Cluster) -> Frame {
+    Frame::Heartbeat {
+        sent_us: now_us(),
+        health: health(cluster),
+    }
+}
+
+/// Waits for the future in `slot`, or forever when there is none (for a
+/// `select!` branch; the slot is emptied by the caller).
+pub(super) async fn in_slot<T>(slot: &mut Option<BoxFuture<'_, T>>) -> T {
+    match slot {
+        Some(f) => f.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -102,9 +126,12 @@ async fn session(
     cluster.peers.heard(peer);
     tracing::info!(peer, %addr, resume = ?cursor, "link to peer up");
     let (tx, rx) = wire.split();
+    // The peer's answers to our digests, from the reader to the pusher (one
+    // round is outstanding at a time).
+    let (diffs_tx, diffs_rx) = mpsc::channel(1);
     tokio::select! {
-        r = read_acks(cluster, peer, rx) => r,
-        r = push(cluster, peer, tx, cursor, replica) => r,
+        r = read_acks(cluster, peer, rx, diffs_tx) => r,
+        r = push(cluster, peer, tx, cursor, replica, diffs_rx) => r,
     }
 }
 
@@ -162,7 +189,12 @@ async fn recv_within(wire: &mut Wire, wait: Duration) -> Result<Frame, WireError
         .map_err(|_| WireError::Timeout)?
 }
 
-async fn read_acks(cluster: &Cluster, peer: u32, mut rx: WireRx) -> Result<(), LinkError> {
+async fn read_acks(
+    cluster: &Cluster,
+    peer: u32,
+    mut rx: WireRx,
+    diffs: mpsc::Sender<Vec<u16>>,
+) -> Result<(), LinkError> {
     loop {
         match rx.recv().await? {
             Frame::Ack {
@@ -178,7 +210,67 @@ async fn read_acks(cluster: &Cluster, peer: u32, mut rx: WireRx) -> Result<(), L
                         .rtt(peer, Duration::from_micros(now_us().saturating_sub(sent)));
                 }
             }
+            Frame::DigestDiff { buckets } => {
+                cluster.peers.heard(peer);
+                if diffs.try_send(buckets).is_err() {
+                    tracing::debug!(peer, "ignoring a digest answer nobody asked for");
+                }
+            }
             _ => return Err(WireError::Handshake("unexpected frame from peer".into()).into()),
+        }
+    }
+}
+
+/// One link's anti-entropy rounds. A round: compute this replica's digest
+/// beside the log push (entries and heartbeats keep flowing), send it once
+/// every log entry written meanwhile is sent, wait for the peer's answer,
+/// send this replica's entries of the buckets it names. Rounds start a
+/// jittered interval after the previous one ended, never during a full
+/// resync.
+struct AntiEntropy<'a> {
+    interval: Option<Duration>,
+    next: Instant,
+    computing: Option<BoxFuture<'a, Result<Digest, String>>>,
+    /// Computed, to send once the log is flushed.
+    ready: Option<Digest>,
+    /// Sent; the peer's answer is awaited.
+    awaiting: bool,
+}
+
+impl AntiEntropy<'_> {
+    fn new(interval: Option<Duration>) -> Self {
+        let mut ae = AntiEntropy {
+            interval,
+            next: Instant::now(),
+            computing: None,
+            ready: None,
+            awaiting: false,
+        };
+        ae.schedule();
+        ae
+    }
+
+    /// The next round starts ±20% of the interval from now, so the links of
+    /// a cluster do not all scan their stores at once.
+    fn schedule(&mut self) {
+        if let Some(i) = self.interval {
+            self.next = Instant::now() + i.mul_f64(rand::random_range(0.8..=1.2));
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.interval.is_some()
+            && self.computing.is_none()
+            && self.ready.is_none()
+            && !self.awaiting
+    }
+
+    /// Drops a round in progress (its digest predates a full resync).
+    fn cancel(&mut self) {
+        let computing = self.computing.take().is_some();
+        let ready = self.ready.take().is_some();
+        if computing || ready {
+            self.schedule();
         }
     }
 }
@@ -189,6 +281,7 @@ async fn push(
     mut tx: WireTx,
     cursor: Option<Cursor>,
     replica: &dyn Replica,
+    mut diffs: mpsc::Receiver<Vec<u16>>,
 ) -> Result<(), LinkError> {
     let s = &cluster.settings;
     let backlog = &cluster.backlog;
@@ -201,15 +294,19 @@ async fn push(
     };
     let mut beat = tokio::time::interval(s.heartbeat_interval);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ae = AntiEntropy::new(s.anti_entropy_interval);
+    let label = peer.to_string();
     loop {
         match backlog.read_after(sent, s.batch_max) {
             Ok(batch) if !batch.is_empty() => {
-                sent = batch.last().map_or(sent, |(seq, _)| *seq);
-                let entries = batch
-                    .into_iter()
-                    .map(|(seq, e)| (seq, (*e).clone()))
-                    .collect();
-                tx.send(&Frame::Entries { entries }).await?;
+                for run in frame_runs(batch, |(_, e)| entry_bytes(e)) {
+                    sent = run.last().map_or(sent, |(seq, _)| *seq);
+                    let entries = run
+                        .into_iter()
+                        .map(|(seq, e)| (seq, (*e).clone()))
+                        .collect();
+                    tx.send(&Frame::Entries { entries }).await?;
+                }
                 continue;
             }
             Ok(_) => {}
@@ -219,9 +316,19 @@ async fn push(
                     sent,
                     "peer fell behind the replication backlog; sending a full resync"
                 );
+                ae.cancel();
                 sent = full_resync(cluster, peer, &mut tx, replica).await?;
                 continue;
             }
+        }
+        // Every log entry written while the digest was computed is sent
+        // now, so the peer's replica includes all that the digest covers.
+        if let Some(d) = ae.ready.take() {
+            tx.send(&Frame::Digest {
+                buckets: d.into_buckets(),
+            })
+            .await?;
+            ae.awaiting = true;
         }
         tokio::select! {
             changed = head.changed() => {
@@ -230,10 +337,106 @@ async fn push(
                 }
             }
             _ = beat.tick() => {
-                tx.send(&Frame::Heartbeat { sent_us: now_us(), health: health(cluster) }).await?;
+                tx.send(&heartbeat(cluster)).await?;
+            }
+            _ = tokio::time::sleep_until(ae.next), if ae.idle() => {
+                ae.computing = Some(Box::pin(async move {
+                    let keys = cluster.list_keys(replica).await?;
+                    Digest::of(replica, &keys, s.tombstone_grace).await
+                }));
+            }
+            digest = in_slot(&mut ae.computing), if ae.computing.is_some() => {
+                ae.computing = None;
+                match digest {
+                    Ok(d) => ae.ready = Some(d),
+                    Err(e) => {
+                        tracing::warn!(peer, error = %e, "anti-entropy: cannot compute this replica's digest");
+                        ae.schedule();
+                    }
+                }
+            }
+            diff = diffs.recv() => {
+                let Some(buckets) = diff else { return Ok(()) };
+                if !ae.awaiting {
+                    continue;
+                }
+                ae.awaiting = false;
+                cluster.metrics.antientropy_rounds.with_label_values(&[&label]).inc();
+                if !buckets.is_empty() {
+                    match repair(cluster, peer, &mut tx, replica, &buckets, &mut beat).await {
+                        Ok(entries) => tracing::debug!(
+                            peer,
+                            buckets = buckets.len(),
+                            entries,
+                            "anti-entropy: replicas differ; sent this replica's entries of those buckets"
+                        ),
+                        Err(LinkError::Replica(e)) => tracing::warn!(
+                            peer,
+                            error = %e,
+                            "anti-entropy: cannot read this replica for a repair"
+                        ),
+                        Err(e) => return Err(e),
+                    }
+                }
+                ae.schedule();
             }
         }
     }
+}
+
+/// Sends this replica's entries of `buckets` (where the peer's replica
+/// differs) as snapshot chunks, which the peer applies last-writer-wins; the
+/// peer's cursor does not move. Returns how many entries were sent. Entries
+/// newer on the peer are sent to us by the peer's own link.
+async fn repair(
+    cluster: &Cluster,
+    peer: u32,
+    tx: &mut WireTx,
+    replica: &dyn Replica,
+    buckets: &[u16],
+    beat: &mut Interval,
+) -> Result<usize, LinkError> {
+    let mut wanted = vec![false; BUCKETS];
+    for &b in buckets {
+        if let Some(w) = wanted.get_mut(usize::from(b)) {
+            *w = true;
+        }
+    }
+    let keys: Vec<Bytes> = cluster
+        .list_keys(replica)
+        .await
+        .map_err(LinkError::Replica)?
+        .into_iter()
+        .filter(|k| wanted[digest::bucket(k)])
+        .collect();
+    let grace = cluster.settings.tombstone_grace;
+    let mut sent = 0;
+    for chunk in keys.chunks(CHUNK) {
+        let now = now_ms();
+        let entries: Vec<Entry> = replica
+            .read(chunk)
+            .await
+            .map_err(LinkError::Replica)?
+            .into_iter()
+            .filter(|e| digest::compared(e, now, grace))
+            .collect();
+        sent += entries.len();
+        send_snapshot(tx, entries).await?;
+        // A large repair must not silence the link.
+        if beat.tick().now_or_never().is_some() {
+            tx.send(&heartbeat(cluster)).await?;
+        }
+    }
+    tracing::trace!(peer, keys = keys.len(), sent, "anti-entropy repair sent");
+    Ok(sent)
+}
+
+/// Sends entries as `Snapshot` frames within the frame budget.
+async fn send_snapshot(tx: &mut WireTx, entries: Vec<Entry>) -> Result<(), WireError> {
+    for entries in frame_runs(entries, entry_bytes) {
+        tx.send(&Frame::Snapshot { entries }).await?;
+    }
+    Ok(())
 }
 
 /// Sends this replica's whole state; returns the log position it covers.
@@ -246,13 +449,14 @@ async fn full_resync(
     // Every entry up to `seq` is already applied to the store, so the state
     // read below includes it; later entries follow from the log.
     let seq = cluster.backlog.head();
-    let keys = replica.keys().await.map_err(LinkError::Replica)?;
+    let keys = cluster
+        .list_keys(replica)
+        .await
+        .map_err(LinkError::Replica)?;
     tracing::info!(peer, keys = keys.len(), seq, "sending a full resync");
     for chunk in keys.chunks(SNAPSHOT_CHUNK) {
         let entries = replica.read(chunk).await.map_err(LinkError::Replica)?;
-        if !entries.is_empty() {
-            tx.send(&Frame::Snapshot { entries }).await?;
-        }
+        send_snapshot(tx, entries).await?;
     }
     tx.send(&Frame::SnapshotDone { seq }).await?;
     cluster

@@ -1,8 +1,9 @@
 //! The peers of a node: the internal port (framed binary protocol with an
 //! authenticated handshake), one long-lived outbound link per peer that
-//! pushes this node's replication log and heartbeats, an inbound handler per
-//! peer that applies what arrives, and the failure detector that marks peers
-//! up / suspect / down.
+//! pushes this node's replication log and heartbeats and runs periodic
+//! anti-entropy (digest exchange, then repair of the buckets that differ),
+//! an inbound handler per peer that applies what arrives, and the failure
+//! detector that marks peers up / suspect / down.
 //!
 //! What a replicated write means is not decided here: entries are handed to
 //! a [`Replica`] (implemented by `consistency`).
@@ -10,6 +11,7 @@
 //! May use: `protocol`, `config`, `metrics`.
 
 pub mod backlog;
+mod digest;
 mod inbound;
 mod link;
 mod peers;
@@ -61,6 +63,12 @@ pub struct ClusterSettings {
     pub batch_max: usize,
     /// How often the backing store is checked for a restart.
     pub store_check_interval: Duration,
+    /// How often each outbound link compares digests with its peer (±20%);
+    /// `None` never does.
+    pub anti_entropy_interval: Option<Duration>,
+    /// How long a tombstone lives after its delete; anti-entropy leaves
+    /// older ones out.
+    pub tombstone_grace: Duration,
 }
 
 /// The cluster side of one node.
@@ -74,6 +82,10 @@ pub struct Cluster {
     /// Bumped when the local store lost its data: inbound links close so
     /// that every peer reconnects and sends a full resync.
     resync: watch::Sender<u64>,
+    /// Held while listing the store's keys for a resync or anti-entropy:
+    /// memcached runs one key listing (`lru_crawler`) at a time and answers
+    /// `BUSY` to a second, so this node's links take turns.
+    listing: tokio::sync::Mutex<()>,
 }
 
 impl Cluster {
@@ -92,7 +104,14 @@ impl Cluster {
             metrics,
             requests_total,
             resync: watch::Sender::new(0),
+            listing: tokio::sync::Mutex::new(()),
         }))
+    }
+
+    /// Every key of the local replica, one listing at a time.
+    async fn list_keys(&self, replica: &dyn Replica) -> Result<Vec<Bytes>, String> {
+        let _turn = self.listing.lock().await;
+        replica.keys().await
     }
 
     pub fn node_id(&self) -> u32 {

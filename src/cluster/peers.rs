@@ -49,7 +49,7 @@ pub struct PeerView {
     pub request_rate: f64,
     /// Entries of its log we applied.
     pub applied: u64,
-    /// Keys a full resync from it changed here.
+    /// Keys a full resync or an anti-entropy repair from it changed here.
     pub repaired: u64,
 }
 
@@ -183,6 +183,7 @@ pub(super) struct ClusterMetrics {
     pub backlog_entries: IntGauge,
     pub applied: IntCounterVec,
     pub repaired: IntCounterVec,
+    pub antientropy_rounds: IntCounterVec,
     pub full_resyncs_sent: IntCounterVec,
     pub handshakes_refused: IntCounterVec,
     pub store_restarts: IntCounter,
@@ -242,7 +243,17 @@ impl ClusterMetrics {
                 IntCounterVec::new(
                     Opts::new(
                         "antientropy_repaired_keys_total",
-                        "Keys a full resync from the peer changed here",
+                        "Keys a full resync or an anti-entropy repair from the peer changed here",
+                    ),
+                    peer,
+                )?,
+            )?,
+            antientropy_rounds: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "antientropy_rounds_total",
+                        "Anti-entropy digest exchanges this node completed with the peer",
                     ),
                     peer,
                 )?,

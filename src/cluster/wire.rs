@@ -5,7 +5,10 @@
 //! `Hello` with a proof of the shared secret over both nonces; the acceptor
 //! checks it and answers `Welcome` with its own proof (or `Refused` and
 //! closes). After that the dialer sends `Entries`, `Snapshot`,
-//! `SnapshotDone` and `Heartbeat`; the acceptor answers `Ack`.
+//! `SnapshotDone` and `Heartbeat`; the acceptor answers `Ack`. For
+//! anti-entropy the dialer sends `Digest`; the acceptor answers
+//! `DigestDiff`, and the dialer sends its entries of those buckets as
+//! `Snapshot` frames.
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
@@ -16,10 +19,45 @@ use tokio::net::TcpStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 /// Bumped whenever a frame changes shape; peers of another version are refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
-/// Largest frame accepted (a batch of entries of at most item_size_max each).
-pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// Largest frame accepted. Senders keep batches of entries under
+/// [`FRAME_BUDGET`]; a single entry is at most `item_size_max`, which the
+/// config keeps under `MAX_CLUSTER_ITEM_BYTES`.
+pub const MAX_FRAME_BYTES: usize = 2 * crate::config::MAX_CLUSTER_ITEM_BYTES;
+
+/// Entries are packed into frames of about this many bytes at most.
+pub const FRAME_BUDGET: usize = 4 * 1024 * 1024;
+
+/// About how many bytes an entry takes in a frame.
+pub fn entry_bytes(e: &Entry) -> usize {
+    let data = match &e.op {
+        Op::Put { data, .. } => data.len(),
+        _ => 0,
+    };
+    e.key.len() + data + 32
+}
+
+/// Splits entries into runs that each fit a frame (a run holds at least one
+/// entry).
+pub fn frame_runs<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut runs = Vec::new();
+    let mut run = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        let n = size(&item);
+        if !run.is_empty() && bytes + n > FRAME_BUDGET {
+            runs.push(std::mem::take(&mut run));
+            bytes = 0;
+        }
+        bytes += n;
+        run.push(item);
+    }
+    if !run.is_empty() {
+        runs.push(run);
+    }
+    runs
+}
 
 /// A write's version: a hybrid logical clock reading and the node that made
 /// it. Versions are totally ordered; the node id breaks ties.
@@ -116,6 +154,16 @@ pub enum Frame {
         /// The `sent_us` of the heartbeat this answers, for round-trip time.
         echo_us: Option<u64>,
         health: Health,
+    },
+    /// Anti-entropy: the dialer's replica summarised (see `digest.rs`), one
+    /// value per bucket. Sent after every log entry the dialer had then.
+    Digest {
+        buckets: Vec<u64>,
+    },
+    /// The acceptor's answer to `Digest`: the buckets where its replica
+    /// differs.
+    DigestDiff {
+        buckets: Vec<u16>,
     },
 }
 
@@ -287,6 +335,17 @@ mod tests {
         };
         let bytes = postcard::to_stdvec(&f).unwrap();
         assert_eq!(postcard::from_bytes::<Frame>(&bytes).unwrap(), f);
+        for f in [
+            Frame::Digest {
+                buckets: vec![u64::MAX; 1 << 16],
+            },
+            Frame::DigestDiff {
+                buckets: vec![0, 255, u16::MAX],
+            },
+        ] {
+            let bytes = postcard::to_stdvec(&f).unwrap();
+            assert_eq!(postcard::from_bytes::<Frame>(&bytes).unwrap(), f);
+        }
     }
 
     #[test]
@@ -302,6 +361,19 @@ mod tests {
             welcome_proof("s", "c", 1, &a),
             welcome_proof("s", "c", 1, &b)
         );
+    }
+
+    #[test]
+    fn frame_runs_stay_within_the_budget() {
+        let runs = frame_runs(vec![FRAME_BUDGET / 2; 5], |n| *n);
+        assert_eq!(runs.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 2, 1]);
+        let runs = frame_runs(vec![FRAME_BUDGET * 3, 1], |n| *n);
+        assert_eq!(
+            runs.len(),
+            2,
+            "an entry larger than the budget travels alone"
+        );
+        assert!(frame_runs(Vec::<usize>::new(), |n| *n).is_empty());
     }
 
     #[test]

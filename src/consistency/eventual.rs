@@ -649,6 +649,8 @@ mod tests {
             reconnect_max: Duration::from_millis(100),
             batch_max: 16,
             store_check_interval: Duration::from_millis(100),
+            anti_entropy_interval: None,
+            tombstone_grace: Duration::from_secs(60),
         };
         let backlog = Arc::new(Backlog::new(7, 100, 1 << 20));
         let cluster = Cluster::new(settings, backlog, &metrics.registry, Box::new(|| 0)).unwrap();

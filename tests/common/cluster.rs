@@ -603,6 +603,9 @@ pub struct ClusterOpts {
     pub relays: bool,
     /// Per-node `cluster.secret` overrides: (node id, secret).
     pub secrets: Vec<(usize, String)>,
+    /// `cluster.anti_entropy_interval_ms`; `None` leaves it out of the
+    /// config (the production default).
+    pub anti_entropy_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -621,6 +624,7 @@ pub struct TestCluster {
     memcacheds: Vec<Option<Memcached>>,
     /// (from, to) → the relay `from` dials to reach `to`.
     relays: BTreeMap<(usize, usize), Relay>,
+    anti_entropy_interval_ms: Option<u64>,
 }
 
 pub const SECRET: &str = "test-secret-0123456789";
@@ -684,6 +688,7 @@ impl TestCluster {
             procs: (0..n).map(|_| None).collect(),
             memcacheds,
             relays,
+            anti_entropy_interval_ms: opts.anti_entropy_interval_ms,
         };
         for me in 1..=n {
             let secret = opts
@@ -705,8 +710,12 @@ impl TestCluster {
         let mut s = format!(
             "cluster:\n  name: memdial-test\n  secret: \"{secret}\"\n  consistency: eventual\n  \
              heartbeat_interval_ms: 100\n  suspect_after_ms: 500\n  down_after_ms: 1500\n  \
-             reconnect_max_ms: 300\n  store_check_interval_ms: 300\nnodes:\n"
+             reconnect_max_ms: 300\n  store_check_interval_ms: 300\n"
         );
+        if let Some(ms) = self.anti_entropy_interval_ms {
+            s += &format!("  anti_entropy_interval_ms: {ms}\n");
+        }
+        s += "nodes:\n";
         for j in 1..=self.n {
             let p = self.ports[j - 1];
             let internal = match self.relays.get(&(me, j)) {
