@@ -217,12 +217,12 @@ impl Default for BackendConfig {
 /// A config that cannot be used, naming the field at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: String,
         source: std::io::Error,
     },
-    #[error("parsing {path}: {source}")]
+    #[error("parsing {path}")]
     Parse {
         path: String,
         source: serde_yaml_ng::Error,
