@@ -759,3 +759,37 @@ fn garbage_lines_get_error_lines_and_the_connection_stays() {
         "STORED\r\n"
     );
 }
+
+// A get of many keys is answered in parts (memdial holds at most 64 values
+// of one reply at a time); the client still sees one reply, in key order.
+#[test]
+fn a_get_of_many_large_values_is_answered_whole_and_in_order() {
+    let memcached = Memcached::start();
+    for node in [Memdial::embedded(), Memdial::over(&memcached)] {
+        let mut conn = Conn::open(node.port);
+        let value = |i: usize| format!("{i:06}").repeat(100_000 / 6);
+        let kept: Vec<usize> = (0..200).filter(|i| i % 7 != 0).collect();
+        let mut sets = Vec::new();
+        for &i in &kept {
+            let v = value(i);
+            sets.extend_from_slice(format!("set big{i} {i} 0 {}\r\n{v}\r\n", v.len()).as_bytes());
+        }
+        conn.send(&sets);
+        let stored = conn.read_exact_len(kept.len() * b"STORED\r\n".len());
+        assert_eq!(text(&stored), "STORED\r\n".repeat(kept.len()));
+        let keys: Vec<String> = (0..200).map(|i| format!("big{i}")).collect();
+        let mut expected = String::new();
+        for &i in &kept {
+            let v = value(i);
+            expected.push_str(&format!("VALUE big{i} {i} {}\r\n{v}\r\n", v.len()));
+        }
+        expected.push_str("END\r\n");
+        conn.send(format!("get {}\r\n", keys.join(" ")).as_bytes());
+        let got = conn.read_exact_len(expected.len());
+        assert!(
+            got == expected.as_bytes(),
+            "the reply differs from the values stored, in order"
+        );
+        assert!(text(&conn.call(b"version\r\n", b"\r\n")).starts_with("VERSION"));
+    }
+}

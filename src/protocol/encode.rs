@@ -136,7 +136,8 @@ pub fn encode_request(request: &Request, with_noreply: bool, buf: &mut BytesMut)
     buf.put_slice(b"\r\n");
 }
 
-fn value(buf: &mut BytesMut, v: &Value) {
+/// Writes one `VALUE` block of a get-family reply (its `END` is separate).
+pub fn encode_value(v: &Value, buf: &mut BytesMut) {
     buf.reserve(v.key.len() + v.data.len() + 48);
     buf.put_slice(b"VALUE ");
     buf.put_slice(&v.key);
@@ -158,7 +159,7 @@ pub fn encode_response(response: &Response, buf: &mut BytesMut) {
     match response {
         Response::Values(values) => {
             for v in values {
-                value(buf, v);
+                encode_value(v, buf);
             }
             buf.put_slice(b"END\r\n");
         }

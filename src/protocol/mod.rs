@@ -11,7 +11,7 @@ mod limits;
 mod parse;
 mod reply;
 
-pub use encode::{encode_request, encode_response};
+pub use encode::{encode_request, encode_response, encode_value};
 pub use error::ClientError;
 pub use limits::Limits;
 pub use parse::{Parsed, parse_request};

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use crate::protocol::{
-    ClientError, Command, Parsed, Request, Response, encode_response, parse_request,
+    ClientError, Command, Parsed, Request, Response, encode_response, encode_value, parse_request,
 };
 
 /// What a connection does after answering a batch.
@@ -44,8 +44,12 @@ pub(super) struct Connection<'a> {
 const READ_CHUNK: usize = 16 * 1024;
 /// While draining at shutdown, a client quiet this long is done.
 const DRAIN_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
-/// A write buffer grown past this by a large reply is released afterwards.
+/// A write buffer grown past this by a large reply is released afterwards,
+/// and a streamed get reply is written out whenever it passes it.
 const KEEP_BUFFER: usize = 1024 * 1024;
+/// A get of more keys than this is fetched and answered in parts of this
+/// many keys: one reply then holds at most this many values in memory.
+const STREAM_GET_KEYS: usize = 64;
 
 impl<'a> Connection<'a> {
     pub fn new(stream: TcpStream, shared: &'a Shared) -> Self {
@@ -201,8 +205,38 @@ impl<'a> Connection<'a> {
             .inc();
     }
 
-    /// Runs the batch and writes every reply, in order, with one write.
+    /// Runs the batch and writes every reply, in order, with one write
+    /// (a get of many keys is answered in parts; see `stream_get`).
     async fn answer(&mut self, slots: Vec<Slot>, requests: Vec<Request>) -> std::io::Result<()> {
+        let mut requests = requests.into_iter();
+        let (mut seg_slots, mut seg_requests) = (Vec::new(), Vec::new());
+        for slot in slots {
+            let Slot::Pipeline { noreply } = slot else {
+                seg_slots.push(slot);
+                continue;
+            };
+            let Some(request) = requests.next() else {
+                break;
+            };
+            if key_count(&request).is_some_and(|n| n > STREAM_GET_KEYS) {
+                let (slots, requests) = (
+                    std::mem::take(&mut seg_slots),
+                    std::mem::take(&mut seg_requests),
+                );
+                self.run_segment(slots, requests).await;
+                self.stream_get(request).await?;
+                continue;
+            }
+            seg_requests.push(request);
+            seg_slots.push(Slot::Pipeline { noreply });
+        }
+        self.run_segment(seg_slots, seg_requests).await;
+        self.write_out().await
+    }
+
+    /// Runs consecutive requests as one pipeline batch and encodes their
+    /// replies, with the ready ones among them, in order.
+    async fn run_segment(&mut self, slots: Vec<Slot>, requests: Vec<Request>) {
         let commands: Vec<_> = requests
             .iter()
             .map(|r| (r.command(), key_count(r)))
@@ -229,6 +263,72 @@ impl<'a> Connection<'a> {
                 }
             }
         }
+    }
+
+    /// A get of more than [`STREAM_GET_KEYS`] keys, fetched and written a
+    /// part at a time so that the values held for one reply stay bounded
+    /// (memcached streams such replies too). A failure after values were
+    /// sent ends the reply with the error line and closes the connection,
+    /// since the client cannot tell which keys it is missing.
+    async fn stream_get(&mut self, request: Request) -> std::io::Result<()> {
+        let command = request.command();
+        let keys = match &request {
+            Request::Get { keys, .. } | Request::Gat { keys, .. } => keys.clone(),
+            _ => Vec::new(),
+        };
+        let started = Instant::now();
+        let mut hits = 0;
+        for (i, chunk) in keys.chunks(STREAM_GET_KEYS).enumerate() {
+            let mut reply = self
+                .shared
+                .pipeline
+                .execute(vec![with_keys(&request, chunk.to_vec())])
+                .await;
+            match reply.pop() {
+                Some(Response::Values(values)) => {
+                    hits += values.len();
+                    for v in &values {
+                        encode_value(v, &mut self.wbuf);
+                    }
+                }
+                other => {
+                    let error = other.unwrap_or_else(|| Response::server_error("no reply"));
+                    self.record(
+                        &[(command, None)],
+                        std::slice::from_ref(&error),
+                        started.elapsed().as_secs_f64(),
+                    );
+                    encode_response(&error, &mut self.wbuf);
+                    self.write_out().await?;
+                    if i == 0 {
+                        return Ok(());
+                    }
+                    return Err(std::io::Error::other(
+                        "backend failed in the middle of a get",
+                    ));
+                }
+            }
+            if self.wbuf.len() >= KEEP_BUFFER {
+                self.write_out().await?;
+            }
+        }
+        self.wbuf.extend_from_slice(b"END\r\n");
+        let m = &self.shared.metrics;
+        m.latency
+            .with_label_values(&[command.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        m.requests
+            .with_label_values(&[command.as_str(), if hits == 0 { "miss" } else { "hit" }])
+            .inc();
+        m.get_keys.with_label_values(&["hit"]).inc_by(hits as u64);
+        m.get_keys
+            .with_label_values(&["miss"])
+            .inc_by((keys.len() - hits) as u64);
+        Ok(())
+    }
+
+    /// Writes what is buffered.
+    async fn write_out(&mut self) -> std::io::Result<()> {
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await?;
             self.shared
@@ -261,6 +361,19 @@ impl<'a> Connection<'a> {
                     .inc_by(keys.saturating_sub(values.len()) as u64);
             }
         }
+    }
+}
+
+/// The same get-family request for other keys.
+fn with_keys(request: &Request, keys: Vec<bytes::Bytes>) -> Request {
+    match request {
+        Request::Gat { exptime, cas, .. } => Request::Gat {
+            exptime: *exptime,
+            keys,
+            cas: *cas,
+        },
+        Request::Get { cas, .. } => Request::Get { keys, cas: *cas },
+        other => other.clone(),
     }
 }
 
