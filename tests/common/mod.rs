@@ -19,18 +19,30 @@ pub fn free_port() -> u16 {
 
 /// Polls until something accepts connections on `port`.
 pub fn wait_for_port(port: u16, child: &mut Child) {
+    if let Err(status) = try_wait_for_port(port, child) {
+        panic!("process exited before listening on {port}: {status}");
+    }
+}
+
+/// Polls until something accepts on `port`; `Err` if the process exited
+/// first (for example because another test took the port meanwhile).
+pub fn try_wait_for_port(port: u16, child: &mut Child) -> Result<(), std::process::ExitStatus> {
     let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("process exited before listening on {port}: {status}");
+            return Err(status);
         }
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
+            return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("nothing listening on {port} after {WAIT:?}");
 }
+
+/// Free ports are only free when picked: a process that exits before
+/// listening is started again on fresh ports, a few times.
+const START_ATTEMPTS: usize = 3;
 
 /// A memcached process, killed when dropped.
 pub struct Memcached {
@@ -40,10 +52,20 @@ pub struct Memcached {
 
 impl Memcached {
     pub fn start() -> Memcached {
+        for _ in 1..START_ATTEMPTS {
+            if let Some(m) = Self::try_start_on(free_port()) {
+                return m;
+            }
+        }
         Self::start_on(free_port())
     }
 
     pub fn start_on(port: u16) -> Memcached {
+        Self::try_start_on(port)
+            .unwrap_or_else(|| panic!("memcached exited before listening on {port}"))
+    }
+
+    fn try_start_on(port: u16) -> Option<Memcached> {
         let mut child = Command::new("memcached")
             .args(["-l", "127.0.0.1", "-U", "0", "-t", "2", "-m", "64", "-p"])
             .arg(port.to_string())
@@ -52,8 +74,8 @@ impl Memcached {
             .stderr(Stdio::null())
             .spawn()
             .expect("memcached on PATH (the README's test command installs it)");
-        wait_for_port(port, &mut child);
-        Memcached { port, child }
+        try_wait_for_port(port, &mut child).ok()?;
+        Some(Memcached { port, child })
     }
 
     pub fn addr(&self) -> String {
@@ -110,6 +132,22 @@ impl Memdial {
 
     /// `serve --config FILE` with extra arguments.
     pub fn serve_with_config(config: Option<&std::path::Path>, extra: &[&str]) -> Memdial {
+        for attempt in 1..=START_ATTEMPTS {
+            match Self::try_serve(config, extra) {
+                Ok(m) => return m,
+                Err(status) if attempt < START_ATTEMPTS => {
+                    eprintln!("memdial exited before listening ({status}); retrying on new ports");
+                }
+                Err(status) => panic!("memdial exited before listening: {status}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn try_serve(
+        config: Option<&std::path::Path>,
+        extra: &[&str],
+    ) -> Result<Memdial, std::process::ExitStatus> {
         let (port, admin_port) = (free_port(), free_port());
         let mut cmd = Command::new(memdial_bin());
         cmd.arg("serve");
@@ -123,12 +161,12 @@ impl Memdial {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn memdial");
-        wait_for_port(port, &mut child);
-        Memdial {
+        try_wait_for_port(port, &mut child)?;
+        Ok(Memdial {
             port,
             admin_port,
             child,
-        }
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
