@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::digest::{BUCKETS, Digest};
 use super::link::in_slot;
 use super::wire::{
-    Cursor, Frame, Health, PROTOCOL_VERSION, Wire, WireError, hello_proof, nonce, proofs_match,
+    Cursor, Frame, PROTOCOL_VERSION, Wire, WireError, hello_proof, nonce, proofs_match,
     welcome_proof,
 };
 use super::{Cluster, Replica};
@@ -98,10 +98,6 @@ async fn apply_loop(
     resync.mark_unchanged();
     cluster.peers.heard(peer);
     let label = peer.to_string();
-    let health = || Health {
-        requests_total: (cluster.requests_total)(),
-        log_head: cluster.backlog.head(),
-    };
     // The answer to the peer's latest digest, computed while its frames
     // keep being applied and its heartbeats acknowledged.
     let mut digesting: Option<BoxFuture<'_, Vec<u16>>> = None;
@@ -145,7 +141,7 @@ async fn apply_loop(
                 wire.send(&Frame::Ack {
                     cursor: Some(cursor),
                     echo_us: None,
-                    health: health(),
+                    health: cluster.health(),
                 })
                 .await?;
             }
@@ -168,7 +164,7 @@ async fn apply_loop(
                 wire.send(&Frame::Ack {
                     cursor: Some(cursor),
                     echo_us: None,
-                    health: health(),
+                    health: cluster.health(),
                 })
                 .await?;
             }
@@ -181,7 +177,7 @@ async fn apply_loop(
                 wire.send(&Frame::Ack {
                     cursor,
                     echo_us: Some(sent_us),
-                    health: health(),
+                    health: cluster.health(),
                 })
                 .await?;
             }

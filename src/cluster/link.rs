@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::backlog::TooOld;
 use super::digest::{self, BUCKETS, CHUNK, Digest};
 use super::wire::{
-    Cursor, Entry, Frame, Health, PROTOCOL_VERSION, Wire, WireError, WireRx, WireTx, entry_bytes,
+    Cursor, Entry, Frame, PROTOCOL_VERSION, Wire, WireError, WireRx, WireTx, entry_bytes,
     frame_runs, hello_proof, nonce, proofs_match, welcome_proof,
 };
 use super::{Cluster, Replica};
@@ -49,17 +49,10 @@ fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-fn health(cluster: &Cluster) -> Health {
-    Health {
-        requests_total: (cluster.requests_total)(),
-        log_head: cluster.backlog.head(),
-    }
-}
-
 fn heartbeat(cluster: &Cluster) -> Frame {
     Frame::Heartbeat {
         sent_us: now_us(),
-        health: health(cluster),
+        health: cluster.health(),
     }
 }
 

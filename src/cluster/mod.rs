@@ -79,6 +79,9 @@ pub struct Cluster {
     metrics: ClusterMetrics,
     /// Requests served, reported in heartbeats.
     requests_total: Box<dyn Fn() -> u64 + Send + Sync>,
+    /// `requests_total` as of the last metrics refresh: acks and heartbeats
+    /// read this instead of summing the counters for every frame.
+    requests_seen: std::sync::atomic::AtomicU64,
     /// Bumped when the local store lost its data: inbound links close so
     /// that every peer reconnects and sends a full resync.
     resync: watch::Sender<u64>,
@@ -103,6 +106,7 @@ impl Cluster {
             peers,
             metrics,
             requests_total,
+            requests_seen: std::sync::atomic::AtomicU64::new(0),
             resync: watch::Sender::new(0),
             listing: tokio::sync::Mutex::new(()),
         }))
@@ -187,6 +191,10 @@ impl Cluster {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            self.requests_seen.store(
+                (self.requests_total)(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             self.metrics.backlog_entries.set(self.backlog.len() as i64);
             for p in self.view() {
                 let id = p.id.to_string();
@@ -207,6 +215,16 @@ impl Cluster {
                         .set(lag as i64);
                 }
             }
+        }
+    }
+
+    /// What this node says about itself in heartbeats and acks.
+    fn health(&self) -> wire::Health {
+        wire::Health {
+            requests_total: self
+                .requests_seen
+                .load(std::sync::atomic::Ordering::Relaxed),
+            log_head: self.backlog.head(),
         }
     }
 
