@@ -197,6 +197,7 @@ pub enum Command {
 }
 
 impl Command {
+    /// Every command, in declaration order (so `ALL[c as usize] == c`).
     pub const ALL: [Command; 19] = [
         Command::Get,
         Command::Gets,
@@ -313,6 +314,18 @@ impl Response {
             Response::Error(ErrorReply::Error) => "error",
             Response::Error(ErrorReply::Client(_)) => "client_error",
             Response::Error(ErrorReply::Server(_)) => "server_error",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Command;
+
+    #[test]
+    fn all_commands_are_listed_in_declaration_order() {
+        for (i, c) in Command::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c:?}");
         }
     }
 }

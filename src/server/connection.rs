@@ -2,15 +2,18 @@
 //! run them through the pipeline as one batch, write the replies in request
 //! order with a single write, repeat.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
+use prometheus::{Histogram, IntCounter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use crate::metrics::Metrics;
 use crate::protocol::{
     ClientError, Command, Parsed, Request, Response, encode_response, encode_value, parse_request,
 };
@@ -39,6 +42,7 @@ pub(super) struct Connection<'a> {
     wbuf: BytesMut,
     /// Bytes still to discard: the data block of a rejected value.
     skip: usize,
+    handles: Handles,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -60,6 +64,7 @@ impl<'a> Connection<'a> {
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(READ_CHUNK),
             skip: 0,
+            handles: Handles::new(&shared.metrics),
         }
     }
 
@@ -313,17 +318,10 @@ impl<'a> Connection<'a> {
             }
         }
         self.wbuf.extend_from_slice(b"END\r\n");
-        let m = &self.shared.metrics;
-        m.latency
-            .with_label_values(&[command.as_str()])
-            .observe(started.elapsed().as_secs_f64());
-        m.requests
-            .with_label_values(&[command.as_str(), if hits == 0 { "miss" } else { "hit" }])
-            .inc();
-        m.get_keys.with_label_values(&["hit"]).inc_by(hits as u64);
-        m.get_keys
-            .with_label_values(&["miss"])
-            .inc_by((keys.len() - hits) as u64);
+        let outcome = if hits == 0 { "miss" } else { "hit" };
+        let elapsed = started.elapsed().as_secs_f64();
+        self.handles
+            .record(command, outcome, elapsed, Some((hits, keys.len() - hits)));
         Ok(())
     }
 
@@ -343,23 +341,71 @@ impl<'a> Connection<'a> {
         Ok(())
     }
 
-    fn record(&self, commands: &[(Command, Option<usize>)], responses: &[Response], elapsed: f64) {
-        let m = &self.shared.metrics;
+    fn record(
+        &mut self,
+        commands: &[(Command, Option<usize>)],
+        responses: &[Response],
+        elapsed: f64,
+    ) {
         for ((command, keys), response) in commands.iter().zip(responses) {
-            m.latency
-                .with_label_values(&[command.as_str()])
-                .observe(elapsed);
-            m.requests
-                .with_label_values(&[command.as_str(), response.outcome()])
-                .inc();
-            if let (Some(keys), Response::Values(values)) = (keys, response) {
-                m.get_keys
-                    .with_label_values(&["hit"])
-                    .inc_by(values.len() as u64);
-                m.get_keys
-                    .with_label_values(&["miss"])
-                    .inc_by(keys.saturating_sub(values.len()) as u64);
-            }
+            let keys = match (keys, response) {
+                (Some(keys), Response::Values(values)) => {
+                    Some((values.len(), keys.saturating_sub(values.len())))
+                }
+                _ => None,
+            };
+            self.handles
+                .record(*command, response.outcome(), elapsed, keys);
+        }
+    }
+}
+
+/// Metric handles resolved once per connection, so a request costs no
+/// label lookups (labels are closed sets: commands and outcomes).
+struct Handles {
+    metrics: std::sync::Arc<Metrics>,
+    /// Indexed by `Command as usize`.
+    latency: Vec<Histogram>,
+    requests: HashMap<(Command, &'static str), IntCounter>,
+    hit: IntCounter,
+    miss: IntCounter,
+}
+
+impl Handles {
+    fn new(metrics: &std::sync::Arc<Metrics>) -> Handles {
+        Handles {
+            latency: Command::ALL
+                .iter()
+                .map(|c| metrics.latency.with_label_values(&[c.as_str()]))
+                .collect(),
+            requests: HashMap::new(),
+            hit: metrics.get_keys.with_label_values(&["hit"]),
+            miss: metrics.get_keys.with_label_values(&["miss"]),
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// Counts one request; `keys` is (hits, misses) for the get family.
+    fn record(
+        &mut self,
+        command: Command,
+        outcome: &'static str,
+        elapsed: f64,
+        keys: Option<(usize, usize)>,
+    ) {
+        self.latency[command as usize].observe(elapsed);
+        let metrics = &self.metrics;
+        self.requests
+            .entry((command, outcome))
+            .or_insert_with(|| {
+                metrics
+                    .requests
+                    .with_label_values(&[command.as_str(), outcome])
+            })
+            .inc();
+        if let Some((hits, misses)) = keys {
+            self.hit.inc_by(hits as u64);
+            self.miss.inc_by(misses as u64);
         }
     }
 }
