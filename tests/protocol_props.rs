@@ -4,8 +4,8 @@
 
 use bytes::{Bytes, BytesMut};
 use memdial::protocol::{
-    ArithOp, Limits, Parsed, ReplyParsed, Request, Response, StoreOp, Value, encode_request,
-    encode_response, parse_reply, parse_request,
+    ArithOp, ConnRequest, Incoming, Limits, Parsed, ReplyParsed, Request, Response, StoreOp, Value,
+    encode_conn_request, encode_request, encode_response, parse_reply, parse_request,
 };
 use proptest::prelude::*;
 
@@ -28,7 +28,7 @@ fn store_op() -> impl Strategy<Value = StoreOp> {
     ]
 }
 
-fn request() -> impl Strategy<Value = Request> {
+fn data_request() -> impl Strategy<Value = Request> {
     let exptime = -100i64..100_000_000;
     prop_oneof![
         (proptest::collection::vec(key(), 1..5), any::<bool>())
@@ -84,17 +84,32 @@ fn request() -> impl Strategy<Value = Request> {
         }),
         (proptest::option::of(exptime), any::<bool>())
             .prop_map(|(delay, noreply)| Request::FlushAll { delay, noreply }),
-        Just(Request::Version),
-        (any::<u32>(), any::<bool>())
-            .prop_map(|(level, noreply)| Request::Verbosity { level, noreply }),
-        proptest::collection::vec(key(), 0..3).prop_map(|args| Request::Stats { args }),
-        Just(Request::Quit),
     ]
 }
 
-fn encoded(r: &Request) -> Vec<u8> {
+fn conn_request() -> impl Strategy<Value = ConnRequest> {
+    prop_oneof![
+        Just(ConnRequest::Version),
+        (any::<u32>(), any::<bool>())
+            .prop_map(|(level, noreply)| ConnRequest::Verbosity { level, noreply }),
+        proptest::collection::vec(key(), 0..3).prop_map(|args| ConnRequest::Stats { args }),
+        Just(ConnRequest::Quit),
+    ]
+}
+
+fn request() -> impl Strategy<Value = Incoming> {
+    prop_oneof![
+        data_request().prop_map(Incoming::Data),
+        conn_request().prop_map(Incoming::Conn),
+    ]
+}
+
+fn encoded(r: &Incoming) -> Vec<u8> {
     let mut b = BytesMut::new();
-    encode_request(r, true, &mut b);
+    match r {
+        Incoming::Data(r) => encode_request(r, true, &mut b),
+        Incoming::Conn(r) => encode_conn_request(r, &mut b),
+    }
     b.to_vec()
 }
 

@@ -71,7 +71,8 @@ pub trait Backend: Send + Sync + 'static {
     /// connection, and returns one response per request. An `Err` leaves the
     /// outcome of every request in the batch unknown.
     ///
-    /// Requests that are not data requests are answered `ERROR`.
+    /// A too-large store (answered by the pipeline, never by a store) is
+    /// answered `ERROR`.
     fn call<'a>(
         &'a self,
         requests: &'a [Request],

@@ -15,17 +15,15 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use bytes::{Bytes, BytesMut};
 
-use super::Pipeline;
 use super::hlc::{Hlc, unix_ms};
 use super::record::Record;
+use super::{Pipeline, Session, StoreStatus};
 use crate::BoxFuture;
 use crate::backend::{Backend, BackendError};
 use crate::cluster::{Backlog, Cluster, Entry, Op, Replica, Version};
 use crate::metrics::Metrics;
 use crate::protocol::counter::apply_delta;
-use crate::protocol::{
-    ClientError, ErrorReply, Exptime, REALTIME_MAXDELTA, Request, Response, StoreOp, Value,
-};
+use crate::protocol::{ClientError, Exptime, REALTIME_MAXDELTA, Request, Response, StoreOp, Value};
 
 const STRIPES: usize = 1024;
 
@@ -391,10 +389,6 @@ impl Eventual {
                 Ok(r.pop()
                     .unwrap_or_else(|| Response::server_error("no reply")))
             }
-            Request::Version
-            | Request::Verbosity { .. }
-            | Request::Stats { .. }
-            | Request::Quit => Ok(Response::Error(ErrorReply::Error)),
         }
     }
 
@@ -533,7 +527,11 @@ fn unexpected(r: Response) -> BackendError {
 }
 
 impl Pipeline for Eventual {
-    fn execute<'a>(&'a self, requests: Vec<Request>) -> BoxFuture<'a, Vec<Response>> {
+    fn execute<'a>(
+        &'a self,
+        _session: &'a mut Session,
+        requests: Vec<Request>,
+    ) -> BoxFuture<'a, Vec<Response>> {
         Box::pin(async move {
             let mut out = Vec::with_capacity(requests.len());
             let mut pending_gets: Vec<Request> = Vec::new();
@@ -558,8 +556,8 @@ impl Pipeline for Eventual {
         })
     }
 
-    fn backend(&self) -> &dyn Backend {
-        &*self.backend
+    fn store_status(&self) -> StoreStatus {
+        StoreStatus::of(&*self.backend)
     }
 
     fn cluster_stats(&self) -> Vec<(String, String)> {
@@ -684,7 +682,7 @@ mod tests {
     }
 
     async fn read(e: &Eventual, key: &str) -> Option<String> {
-        match e.execute(vec![get(key)]).await.pop() {
+        match e.execute(&mut Session::new(0), vec![get(key)]).await.pop() {
             Some(Response::Values(v)) => v
                 .first()
                 .map(|v| String::from_utf8_lossy(&v.data).into_owned()),
@@ -707,7 +705,10 @@ mod tests {
     #[tokio::test]
     async fn local_writes_are_stored_with_a_header_and_logged() {
         let (e, backend) = node();
-        assert_eq!(e.execute(vec![set("k", "v")]).await, vec![Response::Stored]);
+        assert_eq!(
+            e.execute(&mut Session::new(0), vec![set("k", "v")]).await,
+            vec![Response::Stored]
+        );
         assert_eq!(read(&e, "k").await.as_deref(), Some("v"));
         let raw = backend.call(&[get("k")]).await.unwrap();
         let Response::Values(v) = &raw[0] else {
@@ -730,7 +731,8 @@ mod tests {
         assert_eq!(e.apply(vec![put("k", "tie", now + 10, 3)]).await, Ok(1));
         assert_eq!(read(&e, "k").await.as_deref(), Some("tie"));
         // A local write after observing them is newer still.
-        e.execute(vec![set("k", "local")]).await;
+        e.execute(&mut Session::new(0), vec![set("k", "local")])
+            .await;
         assert_eq!(e.apply(vec![put("k", "late", now + 10, 9)]).await, Ok(0));
         assert_eq!(read(&e, "k").await.as_deref(), Some("local"));
     }
@@ -738,13 +740,19 @@ mod tests {
     #[tokio::test]
     async fn deletes_are_tombstones_that_beat_older_puts() {
         let (e, _) = node();
-        e.execute(vec![set("k", "v")]).await;
+        e.execute(&mut Session::new(0), vec![set("k", "v")]).await;
         let del = Request::Delete {
             key: b("k"),
             noreply: false,
         };
-        assert_eq!(e.execute(vec![del.clone()]).await, vec![Response::Deleted]);
-        assert_eq!(e.execute(vec![del]).await, vec![Response::NotFound]);
+        assert_eq!(
+            e.execute(&mut Session::new(0), vec![del.clone()]).await,
+            vec![Response::Deleted]
+        );
+        assert_eq!(
+            e.execute(&mut Session::new(0), vec![del]).await,
+            vec![Response::NotFound]
+        );
         let old = put("k", "resurrected", 1 << 16, 2);
         assert_eq!(e.apply(vec![old]).await, Ok(0));
         assert_eq!(read(&e, "k").await, None);
@@ -774,13 +782,16 @@ mod tests {
             noreply: false,
         };
         let out = e
-            .execute(vec![
-                store(StoreOp::Add, "10"),
-                store(StoreOp::Add, "x"),
-                incr.clone(),
-                store(StoreOp::Append, "0"),
-                store(StoreOp::Prepend, "1"),
-            ])
+            .execute(
+                &mut Session::new(0),
+                vec![
+                    store(StoreOp::Add, "10"),
+                    store(StoreOp::Add, "x"),
+                    incr.clone(),
+                    store(StoreOp::Append, "0"),
+                    store(StoreOp::Prepend, "1"),
+                ],
+            )
             .await;
         assert_eq!(
             out,

@@ -12,19 +12,65 @@ mod record;
 use std::sync::Arc;
 
 use crate::BoxFuture;
-use crate::backend::Backend;
+use crate::backend::{Backend, PoolStatus};
 use crate::metrics::Metrics;
 use crate::protocol::{ClientError, Request, Response, StoreOp};
 
-/// Executes a batch of data requests read from one client connection.
-pub trait Pipeline: Send + Sync + 'static {
-    /// Runs `requests` in order and returns one response per request.
-    /// Failures become `SERVER_ERROR` responses in their slots; the batch
-    /// always gets an answer.
-    fn execute<'a>(&'a self, requests: Vec<Request>) -> BoxFuture<'a, Vec<Response>>;
+/// What the pipeline keeps for one client connection, across its batches.
+/// A mode with per-client guarantees keeps them here (sequential mode: the
+/// newest log position the client has written or read).
+#[derive(Debug)]
+pub struct Session {
+    conn_id: u64,
+}
 
-    /// The backend, for `stats` and pool metrics.
-    fn backend(&self) -> &dyn Backend;
+impl Session {
+    pub fn new(conn_id: u64) -> Session {
+        Session { conn_id }
+    }
+
+    /// The connection's id, as in its log span.
+    pub fn conn_id(&self) -> u64 {
+        self.conn_id
+    }
+}
+
+/// The node's store as `stats` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct StoreStatus {
+    /// `embedded` or `memcached`.
+    pub kind: &'static str,
+    /// The store's own `stats` lines (items, bytes, evictions).
+    pub stats: Vec<(String, String)>,
+    /// Pool occupancy, where the store is reached through a pool.
+    pub pool: Option<PoolStatus>,
+}
+
+impl StoreStatus {
+    pub fn of(backend: &dyn Backend) -> StoreStatus {
+        StoreStatus {
+            kind: backend.kind(),
+            stats: backend.stats(),
+            pool: backend.pool_status(),
+        }
+    }
+}
+
+/// Executes the data requests of client connections: the one seam between
+/// the server and the stores. A new consistency mode implements this trait
+/// and is chosen in `node.rs`.
+pub trait Pipeline: Send + Sync + 'static {
+    /// Runs `requests`, read from the connection of `session`, in order and
+    /// returns one response per request. Failures become `SERVER_ERROR`
+    /// responses in their slots; the batch always gets an answer.
+    fn execute<'a>(
+        &'a self,
+        session: &'a mut Session,
+        requests: Vec<Request>,
+    ) -> BoxFuture<'a, Vec<Response>>;
+
+    /// The local store, for `stats`.
+    fn store_status(&self) -> StoreStatus;
 
     /// `stats cluster` lines; empty for a single node.
     fn cluster_stats(&self) -> Vec<(String, String)> {
@@ -45,7 +91,11 @@ impl Local {
 }
 
 impl Pipeline for Local {
-    fn execute<'a>(&'a self, requests: Vec<Request>) -> BoxFuture<'a, Vec<Response>> {
+    fn execute<'a>(
+        &'a self,
+        _session: &'a mut Session,
+        requests: Vec<Request>,
+    ) -> BoxFuture<'a, Vec<Response>> {
         Box::pin(async move {
             let (requests, too_large) = stand_in_for_too_large(requests);
             let mut responses = match self.backend.call(&requests).await {
@@ -78,8 +128,8 @@ impl Pipeline for Local {
         })
     }
 
-    fn backend(&self) -> &dyn Backend {
-        &*self.backend
+    fn store_status(&self) -> StoreStatus {
+        StoreStatus::of(&*self.backend)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::{ArithOp, ErrorReply, Request, Response, StoreOp, Value};
+use super::{ArithOp, ConnRequest, ErrorReply, Request, Response, StoreOp, Value};
 
 fn num(buf: &mut BytesMut, n: impl itoa::Integer) {
     buf.put_slice(itoa::Buffer::new().format(n).as_bytes());
@@ -121,17 +121,27 @@ pub fn encode_request(request: &Request, with_noreply: bool, buf: &mut BytesMut)
             }
             noreply(buf, *nr);
         }
-        Request::Version => buf.put_slice(b"version"),
-        Request::Verbosity { level, noreply: nr } => {
+    }
+    buf.put_slice(b"\r\n");
+}
+
+/// Writes a connection request as a client would send it (for round-trip
+/// tests and clients; the server never forwards one).
+pub fn encode_conn_request(request: &ConnRequest, buf: &mut BytesMut) {
+    match request {
+        ConnRequest::Version => buf.put_slice(b"version"),
+        ConnRequest::Verbosity { level, noreply } => {
             buf.put_slice(b"verbosity ");
             num(buf, *level);
-            noreply(buf, *nr);
+            if *noreply {
+                buf.put_slice(b" noreply");
+            }
         }
-        Request::Stats { args } => {
+        ConnRequest::Stats { args } => {
             buf.put_slice(b"stats");
             keys(buf, args);
         }
-        Request::Quit => buf.put_slice(b"quit"),
+        ConnRequest::Quit => buf.put_slice(b"quit"),
     }
     buf.put_slice(b"\r\n");
 }

@@ -11,7 +11,7 @@ mod limits;
 mod parse;
 mod reply;
 
-pub use encode::{encode_request, encode_response, encode_value};
+pub use encode::{encode_conn_request, encode_request, encode_response, encode_value};
 pub use error::ClientError;
 pub use limits::Limits;
 pub use parse::{Parsed, parse_request};
@@ -59,7 +59,38 @@ pub type Exptime = i64;
 /// The longest relative exptime, in seconds; larger values are unix times.
 pub const REALTIME_MAXDELTA: i64 = 60 * 60 * 24 * 30;
 
-/// One parsed client request.
+/// What a client sent: a data request, which the consistency pipeline
+/// answers, or a connection request, which the server answers itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    Data(Request),
+    Conn(ConnRequest),
+}
+
+impl Incoming {
+    /// A short, closed label for metrics and logs.
+    pub fn command(&self) -> Command {
+        match self {
+            Incoming::Data(r) => r.command(),
+            Incoming::Conn(r) => r.command(),
+        }
+    }
+}
+
+impl From<Request> for Incoming {
+    fn from(r: Request) -> Incoming {
+        Incoming::Data(r)
+    }
+}
+
+impl From<ConnRequest> for Incoming {
+    fn from(r: ConnRequest) -> Incoming {
+        Incoming::Conn(r)
+    }
+}
+
+/// A data request: it reads or writes keys, so it goes through the
+/// consistency pipeline to a store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// `get`/`gets` (`cas` true for `gets`).
@@ -113,16 +144,33 @@ pub enum Request {
         delay: Option<Exptime>,
         noreply: bool,
     },
+}
+
+/// A request about the connection or the node, answered by the server
+/// without a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnRequest {
     Version,
     Verbosity {
         level: u32,
         noreply: bool,
     },
-    /// `stats [group ...]`, answered by memdial itself.
+    /// `stats [group ...]`.
     Stats {
         args: Vec<Bytes>,
     },
     Quit,
+}
+
+impl ConnRequest {
+    pub fn command(&self) -> Command {
+        match self {
+            ConnRequest::Version => Command::Version,
+            ConnRequest::Verbosity { .. } => Command::Verbosity,
+            ConnRequest::Stats { .. } => Command::Stats,
+            ConnRequest::Quit => Command::Quit,
+        }
+    }
 }
 
 impl Request {
@@ -134,9 +182,8 @@ impl Request {
             | Request::Arith { noreply, .. }
             | Request::Delete { noreply, .. }
             | Request::Touch { noreply, .. }
-            | Request::FlushAll { noreply, .. }
-            | Request::Verbosity { noreply, .. } => *noreply,
-            _ => false,
+            | Request::FlushAll { noreply, .. } => *noreply,
+            Request::Get { .. } | Request::Gat { .. } => false,
         }
     }
 
@@ -164,10 +211,6 @@ impl Request {
             Request::Delete { .. } => Command::Delete,
             Request::Touch { .. } => Command::Touch,
             Request::FlushAll { .. } => Command::FlushAll,
-            Request::Version => Command::Version,
-            Request::Verbosity { .. } => Command::Verbosity,
-            Request::Stats { .. } => Command::Stats,
-            Request::Quit => Command::Quit,
         }
     }
 }

@@ -9,7 +9,7 @@ use nom::bytes::streaming::take_until;
 use nom::character::complete::{digit1, one_of};
 use nom::combinator::{all_consuming, opt, recognize};
 
-use super::{ArithOp, ClientError, Exptime, Limits, Request, StoreOp};
+use super::{ArithOp, ClientError, ConnRequest, Exptime, Incoming, Limits, Request, StoreOp};
 
 /// What the bytes at the front of a connection's buffer hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,7 +19,7 @@ pub enum Parsed {
     /// A request. Drop `consumed` bytes, then discard a further `skip`
     /// bytes as they arrive (the data block of a rejected value).
     Request {
-        request: Request,
+        request: Incoming,
         consumed: usize,
         skip: usize,
     },
@@ -68,8 +68,13 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Parsed {
         consumed,
         noreply,
     };
-    let done = |request| Parsed::Request {
-        request,
+    let conn = |request: ConnRequest| Parsed::Request {
+        request: Incoming::Conn(request),
+        consumed,
+        skip: 0,
+    };
+    let done = |request: Request| Parsed::Request {
+        request: Incoming::Data(request),
         consumed,
         skip: 0,
     };
@@ -175,16 +180,16 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Parsed {
             };
             done(Request::FlushAll { delay, noreply })
         }
-        b"version" => done(Request::Version),
+        b"version" => conn(ConnRequest::Version),
         b"verbosity" if n == 2 || n == 3 => {
             let noreply = t[n - 1] == b"noreply";
             match uint::<u32>(t[1]) {
-                Some(level) => done(Request::Verbosity { level, noreply }),
+                Some(level) => conn(ConnRequest::Verbosity { level, noreply }),
                 None => invalid(ClientError::BadCommandLine, noreply),
             }
         }
-        b"quit" => done(Request::Quit),
-        b"stats" => done(Request::Stats {
+        b"quit" => conn(ConnRequest::Quit),
+        b"stats" => conn(ConnRequest::Stats {
             args: split_tokens(line)
                 .skip(1)
                 .map(Bytes::copy_from_slice)
@@ -234,7 +239,7 @@ fn storage(
     // Checked before anything is buffered: the block is discarded unread.
     if len > limits.item_size_max {
         return Parsed::Request {
-            request: Request::TooLarge { op, key, noreply },
+            request: Incoming::Data(Request::TooLarge { op, key, noreply }),
             consumed,
             skip: len + 2,
         };
@@ -251,7 +256,7 @@ fn storage(
         };
     }
     Parsed::Request {
-        request: Request::Store {
+        request: Incoming::Data(Request::Store {
             op,
             key,
             flags,
@@ -259,7 +264,7 @@ fn storage(
             data: Bytes::copy_from_slice(&buf[consumed..end - 2]),
             cas_unique,
             noreply,
-        },
+        }),
         consumed: end,
         skip: 0,
     }
@@ -364,7 +369,7 @@ mod tests {
         parse_request(input, &Limits::default())
     }
 
-    fn request(input: &[u8]) -> Request {
+    fn incoming(input: &[u8]) -> Incoming {
         match parse(input) {
             Parsed::Request {
                 request,
@@ -375,6 +380,20 @@ mod tests {
                 request
             }
             other => panic!("{input:?}: expected a request, got {other:?}"),
+        }
+    }
+
+    fn request(input: &[u8]) -> Request {
+        match incoming(input) {
+            Incoming::Data(r) => r,
+            other => panic!("{input:?}: expected a data request, got {other:?}"),
+        }
+    }
+
+    fn conn(input: &[u8]) -> ConnRequest {
+        match incoming(input) {
+            Incoming::Conn(r) => r,
+            other => panic!("{input:?}: expected a connection request, got {other:?}"),
         }
     }
 
@@ -565,11 +584,11 @@ mod tests {
         assert_eq!(
             p,
             Parsed::Request {
-                request: Request::TooLarge {
+                request: Incoming::Data(Request::TooLarge {
                     op: StoreOp::Set,
                     key: b("k"),
                     noreply: false
-                },
+                }),
                 consumed: 19,
                 skip: 2_000_002
             }
@@ -674,19 +693,19 @@ mod tests {
         assert_eq!(error(b"flush_all x\r\n").0, ClientError::InvalidExptime);
         assert_eq!(error(b"flush_all 0 0 0\r\n").0, ClientError::UnknownCommand);
         assert_eq!(
-            request(b"verbosity 1 2\r\n"),
-            Request::Verbosity {
+            conn(b"verbosity 1 2\r\n"),
+            ConnRequest::Verbosity {
                 level: 1,
                 noreply: false
             }
         );
         assert_eq!(error(b"verbosity x\r\n").0, ClientError::BadCommandLine);
         assert_eq!(error(b"verbosity\r\n").0, ClientError::UnknownCommand);
-        assert_eq!(request(b"version x\r\n"), Request::Version);
-        assert_eq!(request(b"quit\r\n"), Request::Quit);
+        assert_eq!(conn(b"version x\r\n"), ConnRequest::Version);
+        assert_eq!(conn(b"quit\r\n"), ConnRequest::Quit);
         assert_eq!(
-            request(b"stats settings\r\n"),
-            Request::Stats {
+            conn(b"stats settings\r\n"),
+            ConnRequest::Stats {
                 args: vec![b("settings")]
             }
         );

@@ -67,15 +67,11 @@ pub fn parse_reply(request: &Request, buf: &[u8]) -> ReplyParsed {
         (Request::Delete { .. } | Request::Touch { .. }, b"NOT_FOUND") => Some(Response::NotFound),
         (Request::Delete { .. }, b"DELETED") => Some(Response::Deleted),
         (Request::Touch { .. }, b"TOUCHED") => Some(Response::Touched),
-        (Request::FlushAll { .. } | Request::Verbosity { .. }, b"OK") => Some(Response::Ok),
-        (Request::Stats { .. }, b"RESET") => Some(Response::Reset),
+        (Request::FlushAll { .. }, b"OK") => Some(Response::Ok),
         (Request::Arith { .. }, digits) => std::str::from_utf8(digits)
             .ok()
             .and_then(|s| s.parse().ok())
             .map(Response::Number),
-        (Request::Version, v) => v
-            .strip_prefix(b"VERSION ")
-            .map(|v| Response::Version(String::from_utf8_lossy(v).into_owned())),
         _ => None,
     };
     if let Some(r) = simple {
@@ -108,28 +104,6 @@ pub fn parse_reply(request: &Request, buf: &[u8]) -> ReplyParsed {
                     cas: header.cas,
                 });
                 at = end;
-                match line_at(buf, at) {
-                    Some((l, next)) => {
-                        line = l;
-                        at = next;
-                    }
-                    None => return ReplyParsed::Incomplete,
-                }
-            }
-        }
-        Request::Stats { .. } => {
-            let mut stats = Vec::new();
-            let mut line = line;
-            loop {
-                if line == b"END" {
-                    return done(Response::Stats(stats), at);
-                }
-                let Some(stat) = line.strip_prefix(b"STAT ") else {
-                    return invalid(request, line);
-                };
-                let stat = String::from_utf8_lossy(stat);
-                let (name, val) = stat.split_once(' ').unwrap_or((&stat, ""));
-                stats.push((name.to_string(), val.to_string()));
                 match line_at(buf, at) {
                     Some((l, next)) => {
                         line = l;

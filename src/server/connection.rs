@@ -13,9 +13,11 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use crate::consistency::Session;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    ClientError, Command, Parsed, Request, Response, encode_response, encode_value, parse_request,
+    ClientError, Command, ConnRequest, Incoming, Parsed, Request, Response, encode_response,
+    encode_value, parse_request,
 };
 
 /// What a connection does after answering a batch.
@@ -43,6 +45,7 @@ pub(super) struct Connection<'a> {
     /// Bytes still to discard: the data block of a rejected value.
     skip: usize,
     handles: Handles,
+    session: Session,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -56,7 +59,7 @@ const KEEP_BUFFER: usize = 1024 * 1024;
 const STREAM_GET_KEYS: usize = 64;
 
 impl<'a> Connection<'a> {
-    pub fn new(stream: TcpStream, shared: &'a Shared) -> Self {
+    pub fn new(stream: TcpStream, shared: &'a Shared, conn_id: u64) -> Self {
         let _ = stream.set_nodelay(true);
         Connection {
             stream,
@@ -65,6 +68,7 @@ impl<'a> Connection<'a> {
             wbuf: BytesMut::with_capacity(READ_CHUNK),
             skip: 0,
             handles: Handles::new(&shared.metrics),
+            session: Session::new(conn_id),
         }
     }
 
@@ -152,22 +156,19 @@ impl<'a> Connection<'a> {
                     self.rbuf.advance(consumed);
                     self.skip = skip;
                     match request {
-                        Request::Quit => return (slots, requests, Next::Close),
-                        Request::Version => slots.push(Slot::Ready(Response::Version(version()))),
-                        Request::Verbosity { level, noreply } => {
-                            self.shared.verbosity.store(level, Ordering::Relaxed);
-                            if !noreply {
-                                slots.push(Slot::Ready(Response::Ok));
-                            }
-                        }
-                        Request::Stats { args } => {
-                            slots.push(Slot::Ready(super::stats::answer(self.shared, &args)))
-                        }
-                        data => {
+                        Incoming::Data(data) => {
                             slots.push(Slot::Pipeline {
                                 noreply: data.noreply(),
                             });
                             requests.push(data);
+                        }
+                        Incoming::Conn(ConnRequest::Quit) => {
+                            return (slots, requests, Next::Close);
+                        }
+                        Incoming::Conn(conn) => {
+                            if let Some(reply) = self.answer_conn(conn) {
+                                slots.push(Slot::Ready(reply));
+                            }
                         }
                     }
                 }
@@ -192,6 +193,20 @@ impl<'a> Connection<'a> {
                     return (slots, requests, Next::Close);
                 }
             }
+        }
+    }
+
+    /// Answers a connection request (`quit` excepted); `None` when the
+    /// client asked for no reply.
+    fn answer_conn(&self, request: ConnRequest) -> Option<Response> {
+        match request {
+            ConnRequest::Version => Some(Response::Version(version())),
+            ConnRequest::Verbosity { level, noreply } => {
+                self.shared.verbosity.store(level, Ordering::Relaxed);
+                (!noreply).then_some(Response::Ok)
+            }
+            ConnRequest::Stats { args } => Some(super::stats::answer(self.shared, &args)),
+            ConnRequest::Quit => None,
         }
     }
 
@@ -250,7 +265,11 @@ impl<'a> Connection<'a> {
             Vec::new().into_iter()
         } else {
             let started = Instant::now();
-            let responses = self.shared.pipeline.execute(requests).await;
+            let responses = self
+                .shared
+                .pipeline
+                .execute(&mut self.session, requests)
+                .await;
             self.record(&commands, &responses, started.elapsed().as_secs_f64());
             responses.into_iter()
         };
@@ -287,7 +306,7 @@ impl<'a> Connection<'a> {
             let mut reply = self
                 .shared
                 .pipeline
-                .execute(vec![with_keys(&request, chunk.to_vec())])
+                .execute(&mut self.session, vec![with_keys(&request, chunk.to_vec())])
                 .await;
             match reply.pop() {
                 Some(Response::Values(values)) => {

@@ -113,7 +113,7 @@ pub async fn run(
                 let _permit = permit;
                 shared.metrics.connections_total.inc();
                 shared.metrics.connections_current.inc();
-                if let Err(e) = connection::Connection::new(stream, &shared)
+                if let Err(e) = connection::Connection::new(stream, &shared, conn_id)
                     .run(&shutdown)
                     .await
                 {

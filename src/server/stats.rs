@@ -149,14 +149,12 @@ fn general(shared: &Shared) -> Vec<(String, String)> {
         out.push((name.into(), v.to_string()));
     }
     out.push(("threads".into(), worker_threads().to_string()));
-    out.extend(shared.pipeline.backend().stats());
+    let store = shared.pipeline.store_status();
+    out.extend(store.stats);
     out.push(("memdial_node_id".into(), s.node_id.to_string()));
     out.push(("memdial_consistency".into(), s.consistency.into()));
-    out.push((
-        "memdial_backend".into(),
-        shared.pipeline.backend().kind().into(),
-    ));
-    if let Some(p) = shared.pipeline.backend().pool_status() {
+    out.push(("memdial_backend".into(), store.kind.into()));
+    if let Some(p) = store.pool {
         out.push(("memdial_backend_pool_max".into(), p.max_size.to_string()));
         out.push(("memdial_backend_pool_open".into(), p.size.to_string()));
         out.push(("memdial_backend_pool_idle".into(), p.available.to_string()));
