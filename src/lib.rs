@@ -33,3 +33,4 @@ pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod server;
+pub mod time;

@@ -10,9 +10,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, EmbeddedStore, MemcachedBackend, MemcachedOptions};
-use crate::cluster::{Backlog, Cluster, ClusterSettings, Replica};
+use crate::cluster::{Cluster, ClusterSettings, Handler};
 use crate::config::{Config, Consistency};
-use crate::consistency::eventual::Eventual;
+use crate::consistency::eventual::{self, Backlog, Eventual, EventualSettings};
 use crate::consistency::{Local, Pipeline};
 use crate::metrics::{self, Metrics};
 use crate::server::{self, ServerSettings};
@@ -64,8 +64,9 @@ impl Node {
                 let internal = TcpListener::bind(node.internal).await.with_context(|| {
                     format!("node {id}: binding internal address {}", node.internal)
                 })?;
-                let (pipeline, cluster) = cluster_pipeline(config, id, &backend, &metrics)?;
-                (pipeline, Some((cluster, internal)))
+                let (pipeline, parts) =
+                    cluster_pipeline(config, id, &backend, &metrics, &shutdown)?;
+                (pipeline, Some((parts, internal)))
             }
         };
         let client_addr = client.local_addr()?;
@@ -102,12 +103,13 @@ impl Node {
             })
         };
         let mut tasks = Vec::new();
-        if let Some(((cluster, replica), internal)) = cluster {
-            tasks.push(tokio::spawn(cluster.run(
+        if let Some((parts, internal)) = cluster {
+            tasks.push(tokio::spawn(parts.cluster.run(
                 internal,
-                replica,
+                parts.handler,
                 shutdown.clone(),
             )));
+            tasks.push(tokio::spawn(parts.mode));
         }
         tasks.push(tokio::spawn(server::run(
             client,
@@ -139,15 +141,25 @@ impl Node {
     }
 }
 
-type ClusterParts = (Arc<Cluster>, Arc<dyn Replica>);
+/// What runs beside the client server on a node with peers.
+struct ClusterParts {
+    /// The transport.
+    cluster: Arc<Cluster>,
+    /// The mode's side of the transport.
+    handler: Arc<dyn Handler>,
+    /// The mode's own tasks (replication, store watch), until shutdown.
+    mode: crate::BoxFuture<'static, std::io::Result<()>>,
+}
 
-/// The pipeline of a node with peers, and the cluster layer it replicates
-/// through.
+/// The pipeline of a node with peers, and the cluster parts it runs on.
+/// A new consistency mode is chosen here: it implements
+/// [`Pipeline`] for clients and [`Handler`] for what peers send it.
 fn cluster_pipeline(
     config: &Config,
     id: u32,
     backend: &Arc<dyn Backend>,
     metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
 ) -> anyhow::Result<(Arc<dyn Pipeline>, ClusterParts)> {
     let c = &config.cluster;
     let ms = Duration::from_millis;
@@ -166,32 +178,47 @@ fn cluster_pipeline(
         down_after: ms(c.down_after_ms),
         connect_timeout: ms(c.peer_connect_timeout_ms),
         reconnect_max: ms(c.reconnect_max_ms),
-        batch_max: c.replication_batch,
-        store_check_interval: ms(c.store_check_interval_ms),
-        anti_entropy_interval: (c.anti_entropy_interval_ms > 0)
-            .then(|| ms(c.anti_entropy_interval_ms)),
-        tombstone_grace: ms(c.tombstone_grace_ms),
     };
-    let backlog = Arc::new(Backlog::new(
-        rand::random(),
-        c.replication_backlog,
-        c.replication_backlog_bytes,
-    ));
     let requests = {
         let m = metrics.clone();
         Box::new(move || total_requests(&m))
     };
-    let cluster = Cluster::new(settings, backlog, &metrics.registry, requests)
-        .context("registering cluster metrics")?;
     match c.consistency {
         Consistency::Eventual => {
+            let cluster = Cluster::new(
+                settings,
+                eventual::messages::TAG,
+                &metrics.registry,
+                requests,
+            )
+            .context("registering cluster metrics")?;
+            let backlog = Arc::new(Backlog::new(
+                rand::random(),
+                c.replication_backlog,
+                c.replication_backlog_bytes,
+            ));
+            let settings = EventualSettings {
+                batch_max: c.replication_batch,
+                store_check_interval: ms(c.store_check_interval_ms),
+                anti_entropy_interval: (c.anti_entropy_interval_ms > 0)
+                    .then(|| ms(c.anti_entropy_interval_ms)),
+                tombstone_grace: ms(c.tombstone_grace_ms),
+                heartbeat_interval: ms(c.heartbeat_interval_ms),
+            };
             let eventual = Eventual::new(
                 backend.clone(),
                 metrics.clone(),
                 cluster.clone(),
-                c.tombstone_grace_ms,
-            );
-            Ok((eventual.clone(), (cluster, eventual)))
+                backlog,
+                settings,
+            )
+            .context("registering eventual metrics")?;
+            let parts = ClusterParts {
+                cluster,
+                handler: eventual.clone(),
+                mode: Box::pin(eventual.clone().run(shutdown.clone())),
+            };
+            Ok((eventual, parts))
         }
         mode => anyhow::bail!(
             "cluster.consistency: {} is not implemented yet; eventual is",

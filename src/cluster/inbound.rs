@@ -1,30 +1,35 @@
 //! The internal port's acceptor: challenge every dialer, refuse those that
-//! cannot prove the shared secret (logged and counted), apply what the
-//! accepted ones send, and answer their anti-entropy digests.
+//! cannot prove the shared secret (logged and counted), then, per peer,
+//! answer heartbeats at once and hand the mode's messages and requests to
+//! the [`Handler`] one at a time, in order. A message for another mode or
+//! another version of this mode's messages is refused (logged once per
+//! connection and counted); the connection stays up.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::digest::{BUCKETS, Digest};
-use super::link::in_slot;
 use super::wire::{
-    Cursor, Frame, PROTOCOL_VERSION, Wire, WireError, hello_proof, nonce, proofs_match,
-    welcome_proof,
+    Frame, PROTOCOL_VERSION, Wire, WireError, WireRx, WireTag, WireTx, hello_proof, nonce,
+    proofs_match, welcome_proof,
 };
-use super::{Cluster, Replica};
-use crate::BoxFuture;
+use super::{Cluster, Handler};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Mode frames read ahead of the handler before reading stops.
+const AHEAD: usize = 16;
 
 pub(super) async fn serve(
     cluster: Arc<Cluster>,
     listener: TcpListener,
-    replica: Arc<dyn Replica>,
+    handler: Arc<dyn Handler>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> std::io::Result<()> {
@@ -41,12 +46,12 @@ pub(super) async fn serve(
                 }
             },
         };
-        let (cluster, replica, shutdown) = (cluster.clone(), replica.clone(), shutdown.clone());
+        let (cluster, handler, shutdown) = (cluster.clone(), handler.clone(), shutdown.clone());
         tracker.spawn(
             async move {
                 tokio::select! {
                     _ = shutdown.cancelled() => {}
-                    r = handle(&cluster, stream, &*replica) => {
+                    r = connection(&cluster, stream, &*handler) => {
                         if let Err(e) = r {
                             tracing::debug!(error = %e, "peer connection ended");
                         }
@@ -64,158 +69,149 @@ enum InboundError {
     Wire(#[from] WireError),
     #[error("refused: {0}")]
     Refused(&'static str),
-    #[error("replica: {0}")]
-    Replica(String),
-    #[error("local store restarted; closing so the peer resyncs")]
-    Resync,
+    #[error("handler: {0}")]
+    Handler(String),
 }
 
-async fn handle(
+/// A mode frame, waiting for the handler.
+enum Work {
+    Message(Bytes),
+    Request(u64, Bytes),
+}
+
+async fn connection(
     cluster: &Cluster,
     stream: TcpStream,
-    replica: &dyn Replica,
+    handler: &dyn Handler,
 ) -> Result<(), InboundError> {
     let mut wire = Wire::new(stream);
-    let (peer, incarnation) =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(cluster, &mut wire)).await {
-            Ok(r) => r?,
-            Err(_) => return Err(WireError::Timeout.into()),
-        };
-    apply_loop(cluster, wire, replica, peer, incarnation)
-        .instrument(tracing::info_span!("from_peer", peer))
-        .await
+    let peer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(cluster, &mut wire)).await {
+        Ok(r) => r?,
+        Err(_) => return Err(WireError::Timeout.into()),
+    };
+    cluster.peers.heard(peer);
+    let (tx, rx) = wire.split();
+    let (out, replies) = mpsc::channel(AHEAD);
+    let (work, queue) = mpsc::channel(AHEAD);
+    async {
+        tokio::select! {
+            r = read(cluster, peer, rx, &out, &work) => r,
+            r = handle(handler, peer, queue, &out) => r,
+            r = write(tx, replies) => r,
+        }
+    }
+    .instrument(tracing::info_span!("from_peer", peer))
+    .await
 }
 
-/// Applies what an authenticated peer sends until it goes away.
-async fn apply_loop(
+/// Reads the peer's frames: heartbeats are answered here, so a busy
+/// handler never makes a live peer look dead; mode frames queue for the
+/// handler.
+async fn read(
     cluster: &Cluster,
-    mut wire: Wire,
-    replica: &dyn Replica,
     peer: u32,
-    incarnation: u64,
+    mut rx: WireRx,
+    out: &mpsc::Sender<Frame>,
+    work: &mpsc::Sender<Work>,
 ) -> Result<(), InboundError> {
-    let mut resync = cluster.resync.subscribe();
-    resync.mark_unchanged();
-    cluster.peers.heard(peer);
-    let label = peer.to_string();
-    // The answer to the peer's latest digest, computed while its frames
-    // keep being applied and its heartbeats acknowledged.
-    let mut digesting: Option<BoxFuture<'_, Vec<u16>>> = None;
+    let mut warned = false;
+    let closed = || InboundError::Wire(WireError::Closed);
     loop {
-        let frame = tokio::select! {
-            _ = resync.changed() => return Err(InboundError::Resync),
-            diff = in_slot(&mut digesting), if digesting.is_some() => {
-                digesting = None;
-                wire.send(&Frame::DigestDiff { buckets: diff }).await?;
+        let frame = rx.recv().await?;
+        cluster.peers.heard(peer);
+        let (mode, job) = match frame {
+            Frame::Heartbeat { sent_us, health } => {
+                cluster.peers.health(peer, health);
+                out.send(Frame::HeartbeatAck {
+                    echo_us: sent_us,
+                    health: cluster.health(),
+                })
+                .await
+                .map_err(|_| closed())?;
                 continue;
             }
-            f = wire.recv() => f?,
-        };
-        cluster.peers.heard(peer);
-        match frame {
-            Frame::Entries { entries } => {
-                let Some(&(last, _)) = entries.last() else {
-                    continue;
-                };
-                let count = entries.len() as u64;
-                let newest = entries.iter().map(|(_, e)| e.version.ts).max().unwrap_or(0);
-                replica
-                    .apply(entries.into_iter().map(|(_, e)| e).collect())
-                    .await
-                    .map_err(InboundError::Replica)?;
-                let cursor = Cursor {
-                    incarnation,
-                    seq: last,
-                };
-                cluster.peers.set_applied_cursor(peer, cursor, count);
-                cluster
-                    .metrics
-                    .applied
-                    .with_label_values(&[&label])
-                    .inc_by(count);
-                let age_ms = super::link::now_ms().saturating_sub(newest >> 16);
-                cluster
-                    .metrics
-                    .replication_delay
-                    .set(age_ms as f64 / 1000.0);
-                wire.send(&Frame::Ack {
-                    cursor: Some(cursor),
-                    echo_us: None,
-                    health: cluster.health(),
-                })
-                .await?;
-            }
-            Frame::Snapshot { entries } => {
-                let changed = replica
-                    .apply(entries)
-                    .await
-                    .map_err(InboundError::Replica)?;
-                cluster.peers.repaired(peer, changed as u64);
-                cluster
-                    .metrics
-                    .repaired
-                    .with_label_values(&[&label])
-                    .inc_by(changed as u64);
-            }
-            Frame::SnapshotDone { seq } => {
-                let cursor = Cursor { incarnation, seq };
-                cluster.peers.set_applied_cursor(peer, cursor, 0);
-                tracing::info!(seq, "full resync from peer applied");
-                wire.send(&Frame::Ack {
-                    cursor: Some(cursor),
-                    echo_us: None,
-                    health: cluster.health(),
-                })
-                .await?;
-            }
-            Frame::Heartbeat {
-                sent_us,
-                health: theirs,
-            } => {
-                cluster.peers.health(peer, theirs);
-                let cursor = cluster.peers.applied_cursor(peer);
-                wire.send(&Frame::Ack {
-                    cursor,
-                    echo_us: Some(sent_us),
-                    health: cluster.health(),
-                })
-                .await?;
-            }
-            Frame::Digest { buckets: theirs } => {
-                if theirs.len() != BUCKETS {
-                    return Err(WireError::Handshake("malformed digest".into()).into());
-                }
-                // Every frame the peer sent before its digest is applied, so
-                // this replica's digest, taken now, covers what the peer's
-                // does.
-                let grace = cluster.settings.tombstone_grace;
-                digesting = Some(Box::pin(async move {
-                    let mine = match cluster.list_keys(replica).await {
-                        Ok(keys) => Digest::of(replica, &keys, grace).await,
-                        Err(e) => Err(e),
-                    };
-                    match mine {
-                        Ok(mine) => mine.differing(&theirs).unwrap_or_default(),
-                        Err(e) => {
-                            tracing::warn!(
-                                error = %e,
-                                "anti-entropy: cannot compute this replica's digest; \
-                                 answering that nothing differs"
-                            );
-                            Vec::new()
-                        }
-                    }
-                }));
-            }
+            Frame::Message { mode, body } => (mode, Work::Message(body)),
+            Frame::Request { id, mode, body } => (mode, Work::Request(id, body)),
             _ => {
                 return Err(WireError::Handshake("unexpected frame after handshake".into()).into());
             }
+        };
+        if let Some(reason) = cluster.tag.mismatch(&mode) {
+            refuse(cluster, peer, &mode, reason, &mut warned);
+            if let Work::Request(id, _) = job {
+                let reason = format!(
+                    "this node runs {} v{}, not {} v{}",
+                    cluster.tag.name, cluster.tag.version, mode.name, mode.version
+                );
+                out.send(Frame::Rejected { id, reason })
+                    .await
+                    .map_err(|_| closed())?;
+            }
+            continue;
         }
+        work.send(job).await.map_err(|_| closed())?;
     }
 }
 
-/// Returns the authenticated peer and its incarnation.
-async fn handshake(cluster: &Cluster, wire: &mut Wire) -> Result<(u32, u64), InboundError> {
+fn refuse(cluster: &Cluster, peer: u32, theirs: &WireTag, reason: &'static str, warned: &mut bool) {
+    cluster
+        .metrics
+        .messages_refused
+        .with_label_values(&[reason])
+        .inc();
+    if !*warned {
+        *warned = true;
+        tracing::warn!(
+            peer,
+            theirs = %format!("{} v{}", theirs.name, theirs.version),
+            ours = %format!("{} v{}", cluster.tag.name, cluster.tag.version),
+            "refusing the peer's messages: it runs another consistency mode or message version \
+             (counted in memdial_peer_messages_refused_total)"
+        );
+    }
+}
+
+/// Hands mode frames to the handler, one at a time.
+async fn handle(
+    handler: &dyn Handler,
+    peer: u32,
+    mut queue: mpsc::Receiver<Work>,
+    out: &mpsc::Sender<Frame>,
+) -> Result<(), InboundError> {
+    while let Some(job) = queue.recv().await {
+        let reply = match job {
+            Work::Message(body) => {
+                handler
+                    .on_message(peer, body)
+                    .await
+                    .map_err(InboundError::Handler)?;
+                continue;
+            }
+            Work::Request(id, body) => match handler.on_request(peer, body).await {
+                Ok(body) => Frame::Response { id, body },
+                Err(reason) => Frame::Rejected { id, reason },
+            },
+        };
+        if out.send(reply).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+async fn write(mut tx: WireTx, mut replies: mpsc::Receiver<Frame>) -> Result<(), InboundError> {
+    while let Some(frame) = replies.recv().await {
+        tx.feed(&frame).await?;
+        while let Ok(more) = replies.try_recv() {
+            tx.feed(&more).await?;
+        }
+        tx.flush().await?;
+    }
+    Ok(())
+}
+
+/// Returns the authenticated peer.
+async fn handshake(cluster: &Cluster, wire: &mut Wire) -> Result<u32, InboundError> {
     let s = &cluster.settings;
     let mine = nonce();
     wire.send(&Frame::Challenge { nonce: mine }).await?;
@@ -223,7 +219,6 @@ async fn handshake(cluster: &Cluster, wire: &mut Wire) -> Result<(u32, u64), Inb
         protocol,
         cluster: name,
         node,
-        incarnation,
         nonce: theirs,
         proof,
     } = wire.recv().await?
@@ -238,14 +233,7 @@ async fn handshake(cluster: &Cluster, wire: &mut Wire) -> Result<(u32, u64), Inb
         Some(("node", "not a peer of this node"))
     } else if !proofs_match(
         &proof,
-        &hello_proof(
-            &s.secret,
-            &s.cluster_name,
-            node,
-            incarnation,
-            &mine,
-            &theirs,
-        ),
+        &hello_proof(&s.secret, &s.cluster_name, node, &mine, &theirs),
     ) {
         Some(("secret", "wrong secret"))
     } else {
@@ -265,12 +253,10 @@ async fn handshake(cluster: &Cluster, wire: &mut Wire) -> Result<(u32, u64), Inb
             .await;
         return Err(InboundError::Refused(text));
     }
-    let cursor = cluster.peers.applied_cursor(node);
     wire.send(&Frame::Welcome {
         node: s.node_id,
         proof: welcome_proof(&s.secret, &s.cluster_name, s.node_id, &theirs),
-        cursor,
     })
     .await?;
-    Ok((node, incarnation))
+    Ok(node)
 }

@@ -1,31 +1,119 @@
-//! The outbound link to one peer: connect, prove the secret, then push this
-//! node's replication log from the peer's cursor (or a full resync when the
-//! cursor is void or out of the window), with heartbeats between, and run
-//! anti-entropy rounds: send this replica's digest, and this replica's
-//! entries of the buckets where the peer answers that its replica differs.
+//! The outbound link to one peer: connect, prove the secret, then carry
+//! this node's heartbeats and its mode's messages and requests to the
+//! peer, and bring back heartbeat acks and answers. A link that breaks is
+//! dialled again with backoff; each connection is a new [`PeerLink`], so a
+//! mode can tell that what it sent on the old one may be lost.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tokio::time::{Instant, Interval};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::backlog::TooOld;
-use super::digest::{self, BUCKETS, CHUNK, Digest};
 use super::wire::{
-    Cursor, Entry, Frame, PROTOCOL_VERSION, Wire, WireError, WireRx, WireTx, entry_bytes,
-    frame_runs, hello_proof, nonce, proofs_match, welcome_proof,
+    Frame, PROTOCOL_VERSION, Wire, WireError, WireRx, WireTx, hello_proof, nonce, proofs_match,
+    welcome_proof,
 };
-use super::{Cluster, Replica};
-use crate::BoxFuture;
+use super::{Cluster, ModeTag, PeerError};
+use crate::time::unix_us;
 
-/// Entries read per key batch during a full resync.
-const SNAPSHOT_CHUNK: usize = 256;
+/// Mode frames queued for one connection before senders wait.
+const QUEUE: usize = 16;
+
+/// Answers awaited on one connection, by request id.
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, PeerError>>>>;
+
+/// A mode's handle on one connection to a peer. Messages sent through one
+/// handle arrive in order; once its connection ends every call fails with
+/// [`PeerError::Down`], also for a connection that has been replaced since.
+#[derive(Clone)]
+pub struct PeerLink {
+    peer: u32,
+    tag: ModeTag,
+    out: mpsc::Sender<Frame>,
+    pending: Arc<Pending>,
+    next_id: Arc<AtomicU64>,
+    closed: CancellationToken,
+}
+
+impl PeerLink {
+    pub fn peer(&self) -> u32 {
+        self.peer
+    }
+
+    /// Queues a one-way message, waiting while the connection's queue is
+    /// full.
+    pub async fn send(&self, body: Bytes) -> Result<(), PeerError> {
+        if self.closed.is_cancelled() {
+            return Err(PeerError::Down(self.peer));
+        }
+        self.out
+            .send(Frame::message(self.tag, body))
+            .await
+            .map_err(|_| PeerError::Down(self.peer))
+    }
+
+    /// Queues a one-way message if the connection's queue has room now.
+    pub fn try_send(&self, body: Bytes) -> Result<(), PeerError> {
+        if self.closed.is_cancelled() {
+            return Err(PeerError::Down(self.peer));
+        }
+        self.out
+            .try_send(Frame::message(self.tag, body))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => PeerError::Busy(self.peer),
+                mpsc::error::TrySendError::Closed(_) => PeerError::Down(self.peer),
+            })
+    }
+
+    /// Sends a request and waits for its answer (no deadline of its own:
+    /// wrap it in one, or use [`Cluster::request`]).
+    pub async fn request(&self, body: Bytes) -> Result<Bytes, PeerError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        // Removes the entry however this call ends (answered, timed out by
+        // the caller, or dropped).
+        let _forget = Forget(&self.pending, id);
+        if self.closed.is_cancelled() {
+            return Err(PeerError::Down(self.peer));
+        }
+        self.out
+            .send(Frame::request(id, self.tag, body))
+            .await
+            .map_err(|_| PeerError::Down(self.peer))?;
+        tokio::select! {
+            answer = rx => answer.unwrap_or(Err(PeerError::Down(self.peer))),
+            _ = self.closed.cancelled() => Err(PeerError::Down(self.peer)),
+        }
+    }
+
+    /// Resolves when this connection has ended.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+}
+
+struct Forget<'a>(&'a Pending, u64);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        lock(self.0).remove(&self.1);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 #[derive(Debug, thiserror::Error)]
 enum LinkError {
@@ -35,34 +123,6 @@ enum LinkError {
     Connect(std::io::Error),
     #[error("refused by the peer: {0}")]
     Refused(String),
-    #[error("replica: {0}")]
-    Replica(String),
-}
-
-pub(super) fn now_ms() -> u64 {
-    now_us() / 1000
-}
-
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
-fn heartbeat(cluster: &Cluster) -> Frame {
-    Frame::Heartbeat {
-        sent_us: now_us(),
-        health: cluster.health(),
-    }
-}
-
-/// Waits for the future in `slot`, or forever when there is none (for a
-/// `select!` branch; the slot is emptied by the caller).
-pub(super) async fn in_slot<T>(slot: &mut Option<BoxFuture<'_, T>>) -> T {
-    match slot {
-        Some(f) => f.await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Keeps a link to `peer` up until `shutdown`, reconnecting with backoff.
@@ -70,7 +130,6 @@ pub(super) async fn run(
     cluster: Arc<Cluster>,
     peer: u32,
     addr: SocketAddr,
-    replica: Arc<dyn Replica>,
     shutdown: CancellationToken,
 ) {
     let min_backoff = Duration::from_millis(50);
@@ -80,8 +139,11 @@ pub(super) async fn run(
         let mut connected = false;
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = session(&cluster, peer, addr, &*replica, &mut connected) => r,
+            r = connection(&cluster, peer, addr, &mut connected) => r,
         };
+        if let Some(slot) = cluster.links.get(&peer) {
+            slot.send_replace(None);
+        }
         if let Err(e) = result {
             if connected || was_up {
                 tracing::warn!(peer, %addr, error = %e, "link to peer lost; reconnecting");
@@ -101,11 +163,11 @@ pub(super) async fn run(
     }
 }
 
-async fn session(
+/// One connection to the peer, from dialling until it breaks.
+async fn connection(
     cluster: &Cluster,
     peer: u32,
     addr: SocketAddr,
-    replica: &dyn Replica,
     connected: &mut bool,
 ) -> Result<(), LinkError> {
     let s = &cluster.settings;
@@ -114,26 +176,32 @@ async fn session(
         .map_err(|_| LinkError::Wire(WireError::Timeout))?
         .map_err(LinkError::Connect)?;
     let mut wire = Wire::new(stream);
-    let cursor = handshake(cluster, peer, &mut wire).await?;
+    handshake(cluster, peer, &mut wire).await?;
     *connected = true;
     cluster.peers.heard(peer);
-    tracing::info!(peer, %addr, resume = ?cursor, "link to peer up");
+    tracing::info!(peer, %addr, "link to peer up");
     let (tx, rx) = wire.split();
-    // The peer's answers to our digests, from the reader to the pusher (one
-    // round is outstanding at a time).
-    let (diffs_tx, diffs_rx) = mpsc::channel(1);
+    let (out, queue) = mpsc::channel(QUEUE);
+    let link = PeerLink {
+        peer,
+        tag: cluster.tag,
+        out,
+        pending: Arc::new(Mutex::new(HashMap::new())),
+        next_id: Arc::new(AtomicU64::new(1)),
+        closed: CancellationToken::new(),
+    };
+    // Cancelled however this connection ends, so its handles fail fast.
+    let _closed = link.closed.clone().drop_guard();
+    if let Some(slot) = cluster.links.get(&peer) {
+        slot.send_replace(Some(link.clone()));
+    }
     tokio::select! {
-        r = read_acks(cluster, peer, rx, diffs_tx) => r,
-        r = push(cluster, peer, tx, cursor, replica, diffs_rx) => r,
+        r = read(cluster, peer, rx, &link.pending) => r,
+        r = write(cluster, tx, queue) => r,
     }
 }
 
-/// Returns the peer's cursor of our log.
-async fn handshake(
-    cluster: &Cluster,
-    peer: u32,
-    wire: &mut Wire,
-) -> Result<Option<Cursor>, LinkError> {
+async fn handshake(cluster: &Cluster, peer: u32, wire: &mut Wire) -> Result<(), LinkError> {
     let s = &cluster.settings;
     let wait = s.connect_timeout.max(Duration::from_secs(1));
     let Frame::Challenge { nonce: theirs } = recv_within(wire, wait).await? else {
@@ -144,24 +212,12 @@ async fn handshake(
         protocol: PROTOCOL_VERSION,
         cluster: s.cluster_name.clone(),
         node: s.node_id,
-        incarnation: cluster.backlog.incarnation,
         nonce: mine,
-        proof: hello_proof(
-            &s.secret,
-            &s.cluster_name,
-            s.node_id,
-            cluster.backlog.incarnation,
-            &theirs,
-            &mine,
-        ),
+        proof: hello_proof(&s.secret, &s.cluster_name, s.node_id, &theirs, &mine),
     })
     .await?;
     match recv_within(wire, wait).await? {
-        Frame::Welcome {
-            node,
-            proof,
-            cursor,
-        } => {
+        Frame::Welcome { node, proof } => {
             let expected = welcome_proof(&s.secret, &s.cluster_name, peer, &mine);
             if node != peer || !proofs_match(&proof, &expected) {
                 return Err(WireError::Handshake(format!(
@@ -169,7 +225,7 @@ async fn handshake(
                 ))
                 .into());
             }
-            Ok(cursor)
+            Ok(())
         }
         Frame::Refused { reason } => Err(LinkError::Refused(reason)),
         _ => Err(WireError::Handshake("expected welcome or refusal".into()).into()),
@@ -182,280 +238,62 @@ async fn recv_within(wire: &mut Wire, wait: Duration) -> Result<Frame, WireError
         .map_err(|_| WireError::Timeout)?
 }
 
-async fn read_acks(
+/// Heartbeat acks and answers from the peer.
+async fn read(
     cluster: &Cluster,
     peer: u32,
     mut rx: WireRx,
-    diffs: mpsc::Sender<Vec<u16>>,
+    pending: &Pending,
 ) -> Result<(), LinkError> {
     loop {
-        match rx.recv().await? {
-            Frame::Ack {
-                cursor,
-                echo_us,
-                health,
-            } => {
-                cluster.peers.acked(peer, cursor);
+        let frame = rx.recv().await?;
+        cluster.peers.heard(peer);
+        let (id, answer) = match frame {
+            Frame::HeartbeatAck { echo_us, health } => {
                 cluster.peers.health(peer, health);
-                if let Some(sent) = echo_us {
-                    cluster
-                        .peers
-                        .rtt(peer, Duration::from_micros(now_us().saturating_sub(sent)));
-                }
+                let rtt = Duration::from_micros(unix_us().saturating_sub(echo_us));
+                cluster.peers.rtt(peer, rtt);
+                continue;
             }
-            Frame::DigestDiff { buckets } => {
-                cluster.peers.heard(peer);
-                if diffs.try_send(buckets).is_err() {
-                    tracing::debug!(peer, "ignoring a digest answer nobody asked for");
-                }
-            }
+            Frame::Response { id, body } => (id, Ok(body)),
+            Frame::Rejected { id, reason } => (id, Err(PeerError::Rejected { peer, reason })),
             _ => return Err(WireError::Handshake("unexpected frame from peer".into()).into()),
-        }
-    }
-}
-
-/// One link's anti-entropy rounds. A round: compute this replica's digest
-/// beside the log push (entries and heartbeats keep flowing), send it once
-/// every log entry written meanwhile is sent, wait for the peer's answer,
-/// send this replica's entries of the buckets it names. Rounds start a
-/// jittered interval after the previous one ended, never during a full
-/// resync.
-struct AntiEntropy<'a> {
-    interval: Option<Duration>,
-    next: Instant,
-    computing: Option<BoxFuture<'a, Result<Digest, String>>>,
-    /// Computed, to send once the log is flushed.
-    ready: Option<Digest>,
-    /// Sent; the peer's answer is awaited.
-    awaiting: bool,
-}
-
-impl AntiEntropy<'_> {
-    fn new(interval: Option<Duration>) -> Self {
-        let mut ae = AntiEntropy {
-            interval,
-            next: Instant::now(),
-            computing: None,
-            ready: None,
-            awaiting: false,
         };
-        ae.schedule();
-        ae
-    }
-
-    /// The next round starts ±20% of the interval from now, so the links of
-    /// a cluster do not all scan their stores at once.
-    fn schedule(&mut self) {
-        if let Some(i) = self.interval {
-            self.next = Instant::now() + i.mul_f64(rand::random_range(0.8..=1.2));
-        }
-    }
-
-    fn idle(&self) -> bool {
-        self.interval.is_some()
-            && self.computing.is_none()
-            && self.ready.is_none()
-            && !self.awaiting
-    }
-
-    /// Drops a round in progress (its digest predates a full resync).
-    fn cancel(&mut self) {
-        let computing = self.computing.take().is_some();
-        let ready = self.ready.take().is_some();
-        if computing || ready {
-            self.schedule();
+        // An answer nobody waits for any more (timed out) is dropped.
+        if let Some(waiter) = lock(pending).remove(&id) {
+            let _ = waiter.send(answer);
         }
     }
 }
 
-async fn push(
+/// Heartbeats on their interval, and the mode's frames as they are queued,
+/// flushed once the queue is empty. A heartbeat waits at most for the frame
+/// being written, never behind the queue.
+async fn write(
     cluster: &Cluster,
-    peer: u32,
     mut tx: WireTx,
-    cursor: Option<Cursor>,
-    replica: &dyn Replica,
-    mut diffs: mpsc::Receiver<Vec<u16>>,
+    mut queue: mpsc::Receiver<Frame>,
 ) -> Result<(), LinkError> {
-    let s = &cluster.settings;
-    let backlog = &cluster.backlog;
-    let mut head = backlog.subscribe();
-    let resumable =
-        |c: &Cursor| c.incarnation == backlog.incarnation && backlog.read_after(c.seq, 0).is_ok();
-    let mut sent = match cursor {
-        Some(c) if resumable(&c) => c.seq,
-        _ => full_resync(cluster, peer, &mut tx, replica).await?,
-    };
-    let mut beat = tokio::time::interval(s.heartbeat_interval);
+    let mut beat = tokio::time::interval(cluster.settings.heartbeat_interval);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut ae = AntiEntropy::new(s.anti_entropy_interval);
-    let label = peer.to_string();
     loop {
-        match backlog.read_after(sent, s.batch_max) {
-            Ok(batch) if !batch.is_empty() => {
-                for run in frame_runs(batch, |(_, e)| entry_bytes(e)) {
-                    sent = run.last().map_or(sent, |(seq, _)| *seq);
-                    let entries = run
-                        .into_iter()
-                        .map(|(seq, e)| (seq, (*e).clone()))
-                        .collect();
-                    tx.send(&Frame::Entries { entries }).await?;
-                }
-                continue;
-            }
-            Ok(_) => {}
-            Err(TooOld) => {
-                tracing::warn!(
-                    peer,
-                    sent,
-                    "peer fell behind the replication backlog; sending a full resync"
-                );
-                ae.cancel();
-                sent = full_resync(cluster, peer, &mut tx, replica).await?;
-                continue;
-            }
-        }
-        // Every log entry written while the digest was computed is sent
-        // now, so the peer's replica includes all that the digest covers.
-        if let Some(d) = ae.ready.take() {
-            tx.send(&Frame::Digest {
-                buckets: d.into_buckets(),
-            })
-            .await?;
-            ae.awaiting = true;
-        }
         tokio::select! {
-            changed = head.changed() => {
-                if changed.is_err() {
-                    return Ok(());
-                }
-            }
+            biased;
             _ = beat.tick() => {
-                tx.send(&heartbeat(cluster)).await?;
+                tx.send(&Frame::Heartbeat {
+                    sent_us: unix_us(),
+                    health: cluster.health(),
+                })
+                .await?;
             }
-            _ = tokio::time::sleep_until(ae.next), if ae.idle() => {
-                ae.computing = Some(Box::pin(async move {
-                    let keys = cluster.list_keys(replica).await?;
-                    Digest::of(replica, &keys, s.tombstone_grace).await
-                }));
-            }
-            digest = in_slot(&mut ae.computing), if ae.computing.is_some() => {
-                ae.computing = None;
-                match digest {
-                    Ok(d) => ae.ready = Some(d),
-                    Err(e) => {
-                        tracing::warn!(peer, error = %e, "anti-entropy: cannot compute this replica's digest");
-                        ae.schedule();
-                    }
+            frame = queue.recv() => {
+                let Some(frame) = frame else { return Ok(()) };
+                tx.feed(&frame).await?;
+                while let Ok(more) = queue.try_recv() {
+                    tx.feed(&more).await?;
                 }
-            }
-            diff = diffs.recv() => {
-                let Some(buckets) = diff else { return Ok(()) };
-                if !ae.awaiting {
-                    continue;
-                }
-                ae.awaiting = false;
-                cluster.metrics.antientropy_rounds.with_label_values(&[&label]).inc();
-                if !buckets.is_empty() {
-                    match repair(cluster, peer, &mut tx, replica, &buckets, &mut beat).await {
-                        Ok(entries) => tracing::debug!(
-                            peer,
-                            buckets = buckets.len(),
-                            entries,
-                            "anti-entropy: replicas differ; sent this replica's entries of those buckets"
-                        ),
-                        Err(LinkError::Replica(e)) => tracing::warn!(
-                            peer,
-                            error = %e,
-                            "anti-entropy: cannot read this replica for a repair"
-                        ),
-                        Err(e) => return Err(e),
-                    }
-                }
-                ae.schedule();
+                tx.flush().await?;
             }
         }
     }
-}
-
-/// Sends this replica's entries of `buckets` (where the peer's replica
-/// differs) as snapshot chunks, which the peer applies last-writer-wins; the
-/// peer's cursor does not move. Returns how many entries were sent. Entries
-/// newer on the peer are sent to us by the peer's own link.
-async fn repair(
-    cluster: &Cluster,
-    peer: u32,
-    tx: &mut WireTx,
-    replica: &dyn Replica,
-    buckets: &[u16],
-    beat: &mut Interval,
-) -> Result<usize, LinkError> {
-    let mut wanted = vec![false; BUCKETS];
-    for &b in buckets {
-        if let Some(w) = wanted.get_mut(usize::from(b)) {
-            *w = true;
-        }
-    }
-    let keys: Vec<Bytes> = cluster
-        .list_keys(replica)
-        .await
-        .map_err(LinkError::Replica)?
-        .into_iter()
-        .filter(|k| wanted[digest::bucket(k)])
-        .collect();
-    let grace = cluster.settings.tombstone_grace;
-    let mut sent = 0;
-    for chunk in keys.chunks(CHUNK) {
-        let now = now_ms();
-        let entries: Vec<Entry> = replica
-            .read(chunk)
-            .await
-            .map_err(LinkError::Replica)?
-            .into_iter()
-            .filter(|e| digest::compared(e, now, grace))
-            .collect();
-        sent += entries.len();
-        send_snapshot(tx, entries).await?;
-        // A large repair must not silence the link.
-        if beat.tick().now_or_never().is_some() {
-            tx.send(&heartbeat(cluster)).await?;
-        }
-    }
-    tracing::trace!(peer, keys = keys.len(), sent, "anti-entropy repair sent");
-    Ok(sent)
-}
-
-/// Sends entries as `Snapshot` frames within the frame budget.
-async fn send_snapshot(tx: &mut WireTx, entries: Vec<Entry>) -> Result<(), WireError> {
-    for entries in frame_runs(entries, entry_bytes) {
-        tx.send(&Frame::Snapshot { entries }).await?;
-    }
-    Ok(())
-}
-
-/// Sends this replica's whole state; returns the log position it covers.
-async fn full_resync(
-    cluster: &Cluster,
-    peer: u32,
-    tx: &mut WireTx,
-    replica: &dyn Replica,
-) -> Result<u64, LinkError> {
-    // Every entry up to `seq` is already applied to the store, so the state
-    // read below includes it; later entries follow from the log.
-    let seq = cluster.backlog.head();
-    let keys = cluster
-        .list_keys(replica)
-        .await
-        .map_err(LinkError::Replica)?;
-    tracing::info!(peer, keys = keys.len(), seq, "sending a full resync");
-    for chunk in keys.chunks(SNAPSHOT_CHUNK) {
-        let entries = replica.read(chunk).await.map_err(LinkError::Replica)?;
-        send_snapshot(tx, entries).await?;
-    }
-    tx.send(&Frame::SnapshotDone { seq }).await?;
-    cluster
-        .metrics
-        .full_resyncs_sent
-        .with_label_values(&[&peer.to_string()])
-        .inc();
-    Ok(seq)
 }

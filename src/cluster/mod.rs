@@ -1,24 +1,29 @@
-//! The peers of a node: the internal port (framed binary protocol with an
-//! authenticated handshake), one long-lived outbound link per peer that
-//! pushes this node's replication log and heartbeats and runs periodic
-//! anti-entropy (digest exchange, then repair of the buckets that differ),
-//! an inbound handler per peer that applies what arrives, and the failure
-//! detector that marks peers up / suspect / down.
+//! The transport between the nodes of a cluster, and nothing of any mode:
+//! the peer table, the internal port (framed binary protocol with an
+//! authenticated handshake), one long-lived outbound link per peer with
+//! reconnect and backoff, heartbeats and the failure detector that marks
+//! peers up / suspect / down, and per-peer metrics.
 //!
-//! What a replicated write means is not decided here: entries are handed to
-//! a [`Replica`] (implemented by `consistency`).
+//! A consistency mode talks to its peers through it without this module
+//! knowing its message types: it sends opaque bodies to a peer
+//! ([`PeerLink::send`], in order), asks and awaits an answer with a
+//! deadline ([`Cluster::request`], [`PeerLink::request`]), and receives
+//! what peers send it through its [`Handler`]. Every body travels tagged
+//! with the mode's [`ModeTag`]; a peer running another mode or another
+//! version of its messages has them refused, logged and counted, and the
+//! link stays up.
 //!
-//! May use: `protocol`, `config`, `metrics`.
+//! May use: `config`, `metrics`.
 
-pub mod backlog;
-mod digest;
 mod inbound;
 mod link;
 mod peers;
 pub mod wire;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,26 +33,44 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::BoxFuture;
-pub use backlog::Backlog;
+pub use link::PeerLink;
 use peers::{ClusterMetrics, Peers};
 pub use peers::{Liveness, PeerView};
-pub use wire::{Entry, Op, Version};
+pub use wire::ModeTag;
 
-/// The local replica, as the cluster sees it.
-pub trait Replica: Send + Sync + 'static {
-    /// Applies entries received from a peer; returns how many changed this
-    /// replica (a newer version won).
-    fn apply<'a>(&'a self, entries: Vec<Entry>) -> BoxFuture<'a, Result<usize, String>>;
-    /// Every key the replica holds, for a full resync.
-    fn keys(&self) -> BoxFuture<'_, Result<Vec<Bytes>, String>>;
-    /// The current state of these keys; absent keys are left out.
-    fn read<'a>(&'a self, keys: &'a [Bytes]) -> BoxFuture<'a, Result<Vec<Entry>, String>>;
-    /// Names the backing store's lifetime: a change means it restarted and
-    /// lost its data.
-    fn store_instance(&self) -> BoxFuture<'_, Result<String, String>>;
+/// A consistency mode's side of the internal port: what it does with what
+/// its peers send it. Messages and requests from one peer are handled one
+/// at a time, in the order the peer sent them.
+pub trait Handler: Send + Sync + 'static {
+    /// A one-way message from `peer`. An error ends that peer's
+    /// connection; the peer reconnects (and a mode that needs to can start
+    /// over from what it learns then).
+    fn on_message(&self, peer: u32, body: Bytes) -> BoxFuture<'_, Result<(), String>>;
+
+    /// A request from `peer`; the answer goes back to it. An error is
+    /// answered as a rejection, and the connection stays up.
+    fn on_request(&self, peer: u32, body: Bytes) -> BoxFuture<'_, Result<Bytes, String>>;
 }
 
-/// What the cluster layer of a node needs to know.
+/// Why a message or request did not reach a peer's mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// No link to the peer, or it broke: what was sent may be lost.
+    #[error("link to peer {0} is down")]
+    Down(u32),
+    /// The link's queue is full (only from a `try_` call).
+    #[error("link to peer {0} is busy")]
+    Busy(u32),
+    #[error("peer {0} did not answer in time")]
+    Timeout(u32),
+    /// The peer's transport or mode refused the request.
+    #[error("peer {peer} rejected the request: {reason}")]
+    Rejected { peer: u32, reason: String },
+    #[error("node {0} is not a peer")]
+    Unknown(u32),
+}
+
+/// What the transport of a node needs to know.
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
     pub cluster_name: String,
@@ -59,129 +82,120 @@ pub struct ClusterSettings {
     pub down_after: Duration,
     pub connect_timeout: Duration,
     pub reconnect_max: Duration,
-    /// Most entries in one frame.
-    pub batch_max: usize,
-    /// How often the backing store is checked for a restart.
-    pub store_check_interval: Duration,
-    /// How often each outbound link compares digests with its peer (±20%);
-    /// `None` never does.
-    pub anti_entropy_interval: Option<Duration>,
-    /// How long a tombstone lives after its delete; anti-entropy leaves
-    /// older ones out.
-    pub tombstone_grace: Duration,
 }
 
-/// The cluster side of one node.
+/// The transport side of one node.
 pub struct Cluster {
     settings: ClusterSettings,
-    backlog: Arc<Backlog>,
+    /// The mode whose messages this node sends and takes.
+    tag: ModeTag,
     peers: Peers,
     metrics: ClusterMetrics,
+    /// The current outbound connection to each peer, if up.
+    links: HashMap<u32, watch::Sender<Option<PeerLink>>>,
     /// Requests served, reported in heartbeats.
     requests_total: Box<dyn Fn() -> u64 + Send + Sync>,
-    /// `requests_total` as of the last metrics refresh: acks and heartbeats
-    /// read this instead of summing the counters for every frame.
-    requests_seen: std::sync::atomic::AtomicU64,
-    /// Bumped when the local store lost its data: inbound links close so
-    /// that every peer reconnects and sends a full resync.
-    resync: watch::Sender<u64>,
-    /// Held while listing the store's keys for a resync or anti-entropy:
-    /// memcached runs one key listing (`lru_crawler`) at a time and answers
-    /// `BUSY` to a second, so this node's links take turns.
-    listing: tokio::sync::Mutex<()>,
+    /// `requests_total` as of the last metrics refresh: heartbeats read
+    /// this instead of summing the counters for every frame.
+    requests_seen: AtomicU64,
 }
 
 impl Cluster {
     pub fn new(
         settings: ClusterSettings,
-        backlog: Arc<Backlog>,
+        tag: ModeTag,
         registry: &prometheus::Registry,
         requests_total: Box<dyn Fn() -> u64 + Send + Sync>,
     ) -> prometheus::Result<Arc<Cluster>> {
         let metrics = ClusterMetrics::register(registry)?;
         let peers = Peers::new(&settings);
+        let links = settings
+            .peers
+            .iter()
+            .map(|&(id, _)| (id, watch::Sender::new(None)))
+            .collect();
         Ok(Arc::new(Cluster {
             settings,
-            backlog,
+            tag,
             peers,
             metrics,
+            links,
             requests_total,
-            requests_seen: std::sync::atomic::AtomicU64::new(0),
-            resync: watch::Sender::new(0),
-            listing: tokio::sync::Mutex::new(()),
+            requests_seen: AtomicU64::new(0),
         }))
-    }
-
-    /// Every key of the local replica, one listing at a time.
-    async fn list_keys(&self, replica: &dyn Replica) -> Result<Vec<Bytes>, String> {
-        let _turn = self.listing.lock().await;
-        replica.keys().await
     }
 
     pub fn node_id(&self) -> u32 {
         self.settings.node_id
     }
 
-    pub fn backlog(&self) -> &Backlog {
-        &self.backlog
+    /// The ids of every peer, in the config's order.
+    pub fn peer_ids(&self) -> Vec<u32> {
+        self.settings.peers.iter().map(|&(id, _)| id).collect()
     }
 
     /// Every peer as the failure detector sees it now.
     pub fn view(&self) -> Vec<PeerView> {
-        self.peers.view(&self.settings, self.backlog.head())
+        self.peers.view(&self.settings)
+    }
+
+    /// The link to `peer` if it is up now.
+    pub fn try_link(&self, peer: u32) -> Option<PeerLink> {
+        self.links.get(&peer)?.borrow().clone()
+    }
+
+    /// Waits until the link to `peer` is up (`None` for an unknown peer).
+    pub async fn link(&self, peer: u32) -> Option<PeerLink> {
+        let mut rx = self.links.get(&peer)?.subscribe();
+        rx.wait_for(Option::is_some).await.ok()?.clone()
+    }
+
+    /// Sends `body` to `peer`'s mode, if the link is up now.
+    pub async fn send(&self, peer: u32, body: Bytes) -> Result<(), PeerError> {
+        match self.try_link(peer) {
+            Some(link) => link.send(body).await,
+            None if self.links.contains_key(&peer) => Err(PeerError::Down(peer)),
+            None => Err(PeerError::Unknown(peer)),
+        }
+    }
+
+    /// Asks `peer`'s mode and waits for its answer, waiting for the link
+    /// too if it is down, all within `deadline`.
+    pub async fn request(
+        &self,
+        peer: u32,
+        body: Bytes,
+        deadline: Duration,
+    ) -> Result<Bytes, PeerError> {
+        if !self.links.contains_key(&peer) {
+            return Err(PeerError::Unknown(peer));
+        }
+        tokio::time::timeout(deadline, async {
+            let link = self.link(peer).await.ok_or(PeerError::Down(peer))?;
+            link.request(body).await
+        })
+        .await
+        .map_err(|_| PeerError::Timeout(peer))?
     }
 
     /// Serves the internal port and keeps a link to every peer until
-    /// `shutdown`.
+    /// `shutdown`, handing what peers send to `handler`.
     pub async fn run(
         self: Arc<Self>,
         listener: TcpListener,
-        replica: Arc<dyn Replica>,
+        handler: Arc<dyn Handler>,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         let tracker = TaskTracker::new();
         for &(id, addr) in &self.settings.peers {
-            tracker.spawn(link::run(
-                self.clone(),
-                id,
-                addr,
-                replica.clone(),
-                shutdown.clone(),
-            ));
+            tracker.spawn(link::run(self.clone(), id, addr, shutdown.clone()));
         }
-        tracker.spawn(self.clone().watch_store(replica.clone(), shutdown.clone()));
         tracker.spawn(self.clone().refresh_metrics(shutdown.clone()));
         let accepted =
-            inbound::serve(self.clone(), listener, replica, shutdown.clone(), &tracker).await;
+            inbound::serve(self.clone(), listener, handler, shutdown.clone(), &tracker).await;
         tracker.close();
         tracker.wait().await;
         accepted
-    }
-
-    /// Checks the backing store's identity; when it changed (restarted
-    /// empty), forgets every peer cursor so the peers resync this replica.
-    async fn watch_store(self: Arc<Self>, replica: Arc<dyn Replica>, shutdown: CancellationToken) {
-        let mut known: Option<String> = None;
-        let mut tick = tokio::time::interval(self.settings.store_check_interval);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let Ok(now) = replica.store_instance().await else {
-                continue;
-            };
-            match &known {
-                Some(k) if *k != now => {
-                    tracing::warn!(before = %k, now = %now, "backing store restarted; asking every peer for a full resync");
-                    self.peers.forget_cursors();
-                    self.resync.send_modify(|g| *g += 1);
-                    self.metrics.store_restarts.inc();
-                }
-                _ => {}
-            }
-            known = Some(now);
-        }
     }
 
     async fn refresh_metrics(self: Arc<Self>, shutdown: CancellationToken) {
@@ -191,11 +205,8 @@ impl Cluster {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            self.requests_seen.store(
-                (self.requests_total)(),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            self.metrics.backlog_entries.set(self.backlog.len() as i64);
+            self.requests_seen
+                .store((self.requests_total)(), Ordering::Relaxed);
             for p in self.view() {
                 let id = p.id.to_string();
                 self.metrics
@@ -208,43 +219,37 @@ impl Cluster {
                         .with_label_values(&[&id])
                         .set(rtt.as_secs_f64());
                 }
-                if let Some(lag) = p.lag {
-                    self.metrics
-                        .peer_lag
-                        .with_label_values(&[&id])
-                        .set(lag as i64);
-                }
             }
         }
     }
 
-    /// What this node says about itself in heartbeats and acks.
+    /// What this node says about itself in heartbeats and their acks.
     fn health(&self) -> wire::Health {
         wire::Health {
-            requests_total: self
-                .requests_seen
-                .load(std::sync::atomic::Ordering::Relaxed),
-            log_head: self.backlog.head(),
+            requests_total: self.requests_seen.load(Ordering::Relaxed),
         }
     }
 
-    /// `stats cluster` lines: this node, then every peer.
-    pub fn stats(&self, mode: &str) -> Vec<(String, String)> {
+    /// `stats cluster` lines: this node, then every peer, with the mode's
+    /// own lines for the node (`node_extra`) and for each peer
+    /// (`peer_extra`).
+    pub fn stats(
+        &self,
+        mode: &str,
+        node_extra: Vec<(String, String)>,
+        peer_extra: impl Fn(u32) -> Vec<(String, String)>,
+    ) -> Vec<(String, String)> {
         let mut out = vec![
             ("node_id".to_string(), self.settings.node_id.to_string()),
             ("cluster".to_string(), self.settings.cluster_name.clone()),
             ("mode".to_string(), mode.to_string()),
-            ("log_head".to_string(), self.backlog.head().to_string()),
-            (
-                "backlog_entries".to_string(),
-                self.backlog.len().to_string(),
-            ),
-            (
-                "requests_total".to_string(),
-                (self.requests_total)().to_string(),
-            ),
-            ("peers".to_string(), self.settings.peers.len().to_string()),
         ];
+        out.extend(node_extra);
+        out.push((
+            "requests_total".to_string(),
+            (self.requests_total)().to_string(),
+        ));
+        out.push(("peers".to_string(), self.settings.peers.len().to_string()));
         for p in self.view() {
             let mut line = |name: &str, value: String| {
                 out.push((format!("peer:{}:{name}", p.id), value));
@@ -260,11 +265,14 @@ impl Cluster {
                 "rtt_us",
                 p.rtt.map_or("-".into(), |d| d.as_micros().to_string()),
             );
-            line("lag", p.lag.map_or("-".into(), |l| l.to_string()));
             line("request_rate", format!("{:.1}", p.request_rate));
-            line("applied", p.applied.to_string());
-            line("repaired", p.repaired.to_string());
+            for (name, value) in peer_extra(p.id) {
+                line(&name, value);
+            }
         }
         out
     }
 }
+
+#[cfg(test)]
+mod tests;

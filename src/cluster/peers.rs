@@ -5,12 +5,10 @@ use std::net::SocketAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use prometheus::{
-    Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-};
+use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use super::ClusterSettings;
-use super::wire::{Cursor, Health};
+use super::wire::Health;
 use crate::metrics::reg;
 
 /// What the failure detector makes of a peer.
@@ -43,28 +41,16 @@ pub struct PeerView {
     /// Since we last heard from it.
     pub last_heard: Option<Duration>,
     pub rtt: Option<Duration>,
-    /// Entries of our log it has not acknowledged.
-    pub lag: Option<u64>,
     /// Its client requests per second, from its heartbeats.
     pub request_rate: f64,
-    /// Entries of its log we applied.
-    pub applied: u64,
-    /// Keys a full resync or an anti-entropy repair from it changed here.
-    pub repaired: u64,
 }
 
 #[derive(Default)]
 struct Peer {
     last_heard: Option<Instant>,
     rtt: Option<Duration>,
-    /// How far it has applied our log (from its acks).
-    acked: Option<Cursor>,
-    /// How far we have applied its log.
-    applied_cursor: Option<Cursor>,
     health: Option<(Instant, Health)>,
     request_rate: f64,
-    applied: u64,
-    repaired: u64,
 }
 
 pub(super) struct Peers {
@@ -119,34 +105,7 @@ impl Peers {
         self.with(id, |p| p.rtt = Some(rtt));
     }
 
-    pub fn acked(&self, id: u32, cursor: Option<Cursor>) {
-        self.with(id, |p| p.acked = cursor);
-    }
-
-    pub fn applied_cursor(&self, id: u32) -> Option<Cursor> {
-        self.with(id, |p| p.applied_cursor).flatten()
-    }
-
-    pub fn set_applied_cursor(&self, id: u32, cursor: Cursor, entries: u64) {
-        self.with(id, |p| {
-            p.applied_cursor = Some(cursor);
-            p.applied += entries;
-        });
-    }
-
-    pub fn repaired(&self, id: u32, keys: u64) {
-        self.with(id, |p| p.repaired += keys);
-    }
-
-    /// Forgets how far we applied every peer's log (our store lost it).
-    pub fn forget_cursors(&self) {
-        let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        for p in t.values_mut() {
-            p.applied_cursor = None;
-        }
-    }
-
-    pub fn view(&self, settings: &ClusterSettings, our_head: u64) -> Vec<PeerView> {
+    pub fn view(&self, settings: &ClusterSettings) -> Vec<PeerView> {
         let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out: Vec<PeerView> = t
             .iter()
@@ -163,10 +122,7 @@ impl Peers {
                     liveness,
                     last_heard: since,
                     rtt: p.rtt,
-                    lag: p.acked.map(|c| our_head.saturating_sub(c.seq)),
                     request_rate: p.request_rate,
-                    applied: p.applied,
-                    repaired: p.repaired,
                 }
             })
             .collect();
@@ -175,19 +131,13 @@ impl Peers {
     }
 }
 
-/// The cluster's metrics, labelled by peer id (a closed set from the config).
+/// The transport's metrics, labelled by peer id (a closed set from the
+/// config) or by a closed set of reasons.
 pub(super) struct ClusterMetrics {
     pub peer_up: IntGaugeVec,
     pub peer_rtt: GaugeVec,
-    pub peer_lag: IntGaugeVec,
-    pub backlog_entries: IntGauge,
-    pub applied: IntCounterVec,
-    pub repaired: IntCounterVec,
-    pub antientropy_rounds: IntCounterVec,
-    pub full_resyncs_sent: IntCounterVec,
     pub handshakes_refused: IntCounterVec,
-    pub store_restarts: IntCounter,
-    pub replication_delay: Gauge,
+    pub messages_refused: IntCounterVec,
 }
 
 impl ClusterMetrics {
@@ -211,63 +161,6 @@ impl ClusterMetrics {
                     peer,
                 )?,
             )?,
-            peer_lag: reg(
-                r,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "peer_replication_lag_entries",
-                        "Entries of this node's log the peer has not acknowledged",
-                    ),
-                    peer,
-                )?,
-            )?,
-            backlog_entries: reg(
-                r,
-                IntGauge::new(
-                    "replication_backlog_entries",
-                    "Entries held in the replication backlog",
-                )?,
-            )?,
-            applied: reg(
-                r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "replication_applied_total",
-                        "Log entries from the peer applied here",
-                    ),
-                    peer,
-                )?,
-            )?,
-            repaired: reg(
-                r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "antientropy_repaired_keys_total",
-                        "Keys a full resync or an anti-entropy repair from the peer changed here",
-                    ),
-                    peer,
-                )?,
-            )?,
-            antientropy_rounds: reg(
-                r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "antientropy_rounds_total",
-                        "Anti-entropy digest exchanges this node completed with the peer",
-                    ),
-                    peer,
-                )?,
-            )?,
-            full_resyncs_sent: reg(
-                r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "full_resyncs_sent_total",
-                        "Full resyncs this node sent to the peer",
-                    ),
-                    peer,
-                )?,
-            )?,
             handshakes_refused: reg(
                 r,
                 IntCounterVec::new(
@@ -278,18 +171,15 @@ impl ClusterMetrics {
                     &["reason"],
                 )?,
             )?,
-            store_restarts: reg(
+            messages_refused: reg(
                 r,
-                IntCounter::new(
-                    "backing_store_restarts_total",
-                    "Times the backing store was found restarted",
-                )?,
-            )?,
-            replication_delay: reg(
-                r,
-                Gauge::new(
-                    "replication_delay_seconds",
-                    "Age of the newest entry applied from a peer, when applied",
+                IntCounterVec::new(
+                    Opts::new(
+                        "peer_messages_refused_total",
+                        "Peer messages refused for naming another consistency mode (mode) or \
+                         another version of this mode's messages (version)",
+                    ),
+                    &["reason"],
                 )?,
             )?,
         })

@@ -4,11 +4,11 @@
 //! A connection runs: the acceptor sends `Challenge`; the dialer answers
 //! `Hello` with a proof of the shared secret over both nonces; the acceptor
 //! checks it and answers `Welcome` with its own proof (or `Refused` and
-//! closes). After that the dialer sends `Entries`, `Snapshot`,
-//! `SnapshotDone` and `Heartbeat`; the acceptor answers `Ack`. For
-//! anti-entropy the dialer sends `Digest`; the acceptor answers
-//! `DigestDiff`, and the dialer sends its entries of those buckets as
-//! `Snapshot` frames.
+//! closes). After that the dialer sends `Heartbeat`s, which the acceptor
+//! answers with `HeartbeatAck`, and the mode's messages: `Message` (one
+//! way) and `Request` (answered by `Response`, or `Rejected` when the
+//! acceptor cannot take it). A mode's bodies are opaque here: each frame
+//! names the mode and its message version, and the receiver checks both.
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
@@ -19,96 +19,53 @@ use tokio::net::TcpStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 /// Bumped whenever a frame changes shape; peers of another version are refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
-/// Largest frame accepted. Senders keep batches of entries under
-/// [`FRAME_BUDGET`]; a single entry is at most `item_size_max`, which the
-/// config keeps under `MAX_CLUSTER_ITEM_BYTES`.
+/// Largest frame accepted. A mode keeps its messages under this; the
+/// config keeps `item_size_max` under `MAX_CLUSTER_ITEM_BYTES` so a single
+/// value always fits.
 pub const MAX_FRAME_BYTES: usize = 2 * crate::config::MAX_CLUSTER_ITEM_BYTES;
 
-/// Entries are packed into frames of about this many bytes at most.
-pub const FRAME_BUDGET: usize = 4 * 1024 * 1024;
-
-/// About how many bytes an entry takes in a frame.
-pub fn entry_bytes(e: &Entry) -> usize {
-    let data = match &e.op {
-        Op::Put { data, .. } => data.len(),
-        _ => 0,
-    };
-    e.key.len() + data + 32
+/// Which mode a message belongs to, and the version of that mode's
+/// messages. The receiver takes a message only when both match its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModeTag {
+    pub name: &'static str,
+    pub version: u32,
 }
 
-/// Splits entries into runs that each fit a frame (a run holds at least one
-/// entry).
-pub fn frame_runs<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
-    let mut runs = Vec::new();
-    let mut run = Vec::new();
-    let mut bytes = 0;
-    for item in items {
-        let n = size(&item);
-        if !run.is_empty() && bytes + n > FRAME_BUDGET {
-            runs.push(std::mem::take(&mut run));
-            bytes = 0;
+/// A [`ModeTag`] as it arrives from a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireTag {
+    pub name: String,
+    pub version: u32,
+}
+
+impl ModeTag {
+    fn wire(&self) -> WireTag {
+        WireTag {
+            name: self.name.to_string(),
+            version: self.version,
         }
-        bytes += n;
-        run.push(item);
     }
-    if !run.is_empty() {
-        runs.push(run);
+
+    /// Why `theirs` is refused here, if it is: `mode` or `version`.
+    pub fn mismatch(&self, theirs: &WireTag) -> Option<&'static str> {
+        if theirs.name != self.name {
+            Some("mode")
+        } else if theirs.version != self.version {
+            Some("version")
+        } else {
+            None
+        }
     }
-    runs
 }
 
-/// A write's version: a hybrid logical clock reading and the node that made
-/// it. Versions are totally ordered; the node id breaks ties.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
-pub struct Version {
-    /// Unix milliseconds << 16 | logical counter.
-    pub ts: u64,
-    pub node: u32,
-}
-
-/// What a replicated write leaves behind: the key's whole new state, so
-/// applying it twice, or out of order under last-writer-wins, is harmless.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Op {
-    Put {
-        flags: u32,
-        /// Absolute unix milliseconds; 0 never expires.
-        deadline_ms: u64,
-        data: Bytes,
-    },
-    /// A tombstone: the key was deleted at `version`.
-    Delete,
-    /// `flush_all`: every write older than `version` is gone; `at_ms` is the
-    /// absolute unix time it takes effect (0 = at once).
-    Flush { at_ms: u64 },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
-    pub key: Bytes,
-    pub version: Version,
-    pub op: Op,
-}
-
-/// How far a receiver has applied a sender's log. `incarnation` names the
-/// sender's process lifetime; a cursor from another incarnation is void.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Cursor {
-    pub incarnation: u64,
-    pub seq: u64,
-}
-
-/// What a node says about itself in heartbeats.
+/// What a node says about itself in heartbeats and their acks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Health {
     /// Client requests served since start.
     pub requests_total: u64,
-    /// The newest sequence number in its replication log.
-    pub log_head: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,51 +77,64 @@ pub enum Frame {
         protocol: u32,
         cluster: String,
         node: u32,
-        incarnation: u64,
         nonce: [u8; 32],
         proof: [u8; 32],
     },
     Welcome {
         node: u32,
         proof: [u8; 32],
-        /// How far the acceptor has applied the dialer's log, if at all.
-        cursor: Option<Cursor>,
     },
     Refused {
         reason: String,
-    },
-    /// Log entries with their sequence numbers, in order.
-    Entries {
-        entries: Vec<(u64, Entry)>,
-    },
-    /// Part of a full resync: the sender's current state, unordered.
-    Snapshot {
-        entries: Vec<Entry>,
-    },
-    /// The snapshot is complete; its state includes the log up to `seq`.
-    SnapshotDone {
-        seq: u64,
     },
     Heartbeat {
         sent_us: u64,
         health: Health,
     },
-    Ack {
-        cursor: Option<Cursor>,
+    HeartbeatAck {
         /// The `sent_us` of the heartbeat this answers, for round-trip time.
-        echo_us: Option<u64>,
+        echo_us: u64,
         health: Health,
     },
-    /// Anti-entropy: the dialer's replica summarised (see `digest.rs`), one
-    /// value per bucket. Sent after every log entry the dialer had then.
-    Digest {
-        buckets: Vec<u64>,
+    /// A one-way message of a mode, delivered in the order sent.
+    Message {
+        mode: WireTag,
+        body: Bytes,
     },
-    /// The acceptor's answer to `Digest`: the buckets where its replica
-    /// differs.
-    DigestDiff {
-        buckets: Vec<u16>,
+    /// A mode's request; the acceptor answers `Response` or `Rejected`
+    /// with the same id.
+    Request {
+        id: u64,
+        mode: WireTag,
+        body: Bytes,
     },
+    Response {
+        id: u64,
+        body: Bytes,
+    },
+    /// The request could not be taken (unknown mode, other version, or the
+    /// mode's handler failed); `reason` says which.
+    Rejected {
+        id: u64,
+        reason: String,
+    },
+}
+
+impl Frame {
+    pub fn message(mode: ModeTag, body: Bytes) -> Frame {
+        Frame::Message {
+            mode: mode.wire(),
+            body,
+        }
+    }
+
+    pub fn request(id: u64, mode: ModeTag, body: Bytes) -> Frame {
+        Frame::Request {
+            id,
+            mode: mode.wire(),
+            body,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +198,7 @@ pub struct WireTx {
 }
 
 impl WireTx {
+    /// Queues a frame without flushing.
     pub async fn feed(&mut self, frame: &Frame) -> Result<(), WireError> {
         self.inner
             .feed(Bytes::from(postcard::to_stdvec(frame)?))
@@ -235,10 +206,14 @@ impl WireTx {
         Ok(())
     }
 
-    pub async fn send(&mut self, frame: &Frame) -> Result<(), WireError> {
-        self.feed(frame).await?;
+    pub async fn flush(&mut self) -> Result<(), WireError> {
         self.inner.flush().await?;
         Ok(())
+    }
+
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), WireError> {
+        self.feed(frame).await?;
+        self.flush().await
     }
 }
 
@@ -271,17 +246,15 @@ pub fn hello_proof(
     secret: &str,
     cluster: &str,
     node: u32,
-    incarnation: u64,
     acceptor_nonce: &[u8; 32],
     dialer_nonce: &[u8; 32],
 ) -> [u8; 32] {
     mac(
         secret,
         &[
-            b"memdial-hello-v1",
+            b"memdial-hello-v2",
             cluster.as_bytes(),
             &node.to_be_bytes(),
-            &incarnation.to_be_bytes(),
             acceptor_nonce,
             dialer_nonce,
         ],
@@ -314,33 +287,23 @@ pub fn nonce() -> [u8; 32] {
 mod tests {
     use super::*;
 
+    const TAG: ModeTag = ModeTag {
+        name: "test",
+        version: 1,
+    };
+
     #[test]
     fn frames_round_trip() {
-        let f = Frame::Entries {
-            entries: vec![(
-                7,
-                Entry {
-                    key: Bytes::from_static(b"k"),
-                    version: Version {
-                        ts: 1 << 20,
-                        node: 2,
-                    },
-                    op: Op::Put {
-                        flags: 3,
-                        deadline_ms: 0,
-                        data: Bytes::from_static(b"v\r\n"),
-                    },
-                },
-            )],
-        };
-        let bytes = postcard::to_stdvec(&f).unwrap();
-        assert_eq!(postcard::from_bytes::<Frame>(&bytes).unwrap(), f);
         for f in [
-            Frame::Digest {
-                buckets: vec![u64::MAX; 1 << 16],
+            Frame::message(TAG, Bytes::from_static(b"v\r\n")),
+            Frame::request(7, TAG, Bytes::from(vec![0u8; 70_000])),
+            Frame::Response {
+                id: u64::MAX,
+                body: Bytes::new(),
             },
-            Frame::DigestDiff {
-                buckets: vec![0, 255, u16::MAX],
+            Frame::Heartbeat {
+                sent_us: 5,
+                health: Health { requests_total: 9 },
             },
         ] {
             let bytes = postcard::to_stdvec(&f).unwrap();
@@ -349,37 +312,28 @@ mod tests {
     }
 
     #[test]
+    fn a_tag_must_match_in_name_and_version() {
+        assert_eq!(TAG.mismatch(&TAG.wire()), None);
+        let other = |name: &str, version| WireTag {
+            name: name.into(),
+            version,
+        };
+        assert_eq!(TAG.mismatch(&other("raft", 1)), Some("mode"));
+        assert_eq!(TAG.mismatch(&other("test", 2)), Some("version"));
+    }
+
+    #[test]
     fn proofs_depend_on_every_input() {
         let (a, b) = ([1u8; 32], [2u8; 32]);
-        let p = hello_proof("s", "c", 1, 9, &a, &b);
-        assert!(proofs_match(&p, &hello_proof("s", "c", 1, 9, &a, &b)));
-        assert!(!proofs_match(&p, &hello_proof("t", "c", 1, 9, &a, &b)));
-        assert!(!proofs_match(&p, &hello_proof("s", "d", 1, 9, &a, &b)));
-        assert!(!proofs_match(&p, &hello_proof("s", "c", 2, 9, &a, &b)));
-        assert!(!proofs_match(&p, &hello_proof("s", "c", 1, 9, &b, &b)));
+        let p = hello_proof("s", "c", 1, &a, &b);
+        assert!(proofs_match(&p, &hello_proof("s", "c", 1, &a, &b)));
+        assert!(!proofs_match(&p, &hello_proof("t", "c", 1, &a, &b)));
+        assert!(!proofs_match(&p, &hello_proof("s", "d", 1, &a, &b)));
+        assert!(!proofs_match(&p, &hello_proof("s", "c", 2, &a, &b)));
+        assert!(!proofs_match(&p, &hello_proof("s", "c", 1, &b, &b)));
         assert_ne!(
             welcome_proof("s", "c", 1, &a),
             welcome_proof("s", "c", 1, &b)
         );
-    }
-
-    #[test]
-    fn frame_runs_stay_within_the_budget() {
-        let runs = frame_runs(vec![FRAME_BUDGET / 2; 5], |n| *n);
-        assert_eq!(runs.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 2, 1]);
-        let runs = frame_runs(vec![FRAME_BUDGET * 3, 1], |n| *n);
-        assert_eq!(
-            runs.len(),
-            2,
-            "an entry larger than the budget travels alone"
-        );
-        assert!(frame_runs(Vec::<usize>::new(), |n| *n).is_empty());
-    }
-
-    #[test]
-    fn versions_order_by_clock_then_node() {
-        let v = |ts, node| Version { ts, node };
-        assert!(v(2, 1) > v(1, 9));
-        assert!(v(1, 2) > v(1, 1));
     }
 }

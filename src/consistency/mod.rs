@@ -6,8 +6,6 @@
 //! May use: `protocol`, `backend`, `cluster`, `config`, `metrics`. Never `server`.
 
 pub mod eventual;
-mod hlc;
-mod record;
 
 use std::sync::Arc;
 

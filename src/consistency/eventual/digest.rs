@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::Replica;
-use super::wire::{Entry, Op, Version};
+use super::messages::{Entry, Op, Version};
 
 /// Buckets of a digest: every index fits the `u16` of a `DigestDiff`.
 /// Many small buckets keep a repair small: writes in flight while a round
@@ -144,7 +144,7 @@ impl Digest {
         let mut digest = Digest::default();
         for chunk in keys.chunks(CHUNK) {
             let entries = replica.read(chunk).await?;
-            let now = super::link::now_ms();
+            let now = crate::time::unix_ms();
             for e in entries.iter().filter(|e| compared(e, now, tombstone_grace)) {
                 digest.add(e);
             }
@@ -269,22 +269,19 @@ mod tests {
     /// A replica in a map, listing its keys in a shuffled order.
     struct Fake(Mutex<BTreeMap<Bytes, Entry>>);
 
-    impl Replica for Fake {
-        fn apply<'a>(&'a self, _: Vec<Entry>) -> BoxFuture<'a, Result<usize, String>> {
-            Box::pin(async { Ok(0) })
-        }
-        fn keys(&self) -> BoxFuture<'_, Result<Vec<Bytes>, String>> {
+    impl Fake {
+        async fn keys(&self) -> Result<Vec<Bytes>, String> {
             let mut keys: Vec<Bytes> = self.0.lock().unwrap().keys().cloned().collect();
             keys.sort_by_key(|k| fnv64(&[k]));
-            Box::pin(async move { Ok(keys) })
+            Ok(keys)
         }
+    }
+
+    impl Replica for Fake {
         fn read<'a>(&'a self, keys: &'a [Bytes]) -> BoxFuture<'a, Result<Vec<Entry>, String>> {
             let m = self.0.lock().unwrap();
             let out = keys.iter().filter_map(|k| m.get(k).cloned()).collect();
             Box::pin(async move { Ok(out) })
-        }
-        fn store_instance(&self) -> BoxFuture<'_, Result<String, String>> {
-            Box::pin(async { Ok(String::new()) })
         }
     }
 

@@ -11,7 +11,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::cluster::Version;
+use super::messages::Version;
 
 const MAGIC: &[u8; 4] = b"MDv1";
 pub const HEADER_BYTES: usize = 4 + 1 + 8 + 4 + 8;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::watch;
 
-use super::wire::Entry;
+use super::messages::Entry;
 
 pub struct Backlog {
     /// Names this process lifetime: cursors from another are void.
@@ -29,7 +29,7 @@ struct Inner {
 
 fn size(e: &Entry) -> usize {
     let data = match &e.op {
-        super::wire::Op::Put { data, .. } => data.len(),
+        super::messages::Op::Put { data, .. } => data.len(),
         _ => 0,
     };
     e.key.len() + data + 48
@@ -125,8 +125,8 @@ impl Backlog {
 
 #[cfg(test)]
 mod tests {
+    use super::super::messages::{Op, Version};
     use super::*;
-    use crate::cluster::wire::{Op, Version};
     use bytes::Bytes;
 
     fn entry(i: u64) -> Entry {

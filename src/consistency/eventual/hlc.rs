@@ -4,17 +4,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::cluster::Version;
+use super::messages::Version;
+use crate::time::unix_ms;
 
 pub struct Hlc {
     node: u32,
     last: AtomicU64,
-}
-
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Hlc {

@@ -9,35 +9,86 @@
 //! lives in the store. Writes to one key are serialised on this node by a
 //! striped lock, held from reading the current version to writing the new
 //! one, for local and replicated writes alike.
+//!
+//! | file | part |
+//! |---|---|
+//! | `mod.rs` | the pipeline: client requests on the local replica, logged |
+//! | `backlog.rs` | the log of this node's writes, bounded |
+//! | `messages.rs` | what peers send each other, tagged [`messages::TAG`] |
+//! | `push.rs` | per peer: the log from its cursor, full resyncs, anti-entropy |
+//! | `receive.rs` | what peers send, applied; the store-restart watch |
+//! | `peers.rs` | cursors and counts per peer; eventual's metrics |
+//! | `digest.rs` | replica digests for anti-entropy |
+//! | `record.rs`, `hlc.rs` | the stored header; versions |
+
+mod backlog;
+mod digest;
+mod hlc;
+pub mod messages;
+mod peers;
+mod push;
+mod receive;
+pub mod record;
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use tokio_util::sync::CancellationToken;
 
-use super::hlc::{Hlc, unix_ms};
-use super::record::Record;
 use super::{Pipeline, Session, StoreStatus};
 use crate::BoxFuture;
 use crate::backend::{Backend, BackendError};
-use crate::cluster::{Backlog, Cluster, Entry, Op, Replica, Version};
+use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::protocol::counter::apply_delta;
 use crate::protocol::{ClientError, Exptime, REALTIME_MAXDELTA, Request, Response, StoreOp, Value};
+use crate::time::unix_ms;
+pub use backlog::Backlog;
+use hlc::Hlc;
+use messages::{Entry, Op, Version};
+use peers::{EventualMetrics, Peers};
+pub use record::Record;
 
 const STRIPES: usize = 1024;
+
+/// Eventual mode's settings.
+#[derive(Debug, Clone)]
+pub struct EventualSettings {
+    /// Most entries in one message.
+    pub batch_max: usize,
+    /// How often the backing store is checked for a restart.
+    pub store_check_interval: Duration,
+    /// How often each pusher compares digests with its peer (±20%);
+    /// `None` never does.
+    pub anti_entropy_interval: Option<Duration>,
+    /// How long a tombstone lives after its delete; anti-entropy leaves
+    /// older ones out.
+    pub tombstone_grace: Duration,
+    /// How often gauges are refreshed, and how long a pusher waits before
+    /// trying a replica that failed again.
+    pub heartbeat_interval: Duration,
+}
 
 pub struct Eventual {
     me: Weak<Eventual>,
     backend: Arc<dyn Backend>,
     metrics: Arc<Metrics>,
     cluster: Arc<Cluster>,
+    settings: EventualSettings,
+    backlog: Arc<Backlog>,
+    peers: Peers,
+    replication: EventualMetrics,
     hlc: Hlc,
     stripes: Box<[tokio::sync::Mutex<()>]>,
     hasher: RandomState,
     /// Writes at or below this version were flushed.
     flushed: Mutex<Version>,
-    tombstone_grace_ms: u64,
+    /// Held while listing the store's keys for a resync or anti-entropy:
+    /// memcached runs one key listing (`lru_crawler`) at a time and answers
+    /// `BUSY` to a second, so this node's pushers and answers take turns.
+    listing: tokio::sync::Mutex<()>,
 }
 
 /// A key's current state in the local store.
@@ -52,23 +103,69 @@ impl Eventual {
         backend: Arc<dyn Backend>,
         metrics: Arc<Metrics>,
         cluster: Arc<Cluster>,
-        tombstone_grace_ms: u64,
-    ) -> Arc<Eventual> {
-        Arc::new_cyclic(|me| Eventual {
+        backlog: Arc<Backlog>,
+        settings: EventualSettings,
+    ) -> prometheus::Result<Arc<Eventual>> {
+        let replication = EventualMetrics::register(&metrics.registry)?;
+        Ok(Arc::new_cyclic(|me| Eventual {
             me: me.clone(),
             hlc: Hlc::new(cluster.node_id()),
+            peers: Peers::new(&cluster.peer_ids()),
             backend,
             metrics,
             cluster,
+            settings,
+            backlog,
+            replication,
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             hasher: RandomState::new(),
             flushed: Mutex::new(Version::default()),
-            tombstone_grace_ms,
-        })
+            listing: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// Runs replication until `shutdown`: a pusher per peer, the store
+    /// watch, and the gauges. What peers send arrives through the cluster,
+    /// which hands it to this mode as its [`crate::cluster::Handler`].
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> std::io::Result<()> {
+        let tasks = tokio_util::task::TaskTracker::new();
+        for peer in self.cluster.peer_ids() {
+            tasks.spawn(self.clone().push_to(peer, shutdown.clone()));
+        }
+        tasks.spawn(self.clone().watch_store(shutdown.clone()));
+        tasks.spawn(self.clone().refresh_metrics(shutdown));
+        tasks.close();
+        tasks.wait().await;
+        Ok(())
+    }
+
+    async fn refresh_metrics(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.heartbeat_interval);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let m = &self.replication;
+            m.backlog_entries.set(self.backlog.len() as i64);
+            for peer in self.cluster.peer_ids() {
+                if let Some(lag) = self.peers.lag(peer, self.backlog.head()) {
+                    m.peer_lag
+                        .with_label_values(&[&peer.to_string()])
+                        .set(lag as i64);
+                }
+            }
+        }
     }
 
     fn backlog(&self) -> &Backlog {
-        self.cluster.backlog()
+        &self.backlog
+    }
+
+    /// Every key of the local replica, one listing at a time.
+    async fn list_keys(&self) -> Result<Vec<Bytes>, String> {
+        let _turn = self.listing.lock().await;
+        self.backend.keys().await.map_err(|e| e.to_string())
     }
 
     fn stripe(&self, key: &[u8]) -> &tokio::sync::Mutex<()> {
@@ -209,7 +306,7 @@ impl Eventual {
         // Derived from the delete's version, not this node's clock, so every
         // replica keeps the tombstone until the same moment and catch-up
         // never extends it.
-        let deadline_ms = (version.ts >> 16) + self.tombstone_grace_ms;
+        let deadline_ms = (version.ts >> 16) + self.settings.tombstone_grace.as_millis() as u64;
         let record = Record {
             tombstone: true,
             version,
@@ -561,27 +658,48 @@ impl Pipeline for Eventual {
     }
 
     fn cluster_stats(&self) -> Vec<(String, String)> {
-        self.cluster.stats("eventual")
+        let head = self.backlog.head();
+        let node = vec![
+            ("log_head".to_string(), head.to_string()),
+            (
+                "backlog_entries".to_string(),
+                self.backlog.len().to_string(),
+            ),
+        ];
+        self.cluster.stats("eventual", node, |peer| {
+            let (applied, repaired) = self.peers.counts(peer);
+            let lag = self.peers.lag(peer, head);
+            vec![
+                ("lag".to_string(), lag.map_or("-".into(), |l| l.to_string())),
+                ("applied".to_string(), applied.to_string()),
+                ("repaired".to_string(), repaired.to_string()),
+            ]
+        })
     }
 }
 
-impl Replica for Eventual {
-    fn apply<'a>(&'a self, entries: Vec<Entry>) -> BoxFuture<'a, Result<usize, String>> {
-        Box::pin(async move {
-            let mut changed = 0;
-            for e in entries {
-                if self.apply_one(e).await.map_err(|e| e.to_string())? {
-                    changed += 1;
-                }
+impl Eventual {
+    /// Applies entries received from a peer; returns how many changed this
+    /// replica (a newer version won).
+    async fn apply(&self, entries: Vec<Entry>) -> Result<usize, String> {
+        let mut changed = 0;
+        for e in entries {
+            if self.apply_one(e).await.map_err(|e| e.to_string())? {
+                changed += 1;
             }
-            Ok(changed)
-        })
+        }
+        Ok(changed)
     }
+}
 
-    fn keys(&self) -> BoxFuture<'_, Result<Vec<Bytes>, String>> {
-        Box::pin(async move { self.backend.keys().await.map_err(|e| e.to_string()) })
-    }
+/// The local replica as digests read it: a seam for testing them.
+pub(crate) trait Replica: Send + Sync {
+    /// The current state of these keys; absent and expired keys are left
+    /// out, tombstones are kept.
+    fn read<'a>(&'a self, keys: &'a [Bytes]) -> BoxFuture<'a, Result<Vec<Entry>, String>>;
+}
 
+impl Replica for Eventual {
     fn read<'a>(&'a self, keys: &'a [Bytes]) -> BoxFuture<'a, Result<Vec<Entry>, String>> {
         Box::pin(async move {
             let response = self
@@ -619,10 +737,6 @@ impl Replica for Eventual {
                 .collect())
         })
     }
-
-    fn store_instance(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.backend.instance().await.map_err(|e| e.to_string()) })
-    }
 }
 
 #[cfg(test)]
@@ -645,17 +759,19 @@ mod tests {
             down_after: Duration::from_millis(1000),
             connect_timeout: Duration::from_millis(100),
             reconnect_max: Duration::from_millis(100),
+        };
+        let eventual = EventualSettings {
             batch_max: 16,
             store_check_interval: Duration::from_millis(100),
             anti_entropy_interval: None,
             tombstone_grace: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_millis(100),
         };
         let backlog = Arc::new(Backlog::new(7, 100, 1 << 20));
-        let cluster = Cluster::new(settings, backlog, &metrics.registry, Box::new(|| 0)).unwrap();
-        (
-            Eventual::new(backend.clone(), metrics, cluster, 60_000),
-            backend,
-        )
+        let cluster =
+            Cluster::new(settings, messages::TAG, &metrics.registry, Box::new(|| 0)).unwrap();
+        let e = Eventual::new(backend.clone(), metrics, cluster, backlog, eventual).unwrap();
+        (e, backend)
     }
 
     fn b(s: &str) -> Bytes {
@@ -714,7 +830,7 @@ mod tests {
         let Response::Values(v) = &raw[0] else {
             panic!()
         };
-        assert_eq!(v[0].data.len(), super::super::record::HEADER_BYTES + 1);
+        assert_eq!(v[0].data.len(), record::HEADER_BYTES + 1);
         assert_eq!(e.backlog().head(), 1);
         let logged = e.backlog().read_after(0, 10).unwrap();
         assert!(matches!(&logged[0].1.op, Op::Put { flags: 5, .. }));

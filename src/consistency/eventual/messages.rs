@@ -1,0 +1,205 @@
+//! Eventual mode's messages between peers, carried by the cluster
+//! transport as opaque bodies tagged with [`TAG`].
+//!
+//! The sender of a log (the pusher, `push.rs`) first asks the receiver
+//! where it stands ([`Ask::Cursor`], a request), then sends `Entries` from
+//! there, or a full resync (`Snapshot` frames, then `SnapshotDone`) when the
+//! receiver has no usable cursor. The receiver (`receive.rs`) answers
+//! `Entries` and `SnapshotDone` with `Ack` over its own link back, and asks
+//! for a full resync with `ResyncMe` when its store lost its data. For
+//! anti-entropy the pusher sends `Digest`; the receiver answers
+//! `DigestDiff`, and the pusher sends its entries of those buckets as
+//! `Snapshot` frames.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::ModeTag;
+
+/// Names eventual's messages on the wire; bump the version whenever a
+/// message changes shape.
+pub const TAG: ModeTag = ModeTag {
+    name: "eventual",
+    version: 1,
+};
+
+/// Entries are packed into messages of about this many bytes at most.
+pub const FRAME_BUDGET: usize = 4 * 1024 * 1024;
+
+/// A write's version: a hybrid logical clock reading and the node that made
+/// it. Versions are totally ordered; the node id breaks ties.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub struct Version {
+    /// Unix milliseconds << 16 | logical counter.
+    pub ts: u64,
+    pub node: u32,
+}
+
+/// What a replicated write leaves behind: the key's whole new state, so
+/// applying it twice, or out of order under last-writer-wins, is harmless.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Put {
+        flags: u32,
+        /// Absolute unix milliseconds; 0 never expires.
+        deadline_ms: u64,
+        data: Bytes,
+    },
+    /// A tombstone: the key was deleted at `version`.
+    Delete,
+    /// `flush_all`: every write older than `version` is gone; `at_ms` is the
+    /// absolute unix time it takes effect (0 = at once).
+    Flush { at_ms: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub key: Bytes,
+    pub version: Version,
+    pub op: Op,
+}
+
+/// How far a receiver has applied a sender's log. `incarnation` names the
+/// sender's log (its process lifetime); a cursor of another is void.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub incarnation: u64,
+    pub seq: u64,
+}
+
+/// One-way messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    /// Log entries with their sequence numbers, in order.
+    Entries {
+        incarnation: u64,
+        entries: Vec<(u64, Entry)>,
+    },
+    /// Part of a full resync or of a repair: the sender's current state,
+    /// unordered.
+    Snapshot { entries: Vec<Entry> },
+    /// The full resync is complete; its state includes the log up to `seq`.
+    SnapshotDone { incarnation: u64, seq: u64 },
+    /// How far the sender of this ack has applied the receiver's log.
+    Ack { cursor: Cursor },
+    /// Anti-entropy: the sender's replica summarised (see `digest.rs`), one
+    /// value per bucket, sent after every log entry it had then.
+    Digest { buckets: Vec<u64> },
+    /// The answer to `Digest`: the buckets where this replica differs.
+    DigestDiff { buckets: Vec<u16> },
+    /// This node's store lost its data: send it a full resync.
+    ResyncMe,
+}
+
+/// Requests; each has its own answer type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ask {
+    /// How far have you applied my log? Answered `Option<Cursor>`.
+    Cursor,
+}
+
+pub fn encode<T: Serialize>(m: &T) -> Bytes {
+    // Encoding plain data structures into a Vec cannot fail.
+    Bytes::from(postcard::to_stdvec(m).unwrap_or_default())
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
+    postcard::from_bytes(body).map_err(|e| format!("undecodable eventual message: {e}"))
+}
+
+/// About how many bytes an entry takes in a message.
+pub fn entry_bytes(e: &Entry) -> usize {
+    let data = match &e.op {
+        Op::Put { data, .. } => data.len(),
+        _ => 0,
+    };
+    e.key.len() + data + 32
+}
+
+/// Splits entries into runs that each fit a message (a run holds at least
+/// one entry).
+pub fn frame_runs<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut runs = Vec::new();
+    let mut run = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        let n = size(&item);
+        if !run.is_empty() && bytes + n > FRAME_BUDGET {
+            runs.push(std::mem::take(&mut run));
+            bytes = 0;
+        }
+        bytes += n;
+        run.push(item);
+    }
+    if !run.is_empty() {
+        runs.push(run);
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let entry = Entry {
+            key: Bytes::from_static(b"k"),
+            version: Version {
+                ts: 1 << 20,
+                node: 2,
+            },
+            op: Op::Put {
+                flags: 3,
+                deadline_ms: 0,
+                data: Bytes::from_static(b"v\r\n"),
+            },
+        };
+        for m in [
+            Msg::Entries {
+                incarnation: 9,
+                entries: vec![(7, entry.clone())],
+            },
+            Msg::Snapshot {
+                entries: vec![entry],
+            },
+            Msg::Digest {
+                buckets: vec![u64::MAX; 1 << 16],
+            },
+            Msg::DigestDiff {
+                buckets: vec![0, 255, u16::MAX],
+            },
+            Msg::ResyncMe,
+        ] {
+            assert_eq!(decode::<Msg>(&encode(&m)), Ok(m));
+        }
+        let cursor = Some(Cursor {
+            incarnation: 1,
+            seq: 2,
+        });
+        assert_eq!(decode::<Option<Cursor>>(&encode(&cursor)), Ok(cursor));
+        assert!(decode::<Msg>(b"\xff\xff").is_err());
+    }
+
+    #[test]
+    fn frame_runs_stay_within_the_budget() {
+        let runs = frame_runs(vec![FRAME_BUDGET / 2; 5], |n| *n);
+        assert_eq!(runs.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 2, 1]);
+        let runs = frame_runs(vec![FRAME_BUDGET * 3, 1], |n| *n);
+        assert_eq!(
+            runs.len(),
+            2,
+            "an entry larger than the budget travels alone"
+        );
+        assert!(frame_runs(Vec::<usize>::new(), |n| *n).is_empty());
+    }
+
+    #[test]
+    fn versions_order_by_clock_then_node() {
+        let v = |ts, node| Version { ts, node };
+        assert!(v(2, 1) > v(1, 9));
+        assert!(v(1, 2) > v(1, 1));
+    }
+}

@@ -1,0 +1,346 @@
+//! The pusher: one task per peer that sends this node's replication log to
+//! it. On every new connection it asks how far the peer has applied the
+//! log, then sends the entries after that, or a full resync when the
+//! peer's cursor is void or older than the backlog's window (or when the
+//! peer asks for one). Beside the log it runs anti-entropy rounds: send
+//! this replica's digest, and this replica's entries of the buckets where
+//! the peer answers that its replica differs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::backlog::TooOld;
+use super::digest::{self, BUCKETS, CHUNK, Digest};
+use super::messages::{Ask, Cursor, Entry, Msg, decode, encode, entry_bytes, frame_runs};
+use super::{Eventual, Replica};
+use crate::BoxFuture;
+use crate::cluster::{PeerError, PeerLink};
+use crate::time::unix_ms;
+
+/// Entries read per key batch during a full resync.
+const SNAPSHOT_CHUNK: usize = 256;
+
+/// How long the peer has to say where it stands on a new connection.
+const CURSOR_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+enum PushError {
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error("replica: {0}")]
+    Replica(String),
+}
+
+/// Waits for the future in `slot`, or forever when there is none (for a
+/// `select!` branch; the slot is emptied by the caller).
+async fn in_slot<T>(slot: &mut Option<BoxFuture<'_, T>>) -> T {
+    match slot {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Eventual {
+    /// Pushes this node's log to `peer` over each connection the cluster
+    /// makes to it, until `shutdown`.
+    pub(super) async fn push_to(self: Arc<Self>, peer: u32, shutdown: CancellationToken) {
+        let Some(slot) = self.peers.get(peer) else {
+            return;
+        };
+        let mut diffs = slot.diffs_rx.lock().await;
+        loop {
+            let link = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                link = self.cluster.link(peer) => link,
+            };
+            let Some(link) = link else { return };
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.push(&link, &mut diffs) => r,
+            };
+            match result {
+                Err(PushError::Replica(e)) => {
+                    tracing::warn!(peer, error = %e, "cannot read this replica to push it; trying again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(self.settings.heartbeat_interval) => {}
+                    }
+                }
+                Err(PushError::Peer(e)) => tracing::debug!(peer, error = %e, "push paused"),
+                Ok(()) => {}
+            }
+            // Wait for this connection to end before asking for the next.
+            link.closed().await;
+        }
+    }
+
+    /// Pushes over one connection until it ends.
+    async fn push(
+        &self,
+        link: &PeerLink,
+        diffs: &mut mpsc::Receiver<Vec<u16>>,
+    ) -> Result<(), PushError> {
+        let peer = link.peer();
+        let backlog = &*self.backlog;
+        let mut head = backlog.subscribe();
+        let answer = tokio::time::timeout(CURSOR_WAIT, link.request(encode(&Ask::Cursor)))
+            .await
+            .map_err(|_| PeerError::Timeout(peer))??;
+        let cursor: Option<Cursor> = decode(&answer).map_err(PushError::Replica)?;
+        let resumable = |c: &Cursor| {
+            c.incarnation == backlog.incarnation && backlog.read_after(c.seq, 0).is_ok()
+        };
+        let resync = &self.peers.get(peer).ok_or(PeerError::Unknown(peer))?.resync;
+        let mut sent = match cursor {
+            Some(c) if resumable(&c) => c.seq,
+            _ => self.full_resync(link).await?,
+        };
+        tracing::info!(peer, resume = ?cursor, from = sent, "pushing the log to peer");
+        // Drop answers to digests of an earlier connection.
+        while diffs.try_recv().is_ok() {}
+        let mut ae = AntiEntropy::new(self.settings.anti_entropy_interval);
+        let label = peer.to_string();
+        loop {
+            match backlog.read_after(sent, self.settings.batch_max) {
+                Ok(batch) if !batch.is_empty() => {
+                    for run in frame_runs(batch, |(_, e)| entry_bytes(e)) {
+                        sent = run.last().map_or(sent, |(seq, _)| *seq);
+                        let entries = run
+                            .into_iter()
+                            .map(|(seq, e)| (seq, (*e).clone()))
+                            .collect();
+                        let msg = Msg::Entries {
+                            incarnation: backlog.incarnation,
+                            entries,
+                        };
+                        link.send(encode(&msg)).await?;
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(TooOld) => {
+                    tracing::warn!(
+                        peer,
+                        sent,
+                        "peer fell behind the replication backlog; sending a full resync"
+                    );
+                    ae.cancel();
+                    sent = self.full_resync(link).await?;
+                    continue;
+                }
+            }
+            // Every log entry written while the digest was computed is sent
+            // now, so the peer's replica includes all that the digest covers.
+            if let Some(d) = ae.ready.take() {
+                let msg = Msg::Digest {
+                    buckets: d.into_buckets(),
+                };
+                link.send(encode(&msg)).await?;
+                ae.awaiting = Some(Instant::now() + ae.answer_wait());
+            }
+            tokio::select! {
+                changed = head.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+                _ = link.closed() => return Err(PeerError::Down(peer).into()),
+                _ = resync.notified() => {
+                    ae.cancel();
+                    sent = self.full_resync(link).await?;
+                }
+                _ = tokio::time::sleep_until(ae.next), if ae.idle() => {
+                    ae.computing = Some(Box::pin(async move {
+                        let keys = self.list_keys().await?;
+                        Digest::of(self, &keys, self.settings.tombstone_grace).await
+                    }));
+                }
+                digest = in_slot(&mut ae.computing), if ae.computing.is_some() => {
+                    ae.computing = None;
+                    match digest {
+                        Ok(d) => ae.ready = Some(d),
+                        Err(e) => {
+                            tracing::warn!(peer, error = %e, "anti-entropy: cannot compute this replica's digest");
+                            ae.schedule();
+                        }
+                    }
+                }
+                _ = sleep_until_some(ae.awaiting) => {
+                    tracing::debug!(peer, "anti-entropy: no answer to the digest; starting over later");
+                    ae.awaiting = None;
+                    ae.schedule();
+                }
+                diff = diffs.recv() => {
+                    let Some(buckets) = diff else { return Ok(()) };
+                    if ae.awaiting.take().is_none() {
+                        continue;
+                    }
+                    self.replication.antientropy_rounds.with_label_values(&[&label]).inc();
+                    if !buckets.is_empty() {
+                        match self.repair(link, &buckets).await {
+                            Ok(entries) => tracing::debug!(
+                                peer,
+                                buckets = buckets.len(),
+                                entries,
+                                "anti-entropy: replicas differ; sent this replica's entries of those buckets"
+                            ),
+                            Err(PushError::Replica(e)) => tracing::warn!(
+                                peer,
+                                error = %e,
+                                "anti-entropy: cannot read this replica for a repair"
+                            ),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    ae.schedule();
+                }
+            }
+        }
+    }
+
+    /// Sends this replica's entries of `buckets` (where the peer's replica
+    /// differs) as snapshot messages, which the peer applies
+    /// last-writer-wins; its cursor does not move. Returns how many entries
+    /// were sent. Entries newer on the peer come to us from its own pusher.
+    async fn repair(&self, link: &PeerLink, buckets: &[u16]) -> Result<usize, PushError> {
+        let mut wanted = vec![false; BUCKETS];
+        for &b in buckets {
+            if let Some(w) = wanted.get_mut(usize::from(b)) {
+                *w = true;
+            }
+        }
+        let keys: Vec<Bytes> = self
+            .list_keys()
+            .await
+            .map_err(PushError::Replica)?
+            .into_iter()
+            .filter(|k| wanted[digest::bucket(k)])
+            .collect();
+        let grace = self.settings.tombstone_grace;
+        let mut sent = 0;
+        for chunk in keys.chunks(CHUNK) {
+            let now = unix_ms();
+            let entries: Vec<Entry> = self
+                .read(chunk)
+                .await
+                .map_err(PushError::Replica)?
+                .into_iter()
+                .filter(|e| digest::compared(e, now, grace))
+                .collect();
+            sent += entries.len();
+            send_snapshot(link, entries).await?;
+        }
+        tracing::trace!(
+            peer = link.peer(),
+            keys = keys.len(),
+            sent,
+            "anti-entropy repair sent"
+        );
+        Ok(sent)
+    }
+
+    /// Sends this replica's whole state; returns the log position it covers.
+    async fn full_resync(&self, link: &PeerLink) -> Result<u64, PushError> {
+        let peer = link.peer();
+        // Every entry up to `seq` is already applied to the store, so the
+        // state read below includes it; later entries follow from the log.
+        let seq = self.backlog.head();
+        let keys = self.list_keys().await.map_err(PushError::Replica)?;
+        tracing::info!(peer, keys = keys.len(), seq, "sending a full resync");
+        for chunk in keys.chunks(SNAPSHOT_CHUNK) {
+            let entries = self.read(chunk).await.map_err(PushError::Replica)?;
+            send_snapshot(link, entries).await?;
+        }
+        let done = Msg::SnapshotDone {
+            incarnation: self.backlog.incarnation,
+            seq,
+        };
+        link.send(encode(&done)).await?;
+        self.replication
+            .full_resyncs_sent
+            .with_label_values(&[&peer.to_string()])
+            .inc();
+        Ok(seq)
+    }
+}
+
+/// Sends entries as `Snapshot` messages within the frame budget.
+async fn send_snapshot(link: &PeerLink, entries: Vec<Entry>) -> Result<(), PeerError> {
+    for entries in frame_runs(entries, entry_bytes) {
+        link.send(encode(&Msg::Snapshot { entries })).await?;
+    }
+    Ok(())
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One link's anti-entropy rounds. A round: compute this replica's digest
+/// beside the log push (entries keep flowing), send it once every log entry
+/// written meanwhile is sent, wait for the peer's answer, send this
+/// replica's entries of the buckets it names. Rounds start a jittered
+/// interval after the previous one ended, never during a full resync.
+struct AntiEntropy<'a> {
+    interval: Option<Duration>,
+    next: Instant,
+    computing: Option<BoxFuture<'a, Result<Digest, String>>>,
+    /// Computed, to send once the log is flushed.
+    ready: Option<Digest>,
+    /// Sent; the peer's answer is awaited until then.
+    awaiting: Option<Instant>,
+}
+
+impl AntiEntropy<'_> {
+    fn new(interval: Option<Duration>) -> Self {
+        let mut ae = AntiEntropy {
+            interval,
+            next: Instant::now(),
+            computing: None,
+            ready: None,
+            awaiting: None,
+        };
+        ae.schedule();
+        ae
+    }
+
+    /// The next round starts ±20% of the interval from now, so the links of
+    /// a cluster do not all scan their stores at once.
+    fn schedule(&mut self) {
+        if let Some(i) = self.interval {
+            self.next = Instant::now() + i.mul_f64(rand::random_range(0.8..=1.2));
+        }
+    }
+
+    /// How long the peer has to answer a digest: it lists and reads its
+    /// whole store first.
+    fn answer_wait(&self) -> Duration {
+        self.interval
+            .map_or(Duration::ZERO, |i| i * 10)
+            .max(Duration::from_secs(30))
+    }
+
+    fn idle(&self) -> bool {
+        self.interval.is_some()
+            && self.computing.is_none()
+            && self.ready.is_none()
+            && self.awaiting.is_none()
+    }
+
+    /// Drops a round in progress (its digest predates a full resync).
+    fn cancel(&mut self) {
+        let computing = self.computing.take().is_some();
+        let ready = self.ready.take().is_some();
+        if computing || ready {
+            self.schedule();
+        }
+    }
+}
