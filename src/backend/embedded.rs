@@ -24,10 +24,10 @@ use lru::LruCache;
 use tokio::time::Instant;
 
 use super::{Backend, BackendError, BoxFuture};
-use crate::protocol::counter::apply_delta;
 use crate::protocol::{
     ArithOp, ClientError, ErrorReply, Exptime, REALTIME_MAXDELTA, Request, Response, StoreOp, Value,
 };
+use crate::rules::apply_delta;
 
 /// How many independently locked shards the store has.
 pub const SHARDS: usize = 16;

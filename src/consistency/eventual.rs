@@ -22,10 +22,10 @@ use crate::BoxFuture;
 use crate::backend::{Backend, BackendError};
 use crate::cluster::{Backlog, Cluster, Entry, Op, Replica, Version};
 use crate::metrics::Metrics;
-use crate::protocol::counter::apply_delta;
 use crate::protocol::{
     ClientError, ErrorReply, Exptime, REALTIME_MAXDELTA, Request, Response, StoreOp, Value,
 };
+use crate::rules::apply_delta;
 
 const STRIPES: usize = 1024;
 
