@@ -9,9 +9,14 @@
 //!    └──────┬─────┴──────────────┘
 //!           ▼
 //!   config, metrics (leaves)
+//!
+//! consistency, backend ──▶ rules ──▶ protocol
 //! ```
 //!
 //! - [`protocol`]: request/response types, limits, parser, encoders. No I/O.
+//! - [`rules`]: memcached's command rules (store, incr/decr, touch, exptime,
+//!   flush) as pure functions, shared by the embedded store and the
+//!   replicated modes. Depends only on `protocol`.
 //! - [`backend`]: the `Backend` trait; memcached (pooled) and embedded stores.
 //! - [`cluster`]: peers on the internal port: handshake, heartbeats, failure
 //!   detector, replication transport.
@@ -32,5 +37,6 @@ pub mod consistency;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
+pub mod rules;
 pub mod server;
 pub mod time;

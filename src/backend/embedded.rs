@@ -11,6 +11,12 @@
 //! | `flush_all <delay>` via `oldest_live`       | a store-wide flush moment checked on every read |
 //! | CAS unique: global counter from 1           | the same                                        |
 //!
+//! What each command answers and does to its key is decided by
+//! [`crate::rules`], the rules the replicated modes use too; this store keeps
+//! the items, the LRU, the memory budget (and its `out of memory` replies),
+//! the CAS counter, the clock and the flush moments, and carries out each
+//! [`Effect`].
+//!
 //! Every request is handled synchronously under one shard's lock; no lock is
 //! held across an `.await`.
 
@@ -19,15 +25,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use lru::LruCache;
 use tokio::time::Instant;
 
 use super::{Backend, BackendError, BoxFuture};
-use crate::protocol::counter::apply_delta;
-use crate::protocol::{
-    ArithOp, ClientError, ErrorReply, Exptime, REALTIME_MAXDELTA, Request, Response, StoreOp, Value,
-};
+use crate::protocol::{ArithOp, ErrorReply, Exptime, Request, Response, StoreOp, Value};
+use crate::rules::{self, Clock, Effect};
 
 /// How many independently locked shards the store has.
 pub const SHARDS: usize = 16;
@@ -56,14 +60,11 @@ fn out_of_memory() -> Response {
     Response::server_error("out of memory storing object")
 }
 
-/// One stored value.
+/// One stored value: what the rules see (its deadline is on the store
+/// clock), and when it was stored.
 #[derive(Debug, Clone)]
-struct Item {
-    flags: u32,
-    data: Bytes,
-    cas: u64,
-    /// Store-clock milliseconds at which the item expires; `None` never.
-    deadline: Option<u64>,
+struct Entry {
+    item: rules::Item,
     /// Store-clock milliseconds of the last store, for delayed `flush_all`.
     stored_at: u64,
 }
@@ -71,21 +72,21 @@ struct Item {
 /// What is visible at one moment: the clock and the pending flush.
 #[derive(Debug, Clone, Copy)]
 struct View {
-    now: u64,
+    clock: Clock,
     /// Items stored before this moment vanish once it is reached.
     flush_at: u64,
 }
 
 impl View {
-    fn visible(self, item: &Item) -> bool {
-        let expired = item.deadline.is_some_and(|d| d <= self.now);
-        let flushed = self.flush_at <= self.now && item.stored_at < self.flush_at;
-        !expired && !flushed
+    fn visible(self, entry: &Entry) -> bool {
+        let now = self.clock.now_ms;
+        let flushed = self.flush_at <= now && entry.stored_at < self.flush_at;
+        !self.clock.expired(entry.item.deadline) && !flushed
     }
 }
 
 struct Shard {
-    items: LruCache<Bytes, Item>,
+    items: LruCache<Bytes, Entry>,
     /// Bytes charged for the items held, live or not yet reclaimed.
     used: usize,
     limit: usize,
@@ -100,15 +101,17 @@ impl Shard {
         }
     }
 
-    fn remove(&mut self, key: &[u8]) -> Option<Item> {
-        let item = self.items.pop(key)?;
-        self.used = self.used.saturating_sub(cost(key.len(), item.data.len()));
-        Some(item)
+    fn remove(&mut self, key: &[u8]) -> Option<Entry> {
+        let entry = self.items.pop(key)?;
+        self.used = self
+            .used
+            .saturating_sub(cost(key.len(), entry.item.data.len()));
+        Some(entry)
     }
 
     /// The live item under `key`, promoted in the LRU. A dead one (expired
     /// or flushed) is removed and reported missing.
-    fn live(&mut self, key: &[u8], view: View) -> Option<&mut Item> {
+    fn live(&mut self, key: &[u8], view: View) -> Option<&mut Entry> {
         let visible = view.visible(self.items.peek(key)?);
         if !visible {
             self.remove(key);
@@ -117,21 +120,16 @@ impl Shard {
         self.items.get_mut(key)
     }
 
-    /// Stores `item` (which must fit in `limit`), replacing any item under
-    /// `key`, then evicts least-recently-used items until the shard is
+    /// Stores `entry` (which must fit in `limit` and be live: the rules
+    /// turn a store already expired into a removal), replacing any item
+    /// under `key`, then evicts least-recently-used items until the shard is
     /// within its budget. Returns how many live items were evicted.
-    fn insert(&mut self, key: Bytes, item: Item, view: View) -> u64 {
-        if !view.visible(&item) {
-            // Stored already expired: memcached links it and then never
-            // shows it; dropping it at once is the same to every client.
-            self.remove(&key);
-            return 0;
-        }
-        let charged = cost(key.len(), item.data.len());
-        if let Some((old_key, old)) = self.items.push(key, item) {
+    fn insert(&mut self, key: Bytes, entry: Entry, view: View) -> u64 {
+        let charged = cost(key.len(), entry.item.data.len());
+        if let Some((old_key, old)) = self.items.push(key, entry) {
             self.used = self
                 .used
-                .saturating_sub(cost(old_key.len(), old.data.len()));
+                .saturating_sub(cost(old_key.len(), old.item.data.len()));
         }
         self.used = self.used.saturating_add(charged);
         let mut evicted = 0;
@@ -141,7 +139,7 @@ impl Shard {
             let Some((k, old)) = self.items.pop_lru() else {
                 break;
             };
-            self.used = self.used.saturating_sub(cost(k.len(), old.data.len()));
+            self.used = self.used.saturating_sub(cost(k.len(), old.item.data.len()));
             if view.visible(&old) {
                 evicted += 1;
             }
@@ -230,7 +228,7 @@ impl EmbeddedStore {
                 data,
                 cas_unique,
                 ..
-            } => self.store(*op, key, *flags, *exptime, data, *cas_unique),
+            } => self.store(*op, key, *flags, *exptime, data.clone(), *cas_unique),
             Request::Arith { op, key, delta, .. } => self.arith(*op, key, *delta),
             Request::Delete { key, .. } => self.delete(key),
             Request::Touch { key, exptime, .. } => self.touch(key, *exptime),
@@ -244,9 +242,18 @@ impl EmbeddedStore {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// The store clock now, with its zero placed in unix time so the rules
+    /// can read absolute exptimes.
+    fn clock(&self) -> Clock {
+        Clock {
+            now_ms: self.now_ms(),
+            unix_ms_at_zero: self.start_unix_ms,
+        }
+    }
+
     fn view(&self) -> View {
         View {
-            now: self.now_ms(),
+            clock: self.clock(),
             flush_at: self.flush_at.load(Ordering::Acquire),
         }
     }
@@ -261,45 +268,57 @@ impl EmbeddedStore {
         self.next_cas.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The store-clock deadline for a client's exptime, as memcached reads
-    /// it. An already expired item gets a deadline at or before `now`.
-    fn deadline(&self, exptime: Exptime, now: u64) -> Option<u64> {
-        if exptime == 0 {
-            None
-        } else if exptime < 0 {
-            Some(0)
-        } else if exptime <= REALTIME_MAXDELTA {
-            Some(now.saturating_add(exptime.unsigned_abs().saturating_mul(1000)))
-        } else {
-            let unix_ms = exptime.unsigned_abs().saturating_mul(1000);
-            Some(unix_ms.saturating_sub(self.start_unix_ms))
-        }
-    }
-
-    fn insert(&self, shard: &mut Shard, key: &[u8], item: Item, view: View) {
-        // Copy the key so the item does not pin the connection's read buffer.
-        let evicted = shard.insert(Bytes::copy_from_slice(key), item, view);
-        if evicted > 0 {
-            self.evictions.fetch_add(evicted, Ordering::Relaxed);
+    /// Carries out what the rules decided for `key`; a put gets the next
+    /// CAS unique. A put must fit the shard's budget (callers check).
+    fn apply(&self, shard: &mut Shard, key: &[u8], effect: Effect, view: View) {
+        match effect {
+            Effect::Keep => {}
+            Effect::Put(value) => {
+                let entry = Entry {
+                    item: rules::Item {
+                        flags: value.flags,
+                        data: value.data,
+                        deadline: value.deadline,
+                        cas: self.next_cas(),
+                    },
+                    stored_at: view.clock.now_ms,
+                };
+                // Copy the key so the item does not pin the connection's
+                // read buffer.
+                let evicted = shard.insert(Bytes::copy_from_slice(key), entry, view);
+                if evicted > 0 {
+                    self.evictions.fetch_add(evicted, Ordering::Relaxed);
+                }
+            }
+            Effect::Touch { deadline } => {
+                if let Some(entry) = shard.items.peek_mut(key) {
+                    entry.item.deadline = deadline;
+                }
+            }
+            Effect::Remove => {
+                shard.remove(key);
+            }
         }
     }
 
     fn get(&self, keys: &[Bytes], with_cas: bool, touch: Option<Exptime>) -> Response {
         let view = self.view();
-        let deadline = touch.map(|e| self.deadline(e, view.now));
         let mut values = Vec::new();
         for key in keys {
             let mut shard = self.shard(key);
-            if let Some(item) = shard.live(key, view) {
-                if let Some(d) = deadline {
-                    item.deadline = d;
-                }
-                values.push(Value {
-                    key: key.clone(),
-                    flags: item.flags,
-                    data: item.data.clone(),
-                    cas: with_cas.then_some(item.cas),
-                });
+            let Some(entry) = shard.live(key, view) else {
+                continue;
+            };
+            let item = &entry.item;
+            values.push(Value {
+                key: key.clone(),
+                flags: item.flags,
+                data: item.data.clone(),
+                cas: with_cas.then_some(item.cas),
+            });
+            if let Some(exptime) = touch {
+                let effect = rules::gat(Some(item), exptime, view.clock);
+                self.apply(&mut shard, key, effect, view);
             }
         }
         Response::Values(values)
@@ -311,137 +330,96 @@ impl EmbeddedStore {
         key: &[u8],
         flags: u32,
         exptime: Exptime,
-        data: &[u8],
+        data: Bytes,
         cas_unique: u64,
     ) -> Response {
         let view = self.view();
         let mut shard = self.shard(key);
         let limit = shard.limit;
-        let item = match op {
-            StoreOp::Set | StoreOp::Add | StoreOp::Replace | StoreOp::Cas => {
-                if cost(key.len(), data.len()) > limit {
-                    if op == StoreOp::Set {
-                        // As memcached does: a failed set must not leave the
-                        // old value readable.
-                        shard.remove(key);
-                    }
+        let joins = matches!(op, StoreOp::Append | StoreOp::Prepend);
+        if !joins && cost(key.len(), data.len()) > limit {
+            // memcached allocates the new item before it looks at the key.
+            if op == StoreOp::Set {
+                // As memcached does: a failed set must not leave the old
+                // value readable.
+                shard.remove(key);
+            }
+            return out_of_memory();
+        }
+        let current = shard.live(key, view).map(|entry| &entry.item);
+        let rules::Outcome { reply, mut effect } =
+            rules::store(op, current, flags, exptime, data, cas_unique, view.clock);
+        match &mut effect {
+            Effect::Put(value) => {
+                if cost(key.len(), value.data.len()) > limit {
                     return out_of_memory();
                 }
-                let current = shard.live(key, view).map(|item| item.cas);
-                match (op, current) {
-                    (StoreOp::Add, Some(_)) | (StoreOp::Replace, None) => {
-                        return Response::NotStored;
-                    }
-                    (StoreOp::Cas, None) => return Response::NotFound,
-                    (StoreOp::Cas, Some(cas)) if cas != cas_unique => return Response::Exists,
-                    _ => {}
-                }
-                Item {
-                    flags,
-                    data: Bytes::copy_from_slice(data),
-                    cas: 0,
-                    deadline: self.deadline(exptime, view.now),
-                    stored_at: view.now,
+                if !joins {
+                    // The request's own bytes: keep a copy of just the value.
+                    value.data = Bytes::copy_from_slice(&value.data);
                 }
             }
-            StoreOp::Append | StoreOp::Prepend => {
-                let Some(old) = shard.live(key, view) else {
-                    return Response::NotStored;
-                };
-                let len = old.data.len().saturating_add(data.len());
-                if cost(key.len(), len) > limit {
-                    return out_of_memory();
-                }
-                let mut joined = BytesMut::with_capacity(len);
-                if op == StoreOp::Append {
-                    joined.extend_from_slice(&old.data);
-                    joined.extend_from_slice(data);
-                } else {
-                    joined.extend_from_slice(data);
-                    joined.extend_from_slice(&old.data);
-                }
-                Item {
-                    flags: old.flags,
-                    data: joined.freeze(),
-                    cas: 0,
-                    deadline: old.deadline,
-                    stored_at: view.now,
-                }
+            // Stored already expired: memcached links it, under a CAS
+            // unique, and never shows it.
+            Effect::Remove => {
+                self.next_cas();
             }
-        };
-        let item = Item {
-            cas: self.next_cas(),
-            ..item
-        };
-        self.insert(&mut shard, key, item, view);
-        self.total_items.fetch_add(1, Ordering::Relaxed);
-        Response::Stored
+            Effect::Keep | Effect::Touch { .. } => {}
+        }
+        self.apply(&mut shard, key, effect, view);
+        if reply == Response::Stored {
+            self.total_items.fetch_add(1, Ordering::Relaxed);
+        }
+        reply
     }
 
     fn arith(&self, op: ArithOp, key: &[u8], delta: u64) -> Response {
         let view = self.view();
         let mut shard = self.shard(key);
         let limit = shard.limit;
-        let Some(item) = shard.live(key, view) else {
-            return Response::NotFound;
-        };
-        let Some((n, data)) = apply_delta(&item.data, op, delta) else {
-            return ClientError::NonNumeric.into();
-        };
-        if cost(key.len(), data.len()) > limit {
+        let current = shard.live(key, view).map(|entry| &entry.item);
+        let rules::Outcome { reply, effect } = rules::arith(op, current, delta);
+        if let Effect::Put(value) = &effect
+            && cost(key.len(), value.data.len()) > limit
+        {
             return Response::server_error("out of memory");
         }
-        let new = Item {
-            flags: item.flags,
-            data,
-            cas: self.next_cas(),
-            deadline: item.deadline,
-            stored_at: view.now,
-        };
-        self.insert(&mut shard, key, new, view);
-        Response::Number(n)
+        self.apply(&mut shard, key, effect, view);
+        reply
     }
 
     fn delete(&self, key: &[u8]) -> Response {
         let view = self.view();
         let mut shard = self.shard(key);
-        if shard.live(key, view).is_none() {
-            return Response::NotFound;
-        }
-        shard.remove(key);
-        Response::Deleted
+        let current = shard.live(key, view).map(|entry| &entry.item);
+        let rules::Outcome { reply, effect } = rules::delete(current);
+        self.apply(&mut shard, key, effect, view);
+        reply
     }
 
     fn touch(&self, key: &[u8], exptime: Exptime) -> Response {
         let view = self.view();
-        let deadline = self.deadline(exptime, view.now);
-        match self.shard(key).live(key, view) {
-            Some(item) => {
-                item.deadline = deadline;
-                Response::Touched
-            }
-            None => Response::NotFound,
-        }
+        let mut shard = self.shard(key);
+        let current = shard.live(key, view).map(|entry| &entry.item);
+        let rules::Outcome { reply, effect } = rules::touch(current, exptime, view.clock);
+        self.apply(&mut shard, key, effect, view);
+        reply
     }
 
     fn flush_all(&self, delay: Option<Exptime>) -> Response {
         let _serial = lock(&self.flush_lock);
-        let now = self.now_ms();
-        let at = match delay {
-            Some(d) if d > 0 => self.deadline(d, now),
-            _ => None,
-        };
-        match at {
-            Some(at) if at > now => {
+        let clock = self.clock();
+        match rules::flush_at(delay, clock) {
+            Some(at) => {
                 let previous = self.flush_at.load(Ordering::Acquire);
-                if previous <= now {
+                if previous <= clock.now_ms {
                     // That flush has happened; make it permanent before
                     // replacing it, or its victims would reappear.
                     self.sweep(previous);
                 }
                 self.flush_at.store(at, Ordering::Release);
             }
-            _ => {
+            None => {
                 for shard in self.shards.iter() {
                     lock(shard).clear();
                 }
@@ -458,7 +436,7 @@ impl EmbeddedStore {
             let doomed: Vec<Bytes> = shard
                 .items
                 .iter()
-                .filter(|(_, item)| item.stored_at < flush_at)
+                .filter(|(_, entry)| entry.stored_at < flush_at)
                 .map(|(key, _)| key.clone())
                 .collect();
             for key in doomed {
@@ -490,7 +468,7 @@ impl Backend for EmbeddedStore {
                 shard
                     .items
                     .iter()
-                    .filter(|(_, item)| view.visible(item))
+                    .filter(|(_, entry)| view.visible(entry))
                     .map(|(k, _)| k.clone()),
             );
         }
@@ -533,6 +511,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::protocol::{ClientError, REALTIME_MAXDELTA};
 
     const BIG: usize = 64 * 1024 * 1024;
 

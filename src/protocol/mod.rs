@@ -4,7 +4,6 @@
 //!
 //! May use: `bytes`, `nom`. Nothing else in the crate.
 
-pub mod counter;
 mod encode;
 mod error;
 mod limits;

@@ -34,7 +34,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::{Pipeline, Session, StoreStatus};
@@ -42,8 +42,8 @@ use crate::BoxFuture;
 use crate::backend::{Backend, BackendError};
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
-use crate::protocol::counter::apply_delta;
-use crate::protocol::{ClientError, Exptime, REALTIME_MAXDELTA, Request, Response, StoreOp, Value};
+use crate::protocol::{Exptime, Request, Response, StoreOp, Value};
+use crate::rules::{self, Clock, Effect};
 use crate::time::unix_ms;
 pub use backlog::Backlog;
 use hlc::Hlc;
@@ -96,6 +96,18 @@ struct Current {
     record: Record,
     flags: u32,
     cas: Option<u64>,
+}
+
+impl Current {
+    /// The key as the command rules see it; the CAS is the store's own.
+    fn item(&self) -> rules::Item {
+        rules::Item {
+            flags: self.flags,
+            data: self.record.data.clone(),
+            deadline: (self.record.deadline_ms != 0).then_some(self.record.deadline_ms),
+            cas: self.cas.unwrap_or(0),
+        }
+    }
 }
 
 impl Eventual {
@@ -176,14 +188,42 @@ impl Eventual {
         *self.flushed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A client's exptime as an absolute deadline (0 never expires).
-    fn deadline(exptime: Exptime, now_ms: u64) -> u64 {
-        match exptime {
-            0 => 0,
-            e if e < 0 => 1,
-            e if e <= REALTIME_MAXDELTA => now_ms + e as u64 * 1000,
-            e => (e as u64).saturating_mul(1000),
-        }
+    /// Carries out what the command rules decided for `key` (whose stripe
+    /// the caller holds; `cur` is what the rules were given): a new value
+    /// or deadline is written under a fresh version and logged, a removal
+    /// leaves a tombstone. `cas` makes the write conditional on the store's
+    /// CAS still being that one. Returns the rules' reply, or the store's
+    /// when it refused the write.
+    async fn carry_out(
+        &self,
+        key: &Bytes,
+        cur: Option<Current>,
+        out: rules::Outcome,
+        cas: Option<u64>,
+    ) -> Result<Response, BackendError> {
+        let written = match out.effect {
+            Effect::Keep => return Ok(out.reply),
+            Effect::Remove => {
+                self.tombstone(key).await?;
+                return Ok(out.reply);
+            }
+            Effect::Put(v) => {
+                self.put(key, v.flags, deadline_ms(v.deadline), v.data, cas)
+                    .await?
+            }
+            Effect::Touch { deadline } => {
+                let Some(cur) = cur else {
+                    return Ok(out.reply);
+                };
+                let deadline = deadline_ms(deadline);
+                self.put(key, cur.flags, deadline, cur.record.data, None)
+                    .await?
+            }
+        };
+        Ok(match written {
+            Response::Stored => out.reply,
+            refused => refused,
+        })
     }
 
     /// The exptime to give the store for a deadline: absolute seconds,
@@ -365,6 +405,7 @@ impl Eventual {
     }
 
     async fn one(&self, request: Request) -> Result<Response, BackendError> {
+        let clock = || Clock::unix(unix_ms());
         match request {
             Request::Store {
                 op,
@@ -376,106 +417,63 @@ impl Eventual {
                 ..
             } => {
                 let _g = self.stripe(&key).lock().await;
-                let deadline = Self::deadline(exptime, unix_ms());
-                match op {
-                    StoreOp::Set => self.put(&key, flags, deadline, data, None).await,
-                    StoreOp::Add | StoreOp::Replace => {
-                        let exists = self.live(&key, false).await?.is_some();
-                        if exists == (op == StoreOp::Add) {
-                            return Ok(Response::NotStored);
-                        }
-                        self.put(&key, flags, deadline, data, None).await
-                    }
-                    StoreOp::Append | StoreOp::Prepend => {
-                        let Some(cur) = self.live(&key, false).await? else {
-                            return Ok(Response::NotStored);
-                        };
-                        let mut joined =
-                            BytesMut::with_capacity(cur.record.data.len() + data.len());
-                        let (first, second) = if op == StoreOp::Append {
-                            (&cur.record.data, &data)
-                        } else {
-                            (&data, &cur.record.data)
-                        };
-                        joined.extend_from_slice(first);
-                        joined.extend_from_slice(second);
-                        self.put(
-                            &key,
-                            cur.flags,
-                            cur.record.deadline_ms,
-                            joined.freeze(),
-                            None,
-                        )
-                        .await
-                    }
-                    StoreOp::Cas => {
-                        let Some(cur) = self.live(&key, true).await? else {
-                            return Ok(Response::NotFound);
-                        };
-                        if cur.cas != Some(cas_unique) {
-                            return Ok(Response::Exists);
-                        }
-                        self.put(&key, flags, deadline, data, Some(cas_unique))
-                            .await
-                    }
-                }
+                // A set does not depend on the current value: no read.
+                let cur = match op {
+                    StoreOp::Set => None,
+                    op => self.live(&key, op == StoreOp::Cas).await?,
+                };
+                let out = rules::store(
+                    op,
+                    cur.as_ref().map(Current::item).as_ref(),
+                    flags,
+                    exptime,
+                    data,
+                    cas_unique,
+                    clock(),
+                );
+                let guard = (op == StoreOp::Cas).then_some(cas_unique);
+                self.carry_out(&key, cur, out, guard).await
             }
             Request::TooLarge { op, key, .. } => {
-                if op == StoreOp::Set {
-                    let _g = self.stripe(&key).lock().await;
-                    if self.live(&key, false).await?.is_some() {
-                        self.tombstone(&key).await?;
-                    }
+                if op != StoreOp::Set {
+                    return Ok(rules::too_large(op, None).reply);
                 }
-                Ok(ClientError::TooLarge.into())
+                let _g = self.stripe(&key).lock().await;
+                let cur = self.live(&key, false).await?;
+                let out = rules::too_large(op, cur.as_ref().map(Current::item).as_ref());
+                self.carry_out(&key, cur, out, None).await
             }
             Request::Arith { op, key, delta, .. } => {
                 let _g = self.stripe(&key).lock().await;
-                let Some(cur) = self.live(&key, false).await? else {
-                    return Ok(Response::NotFound);
-                };
-                let Some((n, data)) = apply_delta(&cur.record.data, op, delta) else {
-                    return Ok(ClientError::NonNumeric.into());
-                };
-                match self
-                    .put(&key, cur.flags, cur.record.deadline_ms, data, None)
-                    .await?
-                {
-                    Response::Stored => Ok(Response::Number(n)),
-                    other => Ok(other),
-                }
+                let cur = self.live(&key, false).await?;
+                let out = rules::arith(op, cur.as_ref().map(Current::item).as_ref(), delta);
+                self.carry_out(&key, cur, out, None).await
             }
             Request::Delete { key, .. } => {
                 let _g = self.stripe(&key).lock().await;
-                if self.live(&key, false).await?.is_none() {
-                    return Ok(Response::NotFound);
-                }
-                self.tombstone(&key).await?;
-                Ok(Response::Deleted)
+                let cur = self.live(&key, false).await?;
+                let out = rules::delete(cur.as_ref().map(Current::item).as_ref());
+                self.carry_out(&key, cur, out, None).await
             }
             Request::Touch { key, exptime, .. } => {
                 let _g = self.stripe(&key).lock().await;
-                let Some(cur) = self.live(&key, false).await? else {
-                    return Ok(Response::NotFound);
-                };
-                let deadline = Self::deadline(exptime, unix_ms());
-                match self
-                    .put(&key, cur.flags, deadline, cur.record.data, None)
-                    .await?
-                {
-                    Response::Stored => Ok(Response::Touched),
-                    other => Ok(other),
-                }
+                let cur = self.live(&key, false).await?;
+                let out = rules::touch(cur.as_ref().map(Current::item).as_ref(), exptime, clock());
+                self.carry_out(&key, cur, out, None).await
             }
             Request::Gat { exptime, keys, cas } => {
-                let deadline = Self::deadline(exptime, unix_ms());
                 for key in &keys {
                     let _g = self.stripe(key).lock().await;
-                    if let Some(cur) = self.live(key, false).await? {
-                        self.put(key, cur.flags, deadline, cur.record.data, None)
-                            .await?;
-                    }
+                    let cur = self.live(key, false).await?;
+                    let item = cur.as_ref().map(Current::item);
+                    let effect = rules::gat(item.as_ref(), exptime, clock());
+                    let out = rules::Outcome {
+                        reply: Response::Touched,
+                        effect,
+                    };
+                    self.carry_out(key, cur, out, None).await?;
                 }
+                // Read back: the values carry the versions just written.
                 let mut r = self.gets(&[Request::Get { keys, cas }]).await;
                 Ok(r.pop()
                     .unwrap_or_else(|| Response::server_error("no reply")))
@@ -495,11 +493,7 @@ impl Eventual {
     /// arrive late.
     async fn flush_all(&self, delay: Option<Exptime>) -> Result<Response, BackendError> {
         let now = unix_ms();
-        let at_ms = match delay {
-            None => now,
-            Some(d) if d <= 0 => now,
-            Some(d) => Self::deadline(d, now),
-        };
+        let at_ms = rules::flush_at(delay, Clock::unix(now)).unwrap_or(now);
         let fresh = self.hlc.now();
         let version = Version {
             ts: fresh.ts.max(at_ms << 16),
@@ -614,6 +608,13 @@ impl Eventual {
         }
         Ok(true)
     }
+}
+
+/// A rules deadline as a record's: 0 never expires.
+fn deadline_ms(deadline: Option<u64>) -> u64 {
+    // A deadline of 0 has passed already, and the rules remove such values
+    // instead of storing them, so 0 is free to mean "never".
+    deadline.unwrap_or(0)
 }
 
 fn unexpected(r: Response) -> BackendError {
