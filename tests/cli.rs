@@ -24,7 +24,11 @@ fn cli(port: u16, input: &str) -> Output {
         .spawn()
         .expect("spawn memdial cli");
     let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(input.as_bytes()).expect("write stdin");
+    // The cli may exit before reading its input (it cannot connect): then
+    // the pipe is closed, and its exit status and stderr tell why.
+    if let Err(e) = stdin.write_all(input.as_bytes()) {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write stdin: {e}");
+    }
     drop(stdin);
     child.wait_with_output().expect("memdial cli output")
 }
