@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::common::record::{HEADER_BYTES, Header};
 use crate::common::{Memcached, free_port, memdial_bin, wait_for_port};
 
 /// How long a cluster may take to come up (every peer `up` on every node).
@@ -24,8 +25,6 @@ pub const UP_WAIT: Duration = Duration::from_secs(20);
 pub const CONVERGE_WAIT: Duration = Duration::from_secs(15);
 /// Read timeout of every harness connection.
 const IO_WAIT: Duration = Duration::from_secs(10);
-/// Size of the memdial header in front of every stored value.
-pub const HEADER_BYTES: usize = 25;
 
 /// Sleeps between polls. Never used to wait for readiness by itself: every
 /// caller re-checks a condition and has a deadline.
@@ -398,28 +397,10 @@ pub struct Item {
     pub exp: i64,
 }
 
-/// memdial's header, decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Header {
-    pub tombstone: bool,
-    pub ts: u64,
-    pub node: u32,
-    pub deadline_ms: u64,
-}
-
 impl Item {
+    /// memdial's header in front of the data; `None` without one.
     pub fn header(&self) -> Option<Header> {
-        let h = self
-            .raw
-            .get(..HEADER_BYTES)
-            .filter(|h| h.starts_with(b"MDv1"))?;
-        let u64_at = |i: usize| u64::from_be_bytes(h[i..i + 8].try_into().unwrap());
-        Some(Header {
-            tombstone: h[4] == 1,
-            ts: u64_at(5),
-            node: u32::from_be_bytes(h[13..17].try_into().unwrap()),
-            deadline_ms: u64_at(17),
-        })
+        Header::decode(&self.raw)
     }
 
     /// The client's data (after the header).

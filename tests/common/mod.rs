@@ -2,6 +2,8 @@
 //! and a plain TCP client that reads until the whole expected reply is in.
 #![allow(dead_code)] // each test binary uses part of the harness
 
+pub mod record;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
