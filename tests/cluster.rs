@@ -10,8 +10,6 @@
 //! sub-second failure-detector timings, and a 2-core machine running several
 //! clusters at once would make them miss heartbeats.
 
-#[path = "common/cluster.rs"]
-mod cluster_harness;
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,9 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use cluster_harness::{
-    CONVERGE_WAIT, Client, ClusterOpts, TestCluster, UP_WAIT, Values, metric, poll_pause,
-};
+use common::client::{Client, Values, metric};
+use common::cluster::{CONVERGE_WAIT, ClusterOpts, TestCluster, UP_WAIT, poll_pause};
 use common::record::Header;
 
 static SERIAL: Mutex<()> = Mutex::new(());
