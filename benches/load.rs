@@ -5,8 +5,9 @@
 //! With the cluster it then measures replication delay (write on node 1 →
 //! visible on node 2), idle and under load.
 //!
-//! Run: `cargo build --release && cargo bench --bench load -- [options]`
-//! (the bench uses `target/release/memdial` and does not build it).
+//! Run: `cargo bench --bench load -- [options]` (cargo builds the memdial
+//! binary it starts). Processes are started by the test harness
+//! (`tests/common/procs.rs`): fresh ports, polled readiness, killed on drop.
 //!
 //! Options (defaults in brackets; `--name value` or `--name=value`):
 //!   --conns N [50]          client connections per target
@@ -25,23 +26,24 @@
 //! were stored. Latency is per request: from writing its batch to reading
 //! its reply. Only 127.0.0.1 is used; every wait has a deadline.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+#[path = "../tests/common/procs.rs"]
+mod procs;
+
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
+use procs::{Memcached, Memdial, MemdialCluster, proxy_yaml};
+
 /// Longest wait for any single read, write or connect before the
 /// connection counts as stalled.
 const STALL: Duration = Duration::from_secs(5);
-/// Longest wait for a process to accept connections.
-const STARTUP: Duration = Duration::from_secs(15);
 
 // ---------------------------------------------------------------- options
 
@@ -117,186 +119,6 @@ fn opts() -> Opts {
         }
     }
     o
-}
-
-// -------------------------------------------------------------- processes
-
-/// A child process, killed when dropped (also while unwinding a panic).
-struct Proc {
-    name: String,
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A file removed when dropped.
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
-/// Polls until `port` accepts a connection; fails early if the process exits.
-fn wait_ready(p: &mut Proc, port: u16) {
-    let deadline = Instant::now() + STARTUP;
-    loop {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = p.child.try_wait() {
-            panic!("{} exited before listening on {port}: {status}", p.name);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: nothing listening on {port} after {STARTUP:?}",
-            p.name
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-fn memcached(port: u16) -> Proc {
-    let mut cmd = Command::new("memcached");
-    cmd.args(["-l", "127.0.0.1", "-U", "0", "-t", "2", "-m", "256"])
-        .args(["-p", &port.to_string()]);
-    if is_root() {
-        cmd.args(["-u", "root"]);
-    }
-    let child = cmd
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("memcached on PATH");
-    let mut p = Proc {
-        name: format!("memcached :{port}"),
-        child,
-    };
-    wait_ready(&mut p, port);
-    p
-}
-
-fn memdial_bin() -> PathBuf {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/memdial");
-    assert!(
-        bin.exists(),
-        "run `cargo build --release` first: {} is missing",
-        bin.display()
-    );
-    bin
-}
-
-/// Newest modification time of a file under `dir`.
-fn newest(dir: &Path) -> Option<SystemTime> {
-    let mut best = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let t = if entry.file_type().ok()?.is_dir() {
-            newest(&entry.path())
-        } else {
-            entry.metadata().ok()?.modified().ok()
-        };
-        best = best.max(t);
-    }
-    best
-}
-
-/// Warns when `target/release/memdial` is older than the sources.
-fn warn_if_stale(bin: &Path) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
-    let sources = newest(&root.join("src")).max(
-        std::fs::metadata(root.join("Cargo.toml"))
-            .and_then(|m| m.modified())
-            .ok(),
-    );
-    if let (Some(built), Some(sources)) = (built, sources)
-        && sources > built
-    {
-        eprintln!(
-            "warning: {} is older than src/; run `cargo build --release` to measure the current code",
-            bin.display()
-        );
-    }
-}
-
-fn memdial(args: &[String], port: u16) -> Proc {
-    let child = Command::new(memdial_bin())
-        .arg("serve")
-        .args(args)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn memdial");
-    let mut p = Proc {
-        name: format!("memdial :{port}"),
-        child,
-    };
-    wait_ready(&mut p, port);
-    p
-}
-
-fn serve_args(port: u16, backend: &str) -> Vec<String> {
-    vec![
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-        "--admin".into(),
-        format!("127.0.0.1:{}", free_port()),
-        "--backend".into(),
-        backend.into(),
-    ]
-}
-
-/// Three nodes, embedded stores, eventual mode: the processes, the config
-/// file and the client ports.
-fn cluster() -> (Vec<Proc>, TempFile, Vec<u16>) {
-    let ports: Vec<[u16; 3]> = (0..3)
-        .map(|_| [free_port(), free_port(), free_port()])
-        .collect();
-    let mut yaml = String::from(
-        "cluster:\n  name: bench\n  secret: bench-secret\n  consistency: eventual\nnodes:\n",
-    );
-    for (i, [c, p, a]) in ports.iter().enumerate() {
-        yaml.push_str(&format!(
-            "  - id: {}\n    client: 127.0.0.1:{c}\n    internal: 127.0.0.1:{p}\n    admin: 127.0.0.1:{a}\n",
-            i + 1
-        ));
-    }
-    let file =
-        TempFile(std::env::temp_dir().join(format!("memdial-bench-{}.yaml", std::process::id())));
-    std::fs::write(&file.0, yaml).expect("write cluster config");
-    let procs = (1..=3)
-        .map(|id| {
-            let args = [
-                "--config".to_string(),
-                file.0.display().to_string(),
-                "--node".into(),
-                id.to_string(),
-            ];
-            memdial(&args, ports[id - 1][0])
-        })
-        .collect();
-    (procs, file, ports.iter().map(|p| p[0]).collect())
 }
 
 // --------------------------------------------------------------- workload
@@ -433,6 +255,11 @@ fn parse_reply(buf: &[u8], expect: Expect, w: &Workload) -> Parse {
 }
 
 /// A client connection with its own read buffer.
+///
+/// Not the tests' `Client` (tests/common/client.rs): that one blocks a
+/// thread on each read, and this one runs as one of many tasks on a tokio
+/// runtime; and in this hot loop `parse_reply` checks each reply against the
+/// request it answers in place, without copying it out first.
 struct Conn {
     stream: TcpStream,
     buf: BytesMut,
@@ -796,8 +623,6 @@ fn git_commit() -> String {
 
 fn main() {
     let o = opts();
-    let bin = memdial_bin();
-    warn_if_stale(&bin);
     let rt = if o.threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -812,25 +637,27 @@ fn main() {
 
     // Declared before the runtime work so they outlive it, and are killed
     // on every exit path, panics included.
-    let mc_port = free_port();
-    let _mc = memcached(mc_port);
-    let behind_port = free_port();
-    let _behind = memcached(behind_port);
-    let (over_port, emb_port) = (free_port(), free_port());
-    let backend = format!("127.0.0.1:{behind_port}");
-    let _over = memdial(&serve_args(over_port, &backend), over_port);
-    let _emb = memdial(&serve_args(emb_port, "embedded"), emb_port);
-    let (_cluster, _config, cluster_ports) = if o.cluster {
-        let (p, f, ports) = cluster();
-        (p, Some(f), ports)
-    } else {
-        (Vec::new(), None, Vec::new())
-    };
+    let mc = Memcached::start_with_memory_mb(256);
+    let behind = Memcached::start_with_memory_mb(256);
+    let over = Memdial::start(None, &["--backend", &behind.addr()], "error");
+    let emb = Memdial::start(None, &["--backend", "embedded"], "error");
+    // Three nodes, embedded stores, eventual mode.
+    let cluster = o.cluster.then(|| {
+        MemdialCluster::start(3, "error", |ports| {
+            let nodes: Vec<_> = ports.iter().map(|p| (*p, None)).collect();
+            let cluster = "  name: bench\n  secret: bench-secret\n  consistency: eventual\n";
+            vec![proxy_yaml(cluster, &nodes); 3]
+        })
+    });
+    let cluster_ports: Vec<u16> = cluster
+        .iter()
+        .flat_map(|c| (1..=3).map(|i| c.ports(i).client))
+        .collect();
 
     let mut targets = vec![
-        ("memcached direct", mc_port),
-        ("memdial -> memcached", over_port),
-        ("memdial embedded", emb_port),
+        ("memcached direct", mc.port),
+        ("memdial -> memcached", over.port),
+        ("memdial embedded", emb.port),
     ];
     if o.cluster {
         targets.push(("memdial eventual x3, node 1", cluster_ports[0]));

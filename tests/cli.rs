@@ -3,13 +3,11 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Memdial, WAIT, free_port, memdial_bin, wait_for_port};
+use common::procs::{Memdial, MemdialCluster, WAIT, free_port, memdial_bin, proxy_yaml};
 
 /// Runs `memdial cli --port PORT` with `input` on its stdin until it exits.
 fn cli(port: u16, input: &str) -> Output {
@@ -24,7 +22,11 @@ fn cli(port: u16, input: &str) -> Output {
         .spawn()
         .expect("spawn memdial cli");
     let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(input.as_bytes()).expect("write stdin");
+    // The cli may exit before reading its input (it cannot connect): then
+    // the pipe is closed, and its exit status and stderr tell why.
+    if let Err(e) = stdin.write_all(input.as_bytes()) {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write stdin: {e}");
+    }
     drop(stdin);
     child.wait_with_output().expect("memdial cli output")
 }
@@ -123,81 +125,19 @@ fn table(text: &str) -> Option<Vec<Vec<String>>> {
 }
 
 /// Three `memdial serve` processes of one config, killed when dropped.
-struct Cluster {
-    config: PathBuf,
-    client_ports: Vec<u16>,
-    children: Vec<Child>,
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let mut ports = HashSet::new();
-        let mut order = Vec::new();
-        while order.len() < 9 {
-            let p = free_port();
-            if ports.insert(p) {
-                order.push(p);
-            }
-        }
-        let mut yaml = String::from(
-            "cluster:\n  name: cli-test\n  secret: cli-test-secret\n  consistency: eventual\n  \
-             heartbeat_interval_ms: 100\n  suspect_after_ms: 500\n  down_after_ms: 1500\nnodes:\n",
-        );
-        for (i, p) in order.chunks(3).enumerate() {
-            yaml.push_str(&format!(
-                "  - id: {}\n    client: 127.0.0.1:{}\n    internal: 127.0.0.1:{}\n    admin: 127.0.0.1:{}\n",
-                i + 1,
-                p[0],
-                p[1],
-                p[2]
-            ));
-        }
-        let config = std::env::temp_dir().join(format!(
-            "memdial-cli-test-{}-{}.yaml",
-            std::process::id(),
-            order[0]
-        ));
-        std::fs::write(&config, yaml).expect("write config");
-        let mut cluster = Cluster {
-            config,
-            client_ports: order.chunks(3).map(|p| p[0]).collect(),
-            children: Vec::new(),
-        };
-        for id in 1..=3 {
-            let child = Command::new(memdial_bin())
-                .arg("serve")
-                .arg("--config")
-                .arg(&cluster.config)
-                .args(["--node", &id.to_string()])
-                .env("RUST_LOG", "error")
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("spawn memdial serve");
-            cluster.children.push(child);
-        }
-        for i in 0..3 {
-            let port = cluster.client_ports[i];
-            wait_for_port(port, &mut cluster.children[i]);
-        }
-        cluster
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_file(&self.config);
-    }
+fn cluster() -> MemdialCluster {
+    let cluster = "  name: cli-test\n  secret: cli-test-secret\n  consistency: eventual\n  \
+                   heartbeat_interval_ms: 100\n  suspect_after_ms: 500\n  down_after_ms: 1500\n";
+    MemdialCluster::start(3, "error", |ports| {
+        let nodes: Vec<_> = ports.iter().map(|p| (*p, None)).collect();
+        vec![proxy_yaml(cluster, &nodes); 3]
+    })
 }
 
 #[test]
 fn show_lists_the_cluster() {
-    let cluster = Cluster::start();
-    let port = cluster.client_ports[0];
+    let cluster = cluster();
+    let port = cluster.ports(1).client;
     let deadline = Instant::now() + WAIT;
     let (out, rows) = loop {
         let out = cli(port, "show\nquit\n");

@@ -5,7 +5,8 @@ mod common;
 
 use std::process::Command;
 
-use common::{Memcached, Memdial, text};
+use common::client::text;
+use common::procs::{Memcached, Memdial};
 
 fn pymemcache(port: u16) {
     let script = concat!(

@@ -10,8 +10,6 @@
 //! sub-second failure-detector timings, and a 2-core machine running several
 //! clusters at once would make them miss heartbeats.
 
-#[path = "common/cluster.rs"]
-mod cluster_harness;
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,9 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use cluster_harness::{
-    CONVERGE_WAIT, Client, ClusterOpts, TestCluster, UP_WAIT, Values, metric, poll_pause,
-};
+use common::client::{Client, Values, metric};
+use common::cluster::{CONVERGE_WAIT, ClusterOpts, TestCluster, UP_WAIT, poll_pause};
+use common::record::Header;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -693,17 +691,6 @@ fn restarted_memcached_is_refilled_while_clients_read() {
     c.wait_converged(CONVERGE_WAIT);
 }
 
-/// memdial's 25-byte header (`src/consistency/record.rs`) in front of `data`.
-fn with_header(tombstone: bool, ts: u64, node: u32, deadline_ms: u64, data: &[u8]) -> Vec<u8> {
-    let mut raw = b"MDv1".to_vec();
-    raw.push(u8::from(tombstone));
-    raw.extend_from_slice(&ts.to_be_bytes());
-    raw.extend_from_slice(&node.to_be_bytes());
-    raw.extend_from_slice(&deadline_ms.to_be_bytes());
-    raw.extend_from_slice(data);
-    raw
-}
-
 /// `peer:<j>:repaired` summed over node `i`'s peers.
 fn repaired(c: &TestCluster, i: usize) -> u64 {
     let stats = c.stats_cluster(i).unwrap();
@@ -753,7 +740,13 @@ fn anti_entropy_repairs_what_replication_missed() {
     for key in &keys[20..25] {
         let item = &before[key.as_bytes()];
         let h = item.header().expect("memdial header");
-        let stale = with_header(false, h.ts - (1 << 16), h.node, 0, b"stale");
+        let stale = Header {
+            tombstone: false,
+            ts: h.ts - (1 << 16),
+            node: h.node,
+            deadline_ms: 0,
+        }
+        .encode(b"stale");
         assert_eq!(m2.set(key, item.flags, 0, &stale).unwrap(), "STORED");
     }
     for key in &keys[190..193] {
@@ -765,7 +758,13 @@ fn anti_entropy_repairs_what_replication_missed() {
         .as_millis() as u64;
     let extra: Vec<String> = (0..5).map(|i| format!("ae-extra-{i}")).collect();
     for (i, key) in extra.iter().enumerate() {
-        let raw = with_header(false, now_ms << 16, 2, 0, format!("extra-{i}").as_bytes());
+        let raw = Header {
+            tombstone: false,
+            ts: now_ms << 16,
+            node: 2,
+            deadline_ms: 0,
+        }
+        .encode(format!("extra-{i}").as_bytes());
         assert_eq!(m2.set(key, 9, 0, &raw).unwrap(), "STORED");
     }
     let damaged = Instant::now();

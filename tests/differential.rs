@@ -12,7 +12,8 @@
 
 mod common;
 
-use common::{Conn, Memcached, Memdial, text};
+use common::client::{Client, text};
+use common::procs::{Memcached, Memdial};
 
 /// One case: bytes to send, and whether the server closes afterwards.
 struct Case {
@@ -162,7 +163,7 @@ fn sentinel(i: usize) -> (Vec<u8>, Vec<u8>) {
 
 /// Runs the corpus against one server; returns each case's reply bytes.
 fn run(port: u16, normalize_cas: bool) -> Vec<Vec<u8>> {
-    let mut setup = Conn::open(port);
+    let mut setup = Client::connect(port);
     let mut replies = Vec::new();
     for (i, case) in corpus().into_iter().enumerate() {
         let mut input = case.input.clone();
@@ -170,7 +171,7 @@ fn run(port: u16, normalize_cas: bool) -> Vec<Vec<u8>> {
             let cas = current_cas(&mut setup, "cask");
             input.splice(at..at + 5, cas.bytes());
         }
-        let mut c = Conn::open(port);
+        let mut c = Client::connect(port);
         if case.closes {
             c.send(&input);
             let _ = c.stream.shutdown(std::net::Shutdown::Write);
@@ -179,7 +180,7 @@ fn run(port: u16, normalize_cas: bool) -> Vec<Vec<u8>> {
             let (marker, end) = sentinel(i);
             input.extend_from_slice(&marker);
             c.send(&input);
-            let mut reply = c.read_until_suffix(&end);
+            let mut reply = c.read_until(&end);
             reply.truncate(reply.len() - end.len());
             replies.push(if normalize_cas {
                 hide_cas(&reply)
@@ -195,8 +196,8 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn current_cas(c: &mut Conn, key: &str) -> String {
-    let reply = text(&c.call(format!("gets {key}\r\n").as_bytes(), b"END\r\n"));
+fn current_cas(c: &mut Client, key: &str) -> String {
+    let reply = text(&c.call(format!("gets {key}\r\n").as_bytes()));
     let header = reply.lines().next().unwrap_or_default();
     let parts: Vec<&str> = header.split(' ').collect();
     assert_eq!(parts.len(), 5, "gets {key}: {reply:?}");

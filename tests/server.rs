@@ -5,56 +5,36 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Conn, Memcached, Memdial, WAIT, free_port, memdial_bin, text};
+use common::client::{Client, http_get, metric, text};
+use common::procs::{
+    Memcached, Memdial, NodePorts, TempFile, WAIT, free_port, memdial_bin, proxy_yaml,
+};
 
-/// A YAML config in the temp dir, removed when dropped.
-struct ConfigFile(PathBuf);
-
-impl ConfigFile {
-    fn new(yaml: &str) -> ConfigFile {
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "memdial-server-test-{}-{}.yaml",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, yaml).expect("write temp config");
-        ConfigFile(path)
-    }
-
-    /// One node on free local ports, followed by `sections` (top-level YAML).
-    fn one_node(sections: &str) -> ConfigFile {
-        Self::new(&format!("{}{sections}", one_node_yaml()))
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// A config file of one node on free local ports, followed by `sections`
+/// (top-level YAML).
+fn one_node_config(sections: &str) -> TempFile {
+    TempFile::new("server-test", &format!("{}{sections}", one_node_yaml()))
 }
 
 fn one_node_yaml() -> String {
-    format!(
-        "nodes:\n  - id: 1\n    client: 127.0.0.1:{}\n    internal: 127.0.0.1:{}\n    admin: 127.0.0.1:{}\n",
-        free_port(),
-        free_port(),
-        free_port()
-    )
+    proxy_yaml("", &[(NodePorts::pick(1)[0], None)])
 }
 
 /// An embedded-store node with `sections` of config.
 fn node_with(sections: &str) -> Memdial {
-    let config = ConfigFile::one_node(sections);
+    let config = one_node_config(sections);
     // The file is read before the client port listens, so it may go after.
-    Memdial::serve_with_config(Some(&config.0), &["--node", "1", "--backend", "embedded"])
+    Memdial::serve_with_config(
+        Some(config.path()),
+        &["--node", "1", "--backend", "embedded"],
+    )
 }
 
 fn version_line() -> String {
@@ -72,17 +52,9 @@ fn poll_until(what: &str, mut check: impl FnMut() -> bool) {
 
 /// A new connection to `port` if it is served: it answers `version`.
 /// A refused connection (an error line, EOF or a reset) is `None`.
-fn served_connection(port: u16) -> Option<Conn> {
-    let mut conn = Conn::try_open(port)?;
-    conn.stream.write_all(b"version\r\n").ok()?;
-    let mut got = Vec::new();
-    let mut byte = [0u8; 1];
-    while !got.ends_with(b"\r\n") {
-        match conn.stream.read(&mut byte) {
-            Ok(1) => got.push(byte[0]),
-            _ => return None,
-        }
-    }
+fn served_connection(port: u16) -> Option<Client> {
+    let mut conn = Client::try_connect(port).ok()?;
+    let got = conn.try_call(b"version\r\n").ok()?;
     (text(&got) == version_line()).then_some(conn)
 }
 
@@ -90,53 +62,28 @@ fn new_connection_served(port: u16) -> bool {
     served_connection(port).is_some()
 }
 
-/// `stats [args]` parsed into (name, value) pairs, checking the framing.
-fn stats(conn: &mut Conn, args: &str) -> Vec<(String, String)> {
-    let cmd = if args.is_empty() {
-        "stats\r\n".to_string()
-    } else {
-        format!("stats {args}\r\n")
-    };
-    let reply = text(&conn.call(cmd.as_bytes(), b"END\r\n"));
-    let body = reply.strip_suffix("END\r\n").unwrap();
-    body.split_terminator("\r\n")
-        .map(|line| {
-            let rest = line
-                .strip_prefix("STAT ")
-                .unwrap_or_else(|| panic!("not a STAT line: {line:?} in {reply:?}"));
-            let (k, v) = rest
-                .split_once(' ')
-                .unwrap_or_else(|| panic!("STAT line without value: {line:?}"));
-            (k.to_string(), v.to_string())
-        })
-        .collect()
+/// `stats [args]` as name → value, checking the framing.
+fn stats(conn: &mut Client, args: &str) -> BTreeMap<String, String> {
+    conn.stats(args)
+        .unwrap_or_else(|e| panic!("stats {args}: {e}"))
 }
 
-fn stat<'a>(stats: &'a [(String, String)], name: &str) -> &'a str {
+fn stat<'a>(stats: &'a BTreeMap<String, String>, name: &str) -> &'a str {
     stats
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+        .get(name)
+        .map(String::as_str)
         .unwrap_or_else(|| panic!("no STAT {name} in {stats:?}"))
 }
 
-fn stat_u64(stats: &[(String, String)], name: &str) -> u64 {
+fn stat_u64(stats: &BTreeMap<String, String>, name: &str) -> u64 {
     let v = stat(stats, name);
     v.parse()
         .unwrap_or_else(|_| panic!("STAT {name} {v} is not a number"))
 }
 
-/// The value of the sample `series` (name and labels exactly as exported)
-/// in Prometheus text.
-fn sample(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| {
-            v.trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("{series} {v} is not a number"))
-        })
+/// GET `path` on the node's admin port; the body of its 200 answer.
+fn admin_get(node: &Memdial, path: &str) -> String {
+    http_get(node.admin_port, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
 /// The sum of every sample of metric `name`, whatever its labels.
@@ -154,8 +101,8 @@ fn connection_limit_refuses_the_extra_connection_until_one_closes() {
     let node = node_with("limits:\n  max_connections: 2\n");
     // The harness's readiness probe may hold a place until memdial sees it
     // closed, so the second connection is polled for.
-    let mut a = Conn::open(node.port);
-    assert_eq!(text(&a.call(b"version\r\n", b"\r\n")), version_line());
+    let mut a = Client::connect(node.port);
+    assert_eq!(text(&a.call(b"version\r\n")), version_line());
     let mut b = None;
     poll_until("a second connection served", || {
         b = served_connection(node.port);
@@ -163,17 +110,14 @@ fn connection_limit_refuses_the_extra_connection_until_one_closes() {
     });
     let mut b = b.unwrap();
 
-    let mut third = Conn::open(node.port);
+    let mut third = Client::connect(node.port);
     assert_eq!(
         text(&third.read_to_eof()),
         "ERROR Too many open connections\r\n"
     );
     // The refusal did not disturb the two served connections.
-    assert_eq!(text(&a.call(b"version\r\n", b"\r\n")), version_line());
-    assert_eq!(
-        text(&b.call(b"set k 0 0 1\r\nv\r\n", b"\r\n")),
-        "STORED\r\n"
-    );
+    assert_eq!(text(&a.call(b"version\r\n")), version_line());
+    assert_eq!(text(&b.call(b"set k 0 0 1\r\nv\r\n")), "STORED\r\n");
 
     drop(b);
     poll_until("a new connection served after one closed", || {
@@ -189,7 +133,7 @@ fn connection_limit_refuses_the_extra_connection_until_one_closes() {
 #[test]
 fn overlong_line_without_newline_is_refused_and_closed() {
     let node = Memdial::embedded();
-    let mut conn = Conn::open(node.port);
+    let mut conn = Client::connect(node.port);
     // Longer than max_line_bytes (2048) and no `\n`: memdial must not wait
     // for the rest of the line.
     let mut line = b"set ".to_vec();
@@ -203,16 +147,16 @@ fn overlong_line_without_newline_is_refused_and_closed() {
 #[test]
 fn long_get_line_is_answered() {
     let node = Memdial::embedded();
-    let mut conn = Conn::open(node.port);
+    let mut conn = Client::connect(node.port);
     let keys: Vec<String> = (0..300).map(|i| format!("key-{i:016}")).collect();
     assert!(keys.iter().all(|k| k.len() == 20));
     for k in [&keys[7], &keys[250]] {
         let set = format!("set {k} 3 0 2\r\nok\r\n");
-        assert_eq!(text(&conn.call(set.as_bytes(), b"\r\n")), "STORED\r\n");
+        assert_eq!(text(&conn.call(set.as_bytes())), "STORED\r\n");
     }
     let get = format!("get {}\r\n", keys.join(" "));
     assert!(get.len() > 6000, "{}", get.len());
-    let reply = text(&conn.call(get.as_bytes(), b"END\r\n"));
+    let reply = text(&conn.call(get.as_bytes()));
     assert_eq!(
         reply,
         format!(
@@ -220,7 +164,7 @@ fn long_get_line_is_answered() {
             keys[7], keys[250]
         )
     );
-    assert_eq!(text(&conn.call(b"version\r\n", b"\r\n")), version_line());
+    assert_eq!(text(&conn.call(b"version\r\n")), version_line());
 }
 
 // 3. Value size.
@@ -228,23 +172,20 @@ fn long_get_line_is_answered() {
 #[test]
 fn value_over_item_size_max_is_refused_and_the_connection_survives() {
     let node = Memdial::embedded();
-    let mut conn = Conn::open(node.port);
+    let mut conn = Client::connect(node.port);
     let mut req = b"set k 0 0 2000000\r\n".to_vec();
     req.extend(std::iter::repeat_n(b'x', 2_000_000));
     req.extend_from_slice(b"\r\n");
     conn.send(&req);
     assert_eq!(
-        text(&conn.read_until_suffix(b"\r\n")),
+        text(&conn.read_reply().expect("reply")),
         "SERVER_ERROR object too large for cache\r\n"
     );
     // The 2 MB data block was skipped, not parsed as commands.
-    assert_eq!(text(&conn.call(b"get k\r\n", b"END\r\n")), "END\r\n");
+    assert_eq!(text(&conn.call(b"get k\r\n")), "END\r\n");
+    assert_eq!(text(&conn.call(b"set k 0 0 3\r\nabc\r\n")), "STORED\r\n");
     assert_eq!(
-        text(&conn.call(b"set k 0 0 3\r\nabc\r\n", b"\r\n")),
-        "STORED\r\n"
-    );
-    assert_eq!(
-        text(&conn.call(b"get k\r\n", b"END\r\n")),
+        text(&conn.call(b"get k\r\n")),
         "VALUE k 0 3\r\nabc\r\nEND\r\n"
     );
 }
@@ -252,20 +193,20 @@ fn value_over_item_size_max_is_refused_and_the_connection_survives() {
 #[test]
 fn item_size_max_is_configurable() {
     let node = node_with("limits:\n  item_size_max: 1000\n");
-    let mut conn = Conn::open(node.port);
+    let mut conn = Client::connect(node.port);
     assert_eq!(stat(&stats(&mut conn, "settings"), "item_size_max"), "1000");
 
     let fits = "a".repeat(1000);
     let set = format!("set k 0 0 1000\r\n{fits}\r\n");
-    assert_eq!(text(&conn.call(set.as_bytes(), b"\r\n")), "STORED\r\n");
+    assert_eq!(text(&conn.call(set.as_bytes())), "STORED\r\n");
     let over = "b".repeat(1001);
     let set = format!("set k2 0 0 1001\r\n{over}\r\n");
     assert_eq!(
-        text(&conn.call(set.as_bytes(), b"\r\n")),
+        text(&conn.call(set.as_bytes())),
         "SERVER_ERROR object too large for cache\r\n"
     );
     assert_eq!(
-        text(&conn.call(b"get k k2\r\n", b"END\r\n")),
+        text(&conn.call(b"get k k2\r\n")),
         format!("VALUE k 0 1000\r\n{fits}\r\nEND\r\n")
     );
 }
@@ -275,7 +216,7 @@ fn item_size_max_is_configurable() {
 #[test]
 fn pipelined_requests_beyond_the_depth_are_all_answered_in_order() {
     let node = node_with("limits:\n  max_pipeline_depth: 4\n");
-    let mut conn = Conn::open(node.port);
+    let mut conn = Client::connect(node.port);
     let (mut request, mut expected) = (String::new(), String::new());
     // 50 set/get pairs = 100 requests; each get also asks for the previous
     // key, so a reply out of order or from the wrong batch shows.
@@ -299,7 +240,7 @@ fn pipelined_requests_beyond_the_depth_are_all_answered_in_order() {
     }
     assert_eq!(got, expected);
     // Nothing more was sent than those replies.
-    assert_eq!(text(&conn.call(b"version\r\n", b"\r\n")), version_line());
+    assert_eq!(text(&conn.call(b"version\r\n")), version_line());
 }
 
 // 5. Keys per get.
@@ -307,17 +248,14 @@ fn pipelined_requests_beyond_the_depth_are_all_answered_in_order() {
 #[test]
 fn get_with_more_keys_than_the_limit_is_refused() {
     let node = node_with("limits:\n  max_keys_per_get: 3\n");
-    let mut conn = Conn::open(node.port);
+    let mut conn = Client::connect(node.port);
+    assert_eq!(text(&conn.call(b"set a 0 0 1\r\n1\r\n")), "STORED\r\n");
     assert_eq!(
-        text(&conn.call(b"set a 0 0 1\r\n1\r\n", b"\r\n")),
-        "STORED\r\n"
-    );
-    assert_eq!(
-        text(&conn.call(b"get a b c d\r\n", b"\r\n")),
+        text(&conn.call(b"get a b c d\r\n")),
         "CLIENT_ERROR bad command line format\r\n"
     );
     assert_eq!(
-        text(&conn.call(b"get a b c\r\n", b"END\r\n")),
+        text(&conn.call(b"get a b c\r\n")),
         "VALUE a 0 1\r\n1\r\nEND\r\n"
     );
 }
@@ -327,9 +265,9 @@ fn get_with_more_keys_than_the_limit_is_refused() {
 #[test]
 fn idle_connection_is_closed_and_a_busy_one_is_not() {
     let node = node_with("timeouts:\n  idle_timeout_ms: 300\n");
-    let mut idle = Conn::open(node.port);
-    let mut busy = Conn::open(node.port);
-    assert_eq!(text(&idle.call(b"version\r\n", b"\r\n")), version_line());
+    let mut idle = Client::connect(node.port);
+    let mut busy = Client::connect(node.port);
+    assert_eq!(text(&idle.call(b"version\r\n")), version_line());
     let idle_since = Instant::now();
     let idle_thread = std::thread::spawn(move || {
         let rest = idle.read_to_eof();
@@ -338,7 +276,7 @@ fn idle_connection_is_closed_and_a_busy_one_is_not() {
     // Four times the timeout, never silent for more than a third of it.
     let start = Instant::now();
     while start.elapsed() < Duration::from_millis(1200) {
-        assert_eq!(text(&busy.call(b"version\r\n", b"\r\n")), version_line());
+        assert_eq!(text(&busy.call(b"version\r\n")), version_line());
         std::thread::sleep(Duration::from_millis(100));
     }
     let (rest, closed_after) = idle_thread.join().unwrap();
@@ -347,7 +285,7 @@ fn idle_connection_is_closed_and_a_busy_one_is_not() {
         closed_after >= Duration::from_millis(250) && closed_after < Duration::from_secs(5),
         "idle connection closed after {closed_after:?}"
     );
-    assert_eq!(text(&busy.call(b"version\r\n", b"\r\n")), version_line());
+    assert_eq!(text(&busy.call(b"version\r\n")), version_line());
 }
 
 // 7. Graceful shutdown.
@@ -356,8 +294,8 @@ fn idle_connection_is_closed_and_a_busy_one_is_not() {
 fn sigterm_closes_idle_clients_stops_accepting_and_exits_cleanly() {
     let mut node = Memdial::embedded();
     let port = node.port;
-    let mut conn = Conn::open(port);
-    assert_eq!(text(&conn.call(b"version\r\n", b"\r\n")), version_line());
+    let mut conn = Client::connect(port);
+    assert_eq!(text(&conn.call(b"version\r\n")), version_line());
     node.signal("TERM");
     assert_eq!(text(&conn.read_to_eof()), "", "idle client sees EOF");
     // The port stops accepting: a connect fails, or is closed unserved.
@@ -378,9 +316,7 @@ fn requests_sent_before_sigterm_are_answered() {
     // requests memdial executed.
     let memcached = Memcached::start();
     let mut node = Memdial::over(&memcached);
-    let stream = TcpStream::connect(("127.0.0.1", node.port)).unwrap();
-    stream.set_nodelay(true).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let stream = Client::connect(node.port).stream;
     // Large enough to be read in many chunks, so SIGTERM is likely to come
     // while part of it is still unread in the socket.
     const N: usize = 20_000;
@@ -409,16 +345,14 @@ fn requests_sent_before_sigterm_are_answered() {
     let status = node.wait_exit();
 
     let replies = got.windows(8).filter(|w| *w == b"STORED\r\n").count();
-    let mut direct = Conn::open(memcached.port);
+    let mut direct = Client::connect(memcached.port);
     let executed: usize = (0..N)
         .collect::<Vec<_>>()
         .chunks(100)
         .map(|chunk| {
             let keys: Vec<String> = chunk.iter().map(|i| format!("s{i}")).collect();
             let get = format!("get {}\r\n", keys.join(" "));
-            text(&direct.call(get.as_bytes(), b"END\r\n"))
-                .matches("VALUE ")
-                .count()
+            text(&direct.call(get.as_bytes())).matches("VALUE ").count()
         })
         .sum();
     assert!(
@@ -438,23 +372,20 @@ fn backend_outage_answers_server_error_and_the_same_connection_recovers() {
     let mut memcached = Memcached::start();
     let backend_port = memcached.port;
     let node = Memdial::over(&memcached);
-    let mut conn = Conn::open(node.port);
-    assert_eq!(
-        text(&conn.call(b"set k 0 0 1\r\na\r\n", b"\r\n")),
-        "STORED\r\n"
-    );
+    let mut conn = Client::connect(node.port);
+    assert_eq!(text(&conn.call(b"set k 0 0 1\r\na\r\n")), "STORED\r\n");
 
     memcached.kill();
-    let reply = text(&conn.call(b"get k\r\n", b"\r\n"));
+    let reply = text(&conn.call(b"get k\r\n"));
     assert!(reply.starts_with("SERVER_ERROR"), "{reply:?}");
     // Still open and still parsing.
-    assert_eq!(text(&conn.call(b"version\r\n", b"\r\n")), version_line());
-    let reply = text(&conn.call(b"set k 0 0 1\r\nb\r\n", b"\r\n"));
+    assert_eq!(text(&conn.call(b"version\r\n")), version_line());
+    let reply = text(&conn.call(b"set k 0 0 1\r\nb\r\n"));
     assert!(reply.starts_with("SERVER_ERROR"), "{reply:?}");
 
     let _memcached = Memcached::start_on(backend_port);
     poll_until("set through memdial after memcached restarted", || {
-        let reply = text(&conn.call(b"set k 0 0 1\r\nc\r\n", b"\r\n"));
+        let reply = text(&conn.call(b"set k 0 0 1\r\nc\r\n"));
         assert!(
             reply == "STORED\r\n" || reply.starts_with("SERVER_ERROR"),
             "{reply:?}"
@@ -462,7 +393,7 @@ fn backend_outage_answers_server_error_and_the_same_connection_recovers() {
         reply == "STORED\r\n"
     });
     assert_eq!(
-        text(&conn.call(b"get k\r\n", b"END\r\n")),
+        text(&conn.call(b"get k\r\n")),
         "VALUE k 0 1\r\nc\r\nEND\r\n"
     );
 }
@@ -472,13 +403,10 @@ fn backend_outage_answers_server_error_and_the_same_connection_recovers() {
 #[test]
 fn stats_count_like_memcached_and_reset() {
     let node = Memdial::embedded();
-    let mut conn = Conn::open(node.port);
+    let mut conn = Client::connect(node.port);
+    assert_eq!(text(&conn.call(b"set a 0 0 1\r\n1\r\n")), "STORED\r\n");
     assert_eq!(
-        text(&conn.call(b"set a 0 0 1\r\n1\r\n", b"\r\n")),
-        "STORED\r\n"
-    );
-    assert_eq!(
-        text(&conn.call(b"get a b\r\n", b"END\r\n")),
+        text(&conn.call(b"get a b\r\n")),
         "VALUE a 0 1\r\n1\r\nEND\r\n"
     );
 
@@ -495,7 +423,7 @@ fn stats_count_like_memcached_and_reset() {
     let settings = stats(&mut conn, "settings");
     assert_eq!(stat(&settings, "item_size_max"), "1048576");
 
-    assert_eq!(text(&conn.call(b"stats reset\r\n", b"\r\n")), "RESET\r\n");
+    assert_eq!(text(&conn.call(b"stats reset\r\n")), "RESET\r\n");
     let s = stats(&mut conn, "");
     for name in ["cmd_get", "get_hits", "get_misses", "cmd_set"] {
         assert_eq!(stat_u64(&s, name), 0, "{name} after stats reset");
@@ -503,7 +431,7 @@ fn stats_count_like_memcached_and_reset() {
     assert!(stat_u64(&s, "curr_connections") >= 1, "a gauge, not reset");
     // Counting goes on from the reset.
     assert_eq!(
-        text(&conn.call(b"get a\r\n", b"END\r\n")),
+        text(&conn.call(b"get a\r\n")),
         "VALUE a 0 1\r\n1\r\nEND\r\n"
     );
     let s = stats(&mut conn, "");
@@ -515,9 +443,9 @@ fn stats_count_like_memcached_and_reset() {
 #[test]
 fn stats_bogus_is_an_error_and_version_names_memdial() {
     let node = Memdial::embedded();
-    let mut conn = Conn::open(node.port);
-    assert_eq!(text(&conn.call(b"stats bogus\r\n", b"\r\n")), "ERROR\r\n");
-    assert_eq!(text(&conn.call(b"version\r\n", b"\r\n")), version_line());
+    let mut conn = Client::connect(node.port);
+    assert_eq!(text(&conn.call(b"stats bogus\r\n")), "ERROR\r\n");
+    assert_eq!(text(&conn.call(b"version\r\n")), version_line());
 }
 
 // 10. /metrics and /health.
@@ -525,23 +453,20 @@ fn stats_bogus_is_an_error_and_version_names_memdial() {
 #[test]
 fn metrics_count_requests_and_health_answers_ok() {
     let node = Memdial::embedded();
-    let mut conn = Conn::open(node.port);
-    assert_eq!(
-        text(&conn.call(b"set a 0 0 1\r\n1\r\n", b"\r\n")),
-        "STORED\r\n"
-    );
+    let mut conn = Client::connect(node.port);
+    assert_eq!(text(&conn.call(b"set a 0 0 1\r\n1\r\n")), "STORED\r\n");
     for _ in 0..3 {
         assert_eq!(
-            text(&conn.call(b"get a\r\n", b"END\r\n")),
+            text(&conn.call(b"get a\r\n")),
             "VALUE a 0 1\r\n1\r\nEND\r\n"
         );
     }
     for _ in 0..2 {
-        assert_eq!(text(&conn.call(b"get nope\r\n", b"END\r\n")), "END\r\n");
+        assert_eq!(text(&conn.call(b"get nope\r\n")), "END\r\n");
     }
 
-    let body = node.http_get("/metrics");
-    let series = |s: &str| sample(&body, s).unwrap_or_else(|| panic!("no {s} in\n{body}"));
+    let body = admin_get(&node, "/metrics");
+    let series = |s: &str| metric(&body, s).unwrap_or_else(|| panic!("no {s} in\n{body}"));
     assert_eq!(
         series("memdial_requests_total{command=\"get\",outcome=\"hit\"}"),
         3.0
@@ -563,19 +488,16 @@ fn metrics_count_requests_and_health_answers_ok() {
         body.contains("memdial_request_duration_seconds_bucket{command=\"get\",le=\"0.001\"}"),
         "{body}"
     );
-    assert_eq!(node.http_get("/health").trim(), "ok");
+    assert_eq!(admin_get(&node, "/health").trim(), "ok");
 }
 
 #[test]
 fn metrics_show_backend_errors_and_pool_after_an_outage() {
     let mut memcached = Memcached::start();
     let node = Memdial::over(&memcached);
-    let mut conn = Conn::open(node.port);
-    assert_eq!(
-        text(&conn.call(b"set k 0 0 1\r\na\r\n", b"\r\n")),
-        "STORED\r\n"
-    );
-    let before = node.http_get("/metrics");
+    let mut conn = Client::connect(node.port);
+    assert_eq!(text(&conn.call(b"set k 0 0 1\r\na\r\n")), "STORED\r\n");
+    let before = admin_get(&node, "/metrics");
     assert_eq!(
         sum_samples(&before, "memdial_backend_errors_total"),
         0.0,
@@ -583,16 +505,16 @@ fn metrics_show_backend_errors_and_pool_after_an_outage() {
     );
 
     memcached.kill();
-    let reply = text(&conn.call(b"get k\r\n", b"\r\n"));
+    let reply = text(&conn.call(b"get k\r\n"));
     assert!(reply.starts_with("SERVER_ERROR"), "{reply:?}");
 
-    let body = node.http_get("/metrics");
+    let body = admin_get(&node, "/metrics");
     assert!(
         sum_samples(&body, "memdial_backend_errors_total") > 0.0,
         "{body}"
     );
     assert_eq!(
-        sample(&body, "memdial_backend_pool_connections{state=\"max\"}"),
+        metric(&body, "memdial_backend_pool_connections{state=\"max\"}"),
         Some(16.0),
         "{body}"
     );
@@ -615,13 +537,13 @@ fn repo_proxy_yaml_serves_node_2() {
             &format!("127.0.0.1:{}", free_port()),
         ],
     );
-    let mut conn = Conn::open(node.port);
+    let mut conn = Client::connect(node.port);
     assert_eq!(
-        text(&conn.call(b"set from-proxy 0 0 2\r\nhi\r\n", b"\r\n")),
+        text(&conn.call(b"set from-proxy 0 0 2\r\nhi\r\n")),
         "STORED\r\n"
     );
     assert_eq!(
-        text(&conn.call(b"get from-proxy\r\n", b"END\r\n")),
+        text(&conn.call(b"get from-proxy\r\n")),
         "VALUE from-proxy 0 2\r\nhi\r\nEND\r\n"
     );
     // It is node 2, and the data is in the memcached given by --backend.
@@ -630,8 +552,8 @@ fn repo_proxy_yaml_serves_node_2() {
     assert_eq!(stat(&s, "memdial_backend"), "memcached");
     // With three nodes the eventual pipeline stores a versioned record
     // (src/consistency/record.rs) whose data ends with the value.
-    let mut direct = Conn::open(memcached.port);
-    let raw = text(&direct.call(b"get from-proxy\r\n", b"END\r\n"));
+    let mut direct = Client::connect(memcached.port);
+    let raw = text(&direct.call(b"get from-proxy\r\n"));
     assert!(
         raw.starts_with("VALUE from-proxy ") && raw.ends_with("hi\r\nEND\r\n"),
         "{raw:?}"
@@ -641,11 +563,11 @@ fn repo_proxy_yaml_serves_node_2() {
 /// Runs `memdial serve --config` on `yaml`; returns (exited, success, stderr).
 /// A process still running after `WAIT` is killed and reported as not exited.
 fn serve_config(yaml: &str) -> (bool, bool, String) {
-    let config = ConfigFile::new(yaml);
+    let config = TempFile::new("server-test", yaml);
     let mut child = Command::new(memdial_bin())
         .arg("serve")
         .arg("--config")
-        .arg(&config.0)
+        .arg(config.path())
         .args(["--listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--admin", &format!("127.0.0.1:{}", free_port())])
         .env("RUST_LOG", "warn")
@@ -726,7 +648,7 @@ impl Rng {
 #[test]
 fn garbage_lines_get_error_lines_and_the_connection_stays() {
     let node = Memdial::embedded();
-    let mut conn = Conn::open(node.port);
+    let mut conn = Client::connect(node.port);
     for seed in [1u64, 0xdead_beef, 0x1234_5678_9abc] {
         let mut rng = Rng(seed);
         let lines = 40;
@@ -740,7 +662,11 @@ fn garbage_lines_get_error_lines_and_the_connection_stays() {
             burst.extend_from_slice(b"\r\n");
         }
         burst.extend_from_slice(b"version\r\n");
-        let reply = text(&conn.call(&burst, version_line().as_bytes()));
+        conn.send(&burst);
+        let mut reply = String::new();
+        while !reply.ends_with(&version_line()) {
+            reply += &text(&conn.read_reply().expect("reply"));
+        }
         let errors: Vec<&str> = reply
             .strip_suffix(&version_line())
             .unwrap()
@@ -754,10 +680,7 @@ fn garbage_lines_get_error_lines_and_the_connection_stays() {
             );
         }
     }
-    assert_eq!(
-        text(&conn.call(b"set k 0 0 1\r\nv\r\n", b"\r\n")),
-        "STORED\r\n"
-    );
+    assert_eq!(text(&conn.call(b"set k 0 0 1\r\nv\r\n")), "STORED\r\n");
 }
 
 // A get of many keys is answered in parts (memdial holds at most 64 values
@@ -766,7 +689,7 @@ fn garbage_lines_get_error_lines_and_the_connection_stays() {
 fn a_get_of_many_large_values_is_answered_whole_and_in_order() {
     let memcached = Memcached::start();
     for node in [Memdial::embedded(), Memdial::over(&memcached)] {
-        let mut conn = Conn::open(node.port);
+        let mut conn = Client::connect(node.port);
         let value = |i: usize| format!("{i:06}").repeat(100_000 / 6);
         let kept: Vec<usize> = (0..200).filter(|i| i % 7 != 0).collect();
         let mut sets = Vec::new();
@@ -790,6 +713,6 @@ fn a_get_of_many_large_values_is_answered_whole_and_in_order() {
             got == expected.as_bytes(),
             "the reply differs from the values stored, in order"
         );
-        assert!(text(&conn.call(b"version\r\n", b"\r\n")).starts_with("VERSION"));
+        assert!(text(&conn.call(b"version\r\n")).starts_with("VERSION"));
     }
 }

@@ -1,259 +1,30 @@
-//! Cluster harness: N memdial processes started from one config file per
-//! node, an optional real memcached behind each, optional TCP relays between
-//! every directed pair of peers (for partitions), replica dumps taken
-//! straight from each memcached, and a convergence check that compares them.
-//!
-//! Declared from a test file next to `mod common;` as
-//! `#[path = "common/cluster.rs"] mod cluster_harness;`.
-#![allow(dead_code)] // each test uses part of the harness
+//! Cluster harness: a [`TestCluster`] of memdial nodes started from
+//! generated configs ([`MemdialCluster`]), an optional real memcached behind
+//! each, optional TCP relays between every directed pair of peers (for
+//! partitions), replica dumps taken straight from each memcached, and a
+//! convergence check that compares them.
+#![allow(dead_code)] // each test binary uses a different part of the harness
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::common::{Memcached, free_port, memdial_bin, wait_for_port};
+use super::client::{Client, http_get};
+use super::procs::{Memcached, MemdialCluster, NodePorts, proxy_yaml};
+use super::record::{HEADER_BYTES, Header};
 
 /// How long a cluster may take to come up (every peer `up` on every node).
 pub const UP_WAIT: Duration = Duration::from_secs(20);
 /// The longest a test accepts for replicas to converge.
 pub const CONVERGE_WAIT: Duration = Duration::from_secs(15);
-/// Read timeout of every harness connection.
-const IO_WAIT: Duration = Duration::from_secs(10);
-/// Size of the memdial header in front of every stored value.
-pub const HEADER_BYTES: usize = 25;
 
 /// Sleeps between polls. Never used to wait for readiness by itself: every
 /// caller re-checks a condition and has a deadline.
 pub fn poll_pause() {
     std::thread::sleep(Duration::from_millis(50));
-}
-
-// ---------------------------------------------------------------------------
-// A memcached text-protocol client that frames replies properly.
-
-pub type Values = BTreeMap<Vec<u8>, (u32, Vec<u8>)>;
-
-pub struct Client {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-fn other(msg: impl Into<String>) -> io::Error {
-    io::Error::other(msg.into())
-}
-
-impl Client {
-    pub fn connect(port: u16) -> Client {
-        Client::try_connect(port).unwrap_or_else(|e| panic!("connect to 127.0.0.1:{port}: {e}"))
-    }
-
-    pub fn try_connect(port: u16) -> io::Result<Client> {
-        let stream = TcpStream::connect(("127.0.0.1", port))?;
-        stream.set_read_timeout(Some(IO_WAIT))?;
-        stream.set_write_timeout(Some(IO_WAIT))?;
-        stream.set_nodelay(true)?;
-        Ok(Client {
-            stream,
-            buf: Vec::new(),
-        })
-    }
-
-    fn fill(&mut self) -> io::Result<()> {
-        let mut chunk = [0u8; 65536];
-        let n = self.stream.read(&mut chunk)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("closed; have {:?}", String::from_utf8_lossy(&self.buf)),
-            ));
-        }
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(())
-    }
-
-    /// One line without its `\r\n`.
-    fn line(&mut self) -> io::Result<Vec<u8>> {
-        loop {
-            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let line = self.buf[..i].to_vec();
-                self.buf.drain(..i + 2);
-                return Ok(line);
-            }
-            self.fill()?;
-        }
-    }
-
-    fn take(&mut self, n: usize) -> io::Result<Vec<u8>> {
-        while self.buf.len() < n {
-            self.fill()?;
-        }
-        Ok(self.buf.drain(..n).collect())
-    }
-
-    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.write_all(bytes)
-    }
-
-    /// Sends a request answered by one line; returns that line.
-    pub fn one_line(&mut self, request: &[u8]) -> io::Result<String> {
-        self.send(request)?;
-        Ok(String::from_utf8_lossy(&self.line()?).into_owned())
-    }
-
-    pub fn set(&mut self, key: &str, flags: u32, exptime: i64, value: &[u8]) -> io::Result<String> {
-        let mut req = format!("set {key} {flags} {exptime} {}\r\n", value.len()).into_bytes();
-        req.extend_from_slice(value);
-        req.extend_from_slice(b"\r\n");
-        self.one_line(&req)
-    }
-
-    pub fn delete(&mut self, key: &str) -> io::Result<String> {
-        self.one_line(format!("delete {key}\r\n").as_bytes())
-    }
-
-    pub fn incr(&mut self, key: &str, delta: u64) -> io::Result<String> {
-        self.one_line(format!("incr {key} {delta}\r\n").as_bytes())
-    }
-
-    /// `get` of many keys in batches; returns what was found.
-    pub fn get_many<K: AsRef<[u8]>>(&mut self, keys: &[K]) -> io::Result<Values> {
-        let mut out = BTreeMap::new();
-        for batch in keys.chunks(50) {
-            let mut req = b"get".to_vec();
-            for k in batch {
-                req.push(b' ');
-                req.extend_from_slice(k.as_ref());
-            }
-            req.extend_from_slice(b"\r\n");
-            self.send(&req)?;
-            loop {
-                let line = self.line()?;
-                if line == b"END" {
-                    break;
-                }
-                let text = String::from_utf8_lossy(&line).into_owned();
-                let parts: Vec<&str> = text.split(' ').collect();
-                if parts.len() < 4 || parts[0] != "VALUE" {
-                    return Err(other(format!("unexpected get reply line {text:?}")));
-                }
-                let flags: u32 = parts[2].parse().map_err(|_| other(text.clone()))?;
-                let len: usize = parts[3].parse().map_err(|_| other(text.clone()))?;
-                let mut data = self.take(len + 2)?;
-                if !data.ends_with(b"\r\n") {
-                    return Err(other(format!("value of {} not followed by CRLF", parts[1])));
-                }
-                data.truncate(len);
-                out.insert(parts[1].as_bytes().to_vec(), (flags, data));
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn get(&mut self, key: &str) -> io::Result<Option<(u32, Vec<u8>)>> {
-        Ok(self.get_many(&[key])?.remove(key.as_bytes()))
-    }
-
-    /// Lines up to `END` (exclusive), for `stats`.
-    /// Stops early at a line starting with one of `early`.
-    fn lines_until_end(&mut self, request: &[u8], early: &[&str]) -> io::Result<Vec<String>> {
-        self.send(request)?;
-        let mut out = Vec::new();
-        loop {
-            let line = String::from_utf8_lossy(&self.line()?).into_owned();
-            if line == "END" {
-                return Ok(out);
-            }
-            let stop = early.iter().any(|e| line.starts_with(e));
-            out.push(line);
-            if stop {
-                return Ok(out);
-            }
-        }
-    }
-
-    /// `lru_crawler metadump <what>` (`all`, `hash`): its lines end in a
-    /// bare `\n`, only the final `END` in `\r\n`. Returns the lines (without
-    /// `END`), or the one line of a refusal (`BUSY ...`, `ERROR ...`).
-    pub fn metadump(&mut self, what: &str) -> io::Result<Vec<String>> {
-        self.send(format!("lru_crawler metadump {what}\r\n").as_bytes())?;
-        loop {
-            let refusal = ["BUSY", "ERROR", "CLIENT_ERROR", "SERVER_ERROR"]
-                .iter()
-                .any(|r| self.buf.starts_with(r.as_bytes()));
-            if refusal && let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let line = String::from_utf8_lossy(&self.buf[..i]).into_owned();
-                self.buf.drain(..i + 2);
-                return Ok(vec![line]);
-            }
-            if self.buf == b"END\r\n" || self.buf.ends_with(b"\nEND\r\n") {
-                let all = std::mem::take(&mut self.buf);
-                return Ok(all[..all.len() - 5]
-                    .split(|&b| b == b'\n')
-                    .map(|l| {
-                        String::from_utf8_lossy(l.strip_suffix(b"\r").unwrap_or(l)).into_owned()
-                    })
-                    .filter(|l| !l.is_empty())
-                    .collect());
-            }
-            self.fill()?;
-        }
-    }
-
-    /// `stats <section>` as name → value.
-    pub fn stats(&mut self, section: &str) -> io::Result<BTreeMap<String, String>> {
-        let req = if section.is_empty() {
-            "stats\r\n".to_string()
-        } else {
-            format!("stats {section}\r\n")
-        };
-        let lines =
-            self.lines_until_end(req.as_bytes(), &["ERROR", "CLIENT_ERROR", "SERVER_ERROR"])?;
-        let mut out = BTreeMap::new();
-        for l in lines {
-            let Some(rest) = l.strip_prefix("STAT ") else {
-                return Err(other(format!("unexpected stats line {l:?}")));
-            };
-            let (name, value) = rest.split_once(' ').unwrap_or((rest, ""));
-            out.insert(name.to_string(), value.to_string());
-        }
-        Ok(out)
-    }
-}
-
-/// GET on an HTTP port; returns the body of a 200 answer.
-pub fn http_get(port: u16, path: &str) -> io::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(IO_WAIT))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let (head, body) = out
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| other("no HTTP header end"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(other(format!("HTTP answer {head:?}")));
-    }
-    Ok(body.to_string())
-}
-
-/// The value of one sample in Prometheus text, e.g.
-/// `metric(text, "memdial_peer_up{peer=\"2\"}")`.
-pub fn metric(text: &str, sample: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        l.strip_prefix(sample)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
 }
 
 // ---------------------------------------------------------------------------
@@ -398,28 +169,10 @@ pub struct Item {
     pub exp: i64,
 }
 
-/// memdial's header, decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Header {
-    pub tombstone: bool,
-    pub ts: u64,
-    pub node: u32,
-    pub deadline_ms: u64,
-}
-
 impl Item {
+    /// memdial's header in front of the data; `None` without one.
     pub fn header(&self) -> Option<Header> {
-        let h = self
-            .raw
-            .get(..HEADER_BYTES)
-            .filter(|h| h.starts_with(b"MDv1"))?;
-        let u64_at = |i: usize| u64::from_be_bytes(h[i..i + 8].try_into().unwrap());
-        Some(Header {
-            tombstone: h[4] == 1,
-            ts: u64_at(5),
-            node: u32::from_be_bytes(h[13..17].try_into().unwrap()),
-            deadline_ms: u64_at(17),
-        })
+        Header::decode(&self.raw)
     }
 
     /// The client's data (after the header).
@@ -608,28 +361,65 @@ pub struct ClusterOpts {
     pub anti_entropy_interval_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct NodePorts {
-    pub client: u16,
-    pub internal: u16,
-    pub admin: u16,
-}
-
 pub struct TestCluster {
     pub n: usize,
-    dir: PathBuf,
-    ports: Vec<NodePorts>,
-    configs: Vec<PathBuf>,
-    procs: Vec<Option<Child>>,
+    nodes: MemdialCluster,
     memcacheds: Vec<Option<Memcached>>,
     /// (from, to) → the relay `from` dials to reach `to`.
     relays: BTreeMap<(usize, usize), Relay>,
-    anti_entropy_interval_ms: Option<u64>,
 }
 
 pub const SECRET: &str = "test-secret-0123456789";
 
-static CLUSTERS: AtomicU64 = AtomicU64::new(0);
+/// A relay for every directed pair of the nodes on `ports`.
+fn relays_between(ports: &[NodePorts]) -> BTreeMap<(usize, usize), Relay> {
+    let n = ports.len();
+    let mut relays = BTreeMap::new();
+    for from in 1..=n {
+        for to in (1..=n).filter(|&to| to != from) {
+            let target = SocketAddr::from(([127, 0, 0, 1], ports[to - 1].internal));
+            relays.insert((from, to), Relay::start(target));
+        }
+    }
+    relays
+}
+
+/// Node `me`'s config: fast failure detection, and peers reached through
+/// their relays when there are relays.
+fn config_yaml(
+    me: usize,
+    ports: &[NodePorts],
+    relays: &BTreeMap<(usize, usize), Relay>,
+    memcacheds: &[Option<Memcached>],
+    opts: &ClusterOpts,
+) -> String {
+    let secret = opts
+        .secrets
+        .iter()
+        .find(|(id, _)| *id == me)
+        .map_or(SECRET, |(_, s)| s.as_str());
+    let mut cluster = format!(
+        "  name: memdial-test\n  secret: \"{secret}\"\n  consistency: eventual\n  \
+         heartbeat_interval_ms: 100\n  suspect_after_ms: 500\n  down_after_ms: 1500\n  \
+         reconnect_max_ms: 300\n  store_check_interval_ms: 300\n"
+    );
+    if let Some(ms) = opts.anti_entropy_interval_ms {
+        cluster += &format!("  anti_entropy_interval_ms: {ms}\n");
+    }
+    let nodes: Vec<(NodePorts, Option<String>)> = ports
+        .iter()
+        .zip(memcacheds)
+        .enumerate()
+        .map(|(j, (p, m))| {
+            let mut p = *p;
+            if let Some(r) = relays.get(&(me, j + 1)) {
+                p.internal = r.port;
+            }
+            (p, m.as_ref().map(Memcached::addr))
+        })
+        .collect();
+    proxy_yaml(&cluster, &nodes)
+}
 
 impl TestCluster {
     /// Starts `n` nodes and waits until every node has every peer `up`.
@@ -639,123 +429,38 @@ impl TestCluster {
         c
     }
 
-    /// Starts `n` nodes and waits only for their client ports.
+    /// Starts `n` nodes and waits only until each listens on its ports.
     pub fn start_unchecked(n: usize, opts: ClusterOpts) -> TestCluster {
         assert!(n >= 2, "a cluster has at least 2 nodes");
-        let unique = format!(
-            "memdial-cluster-{}-{}-{}",
-            std::process::id(),
-            CLUSTERS.fetch_add(1, Ordering::SeqCst),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        );
-        let dir = std::env::temp_dir().join(unique);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        let mut taken = BTreeSet::new();
-        let mut port = || loop {
-            let p = free_port();
-            if taken.insert(p) {
-                return p;
-            }
-        };
-        let ports: Vec<NodePorts> = (0..n)
-            .map(|_| NodePorts {
-                client: port(),
-                internal: port(),
-                admin: port(),
-            })
-            .collect();
         let memcacheds: Vec<Option<Memcached>> = (0..n)
             .map(|_| opts.memcached.then(Memcached::start))
             .collect();
         let mut relays = BTreeMap::new();
-        if opts.relays {
-            for from in 1..=n {
-                for to in 1..=n {
-                    if from != to {
-                        let target = SocketAddr::from(([127, 0, 0, 1], ports[to - 1].internal));
-                        relays.insert((from, to), Relay::start(target));
-                    }
-                }
-            }
-        }
-        let mut c = TestCluster {
+        let nodes = MemdialCluster::start(n, "warn", |ports| {
+            // Each attempt has fresh ports, so fresh relays to them.
+            relays = if opts.relays {
+                relays_between(ports)
+            } else {
+                BTreeMap::new()
+            };
+            (1..=n)
+                .map(|me| config_yaml(me, ports, &relays, &memcacheds, &opts))
+                .collect()
+        });
+        TestCluster {
             n,
-            dir,
-            ports,
-            configs: Vec::new(),
-            procs: (0..n).map(|_| None).collect(),
+            nodes,
             memcacheds,
             relays,
-            anti_entropy_interval_ms: opts.anti_entropy_interval_ms,
-        };
-        for me in 1..=n {
-            let secret = opts
-                .secrets
-                .iter()
-                .find(|(id, _)| *id == me)
-                .map_or(SECRET, |(_, s)| s.as_str());
-            let path = c.dir.join(format!("node{me}.yaml"));
-            std::fs::write(&path, c.config_yaml(me, secret)).expect("write config");
-            c.configs.push(path);
         }
-        for i in 1..=n {
-            c.spawn(i);
-        }
-        c
-    }
-
-    fn config_yaml(&self, me: usize, secret: &str) -> String {
-        let mut s = format!(
-            "cluster:\n  name: memdial-test\n  secret: \"{secret}\"\n  consistency: eventual\n  \
-             heartbeat_interval_ms: 100\n  suspect_after_ms: 500\n  down_after_ms: 1500\n  \
-             reconnect_max_ms: 300\n  store_check_interval_ms: 300\n"
-        );
-        if let Some(ms) = self.anti_entropy_interval_ms {
-            s += &format!("  anti_entropy_interval_ms: {ms}\n");
-        }
-        s += "nodes:\n";
-        for j in 1..=self.n {
-            let p = self.ports[j - 1];
-            let internal = match self.relays.get(&(me, j)) {
-                Some(r) => r.port,
-                None => p.internal,
-            };
-            s += &format!(
-                "  - id: {j}\n    client: 127.0.0.1:{}\n    internal: 127.0.0.1:{internal}\n    \
-                 admin: 127.0.0.1:{}\n",
-                p.client, p.admin
-            );
-            if let Some(m) = &self.memcacheds[j - 1] {
-                s += &format!("    memcached: {}\n", m.addr());
-            }
-        }
-        s
-    }
-
-    fn spawn(&mut self, i: usize) {
-        assert!(self.procs[i - 1].is_none(), "node {i} is already running");
-        let mut child = Command::new(memdial_bin())
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.configs[i - 1])
-            .args(["--node", &i.to_string()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn memdial");
-        wait_for_port(self.ports[i - 1].client, &mut child);
-        self.procs[i - 1] = Some(child);
     }
 
     pub fn ports(&self, i: usize) -> NodePorts {
-        self.ports[i - 1]
+        self.nodes.ports(i)
     }
 
     pub fn client(&self, i: usize) -> Client {
-        Client::connect(self.ports[i - 1].client)
+        Client::connect(self.ports(i).client)
     }
 
     pub fn memcached_port(&self, i: usize) -> u16 {
@@ -767,14 +472,12 @@ impl TestCluster {
 
     /// SIGKILL node `i`.
     pub fn kill9(&mut self, i: usize) {
-        let mut child = self.procs[i - 1].take().expect("node is running");
-        let _ = child.kill();
-        let _ = child.wait();
+        self.nodes.kill9(i);
     }
 
     /// Starts node `i` again with the same config and ports.
     pub fn restart(&mut self, i: usize) {
-        self.spawn(i);
+        self.nodes.restart(i);
     }
 
     /// Kills node `i`'s memcached and starts an empty one on the same port.
@@ -808,9 +511,8 @@ impl TestCluster {
     }
 
     pub fn stats_cluster(&self, i: usize) -> io::Result<BTreeMap<String, String>> {
-        Client::try_connect(self.ports[i - 1].client)?.stats("cluster")
+        Client::try_connect(self.ports(i).client)?.stats("cluster")
     }
-
     /// `peer:<j>:state` for every other node, as node `i` reports them.
     pub fn peer_states(&self, i: usize) -> io::Result<BTreeMap<usize, String>> {
         let stats = self.stats_cluster(i)?;
@@ -827,7 +529,7 @@ impl TestCluster {
     }
 
     pub fn metrics(&self, i: usize) -> io::Result<String> {
-        http_get(self.ports[i - 1].admin, "/metrics")
+        http_get(self.ports(i).admin, "/metrics")
     }
 
     /// Polls until `ok(node's peer states)` holds for node `i`; returns the
@@ -916,15 +618,5 @@ impl TestCluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-    }
-}
-
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        for child in self.procs.iter_mut().flatten() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,0 +1,532 @@
+//! Processes for tests and benches: free ports, temporary files, memcached,
+//! one memdial node, and a memdial cluster from a generated proxy.yaml.
+//! Every process is ready when it listens on all its ports (polled, never a
+//! fixed sleep) and is killed when dropped.
+//!
+//! Free ports are only free when picked: another test may take one before
+//! the process binds it. A start that finds its process exited before
+//! listening, or its port held by another process, starts again on fresh
+//! ports, at most [`START_ATTEMPTS`] times ([`start_with_retry`]). Only a
+//! restart on the ports a process had before (a node or memcached that
+//! peers' configs name) cannot move, and panics instead.
+//!
+//! std only and nothing else of the harness: `benches/load.rs` includes this
+//! file alone with `#[path]`.
+#![allow(dead_code)] // each test binary and the load bench use a different part
+
+use std::fmt;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long anything in a test may wait before it is a failure.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// How many times a process is started on fresh ports before giving up.
+pub const START_ATTEMPTS: usize = 3;
+
+/// Pause between two readiness polls.
+const POLL: Duration = Duration::from_millis(20);
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}
+
+/// `n` distinct free ports.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let p = free_port();
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+pub fn memdial_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_memdial"))
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// A file in the temp dir with a name no other test uses, removed on drop.
+pub struct TempFile(PathBuf);
+
+impl TempFile {
+    pub fn new(prefix: &str, contents: &str) -> TempFile {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let path = std::env::temp_dir().join(format!(
+            "memdial-{prefix}-{}-{}-{nanos}.yaml",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, contents).expect("write temp file");
+        TempFile(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Why a started process is not serving.
+#[derive(Debug)]
+pub enum NotReady {
+    /// It exited before listening on all its ports.
+    Exited(ExitStatus),
+    /// Another process listens on this port.
+    PortTaken(u16),
+}
+
+impl fmt::Display for NotReady {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NotReady::Exited(status) => write!(f, "exited before listening ({status})"),
+            NotReady::PortTaken(port) => write!(f, "found port {port} taken by another process"),
+        }
+    }
+}
+
+/// Calls `start` (which picks fresh ports each time) until it succeeds, at
+/// most [`START_ATTEMPTS`] times.
+pub fn start_with_retry<T>(what: &str, mut start: impl FnMut() -> Result<T, NotReady>) -> T {
+    let mut attempt = 1;
+    loop {
+        match start() {
+            Ok(t) => return t,
+            Err(e) if attempt < START_ATTEMPTS => {
+                eprintln!("{what} {e}; starting it again on fresh ports");
+                attempt += 1;
+            }
+            Err(e) => panic!("{what} {e}, {START_ATTEMPTS} times on fresh ports"),
+        }
+    }
+}
+
+/// A child process, killed when dropped (also while a test unwinds).
+pub struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    pub fn spawn(name: impl Into<String>, cmd: &mut Command) -> Proc {
+        let name = name.into();
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc { name, child }
+    }
+
+    /// Polls until this process listens on every one of `ports`.
+    /// Panics if that takes longer than [`WAIT`].
+    pub fn wait_ready(&mut self, ports: &[u16]) -> Result<(), NotReady> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(NotReady::Exited(status));
+            }
+            let mut ready = true;
+            for &port in ports {
+                match listener_of(self.child.id(), port) {
+                    Listener::Mine => {}
+                    Listener::Other => return Err(NotReady::PortTaken(port)),
+                    Listener::None => ready = false,
+                    // No /proc: whoever accepts is taken to be this process.
+                    Listener::Unknown => {
+                        ready &= TcpStream::connect(("127.0.0.1", port)).is_ok();
+                    }
+                }
+            }
+            if ready {
+                return Ok(());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: not listening on all of {ports:?} after {WAIT:?}",
+                self.name
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal with kill(1) (`TERM`, `INT`, `STOP`, `CONT`, `KILL`).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{name} {} ({})", self.pid(), self.name);
+    }
+
+    /// Waits for the process to exit; panics after [`WAIT`].
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {WAIT:?}",
+                self.name
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+enum Listener {
+    /// A socket of this process listens on the port.
+    Mine,
+    /// Only other processes' sockets listen on it.
+    Other,
+    /// Nothing listens on it.
+    None,
+    /// /proc cannot tell (not Linux, or not readable).
+    Unknown,
+}
+
+/// Who listens on TCP `port` (any local address): the listening sockets'
+/// inodes from /proc/net/tcp{,6}, looked up among `pid`'s open files.
+fn listener_of(pid: u32, port: u16) -> Listener {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            return Listener::Unknown;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ... inode (field 9); 0A = LISTEN
+            let on_port = f
+                .get(1)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                == Some(port);
+            if on_port
+                && f.get(3) == Some(&"0A")
+                && let Some(inode) = f.get(9)
+            {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return Listener::None;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Listener::Unknown;
+    };
+    let mine = fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    });
+    if mine {
+        Listener::Mine
+    } else {
+        Listener::Other
+    }
+}
+
+// ---------------------------------------------------------------------------
+// memcached
+
+/// A memcached process on 127.0.0.1, killed when dropped.
+pub struct Memcached {
+    pub port: u16,
+    proc: Proc,
+}
+
+impl Memcached {
+    /// 64 MB of memory, on a fresh port.
+    pub fn start() -> Memcached {
+        Self::start_with_memory_mb(64)
+    }
+
+    pub fn start_with_memory_mb(mb: u32) -> Memcached {
+        start_with_retry("memcached", || Self::try_start_on(free_port(), mb))
+    }
+
+    /// On `port` exactly (a restart where memdial expects it); panics if
+    /// the port is taken.
+    pub fn start_on(port: u16) -> Memcached {
+        Self::try_start_on(port, 64).unwrap_or_else(|e| panic!("memcached on {port} {e}"))
+    }
+
+    fn try_start_on(port: u16, mb: u32) -> Result<Memcached, NotReady> {
+        let mut cmd = Command::new("memcached");
+        cmd.args(["-l", "127.0.0.1", "-U", "0", "-t", "2"])
+            .args(["-m", &mb.to_string(), "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if is_root() {
+            // memcached refuses to run as root without it.
+            cmd.args(["-u", "root"]);
+        }
+        let mut proc = Proc::spawn(
+            format!("memcached :{port} (on PATH; the README's test command installs it)"),
+            &mut cmd,
+        );
+        proc.wait_ready(&[port])?;
+        Ok(Memcached { port, proc })
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One memdial node
+
+/// A `memdial serve` process, killed when dropped.
+pub struct Memdial {
+    pub port: u16,
+    pub admin_port: u16,
+    proc: Proc,
+}
+
+impl Memdial {
+    /// `serve` with the embedded store.
+    pub fn embedded() -> Memdial {
+        Self::serve(&["--backend", "embedded"])
+    }
+
+    /// `serve` in front of `memcached`.
+    pub fn over(memcached: &Memcached) -> Memdial {
+        Self::serve(&["--backend", &memcached.addr()])
+    }
+
+    /// `serve` with extra arguments; client and admin ports are chosen here.
+    pub fn serve(extra: &[&str]) -> Memdial {
+        Self::serve_with_config(None, extra)
+    }
+
+    /// `serve [--config FILE]` with extra arguments, logging warnings.
+    pub fn serve_with_config(config: Option<&Path>, extra: &[&str]) -> Memdial {
+        Self::start(config, extra, "warn")
+    }
+
+    /// `serve [--config FILE] --listen P --admin Q EXTRA` with `RUST_LOG`
+    /// set to `rust_log`, on fresh ports.
+    pub fn start(config: Option<&Path>, extra: &[&str], rust_log: &str) -> Memdial {
+        start_with_retry("memdial", || {
+            let (port, admin_port) = (free_port(), free_port());
+            let mut cmd = Command::new(memdial_bin());
+            cmd.arg("serve");
+            if let Some(c) = config {
+                cmd.arg("--config").arg(c);
+            }
+            cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--admin", &format!("127.0.0.1:{admin_port}")])
+                .args(extra)
+                .env("RUST_LOG", rust_log)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            let mut proc = Proc::spawn(format!("memdial :{port}"), &mut cmd);
+            proc.wait_ready(&[port, admin_port])?;
+            Ok(Memdial {
+                port,
+                admin_port,
+                proc,
+            })
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Sends a signal with kill(1) (`TERM`, `INT`, `STOP`, `CONT`, `KILL`).
+    pub fn signal(&self, name: &str) {
+        self.proc.signal(name);
+    }
+
+    /// Waits for the process to exit; panics after [`WAIT`].
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        self.proc.wait_exit()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A memdial cluster
+
+/// The ports of one node.
+#[derive(Debug, Clone, Copy)]
+pub struct NodePorts {
+    pub client: u16,
+    pub internal: u16,
+    pub admin: u16,
+}
+
+impl NodePorts {
+    /// Fresh ports for `n` nodes, all distinct.
+    pub fn pick(n: usize) -> Vec<NodePorts> {
+        free_ports(3 * n)
+            .chunks(3)
+            .map(|p| NodePorts {
+                client: p[0],
+                internal: p[1],
+                admin: p[2],
+            })
+            .collect()
+    }
+
+    /// Every port the node binds.
+    pub fn all(&self) -> [u16; 3] {
+        [self.client, self.admin, self.internal]
+    }
+}
+
+/// A proxy.yaml: `cluster:` with `cluster` as its body (indented lines;
+/// left out when empty), then `nodes:` with ids from 1, each with its ports
+/// and optional memcached address. The node list comes last, so a line
+/// appended to the text adds to the last node.
+pub fn proxy_yaml(cluster: &str, nodes: &[(NodePorts, Option<String>)]) -> String {
+    let mut s = String::new();
+    if !cluster.is_empty() {
+        s += "cluster:\n";
+        s += cluster;
+    }
+    s += "nodes:\n";
+    for (i, (p, memcached)) in nodes.iter().enumerate() {
+        s += &format!(
+            "  - id: {}\n    client: 127.0.0.1:{}\n    internal: 127.0.0.1:{}\n    \
+             admin: 127.0.0.1:{}\n",
+            i + 1,
+            p.client,
+            p.internal,
+            p.admin
+        );
+        if let Some(m) = memcached {
+            s += &format!("    memcached: {m}\n");
+        }
+    }
+    s
+}
+
+/// One `memdial serve --config FILE --node I` process per node, each with
+/// its own config file; nodes are numbered from 1.
+pub struct MemdialCluster {
+    ports: Vec<NodePorts>,
+    configs: Vec<TempFile>,
+    nodes: Vec<Option<Proc>>,
+    rust_log: String,
+}
+
+impl MemdialCluster {
+    /// Starts `n` nodes on fresh ports; `configs(&ports)` returns each
+    /// node's proxy.yaml, node 1's first. Ready when every node listens on
+    /// its client, admin and internal ports. Every config names every port,
+    /// so when one node cannot start, the whole cluster starts again on fresh
+    /// ports (and `configs` is called again).
+    pub fn start(
+        n: usize,
+        rust_log: &str,
+        mut configs: impl FnMut(&[NodePorts]) -> Vec<String>,
+    ) -> MemdialCluster {
+        start_with_retry(&format!("a node of a cluster of {n}"), || {
+            let ports = NodePorts::pick(n);
+            let yaml = configs(&ports);
+            assert_eq!(yaml.len(), n, "one config per node");
+            let mut c = MemdialCluster {
+                ports,
+                configs: yaml
+                    .iter()
+                    .map(|y| TempFile::new("cluster-node", y))
+                    .collect(),
+                nodes: (0..n).map(|_| None).collect(),
+                rust_log: rust_log.to_string(),
+            };
+            for i in 1..=n {
+                c.spawn(i);
+            }
+            for i in 1..=n {
+                let ports = c.ports[i - 1].all();
+                c.node(i).wait_ready(&ports)?;
+            }
+            Ok(c)
+        })
+    }
+
+    fn spawn(&mut self, i: usize) {
+        assert!(self.nodes[i - 1].is_none(), "node {i} is already running");
+        let mut cmd = Command::new(memdial_bin());
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(self.configs[i - 1].path())
+            .args(["--node", &i.to_string()])
+            .env("RUST_LOG", &self.rust_log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        self.nodes[i - 1] = Some(Proc::spawn(format!("memdial node {i}"), &mut cmd));
+    }
+
+    fn node(&mut self, i: usize) -> &mut Proc {
+        self.nodes[i - 1]
+            .as_mut()
+            .unwrap_or_else(|| panic!("node {i} is not running"))
+    }
+
+    pub fn ports(&self, i: usize) -> NodePorts {
+        self.ports[i - 1]
+    }
+
+    /// SIGKILL node `i`.
+    pub fn kill9(&mut self, i: usize) {
+        self.node(i).kill();
+        self.nodes[i - 1] = None;
+    }
+
+    /// Starts node `i` again with the same config and ports (its peers'
+    /// configs name them); panics if it cannot listen on them.
+    pub fn restart(&mut self, i: usize) {
+        self.spawn(i);
+        let ports = self.ports[i - 1].all();
+        if let Err(e) = self.node(i).wait_ready(&ports) {
+            panic!("node {i}, restarted on its ports {ports:?}, {e}");
+        }
+    }
+}
