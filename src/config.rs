@@ -1,5 +1,7 @@
 //! `proxy.yaml`: the schema, its defaults, `validate()`, and the merge of
-//! command-line overrides. A leaf module: serde only.
+//! command-line overrides. Uses serde, clap (for the consistency value on
+//! the command line) and `protocol::Limits`, which it fills in; nothing
+//! else of the crate.
 
 use std::net::SocketAddr;
 use std::path::Path;

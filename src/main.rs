@@ -1,5 +1,6 @@
 //! The `memdial` binary: `serve` runs one node, `cluster` runs every node
 //! of a config in one process, `cli` is an interactive client for a node.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 

@@ -23,7 +23,6 @@
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use lru::LruCache;
@@ -194,9 +193,7 @@ impl EmbeddedStore {
     fn with_shards(memory_limit_bytes: usize, shards: usize) -> EmbeddedStore {
         let shards = shards.max(1);
         let per_shard = memory_limit_bytes / shards;
-        let start_unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let start_unix_ms = crate::time::unix_ms();
         EmbeddedStore {
             shards: (0..shards)
                 .map(|_| Mutex::new(Shard::new(per_shard)))

@@ -31,11 +31,3 @@ impl Default for Limits {
         }
     }
 }
-
-impl Limits {
-    /// The most bytes a connection ever needs buffered to hold one complete
-    /// request: the longest line plus the largest data block and its `\r\n`.
-    pub fn max_request_bytes(&self) -> usize {
-        self.max_line_bytes.max(self.max_get_line_bytes) + 2 + self.item_size_max + 2
-    }
-}

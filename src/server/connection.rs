@@ -200,7 +200,7 @@ impl<'a> Connection<'a> {
     /// client asked for no reply.
     fn answer_conn(&self, request: ConnRequest) -> Option<Response> {
         match request {
-            ConnRequest::Version => Some(Response::Version(version())),
+            ConnRequest::Version => Some(Response::Version(super::version())),
             ConnRequest::Verbosity { level, noreply } => {
                 self.shared.verbosity.store(level, Ordering::Relaxed);
                 (!noreply).then_some(Response::Ok)
@@ -448,11 +448,4 @@ fn key_count(r: &Request) -> Option<usize> {
         Request::Get { keys, .. } | Request::Gat { keys, .. } => Some(keys.len()),
         _ => None,
     }
-}
-
-/// What `version` answers: memcached's format, naming memdial. Clients read
-/// the leading `major.minor.patch`, so it is the memcached release whose
-/// protocol memdial speaks.
-pub(super) fn version() -> String {
-    format!("1.6.18-memdial-{}", env!("CARGO_PKG_VERSION"))
 }

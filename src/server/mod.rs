@@ -48,6 +48,13 @@ pub(crate) struct Shared {
     pub stats_baseline: stats::Baseline,
 }
 
+/// What `version` answers: memcached's format, naming memdial. Clients read
+/// the leading `major.minor.patch`, so it is the memcached release whose
+/// protocol memdial speaks.
+fn version() -> String {
+    format!("1.6.18-memdial-{}", env!("CARGO_PKG_VERSION"))
+}
+
 /// The memcached answer to one connection too many.
 const TOO_MANY_CONNECTIONS: &[u8] = b"ERROR Too many open connections\r\n";
 

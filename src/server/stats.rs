@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
@@ -118,10 +117,7 @@ fn counters(shared: &Shared) -> Vec<(&'static str, u64)> {
 }
 
 fn general(shared: &Shared) -> Vec<(String, String)> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = crate::time::unix_ms() / 1000;
     let s = &shared.settings;
     let mut out: Vec<(String, String)> = vec![
         ("pid".into(), std::process::id().to_string()),
@@ -130,7 +126,7 @@ fn general(shared: &Shared) -> Vec<(String, String)> {
             shared.metrics.started.elapsed().as_secs().to_string(),
         ),
         ("time".into(), now.to_string()),
-        ("version".into(), super::connection::version()),
+        ("version".into(), super::version()),
         ("pointer_size".into(), (usize::BITS).to_string()),
         ("max_connections".into(), s.max_connections.to_string()),
         (
