@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use common::client::{Client, Values, metric};
+use common::client::{Client, Values, metric, text};
 use common::cluster::{CONVERGE_WAIT, ClusterOpts, TestCluster, UP_WAIT, poll_pause};
 use common::record::Header;
 
@@ -692,6 +692,85 @@ fn restarted_memcached_is_refilled_while_clients_read() {
 }
 
 /// `peer:<j>:repaired` summed over node `i`'s peers.
+/// A memcached restarted empty while every node writes: its node asks every
+/// peer for a full resync, and after it every acknowledged write is on
+/// every replica. Anti-entropy is off, so only the resync can bring the
+/// lost keys back. Entries in flight at the restart must not let a peer
+/// resume from a cursor that the wiped store no longer backs (writes run
+/// flat out on every node to keep such entries in flight).
+#[test]
+fn memcached_restart_during_writes_on_every_node_loses_no_key() {
+    let _serial = serial();
+    let mut c = TestCluster::start(
+        3,
+        ClusterOpts {
+            anti_entropy_interval_ms: Some(0),
+            ..memcached_backed()
+        },
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (1..=3usize)
+        .map(|node| {
+            let port = c.ports(node).client;
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut cl = Client::connect(port);
+                let mut acked = Values::new();
+                for i in 0..50_000usize {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let key = format!("w{node}-{i}");
+                    let value = format!("v{node}-{i}-{}", "z".repeat(i % 50));
+                    match cl.set(&key, node as u32, 0, value.as_bytes()).as_deref() {
+                        Ok("STORED") => {
+                            acked.insert(key.into_bytes(), (node as u32, value.into_bytes()));
+                        }
+                        // While node 2's memcached is down its writes fail;
+                        // they were not acknowledged.
+                        Ok(other) if other.starts_with("SERVER_ERROR") => {}
+                        Ok(other) => panic!("node {node}: {key} answered {other:?}"),
+                        Err(_) => cl = Client::connect(port),
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(600));
+    c.memcached_restart(2);
+    std::thread::sleep(Duration::from_millis(900));
+    stop.store(true, Ordering::SeqCst);
+    let mut want = Values::new();
+    let mut per_node = Vec::new();
+    for w in writers {
+        let acked = w.join().expect("writer panicked");
+        per_node.push(acked.len());
+        want.extend(acked);
+    }
+    eprintln!("acknowledged writes per node: {per_node:?}");
+    assert!(
+        per_node.iter().all(|&n| n > 100),
+        "every node kept writing: {per_node:?}"
+    );
+    let keys: Vec<String> = want.keys().map(|k| text(k)).collect();
+    for node in 1..=3 {
+        wait_reads(
+            c.ports(node).client,
+            &keys,
+            &want,
+            CONVERGE_WAIT,
+            &format!("node {node} after node 2's memcached restart"),
+        );
+    }
+    let m = c.metrics(2).unwrap();
+    assert!(
+        metric(&m, "memdial_backing_store_restarts_total").unwrap_or(0.0) >= 1.0,
+        "node 2 did not see its store restart"
+    );
+    c.wait_converged(CONVERGE_WAIT);
+}
+
 fn repaired(c: &TestCluster, i: usize) -> u64 {
     let stats = c.stats_cluster(i).unwrap();
     (1..=c.n)

@@ -104,9 +104,9 @@ async fn connection(
     .await
 }
 
-/// Reads the peer's frames: heartbeats are answered here, so a busy
-/// handler never makes a live peer look dead; mode frames queue for the
-/// handler.
+/// Reads the peer's frames: heartbeats are answered here, beside the
+/// handler, so a busy handler does not make a live peer look dead unless it
+/// falls [`AHEAD`] frames behind; mode frames queue for the handler.
 async fn read(
     cluster: &Cluster,
     peer: u32,

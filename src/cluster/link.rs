@@ -38,7 +38,7 @@ pub struct PeerLink {
     out: mpsc::Sender<Frame>,
     pending: Arc<Pending>,
     next_id: Arc<AtomicU64>,
-    closed: CancellationToken,
+    pub(super) closed: CancellationToken,
 }
 
 impl PeerLink {
@@ -96,10 +96,6 @@ impl PeerLink {
     /// Resolves when this connection has ended.
     pub async fn closed(&self) {
         self.closed.cancelled().await
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled()
     }
 }
 

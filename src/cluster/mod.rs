@@ -141,13 +141,17 @@ impl Cluster {
 
     /// The link to `peer` if it is up now.
     pub fn try_link(&self, peer: u32) -> Option<PeerLink> {
-        self.links.get(&peer)?.borrow().clone()
+        let link = self.links.get(&peer)?.borrow().clone()?;
+        (!link.closed.is_cancelled()).then_some(link)
     }
 
     /// Waits until the link to `peer` is up (`None` for an unknown peer).
     pub async fn link(&self, peer: u32) -> Option<PeerLink> {
         let mut rx = self.links.get(&peer)?.subscribe();
-        rx.wait_for(Option::is_some).await.ok()?.clone()
+        // A link whose connection just ended may still be published for a
+        // moment: wait for its successor instead.
+        let live = |l: &Option<PeerLink>| l.as_ref().is_some_and(|l| !l.closed.is_cancelled());
+        rx.wait_for(live).await.ok()?.clone()
     }
 
     /// Sends `body` to `peer`'s mode, if the link is up now.

@@ -48,8 +48,12 @@ pub fn free_ports(n: usize) -> Vec<u16> {
     out
 }
 
+/// The memdial binary cargo built for these tests, or the one named by
+/// `MEMDIAL_BIN` (to compare two builds with the same harness).
 pub fn memdial_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_memdial"))
+    std::env::var_os("MEMDIAL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_memdial")))
 }
 
 fn is_root() -> bool {

@@ -160,6 +160,7 @@ impl Eventual {
             }
             let m = &self.replication;
             m.backlog_entries.set(self.backlog.len() as i64);
+            m.backlog_bytes.set(self.backlog.bytes() as i64);
             for peer in self.cluster.peer_ids() {
                 if let Some(lag) = self.peers.lag(peer, self.backlog.head()) {
                     m.peer_lag

@@ -149,6 +149,7 @@ pub const ASK_AGAIN: Duration = Duration::from_secs(5);
 pub(super) struct EventualMetrics {
     pub peer_lag: IntGaugeVec,
     pub backlog_entries: IntGauge,
+    pub backlog_bytes: IntGauge,
     pub applied: IntCounterVec,
     pub repaired: IntCounterVec,
     pub antientropy_rounds: IntCounterVec,
@@ -179,6 +180,13 @@ impl EventualMetrics {
                 IntGauge::new(
                     "replication_backlog_entries",
                     "Entries held in the replication backlog",
+                )?,
+            )?,
+            backlog_bytes: reg(
+                r,
+                IntGauge::new(
+                    "replication_backlog_bytes",
+                    "Key and value bytes held in the replication backlog",
                 )?,
             )?,
             applied: counter_vec(
