@@ -11,7 +11,7 @@
 //!                                 ▼        ▼
 //!                             backend ──▶ rules ──▶ protocol
 //!
-//!   config, metrics, time: leaves, used by any of the above
+//!   config, metrics, time, outage: leaves, used by any of the above
 //! ```
 //!
 //! - [`protocol`]: request/response types (data requests for the pipeline,
@@ -27,7 +27,8 @@
 //!   modes: [`consistency::Local`] for one node, [`consistency::eventual`].
 //! - [`server`]: listener, connections, shutdown. Never calls a backend itself.
 //! - [`config`]: `proxy.yaml`. [`metrics`]: Prometheus registry and
-//!   endpoint. [`time`]: wall-clock readings.
+//!   endpoint. [`time`]: wall-clock readings. [`outage`]: one log line per
+//!   outage, not per failure.
 //! - [`node`]: wires one node from its config; `main.rs` runs nodes.
 #![forbid(unsafe_code)]
 
@@ -41,6 +42,7 @@ pub mod config;
 pub mod consistency;
 pub mod metrics;
 pub mod node;
+pub mod outage;
 pub mod protocol;
 pub mod rules;
 pub mod server;

@@ -71,16 +71,6 @@ impl Node {
         };
         let client_addr = client.local_addr()?;
         let admin_addr = admin.local_addr()?;
-        tracing::info!(
-            node = id,
-            client = %client_addr,
-            admin = %admin_addr,
-            backend = backend.kind(),
-            memcached = node.memcached.as_deref().unwrap_or("-"),
-            consistency = config.cluster.consistency.as_str(),
-            "node starting"
-        );
-
         let settings = ServerSettings {
             node_id: id,
             limits: config.protocol_limits(),
@@ -121,6 +111,16 @@ impl Node {
         tasks.push(tokio::spawn(metrics::serve_admin(
             admin, metrics, refresh, shutdown,
         )));
+        // Every port is bound and every part is running.
+        tracing::info!(
+            node = id,
+            client = %client_addr,
+            admin = %admin_addr,
+            backend = backend.kind(),
+            memcached = node.memcached.as_deref().unwrap_or("-"),
+            consistency = config.cluster.consistency.as_str(),
+            "node ready"
+        );
         Ok(Node {
             id,
             client_addr,

@@ -33,6 +33,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::ReadHalf;
 
 use super::{Backend, BackendError, BoxFuture, PoolStatus};
+use crate::outage::Outage;
 use crate::protocol::{ErrorReply, ReplyParsed, Request, Response, encode_request, parse_reply};
 
 /// How much room is made in the read buffer before each read.
@@ -70,6 +71,8 @@ impl Default for MemcachedOptions {
 pub struct MemcachedBackend {
     addr: String,
     pool: Pool<Manager>,
+    /// Logs this memcached going down and coming back, once each.
+    outage: Outage,
 }
 
 impl std::fmt::Debug for MemcachedBackend {
@@ -99,10 +102,28 @@ impl MemcachedBackend {
             .runtime(Runtime::Tokio1)
             .build()
             .expect("a pool with a runtime always builds");
-        MemcachedBackend { addr, pool }
+        let outage = Outage::new(format!("memcached {addr}"));
+        MemcachedBackend { addr, pool, outage }
     }
 
+    /// Runs a batch, noting whether memcached answered.
     async fn run(&self, requests: &[Request]) -> Result<Vec<Response>, BackendError> {
+        let started = tokio::time::Instant::now();
+        let result = self.run_batch(requests).await;
+        match &result {
+            Ok(_) => {
+                self.outage.ok_started(Some(started));
+            }
+            // The server answered, but not as expected: not an outage.
+            Err(BackendError::Protocol(_)) => {}
+            Err(e) => {
+                self.outage.failed(&Loggable(e));
+            }
+        }
+        result
+    }
+
+    async fn run_batch(&self, requests: &[Request]) -> Result<Vec<Response>, BackendError> {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
@@ -138,7 +159,8 @@ impl MemcachedBackend {
         match conn.call(requests).await {
             Ok(responses) => Ok(responses),
             Err(error) => {
-                tracing::warn!(
+                // Logged once per outage by `run`.
+                tracing::debug!(
                     addr = %self.addr,
                     error = %Loggable(&error),
                     "memcached exchange failed; dropping connection"
@@ -339,7 +361,8 @@ struct Manager {
 
 impl Manager {
     fn unavailable(&self, reason: impl std::fmt::Display) -> BackendError {
-        tracing::warn!(addr = %self.addr, error = %reason, "memcached connect failed");
+        // Logged once per outage by the backend's `run`.
+        tracing::debug!(addr = %self.addr, error = %reason, "memcached connect failed");
         BackendError::Unavailable(format!("{}: {reason}", self.addr))
     }
 }
@@ -389,7 +412,7 @@ impl managed::Manager for Manager {
             Ok(_) => "unsolicited bytes from memcached".to_string(),
             Err(e) => e.to_string(),
         };
-        tracing::warn!(addr = %self.addr, error = %reason, "dropping idle memcached connection");
+        tracing::debug!(addr = %self.addr, error = %reason, "dropping idle memcached connection");
         Err(RecycleError::Message(reason.into()))
     }
 }

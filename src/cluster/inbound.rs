@@ -96,7 +96,7 @@ async fn connection(
     async {
         tokio::select! {
             r = read(cluster, peer, rx, &out, &work) => r,
-            r = handle(handler, peer, queue, &out) => r,
+            r = handle(handler, peer, cluster.settings.node_id, queue, &out) => r,
             r = write(tx, replies) => r,
         }
     }
@@ -175,16 +175,20 @@ fn refuse(cluster: &Cluster, peer: u32, theirs: &WireTag, reason: &'static str, 
 async fn handle(
     handler: &dyn Handler,
     peer: u32,
+    me: u32,
     mut queue: mpsc::Receiver<Work>,
     out: &mpsc::Sender<Frame>,
 ) -> Result<(), InboundError> {
     while let Some(job) = queue.recv().await {
         let reply = match job {
             Work::Message(body) => {
-                handler
-                    .on_message(peer, body)
-                    .await
-                    .map_err(InboundError::Handler)?;
+                if let Err(e) = handler.on_message(peer, body).await {
+                    // The writer sends this, then closes the connection; the
+                    // peer logs the reason.
+                    let reason = format!("node {me} could not take the message: {e}");
+                    let _ = out.send(Frame::Refused { reason }).await;
+                    return std::future::pending().await;
+                }
                 continue;
             }
             Work::Request(id, body) => match handler.on_request(peer, body).await {
@@ -199,11 +203,21 @@ async fn handle(
     Ok(())
 }
 
+/// Writes answers in order; a `Refused` is the last frame: the connection
+/// closes after it.
 async fn write(mut tx: WireTx, mut replies: mpsc::Receiver<Frame>) -> Result<(), InboundError> {
     while let Some(frame) = replies.recv().await {
-        tx.feed(&frame).await?;
-        while let Ok(more) = replies.try_recv() {
-            tx.feed(&more).await?;
+        let mut last = frame;
+        loop {
+            tx.feed(&last).await?;
+            if let Frame::Refused { reason } = last {
+                tx.flush().await?;
+                return Err(InboundError::Handler(reason));
+            }
+            match replies.try_recv() {
+                Ok(more) => last = more,
+                Err(_) => break,
+            }
         }
         tx.flush().await?;
     }

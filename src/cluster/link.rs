@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
@@ -20,6 +20,7 @@ use super::wire::{
     welcome_proof,
 };
 use super::{Cluster, ModeTag, PeerError};
+use crate::outage::Outage;
 use crate::time::unix_us;
 
 /// Mode frames queued for one connection before senders wait.
@@ -121,7 +122,15 @@ enum LinkError {
     Refused(String),
 }
 
+/// A connection that lasted this long was a working link: the next
+/// reconnect starts from the shortest backoff again. One that broke sooner
+/// (a handshake that succeeds, then a peer that closes at once) keeps
+/// backing off.
+const STABLE: Duration = Duration::from_secs(1);
+
 /// Keeps a link to `peer` up until `shutdown`, reconnecting with backoff.
+/// Logs one line when the link goes down and one when it is back (a
+/// summary every few seconds in between), not one per attempt.
 pub(super) async fn run(
     cluster: Arc<Cluster>,
     peer: u32,
@@ -130,27 +139,28 @@ pub(super) async fn run(
 ) {
     let min_backoff = Duration::from_millis(50);
     let mut backoff = min_backoff;
-    let mut was_up = false;
+    let outage = Outage::new(format!("link to peer {peer} ({addr})"));
+    let mut ever_up = false;
     loop {
-        let mut connected = false;
+        let mut up_at = None;
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = connection(&cluster, peer, addr, &mut connected) => r,
+            r = connection(&cluster, peer, addr, &mut up_at, &outage, ever_up) => r,
         };
         if let Some(slot) = cluster.links.get(&peer) {
             slot.send_replace(None);
         }
+        ever_up |= up_at.is_some();
         if let Err(e) = result {
-            if connected || was_up {
-                tracing::warn!(peer, %addr, error = %e, "link to peer lost; reconnecting");
+            if ever_up {
+                outage.failed(&e);
             } else {
-                tracing::debug!(peer, %addr, error = %e, "cannot reach peer");
+                tracing::debug!(peer, %addr, error = %e, "cannot reach peer yet");
             }
         }
-        if connected {
+        if up_at.is_some_and(|t: Instant| t.elapsed() >= STABLE) {
             backoff = min_backoff;
         }
-        was_up = connected;
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
@@ -164,7 +174,9 @@ async fn connection(
     cluster: &Cluster,
     peer: u32,
     addr: SocketAddr,
-    connected: &mut bool,
+    up_at: &mut Option<Instant>,
+    outage: &Outage,
+    ever_up: bool,
 ) -> Result<(), LinkError> {
     let s = &cluster.settings;
     let stream = tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr))
@@ -173,9 +185,12 @@ async fn connection(
         .map_err(LinkError::Connect)?;
     let mut wire = Wire::new(stream);
     handshake(cluster, peer, &mut wire).await?;
-    *connected = true;
+    *up_at = Some(Instant::now());
     cluster.peers.heard(peer);
-    tracing::info!(peer, %addr, "link to peer up");
+    if !ever_up {
+        tracing::info!(peer, %addr, "link to peer up");
+    }
+    outage.ok();
     let (tx, rx) = wire.split();
     let (out, queue) = mpsc::channel(QUEUE);
     let link = PeerLink {
@@ -253,6 +268,8 @@ async fn read(
             }
             Frame::Response { id, body } => (id, Ok(body)),
             Frame::Rejected { id, reason } => (id, Err(PeerError::Rejected { peer, reason })),
+            // The peer closes the connection, and says why.
+            Frame::Refused { reason } => return Err(LinkError::Refused(reason)),
             _ => return Err(WireError::Handshake("unexpected frame from peer".into()).into()),
         };
         // An answer nobody waits for any more (timed out) is dropped.

@@ -202,8 +202,11 @@ impl Cluster {
         accepted
     }
 
+    /// Refreshes the gauges, and logs each peer's change of state (up,
+    /// suspect, down) once, as the failure detector sees it.
     async fn refresh_metrics(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.settings.heartbeat_interval);
+        let mut seen: HashMap<u32, Liveness> = HashMap::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -212,6 +215,8 @@ impl Cluster {
             self.requests_seen
                 .store((self.requests_total)(), Ordering::Relaxed);
             for p in self.view() {
+                let before = seen.insert(p.id, p.liveness);
+                log_change(&p, before);
                 let id = p.id.to_string();
                 self.metrics
                     .peer_up
@@ -275,6 +280,22 @@ impl Cluster {
             }
         }
         out
+    }
+}
+
+/// One line when a peer's state changes. A peer never heard from starts
+/// down, quietly: only its first `up` is logged.
+fn log_change(p: &PeerView, before: Option<Liveness>) {
+    let silent_ms = p.last_heard.map(|d| d.as_millis() as u64);
+    match (before.unwrap_or(Liveness::Down), p.liveness) {
+        (b, now) if b == now => {}
+        (_, Liveness::Up) => tracing::info!(peer = p.id, addr = %p.addr, "peer is up"),
+        (_, Liveness::Suspect) => {
+            tracing::warn!(peer = p.id, addr = %p.addr, silent_ms, "peer is suspect: not heard from")
+        }
+        (_, Liveness::Down) => {
+            tracing::warn!(peer = p.id, addr = %p.addr, silent_ms, "peer is down: not heard from")
+        }
     }
 }
 

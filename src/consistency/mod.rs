@@ -111,7 +111,8 @@ impl Pipeline for Local {
                     vec![Response::server_error("backend error"); requests.len()]
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, batch = requests.len(), "backend call failed");
+                    // The backend logs its outages, once each.
+                    tracing::debug!(error = %e, batch = requests.len(), "backend call failed");
                     self.metrics
                         .backend_errors
                         .with_label_values(&[e.kind()])

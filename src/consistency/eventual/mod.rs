@@ -397,7 +397,8 @@ impl Eventual {
     }
 
     fn failed(&self, e: BackendError) -> Response {
-        tracing::warn!(error = %e, "backend call failed");
+        // The backend logs its outages, once each.
+        tracing::debug!(error = %e, "backend call failed");
         self.metrics
             .backend_errors
             .with_label_values(&[e.kind()])

@@ -65,7 +65,8 @@ impl Eventual {
             };
             match result {
                 Err(PushError::Replica(e)) => {
-                    tracing::warn!(peer, error = %e, "cannot read this replica to push it; trying again");
+                    // The backend logs its outages, once each.
+                    tracing::debug!(peer, error = %e, "cannot read this replica to push it; trying again");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(self.settings.heartbeat_interval) => {}
