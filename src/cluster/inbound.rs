@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -23,8 +23,15 @@ use super::{Cluster, Handler};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Mode frames read ahead of the handler before reading stops.
+/// Mode frames read ahead of the handler before reading stops...
 const AHEAD: usize = 16;
+
+/// ...or bytes of their bodies (a larger body waits for all of them).
+const AHEAD_BYTES: usize = 16 * 1024 * 1024;
+
+/// Frames written before a flush, so that a long run of answers does not
+/// hold back what is queued behind it.
+const WRITE_RUN: usize = 32;
 
 pub(super) async fn serve(
     cluster: Arc<Cluster>,
@@ -73,10 +80,11 @@ enum InboundError {
     Handler(String),
 }
 
-/// A mode frame, waiting for the handler.
+/// A mode frame, waiting for the handler, with its share of the
+/// read-ahead budget.
 enum Work {
-    Message(Bytes),
-    Request(u64, Bytes),
+    Message(Bytes, OwnedSemaphorePermit),
+    Request(u64, Bytes, OwnedSemaphorePermit),
 }
 
 async fn connection(
@@ -93,9 +101,16 @@ async fn connection(
     let (tx, rx) = wire.split();
     let (out, replies) = mpsc::channel(AHEAD);
     let (work, queue) = mpsc::channel(AHEAD);
+    let budget = Arc::new(Semaphore::new(AHEAD_BYTES));
+    // A peer has one inbound connection at a time: a new one ends the
+    // old and waits until its handler has stopped, so messages from one
+    // peer are handled in order across reconnects too.
+    let (ended, turn) = cluster.inbound_turn(peer);
+    let _turn = turn.lock().await;
     async {
         tokio::select! {
-            r = read(cluster, peer, rx, &out, &work) => r,
+            _ = ended.cancelled() => Err(WireError::Closed.into()),
+            r = read(cluster, peer, rx, &out, &work, &budget) => r,
             r = handle(handler, peer, cluster.settings.node_id, queue, &out) => r,
             r = write(tx, replies) => r,
         }
@@ -113,6 +128,7 @@ async fn read(
     mut rx: WireRx,
     out: &mpsc::Sender<Frame>,
     work: &mpsc::Sender<Work>,
+    budget: &Arc<Semaphore>,
 ) -> Result<(), InboundError> {
     let mut warned = false;
     let closed = || InboundError::Wire(WireError::Closed);
@@ -130,15 +146,21 @@ async fn read(
                 .map_err(|_| closed())?;
                 continue;
             }
-            Frame::Message { mode, body } => (mode, Work::Message(body)),
-            Frame::Request { id, mode, body } => (mode, Work::Request(id, body)),
+            Frame::Message { mode, body } => {
+                let permit = take(budget, body.len()).await?;
+                (mode, Work::Message(body, permit))
+            }
+            Frame::Request { id, mode, body } => {
+                let permit = take(budget, body.len()).await?;
+                (mode, Work::Request(id, body, permit))
+            }
             _ => {
                 return Err(WireError::Handshake("unexpected frame after handshake".into()).into());
             }
         };
         if let Some(reason) = cluster.tag.mismatch(&mode) {
             refuse(cluster, peer, &mode, reason, &mut warned);
-            if let Work::Request(id, _) = job {
+            if let Work::Request(id, ..) = job {
                 let reason = format!(
                     "this node runs {} v{}, not {} v{}",
                     cluster.tag.name, cluster.tag.version, mode.name, mode.version
@@ -151,6 +173,16 @@ async fn read(
         }
         work.send(job).await.map_err(|_| closed())?;
     }
+}
+
+/// Waits for `len` bytes (at most the whole budget) of read-ahead room.
+async fn take(budget: &Arc<Semaphore>, len: usize) -> Result<OwnedSemaphorePermit, InboundError> {
+    let n = u32::try_from(len.min(AHEAD_BYTES)).unwrap_or(u32::MAX);
+    budget
+        .clone()
+        .acquire_many_owned(n)
+        .await
+        .map_err(|_| InboundError::Wire(WireError::Closed))
 }
 
 fn refuse(cluster: &Cluster, peer: u32, theirs: &WireTag, reason: &'static str, warned: &mut bool) {
@@ -181,7 +213,7 @@ async fn handle(
 ) -> Result<(), InboundError> {
     while let Some(job) = queue.recv().await {
         let reply = match job {
-            Work::Message(body) => {
+            Work::Message(body, _permit) => {
                 if let Err(e) = handler.on_message(peer, body).await {
                     // The writer sends this, then closes the connection; the
                     // peer logs the reason.
@@ -191,7 +223,7 @@ async fn handle(
                 }
                 continue;
             }
-            Work::Request(id, body) => match handler.on_request(peer, body).await {
+            Work::Request(id, body, _permit) => match handler.on_request(peer, body).await {
                 Ok(body) => Frame::Response { id, body },
                 Err(reason) => Frame::Rejected { id, reason },
             },
@@ -206,17 +238,18 @@ async fn handle(
 /// Writes answers in order; a `Refused` is the last frame: the connection
 /// closes after it.
 async fn write(mut tx: WireTx, mut replies: mpsc::Receiver<Frame>) -> Result<(), InboundError> {
-    while let Some(frame) = replies.recv().await {
-        let mut last = frame;
-        loop {
-            tx.feed(&last).await?;
-            if let Frame::Refused { reason } = last {
+    while let Some(first) = replies.recv().await {
+        let mut next = Some(first);
+        let mut written = 0;
+        while let Some(frame) = next.take() {
+            tx.feed(&frame).await?;
+            if let Frame::Refused { reason } = frame {
                 tx.flush().await?;
                 return Err(InboundError::Handler(reason));
             }
-            match replies.try_recv() {
-                Ok(more) => last = more,
-                Err(_) => break,
+            written += 1;
+            if written < WRITE_RUN {
+                next = replies.try_recv().ok();
             }
         }
         tx.flush().await?;

@@ -26,6 +26,9 @@ use crate::time::unix_us;
 /// Mode frames queued for one connection before senders wait.
 const QUEUE: usize = 16;
 
+/// Frames written before a flush and a look at the heartbeat timer.
+const WRITE_RUN: usize = 16;
+
 /// Answers awaited on one connection, by request id.
 type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, PeerError>>>>;
 
@@ -302,7 +305,10 @@ async fn write(
             frame = queue.recv() => {
                 let Some(frame) = frame else { return Ok(()) };
                 tx.feed(&frame).await?;
-                while let Ok(more) = queue.try_recv() {
+                // A bounded run, so that a heartbeat due meanwhile goes
+                // out after it rather than after the whole queue.
+                for _ in 1..WRITE_RUN {
+                    let Ok(more) = queue.try_recv() else { break };
                     tx.feed(&more).await?;
                 }
                 tx.flush().await?;

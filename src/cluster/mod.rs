@@ -93,6 +93,15 @@ pub struct Cluster {
     metrics: ClusterMetrics,
     /// The current outbound connection to each peer, if up.
     links: HashMap<u32, watch::Sender<Option<PeerLink>>>,
+    /// Per peer: the end signal of its current inbound connection, and the
+    /// turn that connection holds while it runs.
+    inbound: HashMap<
+        u32,
+        (
+            std::sync::Mutex<CancellationToken>,
+            Arc<tokio::sync::Mutex<()>>,
+        ),
+    >,
     /// Requests served, reported in heartbeats.
     requests_total: Box<dyn Fn() -> u64 + Send + Sync>,
     /// `requests_total` as of the last metrics refresh: heartbeats read
@@ -114,12 +123,18 @@ impl Cluster {
             .iter()
             .map(|&(id, _)| (id, watch::Sender::new(None)))
             .collect();
+        let inbound = settings
+            .peers
+            .iter()
+            .map(|&(id, _)| (id, Default::default()))
+            .collect();
         Ok(Arc::new(Cluster {
             settings,
             tag,
             peers,
             metrics,
             links,
+            inbound,
             requests_total,
             requests_seen: AtomicU64::new(0),
         }))
@@ -143,6 +158,26 @@ impl Cluster {
     pub fn try_link(&self, peer: u32) -> Option<PeerLink> {
         let link = self.links.get(&peer)?.borrow().clone()?;
         (!link.closed.is_cancelled()).then_some(link)
+    }
+
+    /// For a new inbound connection from `peer`: ends the one before (its
+    /// token is cancelled) and returns this one's end signal and the turn
+    /// to hold while it runs. The caller takes the turn, so it starts once
+    /// the old connection has stopped.
+    fn inbound_turn(&self, peer: u32) -> (CancellationToken, Arc<tokio::sync::Mutex<()>>) {
+        let Some((current, turn)) = self.inbound.get(&peer) else {
+            // Handshakes admit only configured peers.
+            return (CancellationToken::new(), Default::default());
+        };
+        let fresh = CancellationToken::new();
+        let old = std::mem::replace(
+            &mut *current
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            fresh.clone(),
+        );
+        old.cancel();
+        (fresh, turn.clone())
     }
 
     /// Waits until the link to `peer` is up (`None` for an unknown peer).

@@ -104,14 +104,23 @@ impl Backlog {
         self.len() == 0
     }
 
+    /// Every entry held, oldest first.
+    pub fn all(&self) -> Vec<(u64, Arc<Entry>)> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        (inner.first_seq..)
+            .zip(inner.entries.iter().cloned())
+            .collect()
+    }
+
     /// Up to `max` entries after `after`, or `TooOld` if some of them have
     /// left the window.
     pub fn read_after(&self, after: u64, max: usize) -> Result<Vec<(u64, Arc<Entry>)>, TooOld> {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        if after + 1 < inner.first_seq {
+        let next = after.saturating_add(1);
+        if next < inner.first_seq {
             return Err(TooOld);
         }
-        let skip = (after + 1 - inner.first_seq) as usize;
+        let skip = usize::try_from(next - inner.first_seq).unwrap_or(usize::MAX);
         Ok(inner
             .entries
             .iter()

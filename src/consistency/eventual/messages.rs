@@ -81,7 +81,14 @@ pub enum Msg {
     /// unordered.
     Snapshot { entries: Vec<Entry> },
     /// The full resync is complete; its state includes the log up to `seq`.
-    SnapshotDone { incarnation: u64, seq: u64 },
+    /// `epoch` is the newest `ResyncMe` epoch the sender had when the
+    /// resync started: the receiver trusts it only if that is at least the
+    /// epoch it asked for last.
+    SnapshotDone {
+        incarnation: u64,
+        seq: u64,
+        epoch: u64,
+    },
     /// How far the sender of this ack has applied the receiver's log.
     Ack { cursor: Cursor },
     /// Anti-entropy: the sender's replica summarised (see `digest.rs`), one
@@ -89,14 +96,16 @@ pub enum Msg {
     Digest { buckets: Vec<u64> },
     /// The answer to `Digest`: the buckets where this replica differs.
     DigestDiff { buckets: Vec<u16> },
-    /// This node's store lost its data: send it a full resync.
-    ResyncMe,
+    /// This node needs a full resync (its store lost its data, or entries
+    /// did not follow on). `epoch` counts this node's requests to the peer.
+    ResyncMe { epoch: u64 },
 }
 
 /// Requests; each has its own answer type.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Ask {
-    /// How far have you applied my log? Answered `Option<Cursor>`.
+    /// How far have you applied my log? Answered `(Option<Cursor>, u64)`:
+    /// the cursor, and the epoch of the newest full resync asked for.
     Cursor,
 }
 
@@ -171,7 +180,7 @@ mod tests {
             Msg::DigestDiff {
                 buckets: vec![0, 255, u16::MAX],
             },
-            Msg::ResyncMe,
+            Msg::ResyncMe { epoch: 3 },
         ] {
             assert_eq!(decode::<Msg>(&encode(&m)), Ok(m));
         }

@@ -540,7 +540,11 @@ impl Eventual {
     /// Removes every value older than `version`.
     async fn remove_older_than(&self, version: Version) -> Result<(), BackendError> {
         self.raise_flushed(version);
-        let keys = self.backend.keys().await?;
+        // One key listing at a time, as for resyncs and anti-entropy.
+        let keys = {
+            let _turn = self.listing.lock().await;
+            self.backend.keys().await?
+        };
         for key in keys {
             let _g = self.stripe(&key).lock().await;
             let older = self

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::sync::{Notify, mpsc};
+use tokio::task::AbortHandle;
 
 use super::messages::Cursor;
 use crate::metrics::reg;
@@ -17,11 +18,16 @@ struct State {
     acked: Option<Cursor>,
     /// How far we have applied its log.
     applied_cursor: Option<Cursor>,
-    /// Our store lost its data: no cursor of the peer's log is valid until
-    /// a full resync from it completes, whatever entries arrive meanwhile.
+    /// No cursor of the peer's log is valid until a full resync from it
+    /// with at least `epoch` completes (our store lost its data, or its
+    /// entries did not follow on), whatever entries arrive meanwhile.
     needs_snapshot: bool,
-    /// When we last asked it for a full resync.
+    /// How many full resyncs we asked the peer for.
+    epoch: u64,
+    /// When we last asked it for one, if the request went out.
     asked: Option<Instant>,
+    /// The newest resync epoch the peer asked us for.
+    wanted: u64,
     /// Entries of its log we applied.
     applied: u64,
     /// Keys a full resync or an anti-entropy repair from it changed here.
@@ -36,6 +42,17 @@ pub(super) struct Peer {
     /// The peer's answers to our digests, for the pusher.
     pub diffs_tx: mpsc::Sender<Vec<u16>>,
     pub diffs_rx: tokio::sync::Mutex<mpsc::Receiver<Vec<u16>>>,
+    /// The task answering the peer's latest digest.
+    digest: Mutex<Option<AbortHandle>>,
+}
+
+impl Peer {
+    /// Records the task answering the peer's newest digest; returns the
+    /// one it replaces.
+    pub fn replace_digest(&self, task: AbortHandle) -> Option<AbortHandle> {
+        let mut slot = self.digest.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.replace(task)
+    }
 }
 
 pub(super) struct Peers(HashMap<u32, Peer>);
@@ -51,6 +68,7 @@ impl Peers {
                         resync: Notify::new(),
                         diffs_tx,
                         diffs_rx: tokio::sync::Mutex::new(diffs_rx),
+                        digest: Mutex::new(None),
                     };
                     (id, peer)
                 })
@@ -83,40 +101,85 @@ impl Peers {
         self.with(id, |s| s.applied_cursor).flatten()
     }
 
+    /// The answer to the peer's `Ask::Cursor`: our cursor of its log, and
+    /// the epoch a full resync from it must carry.
+    pub fn cursor_answer(&self, id: u32) -> (Option<Cursor>, u64) {
+        self.with(id, |s| (s.applied_cursor, s.epoch))
+            .unwrap_or_default()
+    }
+
     /// Entries `first..=cursor.seq` of the peer's log were applied. The
     /// cursor moves only when they follow on from it (same log, no gap)
     /// and no full resync is awaited. When they do not, nothing tells how
-    /// far this replica has the peer's log any more: returns true when the
-    /// peer should be asked for a full resync now (at most once every
-    /// [`ASK_AGAIN`] while one is awaited).
-    pub fn entries_applied(&self, id: u32, first: u64, cursor: Cursor, count: u64) -> bool {
+    /// far this replica has the peer's log any more: a full resync is
+    /// needed (see [`Peers::resync_due`]).
+    pub fn entries_applied(&self, id: u32, first: u64, cursor: Cursor, count: u64) {
         self.with(id, |s| {
             s.applied += count;
-            let follows = s
-                .applied_cursor
-                .is_some_and(|c| c.incarnation == cursor.incarnation && first <= c.seq + 1);
+            let follows = s.applied_cursor.is_some_and(|c| {
+                c.incarnation == cursor.incarnation && first <= c.seq.saturating_add(1)
+            });
             if follows && !s.needs_snapshot {
                 s.applied_cursor = Some(cursor);
+            } else if !s.needs_snapshot {
+                Self::need_snapshot(s);
+            }
+        });
+    }
+
+    fn need_snapshot(s: &mut State) {
+        s.applied_cursor = None;
+        s.needs_snapshot = true;
+        s.epoch += 1;
+        s.asked = None;
+    }
+
+    /// A full resync from the peer is applied, up to `cursor`; it started
+    /// when the peer had seen our requests up to `epoch`. Returns false
+    /// (and changes nothing) for a resync older than our last request: it
+    /// may predate what made us ask.
+    pub fn snapshot_applied(&self, id: u32, cursor: Cursor, epoch: u64) -> bool {
+        self.with(id, |s| {
+            if epoch < s.epoch {
                 return false;
             }
-            s.needs_snapshot = true;
-            s.applied_cursor = None;
-            if s.asked.is_some_and(|t| t.elapsed() < ASK_AGAIN) {
-                return false;
-            }
-            s.asked = Some(Instant::now());
+            s.applied_cursor = Some(cursor);
+            s.needs_snapshot = false;
+            s.asked = None;
             true
         })
         .unwrap_or(false)
     }
 
-    /// A full resync from the peer is applied, up to `cursor`.
-    pub fn snapshot_applied(&self, id: u32, cursor: Cursor) {
+    /// The epoch to ask the peer for a full resync with, when one is
+    /// awaited and it was not asked for within [`ASK_AGAIN`].
+    pub fn resync_due(&self, id: u32) -> Option<u64> {
         self.with(id, |s| {
-            s.applied_cursor = Some(cursor);
-            s.needs_snapshot = false;
-            s.asked = None;
-        });
+            let recent = s.asked.is_some_and(|t| t.elapsed() < ASK_AGAIN);
+            (s.needs_snapshot && !recent).then_some(s.epoch)
+        })
+        .flatten()
+    }
+
+    /// The request for a full resync went out.
+    pub fn asked(&self, id: u32) {
+        self.with(id, |s| s.asked = Some(Instant::now()));
+    }
+
+    /// The peer asked us for a full resync of `epoch`; true when that is
+    /// newer than what it asked before.
+    pub fn wants_resync(&self, id: u32, epoch: u64) -> bool {
+        self.with(id, |s| {
+            let newer = epoch > s.wanted;
+            s.wanted = s.wanted.max(epoch);
+            newer
+        })
+        .unwrap_or(false)
+    }
+
+    /// The newest resync epoch the peer asked us for.
+    pub fn wanted_epoch(&self, id: u32) -> u64 {
+        self.with(id, |s| s.wanted).unwrap_or(0)
     }
 
     pub fn repaired(&self, id: u32, keys: u64) {
@@ -124,13 +187,11 @@ impl Peers {
     }
 
     /// Our store lost its data: forget how far we applied every peer's log
-    /// until each sends a full resync (the caller asks them now).
+    /// until each sends a full resync (asked for by [`Peers::resync_due`]).
     pub fn forget_cursors(&self) {
         for peer in self.0.values() {
             let mut s = peer.state.lock().unwrap_or_else(PoisonError::into_inner);
-            s.applied_cursor = None;
-            s.needs_snapshot = true;
-            s.asked = Some(Instant::now());
+            Self::need_snapshot(&mut s);
         }
     }
 
@@ -232,36 +293,58 @@ mod tests {
     #[test]
     fn the_cursor_moves_only_over_contiguous_entries_of_one_log() {
         let p = Peers::new(&[2]);
-        assert!(p.entries_applied(2, 1, C(7, 3), 3), "no cursor yet: ask");
-        assert!(!p.entries_applied(2, 4, C(7, 4), 1), "asked already");
-        assert_eq!(p.applied_cursor(2), None);
-        p.snapshot_applied(2, C(7, 10));
-        assert!(!p.entries_applied(2, 11, C(7, 12), 2));
+        p.entries_applied(2, 1, C(7, 3), 3);
+        assert_eq!(p.applied_cursor(2), None, "no cursor yet");
+        assert_eq!(p.resync_due(2), Some(1), "so a full resync is asked for");
+        p.asked(2);
+        assert_eq!(p.resync_due(2), None, "asked already");
+        p.entries_applied(2, 4, C(7, 4), 1);
+        assert_eq!(p.resync_due(2), None, "still the same request");
+        assert!(p.snapshot_applied(2, C(7, 10), 1));
+        p.entries_applied(2, 11, C(7, 12), 2);
         assert_eq!(p.applied_cursor(2), Some(C(7, 12)));
-        assert!(!p.entries_applied(2, 12, C(7, 13), 2), "an overlap is fine");
-        assert_eq!(p.applied_cursor(2), Some(C(7, 13)));
-        assert!(p.entries_applied(2, 20, C(7, 21), 2), "a gap: ask");
-        assert_eq!(p.applied_cursor(2), None);
-        p.snapshot_applied(2, C(7, 21));
-        assert!(p.entries_applied(2, 22, C(8, 22), 1), "another log: ask");
+        p.entries_applied(2, 12, C(7, 13), 2);
+        assert_eq!(p.applied_cursor(2), Some(C(7, 13)), "an overlap is fine");
+        assert_eq!(p.resync_due(2), None);
+        p.entries_applied(2, 20, C(7, 21), 2);
+        assert_eq!(p.applied_cursor(2), None, "a gap");
+        assert_eq!(p.resync_due(2), Some(2));
+        assert!(p.snapshot_applied(2, C(7, 21), 2));
+        p.entries_applied(2, 22, C(8, 22), 1);
+        assert_eq!(p.resync_due(2), Some(3), "another log");
         assert_eq!(p.counts(2), (11, 0));
+        assert_eq!(p.cursor_answer(2), (None, 3));
     }
 
     #[test]
-    fn after_a_store_restart_only_a_full_resync_sets_a_cursor() {
+    fn after_a_store_restart_only_a_resync_begun_after_the_request_counts() {
         let p = Peers::new(&[2, 3]);
-        p.snapshot_applied(2, C(7, 10));
+        assert!(p.snapshot_applied(2, C(7, 10), 0));
         p.forget_cursors();
         assert_eq!(p.applied_cursor(2), None);
+        assert_eq!(p.resync_due(2), Some(1));
+        assert_eq!(p.resync_due(3), Some(1));
         // Entries in flight when the store restarted still apply, but do
         // not make a cursor: the store no longer holds what came before.
-        // The resync was asked for when the restart was found.
-        assert!(!p.entries_applied(2, 11, C(7, 11), 1));
+        p.entries_applied(2, 11, C(7, 11), 1);
         assert_eq!(p.applied_cursor(2), None);
-        p.snapshot_applied(2, C(7, 30));
+        // A resync the peer began before it heard the request does not
+        // count: it may have been read before the restart.
+        assert!(!p.snapshot_applied(2, C(7, 20), 0));
+        assert_eq!(p.applied_cursor(2), None);
+        assert!(p.snapshot_applied(2, C(7, 30), 1));
         assert_eq!(p.applied_cursor(2), Some(C(7, 30)));
-        assert!(!p.entries_applied(2, 31, C(7, 31), 1));
+        p.entries_applied(2, 31, C(7, 31), 1);
         assert_eq!(p.applied_cursor(2), Some(C(7, 31)));
         assert_eq!(p.applied_cursor(3), None);
+    }
+
+    #[test]
+    fn the_pusher_side_keeps_the_newest_request() {
+        let p = Peers::new(&[2]);
+        assert_eq!(p.wanted_epoch(2), 0);
+        assert!(p.wants_resync(2, 2));
+        assert!(!p.wants_resync(2, 1), "an older request changes nothing");
+        assert_eq!(p.wanted_epoch(2), 2);
     }
 }

@@ -59,21 +59,23 @@ impl Eventual {
                 link = self.cluster.link(peer) => link,
             };
             let Some(link) = link else { return };
-            let result = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = self.push(&link, &mut diffs) => r,
-            };
-            match result {
-                Err(PushError::Replica(e)) => {
+            // Over this connection until it ends: a failure of this
+            // replica, or a peer slow to answer, is tried again on it.
+            loop {
+                let result = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = self.push(&link, &mut diffs) => r,
+                };
+                match result {
+                    Ok(()) | Err(PushError::Peer(PeerError::Down(_))) => break,
                     // The backend logs its outages, once each.
-                    tracing::debug!(peer, error = %e, "cannot read this replica to push it; trying again");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(self.settings.heartbeat_interval) => {}
-                    }
+                    Err(e) => tracing::debug!(peer, error = %e, "push interrupted; trying again"),
                 }
-                Err(PushError::Peer(e)) => tracing::debug!(peer, error = %e, "push paused"),
-                Ok(()) => {}
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = link.closed() => break,
+                    _ = tokio::time::sleep(self.settings.heartbeat_interval) => {}
+                }
             }
             // Wait for this connection to end before asking for the next.
             link.closed().await;
@@ -92,7 +94,8 @@ impl Eventual {
         let answer = tokio::time::timeout(CURSOR_WAIT, link.request(encode(&Ask::Cursor)))
             .await
             .map_err(|_| PeerError::Timeout(peer))??;
-        let cursor: Option<Cursor> = decode(&answer).map_err(PushError::Replica)?;
+        let (cursor, epoch): (Option<Cursor>, u64) = decode(&answer).map_err(PushError::Replica)?;
+        self.peers.wants_resync(peer, epoch);
         let resumable = |c: &Cursor| {
             c.incarnation == backlog.incarnation && backlog.read_after(c.seq, 0).is_ok()
         };
@@ -251,6 +254,9 @@ impl Eventual {
         // Every entry up to `seq` is already applied to the store, so the
         // state read below includes it; later entries follow from the log.
         let seq = self.backlog.head();
+        // The newest resync the peer asked for, as of now: the peer trusts
+        // this resync only if it started after its request.
+        let epoch = self.peers.wanted_epoch(peer);
         let keys = self.list_keys().await.map_err(PushError::Replica)?;
         tracing::info!(peer, keys = keys.len(), seq, "sending a full resync");
         for chunk in keys.chunks(SNAPSHOT_CHUNK) {
@@ -260,6 +266,7 @@ impl Eventual {
         let done = Msg::SnapshotDone {
             incarnation: self.backlog.incarnation,
             seq,
+            epoch,
         };
         link.send(encode(&done)).await?;
         self.replication

@@ -27,7 +27,7 @@ impl Handler for Eventual {
     fn on_request(&self, peer: u32, body: Bytes) -> BoxFuture<'_, Result<Bytes, String>> {
         Box::pin(async move {
             match decode::<Ask>(&body)? {
-                Ask::Cursor => Ok(encode(&self.peers.applied_cursor(peer))),
+                Ask::Cursor => Ok(encode(&self.peers.cursor_answer(peer))),
             }
         })
     }
@@ -55,14 +55,17 @@ impl Eventual {
                     incarnation,
                     seq: last,
                 };
-                if self.peers.entries_applied(peer, first, cursor, count) {
-                    tracing::warn!(
+                self.peers.entries_applied(peer, first, cursor, count);
+                if let Some(epoch) = self.peers.resync_due(peer) {
+                    tracing::info!(
                         peer,
                         first,
-                        "entries do not follow on from what this replica has of the peer's log; \
+                        "this replica does not have all of the peer's log before these entries; \
                          asking it for a full resync"
                     );
-                    self.tell(peer, &Msg::ResyncMe);
+                    if self.tell(peer, &Msg::ResyncMe { epoch }) {
+                        self.peers.asked(peer);
+                    }
                 }
                 self.replication
                     .applied
@@ -84,20 +87,35 @@ impl Eventual {
                     .with_label_values(&[&label])
                     .inc_by(changed);
             }
-            Msg::SnapshotDone { incarnation, seq } => {
+            Msg::SnapshotDone {
+                incarnation,
+                seq,
+                epoch,
+            } => {
                 let cursor = Cursor { incarnation, seq };
-                self.peers.snapshot_applied(peer, cursor);
-                tracing::info!(peer, seq, "full resync from peer applied");
-                self.tell(peer, &Msg::Ack { cursor });
+                if self.peers.snapshot_applied(peer, cursor, epoch) {
+                    tracing::info!(peer, seq, "full resync from peer applied");
+                    self.tell(peer, &Msg::Ack { cursor });
+                } else {
+                    tracing::debug!(
+                        peer,
+                        epoch,
+                        "a full resync begun before this node asked for one; still waiting"
+                    );
+                }
             }
             Msg::Ack { cursor } => self.peers.acked(peer, cursor),
             Msg::Digest { buckets } => {
                 // Every message the peer sent before its digest is applied,
                 // so this replica's digest, taken now, covers what the
                 // peer's does. It is computed beside the apply loop, which
-                // goes on meanwhile.
-                if let Some(me) = self.me.upgrade() {
-                    tokio::spawn(async move { me.answer_digest(peer, buckets).await });
+                // goes on meanwhile; a newer digest replaces one still
+                // being answered.
+                if let (Some(me), Some(slot)) = (self.me.upgrade(), self.peers.get(peer)) {
+                    let task = tokio::spawn(async move { me.answer_digest(peer, buckets).await });
+                    if let Some(old) = slot.replace_digest(task.abort_handle()) {
+                        old.abort();
+                    }
                 }
             }
             Msg::DigestDiff { buckets } => {
@@ -107,9 +125,11 @@ impl Eventual {
                     tracing::debug!(peer, "ignoring a digest answer nobody asked for");
                 }
             }
-            Msg::ResyncMe => {
-                tracing::info!(peer, "peer asked for a full resync");
-                if let Some(p) = self.peers.get(peer) {
+            Msg::ResyncMe { epoch } => {
+                if self.peers.wants_resync(peer, epoch)
+                    && let Some(p) = self.peers.get(peer)
+                {
+                    tracing::info!(peer, epoch, "peer asked for a full resync");
                     p.resync.notify_one();
                 }
             }
@@ -120,10 +140,11 @@ impl Eventual {
     /// Sends `msg` to `peer` if its link has room now. For acks and
     /// requests that are repeated or superseded later: waiting for room
     /// here could hold up the apply loop behind this node's own pushes.
-    fn tell(&self, peer: u32, msg: &Msg) {
-        if let Some(link) = self.cluster.try_link(peer) {
-            let _ = link.try_send(encode(msg));
-        }
+    /// Returns whether it went.
+    fn tell(&self, peer: u32, msg: &Msg) -> bool {
+        self.cluster
+            .try_link(peer)
+            .is_some_and(|link| link.try_send(encode(msg)).is_ok())
     }
 
     async fn answer_digest(&self, peer: u32, theirs: Vec<u64>) {
@@ -156,9 +177,11 @@ impl Eventual {
     }
 
     /// Checks the backing store's identity; when it changed (restarted
-    /// empty), forgets every peer's cursor and asks every peer for a full
-    /// resync. A peer that does not hear the request learns it when it
-    /// next asks for its cursor, or sends entries.
+    /// empty), forgets every peer's cursor, writes this node's own recent
+    /// writes (the backlog) back into the store, and asks every peer for a
+    /// full resync. On every check, asks again any peer whose resync is
+    /// still awaited and was not asked for recently (a request can be lost
+    /// with a connection).
     pub(super) async fn watch_store(self: Arc<Self>, shutdown: CancellationToken) {
         let mut known: Option<String> = None;
         let mut tick = tokio::time::interval(self.settings.store_check_interval);
@@ -167,25 +190,52 @@ impl Eventual {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let Ok(now) = self.backend.instance().await else {
-                continue;
-            };
-            if known.as_ref().is_some_and(|k| *k != now) {
-                tracing::warn!(
-                    before = known.as_deref().unwrap_or_default(),
-                    now = %now,
-                    "backing store restarted; asking every peer for a full resync"
-                );
-                self.peers.forget_cursors();
-                self.replication.store_restarts.inc();
-                for peer in self.cluster.peer_ids() {
-                    let ask = self.cluster.send(peer, encode(&Msg::ResyncMe));
-                    if let Err(e) = tokio::time::timeout(ASK_WAIT, ask).await {
-                        tracing::debug!(peer, error = %e, "resync request not sent");
-                    }
+            if let Ok(now) = self.backend.instance().await {
+                if known.as_ref().is_some_and(|k| *k != now) {
+                    tracing::warn!(
+                        before = known.as_deref().unwrap_or_default(),
+                        now = %now,
+                        "backing store restarted; asking every peer for a full resync"
+                    );
+                    self.peers.forget_cursors();
+                    self.replication.store_restarts.inc();
+                    self.restore_own_writes().await;
+                }
+                known = Some(now);
+            }
+            for peer in self.cluster.peer_ids() {
+                let Some(epoch) = self.peers.resync_due(peer) else {
+                    continue;
+                };
+                let ask = self.cluster.send(peer, encode(&Msg::ResyncMe { epoch }));
+                match tokio::time::timeout(ASK_WAIT, ask).await {
+                    Ok(Ok(())) => self.peers.asked(peer),
+                    Ok(Err(e)) => tracing::debug!(peer, error = %e, "resync request not sent"),
+                    Err(_) => tracing::debug!(peer, "resync request not sent: link busy"),
                 }
             }
-            known = Some(now);
         }
+    }
+
+    /// Writes the backlog (this node's recent writes) into a store that
+    /// lost its data: those not yet on a peer when the peer reads its
+    /// store for the resync would otherwise come back only by
+    /// anti-entropy. Last-writer-wins makes a write that is already there
+    /// a no-op.
+    async fn restore_own_writes(&self) {
+        let mut restored = 0usize;
+        for (_, entry) in self.backlog.all() {
+            match self.apply_one((*entry).clone()).await {
+                Ok(changed) => restored += usize::from(changed),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot restore this node's writes yet");
+                    return;
+                }
+            }
+        }
+        tracing::info!(
+            restored,
+            "this node's recent writes written back to its store"
+        );
     }
 }
