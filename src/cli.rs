@@ -7,8 +7,9 @@
 //! `set KEY VALUE [TTL]` (and `add`, `replace`, `append`, `prepend` in the
 //! same form), `show`, `help`, `quit`/`exit`.
 //!
-//! `show` sends `stats cluster` and prints one row for the node itself and
-//! one per peer. The node's own REQ/S comes from two `stats cluster` samples
+//! `show` sends `stats cluster` and prints a summary, the node's readiness
+//! (`ready`, or `NOT READY:` and the reasons, as `/ready` says), then one
+//! row for the node itself and one per peer. The node's own REQ/S comes from two `stats cluster` samples
 //! [`RATE_SAMPLE`] apart (`requests_total` difference, less the cli's own
 //! first probe, over the time between the replies); a single node does not
 //! report `requests_total`, so its REQ/S is `-`. The peers' REQ/S is the
@@ -277,6 +278,11 @@ pub struct ClusterView {
     pub requests_total: Option<u64>,
     pub log_head: Option<String>,
     pub backlog_entries: Option<String>,
+    /// The node's readiness (`ready`, `ready_reason`, `ready_note`), when
+    /// the node reports it.
+    pub ready: Option<bool>,
+    pub ready_reason: Option<String>,
+    pub ready_note: Option<String>,
     /// Sorted by id (numerically where the ids are numbers).
     pub peers: Vec<PeerView>,
 }
@@ -294,6 +300,9 @@ impl ClusterView {
                 "requests_total" => view.requests_total = value.parse().ok(),
                 "log_head" => view.log_head = Some(value.clone()),
                 "backlog_entries" => view.backlog_entries = Some(value.clone()),
+                "ready" => view.ready = Some(value == "1"),
+                "ready_reason" => view.ready_reason = Some(value.clone()),
+                "ready_note" => view.ready_note = Some(value.clone()),
                 _ => {
                     let Some((id, field)) = name
                         .strip_prefix("peer:")
@@ -343,6 +352,23 @@ impl ClusterView {
             parts.push(format!("backlog {b} entries"));
         }
         parts.join(", ")
+    }
+
+    /// The node's readiness as `/ready` has it: `ready` or `NOT READY:`
+    /// with the reasons, then any notes; `None` when the node does not
+    /// report it.
+    pub fn readiness(&self) -> Option<String> {
+        let mut line = match self.ready? {
+            true => "ready".to_string(),
+            false => format!(
+                "NOT READY: {}",
+                self.ready_reason.as_deref().unwrap_or("no reason given")
+            ),
+        };
+        if let Some(note) = &self.ready_note {
+            line.push_str(&format!(" (note: {note})"));
+        }
+        Some(line)
     }
 
     /// The table's rows, sorted by node id: the node itself (`self_addr` is
@@ -739,6 +765,9 @@ fn show(conn: &mut Conn) -> anyhow::Result<()> {
         }
     }
     println!("{}", view.summary());
+    if let Some(line) = view.readiness() {
+        println!("{line}");
+    }
     print!("{}", format_table(&view.rows(&conn.target, rate)));
     io::stdout().flush()?;
     Ok(())
@@ -1009,6 +1038,32 @@ END\r\n";
         assert_eq!(rows[0][2], "self");
         assert_eq!(rows[0][3], "single");
         assert_eq!(rows[0][7], "-");
+    }
+
+    #[test]
+    fn readiness_line() {
+        let stats = parse_stats(
+            b"STAT node_id 1\r\nSTAT mode single\r\nSTAT peers 0\r\nSTAT ready 0\r\n\
+              STAT ready_reason backend: memcached 127.0.0.1:1 unreachable\r\nEND\r\n",
+        )
+        .unwrap();
+        let view = ClusterView::from_stats(&stats).unwrap();
+        assert_eq!(
+            view.readiness().as_deref(),
+            Some("NOT READY: backend: memcached 127.0.0.1:1 unreachable")
+        );
+        let stats = vec![
+            ("node_id".to_string(), "1".to_string()),
+            ("ready".to_string(), "1".to_string()),
+            ("ready_note".to_string(), "peer 2 is down".to_string()),
+        ];
+        let view = ClusterView::from_stats(&stats).unwrap();
+        assert_eq!(
+            view.readiness().as_deref(),
+            Some("ready (note: peer 2 is down)")
+        );
+        let old = vec![("node_id".to_string(), "1".to_string())];
+        assert_eq!(ClusterView::from_stats(&old).unwrap().readiness(), None);
     }
 
     #[test]

@@ -86,7 +86,7 @@ pub struct NodeConfig {
     pub client: SocketAddr,
     /// Port for peer traffic (never for clients).
     pub internal: SocketAddr,
-    /// HTTP port for `/metrics` and `/health`.
+    /// HTTP port for `/metrics`, `/health` and `/ready`.
     pub admin: SocketAddr,
     /// `host:port` of this node's memcached; absent = the embedded store.
     #[serde(default, skip_serializing_if = "Option::is_none")]

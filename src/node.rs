@@ -35,8 +35,8 @@ impl Node {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Node> {
         let node = config.node(id)?.clone();
-        let metrics = Arc::new(Metrics::new());
         let t = &config.timeouts;
+        let metrics = Arc::new(Metrics::with_slowest(slowest_request(config)));
         let backend: Arc<dyn Backend> = match &node.memcached {
             Some(addr) => Arc::new(MemcachedBackend::new(
                 addr.clone(),
@@ -93,6 +93,26 @@ impl Node {
             })
         };
         let mut tasks = Vec::new();
+        {
+            let pipeline = Arc::downgrade(&pipeline);
+            metrics.readiness.add_source(move || {
+                pipeline
+                    .upgrade()
+                    .map(|p| p.readiness())
+                    .unwrap_or_default()
+            });
+        }
+        if let Some(addr) = &node.memcached {
+            metrics
+                .readiness
+                .set("backend", Err(format!("memcached {addr} not probed yet")));
+            tasks.push(tokio::spawn(probe_backend(
+                backend.clone(),
+                addr.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )));
+        }
         if let Some((parts, internal)) = cluster {
             tasks.push(tokio::spawn(parts.cluster.run(
                 internal,
@@ -229,12 +249,58 @@ fn cluster_pipeline(
 
 /// Client requests served, summed over every command and outcome.
 fn total_requests(metrics: &Metrics) -> u64 {
-    use prometheus::core::Collector;
-    metrics
-        .requests
-        .collect()
-        .iter()
-        .flat_map(|f| f.get_metric())
-        .map(|m| m.get_counter().get_value() as u64)
-        .sum()
+    metrics::Counts::of(&metrics.requests).total()
+}
+
+/// The longest a client request can take by the configured timeouts, for
+/// the latency buckets: a backend call may wait for a pooled connection,
+/// then connect, then run to its deadline, and a read-modify-write
+/// (eventual mode's `incr`, `cas`, `append`, …) makes two calls.
+fn slowest_request(config: &Config) -> Duration {
+    let t = &config.timeouts;
+    let call = t.backend_pool_wait_ms + t.backend_connect_timeout_ms + t.backend_request_timeout_ms;
+    Duration::from_millis(2 * call)
+}
+
+/// How often a memcached backend is probed for readiness.
+const BACKEND_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Probes the memcached backend (`stats` on a connection of its own,
+/// outside the pool) every [`BACKEND_PROBE_INTERVAL`] until `shutdown`,
+/// and sets the node's `backend` readiness condition from the outcome.
+async fn probe_backend(
+    backend: Arc<dyn Backend>,
+    addr: String,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let mut tick = tokio::time::interval(BACKEND_PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_reachable = None;
+    loop {
+        let probed = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            probed = async {
+                tick.tick().await;
+                backend.instance().await
+            } => probed,
+        };
+        let reachable = probed.is_ok();
+        match &probed {
+            Err(e) if was_reachable != Some(false) => {
+                tracing::warn!(memcached = %addr, error = %e, "backend probe failed; not ready")
+            }
+            Ok(_) if was_reachable == Some(false) => {
+                tracing::info!(memcached = %addr, "backend probe answered; ready again")
+            }
+            _ => {}
+        }
+        was_reachable = Some(reachable);
+        metrics.readiness.set(
+            "backend",
+            probed
+                .map(|_| ())
+                .map_err(|e| format!("memcached {addr} unreachable ({e})")),
+        );
+    }
 }

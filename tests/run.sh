@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need when it is missing
-# (memcached and libmemcached-tools from Debian, pymemcache from PyPI),
+# (memcached and libmemcached-tools from Debian, pymemcache and
+# prometheus-client from PyPI),
 # then runs every test. Tests start their own memcached and memdial
 # processes on free ports.
 set -euo pipefail
@@ -19,6 +20,10 @@ fi
 if ! python3 -c 'import pymemcache' 2>/dev/null; then
   echo "installing pymemcache"
   python3 -m pip install -q pymemcache
+fi
+if ! python3 -c 'import prometheus_client' 2>/dev/null; then
+  echo "installing prometheus-client"
+  python3 -m pip install -q prometheus-client
 fi
 
 cargo test --release "$@"

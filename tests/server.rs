@@ -479,7 +479,7 @@ fn metrics_count_requests_and_health_answers_ok() {
         series("memdial_requests_total{command=\"set\",outcome=\"stored\"}"),
         1.0
     );
-    assert!(series("memdial_connections") >= 1.0, "{body}");
+    assert!(series("memdial_connections_open") >= 1.0, "{body}");
     assert_eq!(
         series("memdial_request_duration_seconds_bucket{command=\"get\",le=\"+Inf\"}"),
         5.0

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::BoxFuture;
 use crate::backend::{Backend, PoolStatus};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Verdict};
 use crate::protocol::{ClientError, Request, Response, StoreOp};
 
 /// What the pipeline keeps for one client connection, across its batches.
@@ -73,6 +73,14 @@ pub trait Pipeline: Send + Sync + 'static {
     /// `stats cluster` lines; empty for a single node.
     fn cluster_stats(&self) -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    /// The mode's own condition for taking client traffic (a quorum, for
+    /// an ordered mode): reasons it cannot, and notes that do not stop it.
+    /// The node adds the backend and listener conditions itself. Ready
+    /// with no notes unless a mode says otherwise.
+    fn readiness(&self) -> Verdict {
+        Verdict::default()
     }
 }
 

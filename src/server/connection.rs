@@ -339,8 +339,12 @@ impl<'a> Connection<'a> {
         self.wbuf.extend_from_slice(b"END\r\n");
         let outcome = if hits == 0 { "miss" } else { "hit" };
         let elapsed = started.elapsed().as_secs_f64();
-        self.handles
-            .record(command, outcome, elapsed, Some((hits, keys.len() - hits)));
+        self.handles.record(
+            command,
+            outcome,
+            Some(elapsed),
+            Some((hits, keys.len() - hits)),
+        );
         Ok(())
     }
 
@@ -360,12 +364,19 @@ impl<'a> Connection<'a> {
         Ok(())
     }
 
+    /// Counts the requests of one pipeline batch. A request alone in its
+    /// batch is timed; a batch of several is timed once as a batch, since
+    /// the time of each request in it is not known (see `metrics`).
     fn record(
         &mut self,
         commands: &[(Command, Option<usize>)],
         responses: &[Response],
         elapsed: f64,
     ) {
+        let alone = commands.len() == 1;
+        if !alone {
+            self.handles.batch(elapsed);
+        }
         for ((command, keys), response) in commands.iter().zip(responses) {
             let keys = match (keys, response) {
                 (Some(keys), Response::Values(values)) => {
@@ -374,46 +385,49 @@ impl<'a> Connection<'a> {
                 _ => None,
             };
             self.handles
-                .record(*command, response.outcome(), elapsed, keys);
+                .record(*command, response.outcome(), alone.then_some(elapsed), keys);
         }
     }
 }
 
-/// Metric handles resolved once per connection, so a request costs no
-/// label lookups (labels are closed sets: commands and outcomes).
+/// Metric handles resolved once per connection, on first use, so a request
+/// costs no label lookups and no series exists for a command or outcome
+/// never seen (labels are closed sets: commands and outcomes).
 struct Handles {
     metrics: std::sync::Arc<Metrics>,
     /// Indexed by `Command as usize`.
-    latency: Vec<Histogram>,
+    latency: Vec<Option<Histogram>>,
     requests: HashMap<(Command, &'static str), IntCounter>,
-    hit: IntCounter,
-    miss: IntCounter,
+    hit: Option<IntCounter>,
+    miss: Option<IntCounter>,
 }
 
 impl Handles {
     fn new(metrics: &std::sync::Arc<Metrics>) -> Handles {
         Handles {
-            latency: Command::ALL
-                .iter()
-                .map(|c| metrics.latency.with_label_values(&[c.as_str()]))
-                .collect(),
+            latency: vec![None; Command::ALL.len()],
             requests: HashMap::new(),
-            hit: metrics.get_keys.with_label_values(&["hit"]),
-            miss: metrics.get_keys.with_label_values(&["miss"]),
+            hit: None,
+            miss: None,
             metrics: metrics.clone(),
         }
     }
 
-    /// Counts one request; `keys` is (hits, misses) for the get family.
+    /// Counts one request; `elapsed` is its time when it was timed alone,
+    /// `keys` is (hits, misses) for the get family.
     fn record(
         &mut self,
         command: Command,
         outcome: &'static str,
-        elapsed: f64,
+        elapsed: Option<f64>,
         keys: Option<(usize, usize)>,
     ) {
-        self.latency[command as usize].observe(elapsed);
         let metrics = &self.metrics;
+        if let Some(elapsed) = elapsed {
+            self.latency[command as usize]
+                .get_or_insert_with(|| metrics.latency.with_label_values(&[command.as_str()]))
+                .observe(elapsed);
+        }
         self.requests
             .entry((command, outcome))
             .or_insert_with(|| {
@@ -423,9 +437,23 @@ impl Handles {
             })
             .inc();
         if let Some((hits, misses)) = keys {
-            self.hit.inc_by(hits as u64);
-            self.miss.inc_by(misses as u64);
+            let keys = &metrics.get_keys;
+            if hits > 0 {
+                self.hit
+                    .get_or_insert_with(|| keys.with_label_values(&["hit"]))
+                    .inc_by(hits as u64);
+            }
+            if misses > 0 {
+                self.miss
+                    .get_or_insert_with(|| keys.with_label_values(&["miss"]))
+                    .inc_by(misses as u64);
+            }
         }
+    }
+
+    /// Times one batch of several requests.
+    fn batch(&self, elapsed: f64) {
+        self.metrics.batch_latency.observe(elapsed);
     }
 }
 

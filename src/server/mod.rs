@@ -79,6 +79,7 @@ pub async fn run(
         verbosity: AtomicU32::new(0),
         stats_baseline: stats::Baseline::default(),
     });
+    watch_readiness(&shared.metrics, &limit, shared.settings.max_connections);
     let tracker = TaskTracker::new();
     let conn_ids = AtomicU64::new(1);
     tracing::info!(addr = %local_addr, "listening for clients");
@@ -91,10 +92,15 @@ pub async fn run(
         };
         let (stream, peer) = match accepted {
             Ok(a) => {
+                if backoff > Duration::from_millis(1) {
+                    shared.metrics.readiness.set("listener", Ok(()));
+                }
                 backoff = Duration::from_millis(1);
                 a
             }
             Err(e) => {
+                let reason = format!("accept failing ({e})");
+                shared.metrics.readiness.set("listener", Err(reason));
                 // Out of descriptors and the like: wait, then try again.
                 tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
                 tokio::select! {
@@ -132,6 +138,8 @@ pub async fn run(
         );
     }
     drop(listener);
+    let draining = "shutting down; not accepting connections".to_string();
+    shared.metrics.readiness.set("listener", Err(draining));
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(
@@ -142,6 +150,22 @@ pub async fn run(
     }
     tracing::info!(addr = %local_addr, "client listener stopped");
     Ok(())
+}
+
+/// Makes the node unready while every connection slot is taken: the next
+/// client would be refused.
+fn watch_readiness(metrics: &Metrics, limit: &Arc<Semaphore>, max: usize) {
+    let limit = Arc::downgrade(limit);
+    metrics.readiness.add_source(move || {
+        let full = limit.upgrade().is_some_and(|l| l.available_permits() == 0);
+        crate::metrics::Verdict {
+            reasons: full
+                .then(|| format!("connections: all {max} in use; new ones are refused"))
+                .into_iter()
+                .collect(),
+            notes: Vec::new(),
+        }
+    });
 }
 
 async fn refuse(mut stream: TcpStream) {

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 
 use super::Shared;
+use crate::metrics::{Counts, Verdict};
 use crate::protocol::{ClientError, Command, Response};
 
 /// Counter values at the last `stats reset`, subtracted from what `stats`
@@ -40,24 +41,20 @@ pub(super) fn answer(shared: &Shared, args: &[Bytes]) -> Response {
     }
 }
 
-fn requests(shared: &Shared, command: Command, outcomes: &[&str]) -> u64 {
-    outcomes
-        .iter()
-        .map(|o| {
-            shared
-                .metrics
-                .requests
-                .with_label_values(&[command.as_str(), o])
-                .get()
-        })
-        .sum()
-}
-
 /// Counters, in memcached's names, before the reset baseline is applied.
+/// Read without creating series for what was never counted.
 fn counters(shared: &Shared) -> Vec<(&'static str, u64)> {
     let m = &shared.metrics;
-    let hits = m.get_keys.with_label_values(&["hit"]).get();
-    let misses = m.get_keys.with_label_values(&["miss"]).get();
+    let counted = Counts::of(&m.requests);
+    let requests = |command: Command, outcomes: &[&str]| -> u64 {
+        outcomes
+            .iter()
+            .map(|o| counted.get(&[("command", command.as_str()), ("outcome", o)]))
+            .sum()
+    };
+    let keys = Counts::of(&m.get_keys);
+    let hits = keys.get(&[("result", "hit")]);
+    let misses = keys.get(&[("result", "miss")]);
     let stores = [
         Command::Set,
         Command::Add,
@@ -75,40 +72,28 @@ fn counters(shared: &Shared) -> Vec<(&'static str, u64)> {
         "client_error",
         "error",
     ];
-    let cmd_set: u64 = stores.iter().map(|&c| requests(shared, c, &all)).sum();
-    let touch = |o: &[&str]| requests(shared, Command::Touch, o);
-    let gat_keys = requests(shared, Command::Gat, &["hit", "miss"])
-        + requests(shared, Command::Gats, &["hit", "miss"]);
+    let cmd_set: u64 = stores.iter().map(|&c| requests(c, &all)).sum();
+    let touch = |o: &[&str]| requests(Command::Touch, o);
+    let gat_keys =
+        requests(Command::Gat, &["hit", "miss"]) + requests(Command::Gats, &["hit", "miss"]);
     vec![
         ("total_connections", m.connections_total.get()),
         ("rejected_connections", m.connections_rejected.get()),
         ("cmd_get", hits + misses),
         ("cmd_set", cmd_set),
-        ("cmd_flush", requests(shared, Command::FlushAll, &["ok"])),
+        ("cmd_flush", requests(Command::FlushAll, &["ok"])),
         ("cmd_touch", touch(&["touched", "not_found"]) + gat_keys),
         ("get_hits", hits),
         ("get_misses", misses),
-        (
-            "delete_misses",
-            requests(shared, Command::Delete, &["not_found"]),
-        ),
-        (
-            "delete_hits",
-            requests(shared, Command::Delete, &["deleted"]),
-        ),
-        (
-            "incr_misses",
-            requests(shared, Command::Incr, &["not_found"]),
-        ),
-        ("incr_hits", requests(shared, Command::Incr, &["ok"])),
-        (
-            "decr_misses",
-            requests(shared, Command::Decr, &["not_found"]),
-        ),
-        ("decr_hits", requests(shared, Command::Decr, &["ok"])),
-        ("cas_misses", requests(shared, Command::Cas, &["not_found"])),
-        ("cas_hits", requests(shared, Command::Cas, &["stored"])),
-        ("cas_badval", requests(shared, Command::Cas, &["exists"])),
+        ("delete_misses", requests(Command::Delete, &["not_found"])),
+        ("delete_hits", requests(Command::Delete, &["deleted"])),
+        ("incr_misses", requests(Command::Incr, &["not_found"])),
+        ("incr_hits", requests(Command::Incr, &["ok"])),
+        ("decr_misses", requests(Command::Decr, &["not_found"])),
+        ("decr_hits", requests(Command::Decr, &["ok"])),
+        ("cas_misses", requests(Command::Cas, &["not_found"])),
+        ("cas_hits", requests(Command::Cas, &["stored"])),
+        ("cas_badval", requests(Command::Cas, &["exists"])),
         ("touch_hits", touch(&["touched"])),
         ("touch_misses", touch(&["not_found"])),
         ("bytes_read", m.bytes_read.get()),
@@ -150,6 +135,8 @@ fn general(shared: &Shared) -> Vec<(String, String)> {
     out.push(("memdial_node_id".into(), s.node_id.to_string()));
     out.push(("memdial_consistency".into(), s.consistency.into()));
     out.push(("memdial_backend".into(), store.kind.into()));
+    let ready = shared.metrics.verdict();
+    out.extend(readiness_lines("memdial_", &ready));
     if let Some(p) = store.pool {
         out.push(("memdial_backend_pool_max".into(), p.max_size.to_string()));
         out.push(("memdial_backend_pool_open".into(), p.size.to_string()));
@@ -158,17 +145,33 @@ fn general(shared: &Shared) -> Vec<(String, String)> {
     out
 }
 
-/// `stats cluster`: this node and what it knows of its peers.
-fn cluster(shared: &Shared) -> Vec<(String, String)> {
-    let lines = shared.pipeline.cluster_stats();
-    if !lines.is_empty() {
-        return lines;
+/// `<prefix>ready 1|0`, then `<prefix>ready_reason` (the reasons, `; `
+/// between them) when not ready and `<prefix>ready_note` when there are
+/// notes: what `/ready` says, one line each.
+fn readiness_lines(prefix: &str, v: &Verdict) -> Vec<(String, String)> {
+    let mut out = vec![(format!("{prefix}ready"), u8::from(v.is_ready()).to_string())];
+    if !v.reasons.is_empty() {
+        out.push((format!("{prefix}ready_reason"), v.reasons.join("; ")));
     }
-    vec![
-        ("node_id".into(), shared.settings.node_id.to_string()),
-        ("mode".into(), "single".into()),
-        ("peers".into(), "0".into()),
-    ]
+    if !v.notes.is_empty() {
+        out.push((format!("{prefix}ready_note"), v.notes.join("; ")));
+    }
+    out
+}
+
+/// `stats cluster`: this node and what it knows of its peers, then the
+/// node's readiness (`ready`, `ready_reason`, `ready_note`).
+fn cluster(shared: &Shared) -> Vec<(String, String)> {
+    let mut lines = shared.pipeline.cluster_stats();
+    if lines.is_empty() {
+        lines = vec![
+            ("node_id".into(), shared.settings.node_id.to_string()),
+            ("mode".into(), "single".into()),
+            ("peers".into(), "0".into()),
+        ];
+    }
+    lines.extend(readiness_lines("", &shared.metrics.verdict()));
+    lines
 }
 
 fn settings(shared: &Shared) -> Vec<(String, String)> {

@@ -269,6 +269,15 @@ impl Client {
 
 /// GET `path` on 127.0.0.1:`port`; the body of a 200 answer.
 pub fn http_get(port: u16, path: &str) -> io::Result<String> {
+    match http_status(port, path)? {
+        (200, body) => Ok(body),
+        (status, body) => Err(invalid(format!("HTTP {status}: {body:?}"))),
+    }
+}
+
+/// GET `path` on 127.0.0.1:`port`; the status code and the body, whatever
+/// the status.
+pub fn http_status(port: u16, path: &str) -> io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(IO_WAIT))?;
     write!(
@@ -280,10 +289,12 @@ pub fn http_get(port: u16, path: &str) -> io::Result<String> {
     let (head, body) = out
         .split_once("\r\n\r\n")
         .ok_or_else(|| invalid("no HTTP header end"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(invalid(format!("HTTP answer {head:?}")));
-    }
-    Ok(body.to_string())
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| invalid(format!("HTTP answer {head:?}")))?;
+    Ok((status, body.to_string()))
 }
 
 /// The value of one sample in Prometheus text, name and labels exactly as

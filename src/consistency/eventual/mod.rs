@@ -41,7 +41,7 @@ use super::{Pipeline, Session, StoreStatus};
 use crate::BoxFuture;
 use crate::backend::{Backend, BackendError};
 use crate::cluster::Cluster;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Verdict};
 use crate::protocol::{Exptime, Request, Response, StoreOp, Value};
 use crate::rules::{self, Clock, Effect};
 use crate::time::unix_ms;
@@ -662,6 +662,27 @@ impl Pipeline for Eventual {
 
     fn store_status(&self) -> StoreStatus {
         StoreStatus::of(&*self.backend)
+    }
+
+    /// Ready with the local replica alone: writes are accepted whatever
+    /// the peers do. Peers not up are notes, not reasons.
+    fn readiness(&self) -> Verdict {
+        Verdict {
+            reasons: Vec::new(),
+            notes: self
+                .cluster
+                .view()
+                .iter()
+                .filter(|p| p.liveness != crate::cluster::Liveness::Up)
+                .map(|p| {
+                    format!(
+                        "peer {} is {}; eventual mode serves without it",
+                        p.id,
+                        p.liveness.as_str()
+                    )
+                })
+                .collect(),
+        }
     }
 
     fn cluster_stats(&self) -> Vec<(String, String)> {
