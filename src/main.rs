@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use memdial::config::{Config, Consistency};
+use memdial::config::{Config, Consistency, HostPort};
 use memdial::node;
 
 mod cli;
@@ -46,15 +46,16 @@ struct ServeArgs {
     /// Which node of the config this is.
     #[arg(long, default_value_t = 1)]
     node: u32,
-    /// Client address, overriding the node's `client`.
+    /// Client address (`host:port`, the host an IP or a name), overriding
+    /// the node's `client`.
     #[arg(long)]
-    listen: Option<std::net::SocketAddr>,
+    listen: Option<HostPort>,
     /// Admin (/metrics) address, overriding the node's `admin`.
     #[arg(long)]
-    admin: Option<std::net::SocketAddr>,
+    admin: Option<HostPort>,
     /// Peer (internal) address to listen on, overriding the node's `internal`.
     #[arg(long)]
-    internal: Option<std::net::SocketAddr>,
+    internal: Option<HostPort>,
     /// memcached `host:port` to use, or `embedded`; overrides the node's `memcached`.
     #[arg(long)]
     backend: Option<String>,
