@@ -1,5 +1,6 @@
 //! The `memdial` binary: `serve` runs one node, `cluster` runs every node
-//! of a config in one process, `cli` is an interactive client for a node.
+//! of a config in one process, `cli` is an interactive client for a node,
+//! `probe` a health check for containers.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use memdial::config::{Config, Consistency, HostPort};
 use memdial::node;
 
 mod cli;
+mod probe;
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +38,9 @@ enum Command {
     /// memcached commands as typed, plus `show` (the cluster's table) and
     /// `help`.
     Cli(cli::CliArgs),
+    /// Health check for containers: GET an admin URL; exit 0 on HTTP 200,
+    /// 1 otherwise (another status, no answer within the timeout).
+    Probe(probe::ProbeArgs),
 }
 
 #[derive(clap::Args)]
@@ -98,6 +103,7 @@ fn run() -> anyhow::Result<()> {
     // (Ctrl-C ends it), so it runs before the runtime and its handlers.
     let command = match cli.command {
         Command::Cli(args) => return cli::main(args),
+        Command::Probe(args) => return probe::main(args),
         other => other,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
@@ -107,7 +113,7 @@ fn run() -> anyhow::Result<()> {
         match command {
             Command::Serve(args) => serve(args, shutdown).await,
             Command::Cluster(args) => cluster(args, shutdown).await,
-            Command::Cli(_) => Ok(()),
+            Command::Cli(_) | Command::Probe(_) => Ok(()),
         }
     });
     // Connections still open past the grace period are dropped here.
