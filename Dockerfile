@@ -1,14 +1,35 @@
-# memdial node image: docker build -t memdial . ; see docker-compose.yml.
+# memdial node image: docker build -t memdial . ; docker-compose.yml runs a
+# 3-node cluster of it. Alone it runs one node with the embedded store:
+#   docker run --rm -p 8000:8000 -p 9000:9000 memdial
+
 FROM rust:1-bookworm AS build
 WORKDIR /src
+# Dependencies first, built against stub sources: this layer is rebuilt only
+# when Cargo.toml or Cargo.lock change, not for every source edit.
 COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src benches \
+    && echo 'fn main() {}' > src/main.rs \
+    && touch src/lib.rs \
+    && echo 'fn main() {}' > benches/parser.rs \
+    && cp benches/parser.rs benches/load.rs \
+    && cargo build --release --locked --bin memdial \
+    && rm -rf src benches target/release/.fingerprint/memdial-*
+# Then memdial itself (the benches only because Cargo.toml names them).
 COPY src ./src
 COPY benches ./benches
 RUN cargo build --release --locked --bin memdial
 
 FROM debian:bookworm-slim
+RUN groupadd --system --gid 10001 memdial \
+    && useradd --system --uid 10001 --gid memdial --no-create-home --shell /usr/sbin/nologin memdial
 COPY --from=build /src/target/release/memdial /usr/local/bin/memdial
 COPY proxy.yaml /etc/memdial/proxy.yaml
+COPY deploy/proxy.compose.yaml /etc/memdial/proxy.compose.yaml
+# Numeric, so that runtimes checking for non-root need not read /etc/passwd.
+USER 10001:10001
 EXPOSE 8000 7000 9000
+# Needs the readiness endpoint (/ready) on the admin port.
+HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=5 \
+    CMD ["memdial", "probe", "--url", "http://127.0.0.1:9000/ready"]
 ENTRYPOINT ["memdial"]
-CMD ["serve", "--config", "/etc/memdial/proxy.yaml", "--node", "1"]
+CMD ["serve", "--listen", "0.0.0.0:8000", "--admin", "0.0.0.0:9000"]

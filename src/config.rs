@@ -3,8 +3,10 @@
 //! the command line) and `protocol::Limits`, which it fills in; nothing
 //! else of the crate.
 
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -77,18 +79,160 @@ pub struct ClusterConfig {
     pub anti_entropy_interval_ms: u64,
 }
 
+/// A TCP address as `host:port`, the host an IP address or a name:
+/// `127.0.0.1:8000`, `[::1]:8000`, `memdial-1:7000`. A name is resolved
+/// when the address is used, never by the config: a listen address when it
+/// is bound, a peer's or memcached's at every (re)connect, so a peer whose
+/// name now points elsewhere (a restarted container) is found again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(into = "String")]
+pub struct HostPort {
+    /// An IP address (IPv6 without brackets) or a host name.
+    host: String,
+    port: u16,
+}
+
+/// Why a `host:port` does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddrError {
+    #[error("`{0}` has no port (expected host:port)")]
+    MissingPort(String),
+    #[error("`{0}` has no valid port (expected a number 0-65535)")]
+    BadPort(String),
+    #[error("`{0}` has no host (expected host:port)")]
+    MissingHost(String),
+    #[error(
+        "`{0}` has an invalid host (an IP, [IPv6], or a name of letters, digits, `-`, `.`, `_`)"
+    )]
+    BadHost(String),
+}
+
+impl HostPort {
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The address when the host is an IP, `None` for a name.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        let ip: IpAddr = self.host.parse().ok()?;
+        Some(SocketAddr::new(ip, self.port))
+    }
+
+    /// What tokio's `bind`/`connect` take: an IP is used as is, a name is
+    /// resolved on every call.
+    pub fn target(&self) -> (&str, u16) {
+        (&self.host, self.port)
+    }
+}
+
+impl FromStr for HostPort {
+    type Err = AddrError;
+
+    fn from_str(s: &str) -> Result<HostPort, AddrError> {
+        let (host, port) = match s.strip_prefix('[') {
+            Some(rest) => {
+                let (v6, port) = rest
+                    .split_once(']')
+                    .ok_or_else(|| AddrError::BadHost(s.into()))?;
+                v6.parse::<Ipv6Addr>()
+                    .map_err(|_| AddrError::BadHost(s.into()))?;
+                let port = port
+                    .strip_prefix(':')
+                    .ok_or_else(|| AddrError::MissingPort(s.into()))?;
+                (v6, port)
+            }
+            None => {
+                let (host, port) = s
+                    .rsplit_once(':')
+                    .ok_or_else(|| AddrError::MissingPort(s.into()))?;
+                if host.contains(':') {
+                    // A bare IPv6 address: which colon starts the port?
+                    return Err(AddrError::BadHost(s.into()));
+                }
+                (host, port)
+            }
+        };
+        if host.is_empty() {
+            return Err(AddrError::MissingHost(s.into()));
+        }
+        let name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':');
+        if !host.chars().all(name_char) || host.starts_with(['-', '.']) {
+            return Err(AddrError::BadHost(s.into()));
+        }
+        if port.is_empty() {
+            return Err(AddrError::MissingPort(s.into()));
+        }
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| AddrError::BadPort(s.into()))?;
+        Ok(HostPort {
+            host: host.into(),
+            port,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPort {
+    /// Parsed inside the scalar's visit, so that a YAML error names the
+    /// field (`nodes[1].internal: ...`), which a `try_from` would not.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<HostPort, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = HostPort;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("host:port")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<HostPort, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
+impl From<HostPort> for String {
+    fn from(a: HostPort) -> String {
+        a.to_string()
+    }
+}
+
+impl From<SocketAddr> for HostPort {
+    fn from(a: SocketAddr) -> HostPort {
+        HostPort {
+            host: a.ip().to_string(),
+            port: a.port(),
+        }
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// One node: where it listens and which memcached backs it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     pub id: u32,
     /// memcached-protocol port for clients.
-    pub client: SocketAddr,
-    /// Port for peer traffic (never for clients).
-    pub internal: SocketAddr,
+    pub client: HostPort,
+    /// Port for peer traffic (never for clients): this node listens on it
+    /// and its peers dial it.
+    pub internal: HostPort,
     /// HTTP port for `/metrics`, `/health` and `/ready`.
-    pub admin: SocketAddr,
-    /// `host:port` of this node's memcached; absent = the embedded store.
+    pub admin: HostPort,
+    /// `host:port` of this node's memcached (a [`HostPort`], kept as text);
+    /// absent = the embedded store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memcached: Option<String>,
 }
@@ -158,7 +302,10 @@ impl NodeConfig {
     pub fn local(id: u32) -> NodeConfig {
         let port = |base: u16| {
             let offset = u16::try_from(id.saturating_sub(1)).unwrap_or(0);
-            SocketAddr::from(([127, 0, 0, 1], base.saturating_add(offset)))
+            HostPort::from(SocketAddr::from((
+                [127, 0, 0, 1],
+                base.saturating_add(offset),
+            )))
         };
         NodeConfig {
             id,
@@ -285,10 +432,12 @@ impl Config {
                 ));
             }
             for (name, addr) in [
-                ("client", n.client),
-                ("internal", n.internal),
-                ("admin", n.admin),
+                ("client", &n.client),
+                ("internal", &n.internal),
+                ("admin", &n.admin),
             ] {
+                // Only the text is compared: two names for one address are
+                // found when the second bind fails.
                 if addr.port() != 0 && !seen_addrs.insert(addr) {
                     return Err(invalid(
                         format!("nodes[{i}].{name}"),
@@ -296,16 +445,23 @@ impl Config {
                     ));
                 }
             }
-            let host_port = |m: &String| {
-                m.rsplit_once(':')
-                    .and_then(|(_, p)| p.parse::<u16>().ok())
-                    .is_some()
-            };
-            if n.memcached.as_ref().is_some_and(|m| !host_port(m)) {
+            if self.nodes.len() > 1 && n.internal.port() == 0 {
                 return Err(invalid(
-                    format!("nodes[{i}].memcached"),
-                    "must be host:port",
+                    format!("nodes[{i}].internal"),
+                    "port 0 cannot be dialled by peers",
                 ));
+            }
+            if let Some(m) = &n.memcached {
+                match m.parse::<HostPort>() {
+                    Err(e) => return Err(invalid(format!("nodes[{i}].memcached"), e.to_string())),
+                    Ok(a) if a.port() == 0 => {
+                        return Err(invalid(
+                            format!("nodes[{i}].memcached"),
+                            "port 0 cannot be dialled",
+                        ));
+                    }
+                    Ok(_) => {}
+                }
             }
         }
         let l = &self.limits;
@@ -452,6 +608,69 @@ mod tests {
     }
 
     #[test]
+    fn addresses_take_ips_and_host_names() {
+        for (text, host, port) in [
+            ("127.0.0.1:8000", "127.0.0.1", 8000),
+            ("0.0.0.0:0", "0.0.0.0", 0),
+            ("[::1]:7000", "::1", 7000),
+            ("localhost:11211", "localhost", 11211),
+            ("memdial-1:7000", "memdial-1", 7000),
+            (
+                "memcached_1.internal.example:11211",
+                "memcached_1.internal.example",
+                11211,
+            ),
+        ] {
+            let a: HostPort = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!((a.host(), a.port()), (host, port), "{text}");
+            assert_eq!(a.to_string(), text, "displays as written");
+        }
+        let ip: HostPort = "[::1]:7000".parse().unwrap();
+        assert_eq!(ip.socket_addr(), Some("[::1]:7000".parse().unwrap()));
+        let name: HostPort = "memdial-1:7000".parse().unwrap();
+        assert_eq!(name.socket_addr(), None);
+        for (text, want) in [
+            ("memdial-1", AddrError::MissingPort("memdial-1".into())),
+            ("memdial-1:", AddrError::MissingPort("memdial-1:".into())),
+            ("[::1]", AddrError::MissingPort("[::1]".into())),
+            (":7000", AddrError::MissingHost(":7000".into())),
+            (
+                "memdial-1:70000",
+                AddrError::BadPort("memdial-1:70000".into()),
+            ),
+            ("memdial-1:x", AddrError::BadPort("memdial-1:x".into())),
+            ("::1:7000", AddrError::BadHost("::1:7000".into())),
+            ("[nope]:7000", AddrError::BadHost("[nope]:7000".into())),
+            ("mem dial:7000", AddrError::BadHost("mem dial:7000".into())),
+            ("http://x:7000", AddrError::BadHost("http://x:7000".into())),
+        ] {
+            assert_eq!(text.parse::<HostPort>(), Err(want), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_config_naming_hosts_loads_and_round_trips() {
+        let yaml = "cluster:\n  secret: s\nnodes:\n\
+                    - {id: 1, client: 0.0.0.0:8000, internal: memdial-1:7000, admin: '[::]:9000', memcached: memcached-1:11211}\n\
+                    - {id: 2, client: 0.0.0.0:8001, internal: memdial-2:7001, admin: 0.0.0.0:9001, memcached: 'memcached-2:11211'}\n";
+        let c = Config::from_yaml(yaml).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.node(1).unwrap().internal.target(), ("memdial-1", 7000));
+        assert_eq!(c.node(1).unwrap().admin.target(), ("::", 9000));
+        assert_eq!(Config::from_yaml(&c.to_yaml()).unwrap(), c);
+        assert!(
+            c.to_yaml().contains("internal: memdial-2:7001"),
+            "{}",
+            c.to_yaml()
+        );
+        // A parse error names the field.
+        let bad = yaml.replace("internal: memdial-2:7001", "internal: memdial-2");
+        let err = Config::from_yaml(&bad).unwrap_err().to_string();
+        assert!(err.contains("nodes[1].internal"), "{err}");
+        assert!(err.contains("has no port"), "{err}");
+    }
+
+    #[test]
     fn unknown_fields_are_rejected() {
         let err = Config::from_yaml("limits:\n  item_size_maxx: 5\n").unwrap_err();
         assert!(err.to_string().contains("item_size_maxx"), "{err}");
@@ -493,9 +712,33 @@ mod tests {
                 .to_string()
                 .contains("nodes[0].memcached")
         );
+        for (memcached, reason) in [
+            ("memcached-1", "has no port"),
+            ("memcached-1:0", "port 0"),
+            (":11211", "has no host"),
+        ] {
+            let mut c = Config::default();
+            c.nodes[0].memcached = Some(memcached.into());
+            let err = c.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("nodes[0].memcached") && err.contains(reason),
+                "{err}"
+            );
+        }
+        let mut c = Config::default();
+        c.nodes.push(NodeConfig::local(2));
+        c.nodes[1].internal = "memdial-2:0".parse().unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("nodes[1].internal"), "{err}");
+        let mut c = Config::default();
+        c.nodes.push(NodeConfig::local(2));
+        c.nodes[1].client = "memdial-1:7000".parse().unwrap();
+        c.nodes[0].internal = "memdial-1:7000".parse().unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("nodes[1].client"), "{err}");
         let mut c = Config::default();
         let mut n2 = NodeConfig::local(2);
-        n2.admin = c.nodes[0].client;
+        n2.admin = c.nodes[0].client.clone();
         c.nodes.push(n2);
         assert!(
             c.validate()

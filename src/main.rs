@@ -1,5 +1,6 @@
 //! The `memdial` binary: `serve` runs one node, `cluster` runs every node
-//! of a config in one process, `cli` is an interactive client for a node.
+//! of a config in one process, `cli` is an interactive client for a node,
+//! `probe` a health check for containers.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -8,10 +9,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use memdial::config::{Config, Consistency};
+use memdial::config::{Config, Consistency, HostPort};
 use memdial::node;
 
 mod cli;
+mod probe;
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +38,9 @@ enum Command {
     /// memcached commands as typed, plus `show` (the cluster's table) and
     /// `help`.
     Cli(cli::CliArgs),
+    /// Health check for containers: GET an admin URL; exit 0 on HTTP 200,
+    /// 1 otherwise (another status, no answer within the timeout).
+    Probe(probe::ProbeArgs),
 }
 
 #[derive(clap::Args)]
@@ -46,15 +51,16 @@ struct ServeArgs {
     /// Which node of the config this is.
     #[arg(long, default_value_t = 1)]
     node: u32,
-    /// Client address, overriding the node's `client`.
+    /// Client address (`host:port`, the host an IP or a name), overriding
+    /// the node's `client`.
     #[arg(long)]
-    listen: Option<std::net::SocketAddr>,
+    listen: Option<HostPort>,
     /// Admin (/metrics) address, overriding the node's `admin`.
     #[arg(long)]
-    admin: Option<std::net::SocketAddr>,
+    admin: Option<HostPort>,
     /// Peer (internal) address to listen on, overriding the node's `internal`.
     #[arg(long)]
-    internal: Option<std::net::SocketAddr>,
+    internal: Option<HostPort>,
     /// memcached `host:port` to use, or `embedded`; overrides the node's `memcached`.
     #[arg(long)]
     backend: Option<String>,
@@ -100,6 +106,7 @@ fn run() -> anyhow::Result<()> {
     // (Ctrl-C ends it), so it runs before the runtime and its handlers.
     let command = match cli.command {
         Command::Cli(args) => return cli::main(args),
+        Command::Probe(args) => return probe::main(args),
         other => other,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
@@ -109,7 +116,7 @@ fn run() -> anyhow::Result<()> {
         match command {
             Command::Serve(args) => serve(args, shutdown).await,
             Command::Cluster(args) => cluster(args, shutdown).await,
-            Command::Cli(_) => Ok(()),
+            Command::Cli(_) | Command::Probe(_) => Ok(()),
         }
     });
     // Connections still open past the grace period are dropped here.

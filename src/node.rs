@@ -49,10 +49,12 @@ impl Node {
             )),
             None => Arc::new(EmbeddedStore::new(config.limits.embedded_memory_bytes)),
         };
-        let client = TcpListener::bind(node.client)
+        // A host name is resolved here, once; the first of its addresses
+        // that binds is used.
+        let client = TcpListener::bind(node.client.target())
             .await
             .with_context(|| format!("node {id}: binding client address {}", node.client))?;
-        let admin = TcpListener::bind(node.admin)
+        let admin = TcpListener::bind(node.admin.target())
             .await
             .with_context(|| format!("node {id}: binding admin address {}", node.admin))?;
         let (pipeline, cluster) = match config.nodes.len() {
@@ -61,9 +63,11 @@ impl Node {
                 None,
             ),
             _ => {
-                let internal = TcpListener::bind(node.internal).await.with_context(|| {
-                    format!("node {id}: binding internal address {}", node.internal)
-                })?;
+                let internal = TcpListener::bind(node.internal.target())
+                    .await
+                    .with_context(|| {
+                        format!("node {id}: binding internal address {}", node.internal)
+                    })?;
                 let (pipeline, parts) =
                     cluster_pipeline(config, id, &backend, &metrics, &shutdown)?;
                 (pipeline, Some((parts, internal)))
@@ -191,7 +195,7 @@ fn cluster_pipeline(
             .nodes
             .iter()
             .filter(|n| n.id != id)
-            .map(|n| (n.id, n.internal))
+            .map(|n| (n.id, n.internal.clone()))
             .collect(),
         heartbeat_interval: ms(c.heartbeat_interval_ms),
         suspect_after: ms(c.suspect_after_ms),

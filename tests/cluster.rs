@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::client::{Client, Values, metric, text};
 use common::cluster::{CONVERGE_WAIT, ClusterOpts, TestCluster, UP_WAIT, poll_pause};
+use common::procs::{NodePorts, TempFile, proxy_yaml_hosts, serve_node, serve_with_hosts};
 use common::record::Header;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -1042,4 +1043,158 @@ fn stats_cluster_and_metrics_report_peers() {
             "node {i} lists itself as a peer"
         );
     }
+}
+
+#[test]
+fn peers_and_memcached_named_by_host_name() {
+    let _serial = serial();
+    let c = TestCluster::start(
+        3,
+        ClusterOpts {
+            host_names: true,
+            ..memcached_backed()
+        },
+    );
+    for i in 1..=3usize {
+        let stats = c.stats_cluster(i).unwrap();
+        for j in (1..=3).filter(|&j| j != i) {
+            assert_eq!(
+                stats[&format!("peer:{j}:addr")],
+                format!("localhost:{}", c.ports(j).internal),
+                "node {i}: {stats:#?}"
+            );
+            assert_eq!(stats[&format!("peer:{j}:state")], "up", "node {i}");
+        }
+    }
+    let mut n1 = c.client(1);
+    let keys: Vec<String> = (0..50).map(|i| format!("named-{i}")).collect();
+    for k in &keys {
+        assert_eq!(n1.set(k, 3, 0, k.as_bytes()).unwrap(), "STORED");
+    }
+    let want = n1.get_many(&keys).unwrap();
+    assert_eq!(want.len(), keys.len());
+    for node in [2, 3] {
+        wait_reads(
+            c.ports(node).client,
+            &keys,
+            &want,
+            CONVERGE_WAIT,
+            &format!("node {node} reads as node 1"),
+        );
+    }
+    // The values are in each node's memcached, reached as localhost:PORT.
+    let (dump, _) = c.wait_converged(CONVERGE_WAIT);
+    for k in &keys {
+        let item = dump
+            .get(k.as_bytes())
+            .unwrap_or_else(|| panic!("{k} not in memcached"));
+        assert_eq!(item.data(), k.as_bytes());
+    }
+}
+
+/// Node 1's state of peer 2, from node 1's `stats cluster`.
+fn peer_2_state(port: u16) -> String {
+    Client::try_connect(port)
+        .and_then(|mut c| c.stats("cluster"))
+        .ok()
+        .and_then(|s| s.get("peer:2:state").cloned())
+        .unwrap_or_else(|| "<no answer>".into())
+}
+
+fn wait_peer_2_state(port: u16, want: &str, what: &str) {
+    let started = Instant::now();
+    loop {
+        let state = peer_2_state(port);
+        if state == want {
+            eprintln!("{what}: peer 2 {want} after {:?}", started.elapsed());
+            return;
+        }
+        assert!(
+            started.elapsed() < UP_WAIT,
+            "{what}: node 1 sees peer 2 {state}, not {want}, after {UP_WAIT:?}"
+        );
+        poll_pause();
+    }
+}
+
+/// The name of a peer is looked up at every connect, not once: node 1
+/// dials peer 2 as `memdial-peer-two`, a name that does not resolve when
+/// node 1 starts, then resolves to 127.0.0.2, then (peer 2 restarted
+/// elsewhere, as a container with a new IP) to 127.0.0.3. Node 1 resolves
+/// through a hosts file of its own (a private mount namespace; the machine's
+/// /etc/hosts is untouched). Node 2 names node 1 by a name that never
+/// resolves (`.invalid`), so it never dials node 1 and node 1's view of
+/// peer 2 is its own link's alone.
+#[test]
+fn a_peer_name_is_resolved_again_at_every_connect() {
+    let _serial = serial();
+    let ports = NodePorts::pick(2);
+    let cluster = "  name: memdial-test\n  secret: s3cret\n  heartbeat_interval_ms: 100\n  \
+                   suspect_after_ms: 500\n  down_after_ms: 1500\n  reconnect_max_ms: 300\n";
+    let nodes = [(ports[0], None), (ports[1], None)];
+    let node1 = TempFile::new(
+        "named-1",
+        &proxy_yaml_hosts(cluster, &nodes, |id| match id {
+            1 => "127.0.0.1".into(),
+            _ => "memdial-peer-two".into(),
+        }),
+    );
+    let node2_at = |ip: &'static str| {
+        TempFile::new(
+            "named-2",
+            &proxy_yaml_hosts(cluster, &nodes, move |id| match id {
+                1 => "memdial-peer-one.invalid".into(),
+                _ => ip.into(),
+            }),
+        )
+    };
+    let hosts = TempFile::new("hosts", "127.0.0.1 localhost\n");
+    let set_hosts = |text: &str| std::fs::write(hosts.path(), text).expect("rewrite hosts file");
+
+    let mut n1 = serve_with_hosts(node1.path(), 1, hosts.path(), "warn");
+    n1.wait_ready(&ports[0].all()).expect("node 1 starts");
+    let config2 = node2_at("127.0.0.2");
+    let mut n2 = serve_node(config2.path(), 2, "warn");
+    n2.wait_ready(&ports[1].all()).expect("node 2 starts");
+
+    // Unresolvable: several reconnects (backoff at most 300 ms) fail.
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(peer_2_state(ports[0].client), "down", "no address yet");
+        poll_pause();
+    }
+    set_hosts("127.0.0.1 localhost\n127.0.0.2 memdial-peer-two\n");
+    wait_peer_2_state(ports[0].client, "up", "name resolves to 127.0.0.2");
+    let mut c1 = Client::connect(ports[0].client);
+    assert_eq!(c1.set("k1", 0, 0, b"first").unwrap(), "STORED");
+    let want: Values = [(b"k1".to_vec(), (0, b"first".to_vec()))].into();
+    wait_reads(
+        ports[1].client,
+        &["k1".into()],
+        &want,
+        CONVERGE_WAIT,
+        "node 2",
+    );
+
+    // Peer 2 comes back on another address; only the name follows it.
+    n2.kill();
+    wait_peer_2_state(ports[0].client, "down", "peer 2 killed");
+    let config2 = node2_at("127.0.0.3");
+    let mut n2 = serve_node(config2.path(), 2, "warn");
+    n2.wait_ready(&ports[1].all()).expect("node 2 restarts");
+    set_hosts("127.0.0.1 localhost\n127.0.0.3 memdial-peer-two\n");
+    wait_peer_2_state(ports[0].client, "up", "name resolves to 127.0.0.3");
+    assert_eq!(c1.set("k2", 0, 0, b"second").unwrap(), "STORED");
+    let want: Values = [
+        (b"k1".to_vec(), (0, b"first".to_vec())),
+        (b"k2".to_vec(), (0, b"second".to_vec())),
+    ]
+    .into();
+    wait_reads(
+        ports[1].client,
+        &["k1".into(), "k2".into()],
+        &want,
+        CONVERGE_WAIT,
+        "restarted node 2",
+    );
 }

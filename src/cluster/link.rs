@@ -5,7 +5,6 @@
 //! mode can tell that what it sent on the old one may be lost.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ use super::wire::{
     welcome_proof,
 };
 use super::{Cluster, ModeTag, PeerError};
+use crate::config::HostPort;
 use crate::outage::Outage;
 use crate::time::unix_us;
 
@@ -137,7 +137,7 @@ const STABLE: Duration = Duration::from_secs(1);
 pub(super) async fn run(
     cluster: Arc<Cluster>,
     peer: u32,
-    addr: SocketAddr,
+    addr: HostPort,
     shutdown: CancellationToken,
 ) {
     let min_backoff = Duration::from_millis(50);
@@ -148,7 +148,7 @@ pub(super) async fn run(
         let mut up_at = None;
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = connection(&cluster, peer, addr, &mut up_at, &outage, ever_up) => r,
+            r = connection(&cluster, peer, &addr, &mut up_at, &outage, ever_up) => r,
         };
         if let Some(slot) = cluster.links.get(&peer) {
             slot.send_replace(None);
@@ -176,22 +176,27 @@ pub(super) async fn run(
 async fn connection(
     cluster: &Cluster,
     peer: u32,
-    addr: SocketAddr,
+    addr: &HostPort,
     up_at: &mut Option<Instant>,
     outage: &Outage,
     ever_up: bool,
 ) -> Result<(), LinkError> {
     let s = &cluster.settings;
-    let stream = tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr))
+    // A name is looked up again for every connection (within the connect
+    // timeout), so a peer that comes back at a new address is found.
+    let stream = tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr.target()))
         .await
         .map_err(|_| LinkError::Wire(WireError::Timeout))?
         .map_err(LinkError::Connect)?;
+    let resolved = stream
+        .peer_addr()
+        .map_or_else(|_| "-".to_string(), |a| a.to_string());
     let mut wire = Wire::new(stream);
     handshake(cluster, peer, &mut wire).await?;
     *up_at = Some(Instant::now());
     cluster.peers.heard(peer);
     if !ever_up {
-        tracing::info!(peer, %addr, "link to peer up");
+        tracing::info!(peer, %addr, %resolved, "link to peer up");
     }
     outage.ok();
     let (tx, rx) = wire.split();

@@ -21,7 +21,6 @@ mod peers;
 pub mod wire;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::BoxFuture;
+use crate::config::HostPort;
 pub use link::PeerLink;
 use peers::{ClusterMetrics, Peers};
 pub use peers::{Liveness, PeerView};
@@ -76,7 +76,9 @@ pub struct ClusterSettings {
     pub cluster_name: String,
     pub secret: String,
     pub node_id: u32,
-    pub peers: Vec<(u32, SocketAddr)>,
+    /// Each peer's internal address; a host name is resolved at every
+    /// (re)connect.
+    pub peers: Vec<(u32, HostPort)>,
     pub heartbeat_interval: Duration,
     pub suspect_after: Duration,
     pub down_after: Duration,
@@ -121,7 +123,7 @@ impl Cluster {
         let links = settings
             .peers
             .iter()
-            .map(|&(id, _)| (id, watch::Sender::new(None)))
+            .map(|(id, _)| (*id, watch::Sender::new(None)))
             .collect();
         let inbound = settings
             .peers
@@ -146,7 +148,7 @@ impl Cluster {
 
     /// The ids of every peer, in the config's order.
     pub fn peer_ids(&self) -> Vec<u32> {
-        self.settings.peers.iter().map(|&(id, _)| id).collect()
+        self.settings.peers.iter().map(|(id, _)| *id).collect()
     }
 
     /// Every peer as the failure detector sees it now.
@@ -226,8 +228,8 @@ impl Cluster {
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         let tracker = TaskTracker::new();
-        for &(id, addr) in &self.settings.peers {
-            tracker.spawn(link::run(self.clone(), id, addr, shutdown.clone()));
+        for (id, addr) in &self.settings.peers {
+            tracker.spawn(link::run(self.clone(), *id, addr.clone(), shutdown.clone()));
         }
         tracker.spawn(self.clone().refresh_metrics(shutdown.clone()));
         let accepted =

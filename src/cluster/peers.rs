@@ -1,7 +1,6 @@
 //! The peer table and the failure detector, plus the cluster's metrics.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -9,6 +8,7 @@ use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use super::ClusterSettings;
 use super::wire::Health;
+use crate::config::HostPort;
 use crate::metrics::reg;
 
 /// What the failure detector makes of a peer.
@@ -36,7 +36,8 @@ impl Liveness {
 #[derive(Debug, Clone)]
 pub struct PeerView {
     pub id: u32,
-    pub addr: SocketAddr,
+    /// As configured (a name is shown as the name).
+    pub addr: HostPort,
     pub liveness: Liveness,
     /// Since we last heard from it.
     pub last_heard: Option<Duration>,
@@ -54,19 +55,19 @@ struct Peer {
 }
 
 pub(super) struct Peers {
-    addrs: HashMap<u32, SocketAddr>,
+    addrs: HashMap<u32, HostPort>,
     table: Mutex<HashMap<u32, Peer>>,
 }
 
 impl Peers {
     pub fn new(settings: &ClusterSettings) -> Peers {
         Peers {
-            addrs: settings.peers.iter().copied().collect(),
+            addrs: settings.peers.iter().cloned().collect(),
             table: Mutex::new(
                 settings
                     .peers
                     .iter()
-                    .map(|&(id, _)| (id, Peer::default()))
+                    .map(|(id, _)| (*id, Peer::default()))
                     .collect(),
             ),
         }
@@ -118,7 +119,7 @@ impl Peers {
                 };
                 PeerView {
                     id,
-                    addr: self.addrs[&id],
+                    addr: self.addrs[&id].clone(),
                     liveness,
                     last_heard: since,
                     rtt: p.rtt,

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::client::{Client, http_get};
-use super::procs::{Memcached, MemdialCluster, NodePorts, proxy_yaml};
+use super::procs::{Memcached, MemdialCluster, NodePorts, proxy_yaml_hosts};
 use super::record::{HEADER_BYTES, Header};
 
 /// How long a cluster may take to come up (every peer `up` on every node).
@@ -359,6 +359,10 @@ pub struct ClusterOpts {
     /// `cluster.anti_entropy_interval_ms`; `None` leaves it out of the
     /// config (the production default).
     pub anti_entropy_interval_ms: Option<u64>,
+    /// Peers and memcached named `localhost:PORT` instead of
+    /// `127.0.0.1:PORT` (each node's internal address, which it binds and
+    /// its peers dial, and its memcached address).
+    pub host_names: bool,
 }
 
 pub struct TestCluster {
@@ -415,10 +419,19 @@ fn config_yaml(
             if let Some(r) = relays.get(&(me, j + 1)) {
                 p.internal = r.port;
             }
-            (p, m.as_ref().map(Memcached::addr))
+            let memcached = m.as_ref().map(|m| match opts.host_names {
+                true => format!("localhost:{}", m.port),
+                false => m.addr(),
+            });
+            (p, memcached)
         })
         .collect();
-    proxy_yaml(&cluster, &nodes)
+    let host = if opts.host_names {
+        "localhost"
+    } else {
+        "127.0.0.1"
+    };
+    proxy_yaml_hosts(&cluster, &nodes, |_| host.to_string())
 }
 
 impl TestCluster {

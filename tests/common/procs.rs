@@ -426,9 +426,20 @@ impl NodePorts {
 
 /// A proxy.yaml: `cluster:` with `cluster` as its body (indented lines;
 /// left out when empty), then `nodes:` with ids from 1, each with its ports
-/// and optional memcached address. The node list comes last, so a line
-/// appended to the text adds to the last node.
+/// on 127.0.0.1 and optional memcached address. The node list comes last,
+/// so a line appended to the text adds to the last node.
 pub fn proxy_yaml(cluster: &str, nodes: &[(NodePorts, Option<String>)]) -> String {
+    proxy_yaml_hosts(cluster, nodes, |_| "127.0.0.1".to_string())
+}
+
+/// [`proxy_yaml`] with node `id`'s internal address on `internal_host(id)`
+/// (an IP or a host name); client and admin stay on 127.0.0.1, where the
+/// harness's clients connect.
+pub fn proxy_yaml_hosts(
+    cluster: &str,
+    nodes: &[(NodePorts, Option<String>)],
+    internal_host: impl Fn(usize) -> String,
+) -> String {
     let mut s = String::new();
     if !cluster.is_empty() {
         s += "cluster:\n";
@@ -437,10 +448,11 @@ pub fn proxy_yaml(cluster: &str, nodes: &[(NodePorts, Option<String>)]) -> Strin
     s += "nodes:\n";
     for (i, (p, memcached)) in nodes.iter().enumerate() {
         s += &format!(
-            "  - id: {}\n    client: 127.0.0.1:{}\n    internal: 127.0.0.1:{}\n    \
+            "  - id: {}\n    client: 127.0.0.1:{}\n    internal: {}:{}\n    \
              admin: 127.0.0.1:{}\n",
             i + 1,
             p.client,
+            internal_host(i + 1),
             p.internal,
             p.admin
         );
@@ -449,6 +461,48 @@ pub fn proxy_yaml(cluster: &str, nodes: &[(NodePorts, Option<String>)]) -> Strin
         }
     }
     s
+}
+
+/// `memdial serve --config CONFIG --node ID` resolving names from `hosts`
+/// instead of /etc/hosts, for this process alone: it runs in a private
+/// mount namespace (`unshare -m`; root, or `-r` for user namespaces) with
+/// `hosts` bind-mounted over /etc/hosts. Rewriting `hosts` in place changes
+/// what the process resolves from its next lookup on (glibc reads the file
+/// at every lookup); the machine's /etc/hosts is never touched.
+pub fn serve_with_hosts(config: &Path, id: usize, hosts: &Path, rust_log: &str) -> Proc {
+    let mut cmd = Command::new("unshare");
+    if !is_root() {
+        cmd.arg("-r");
+    }
+    // unshare and sh exec: the process (and its pid) is memdial's.
+    cmd.args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+        .arg(hosts)
+        .arg(memdial_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .args(["--node", &id.to_string()])
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    Proc::spawn(
+        format!("memdial node {id} (private /etc/hosts; needs unshare -m)"),
+        &mut cmd,
+    )
+}
+
+/// `memdial serve --config CONFIG --node ID`.
+pub fn serve_node(config: &Path, id: usize, rust_log: &str) -> Proc {
+    let mut cmd = Command::new(memdial_bin());
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .args(["--node", &id.to_string()])
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    Proc::spawn(format!("memdial node {id}"), &mut cmd)
 }
 
 /// One `memdial serve --config FILE --node I` process per node, each with
@@ -497,15 +551,8 @@ impl MemdialCluster {
 
     fn spawn(&mut self, i: usize) {
         assert!(self.nodes[i - 1].is_none(), "node {i} is already running");
-        let mut cmd = Command::new(memdial_bin());
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(self.configs[i - 1].path())
-            .args(["--node", &i.to_string()])
-            .env("RUST_LOG", &self.rust_log)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        self.nodes[i - 1] = Some(Proc::spawn(format!("memdial node {i}"), &mut cmd));
+        let proc = serve_node(self.configs[i - 1].path(), i, &self.rust_log);
+        self.nodes[i - 1] = Some(proc);
     }
 
     fn node(&mut self, i: usize) -> &mut Proc {
