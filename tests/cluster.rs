@@ -693,6 +693,66 @@ fn restarted_memcached_is_refilled_while_clients_read() {
 }
 
 /// `peer:<j>:repaired` summed over node `i`'s peers.
+/// Values already in a node's memcached when memdial starts (written by
+/// something else, without memdial's header) are adopted: rewritten with
+/// their flags and expiry under a fresh version, and replicated to every
+/// node like a write made then.
+#[test]
+fn values_already_in_memcached_are_adopted_and_replicated() {
+    let _serial = serial();
+    let mut c = TestCluster::start(3, memcached_backed());
+    c.kill9(1);
+    let mut direct = Client::connect(c.memcached_port(1));
+    let mut want = Values::new();
+    for i in 0..50u32 {
+        let key = format!("before-{i}");
+        let value = format!("warm-{i}");
+        let ttl = if i % 5 == 0 { 600 } else { 0 };
+        assert_eq!(
+            direct.set(&key, i, ttl, value.as_bytes()).unwrap(),
+            "STORED"
+        );
+        want.insert(key.into_bytes(), (i, value.into_bytes()));
+    }
+    c.restart(1);
+    let keys: Vec<String> = want.keys().map(|k| text(k)).collect();
+    for node in 1..=3 {
+        wait_reads(
+            c.ports(node).client,
+            &keys,
+            &want,
+            CONVERGE_WAIT,
+            &format!("node {node} reads the adopted values"),
+        );
+    }
+    let now_s = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()) as i64;
+    for node in 1..=3 {
+        let dump = c.dump(node);
+        for i in 0..50u32 {
+            let item = &dump[format!("before-{i}").as_bytes()];
+            let header = item
+                .header()
+                .unwrap_or_else(|| panic!("node {node}: before-{i} has no header"));
+            assert!(header.ts > 0 && !header.tombstone);
+            if i % 5 == 0 {
+                // The 600 s expiry survives adoption (to memcached's 1-2 s
+                // clock), as an absolute deadline everywhere.
+                let deadline_s = (header.deadline_ms / 1000) as i64;
+                assert!(
+                    (now_s + 590..=now_s + 601).contains(&deadline_s),
+                    "node {node}: before-{i} deadline {deadline_s}, now {now_s}"
+                );
+            } else {
+                assert_eq!(header.deadline_ms, 0, "node {node}: before-{i}");
+            }
+        }
+    }
+    c.wait_converged(CONVERGE_WAIT);
+}
+
 /// A memcached restarted empty while every node writes: its node asks every
 /// peer for a full resync, and after it every acknowledged write is on
 /// every replica. Anti-entropy is off, so only the resync can bring the

@@ -259,28 +259,15 @@ impl Backend for MemcachedBackend {
 
     fn keys(&self) -> BoxFuture<'_, Result<Vec<bytes::Bytes>, BackendError>> {
         Box::pin(async move {
-            // The crawler answers BUSY while another crawl runs; try a few times.
-            for attempt in 0..20u64 {
-                // `metadump all` walks the LRUs and, on 1.6.18, misses keys
-                // that clients touch meanwhile; `hash` walks the hash table.
-                let lines = self.admin_command(b"lru_crawler metadump hash\r\n").await?;
-                if lines.first().is_some_and(|l| l.starts_with(b"BUSY")) {
-                    tokio::time::sleep(Duration::from_millis(50 * (attempt + 1))).await;
-                    continue;
-                }
-                return lines
-                    .iter()
-                    .filter_map(|l| l.strip_prefix(b"key="))
-                    .map(|l| {
-                        let encoded = l.split(|&b| b == b' ').next().unwrap_or_default();
-                        percent_decode(encoded).ok_or_else(|| {
-                            BackendError::Protocol("bad key in lru_crawler metadump".into())
-                        })
-                    })
-                    .collect();
-            }
-            Err(BackendError::Unavailable("lru_crawler stayed busy".into()))
+            let listing = self.listing().await?;
+            Ok(listing.into_iter().map(|(key, _)| key).collect())
         })
+    }
+
+    fn keys_with_expiry(
+        &self,
+    ) -> BoxFuture<'_, Result<Vec<(bytes::Bytes, Option<u64>)>, BackendError>> {
+        Box::pin(self.listing())
     }
 
     fn instance(&self) -> BoxFuture<'_, Result<String, BackendError>> {
@@ -321,6 +308,49 @@ impl Backend for MemcachedBackend {
             available: s.available,
         })
     }
+}
+
+impl MemcachedBackend {
+    /// Every key with its expiry (absolute unix seconds; `None` never), from
+    /// the crawler.
+    async fn listing(&self) -> Result<Vec<(bytes::Bytes, Option<u64>)>, BackendError> {
+        // The crawler answers BUSY while another crawl runs; try a few times.
+        for attempt in 0..20u64 {
+            // `metadump all` walks the LRUs and, on 1.6.18, misses keys
+            // that clients touch meanwhile; `hash` walks the hash table.
+            let lines = self.admin_command(b"lru_crawler metadump hash\r\n").await?;
+            if lines.first().is_some_and(|l| l.starts_with(b"BUSY")) {
+                tokio::time::sleep(Duration::from_millis(50 * (attempt + 1))).await;
+                continue;
+            }
+            return lines
+                .iter()
+                .filter(|l| l.starts_with(b"key="))
+                .map(|l| metadump_line(l))
+                .collect();
+        }
+        Err(BackendError::Unavailable("lru_crawler stayed busy".into()))
+    }
+}
+
+/// One line of `lru_crawler metadump`: `key=<percent-encoded> exp=<unix
+/// seconds, -1 never> la=… cas=… …`.
+fn metadump_line(line: &[u8]) -> Result<(bytes::Bytes, Option<u64>), BackendError> {
+    let bad = || BackendError::Protocol("bad line in lru_crawler metadump".into());
+    let mut key = None;
+    let mut exp = None;
+    for field in line.split(|&b| b == b' ') {
+        if let Some(k) = field.strip_prefix(b"key=") {
+            key = Some(percent_decode(k).ok_or_else(bad)?);
+        } else if let Some(e) = field.strip_prefix(b"exp=") {
+            let e: i64 = std::str::from_utf8(e)
+                .ok()
+                .and_then(|e| e.parse().ok())
+                .ok_or_else(bad)?;
+            exp = u64::try_from(e).ok().filter(|&e| e > 0);
+        }
+    }
+    Ok((key.ok_or_else(bad)?, exp))
 }
 
 /// Whether memcached answers `request` with exactly one reply of its own.
@@ -923,6 +953,50 @@ mod tests {
         );
         assert_eq!(nowhere.pool_status().unwrap().size, 0);
         assert_eq!(nowhere.call(&[]).await.unwrap(), vec![]);
+    }
+
+    #[test]
+    fn metadump_lines_give_the_key_and_its_expiry() {
+        let line = b"key=a%20b exp=-1 la=1733000000 cas=7 fetch=no cls=1 size=63";
+        assert_eq!(
+            metadump_line(line).unwrap(),
+            (Bytes::from_static(b"a b"), None)
+        );
+        let line = b"key=k exp=1800000000 la=1 cas=2 fetch=yes cls=1 size=60";
+        assert_eq!(
+            metadump_line(line).unwrap(),
+            (Bytes::from_static(b"k"), Some(1_800_000_000))
+        );
+        assert!(metadump_line(b"key=k exp=soon").is_err());
+        assert!(metadump_line(b"exp=5").is_err(), "no key");
+    }
+
+    #[tokio::test]
+    async fn keys_come_with_their_expiry() {
+        let mc = Memcached::start().await;
+        let backend = mc.backend();
+        let store = |key: &str, exptime| Request::Store {
+            op: StoreOp::Set,
+            key: b(key),
+            flags: 0,
+            exptime,
+            data: b("v"),
+            cas_unique: 0,
+            noreply: false,
+        };
+        backend
+            .call(&[store("forever", 0), store("soon", 300)])
+            .await
+            .unwrap();
+        let mut listing = backend.keys_with_expiry().await.unwrap();
+        listing.sort();
+        let now = crate::time::unix_ms() / 1000;
+        assert_eq!(listing[0], (b("forever"), None));
+        assert_eq!(listing[1].0, b("soon"));
+        let exp = listing[1].1.expect("an expiry");
+        // memcached's clock ticks once a second and may trail by two.
+        assert!(exp + 5 >= now + 300 && exp <= now + 305, "{exp} vs {now}");
+        assert_eq!(backend.keys().await.unwrap().len(), 2);
     }
 
     #[tokio::test]

@@ -94,6 +94,19 @@ pub trait Backend: Send + Sync + 'static {
     /// Every key the store holds now (for a full resync between replicas).
     fn keys(&self) -> BoxFuture<'_, Result<Vec<bytes::Bytes>, BackendError>>;
 
+    /// Every key the store holds now with its expiry as the store keeps it
+    /// (absolute unix seconds; `None` never), for adopting values that
+    /// something other than memdial wrote. A store that only memdial
+    /// writes answers its keys with `None`.
+    fn keys_with_expiry(
+        &self,
+    ) -> BoxFuture<'_, Result<Vec<(bytes::Bytes, Option<u64>)>, BackendError>> {
+        Box::pin(async move {
+            let keys = self.keys().await?;
+            Ok(keys.into_iter().map(|k| (k, None)).collect())
+        })
+    }
+
     /// Names this store's lifetime: it changes when the store restarts (and
     /// so lost its data).
     fn instance(&self) -> BoxFuture<'_, Result<String, BackendError>>;

@@ -145,6 +145,7 @@ impl Eventual {
             tasks.spawn(self.clone().push_to(peer, shutdown.clone()));
         }
         tasks.spawn(self.clone().watch_store(shutdown.clone()));
+        tasks.spawn(self.clone().adopt_foreign_values(shutdown.clone()));
         tasks.spawn(self.clone().refresh_metrics(shutdown));
         tasks.close();
         tasks.wait().await;
@@ -173,6 +174,68 @@ impl Eventual {
 
     fn backlog(&self) -> &Backlog {
         &self.backlog
+    }
+
+    /// Adopts, once at start, the values the store holds that memdial did
+    /// not write (no header: put there before memdial ran, or behind its
+    /// back): each is rewritten with its flags and expiry under a fresh
+    /// version and logged, so every replica gets it like a write made now.
+    /// Tried again until the store answers.
+    async fn adopt_foreign_values(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            match self.adopt_foreign().await {
+                Ok((0, _)) => return,
+                Ok((adopted, seen)) => {
+                    tracing::info!(
+                        adopted,
+                        keys = seen,
+                        "adopted values found in the store that memdial did not write; \
+                         they now replicate"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot list the store to adopt its values yet")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.settings.store_check_interval) => {}
+            }
+        }
+    }
+
+    /// Returns (values adopted, keys looked at).
+    async fn adopt_foreign(&self) -> Result<(usize, usize), String> {
+        let listing = {
+            let _turn = self.listing.lock().await;
+            self.backend
+                .keys_with_expiry()
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        let now = unix_ms();
+        let mut adopted = 0;
+        for (key, exp) in &listing {
+            let deadline_ms = exp.map_or(0, |s| s.saturating_mul(1000));
+            if deadline_ms != 0 && deadline_ms <= now {
+                continue;
+            }
+            let _g = self.stripe(key).lock().await;
+            let Some(cur) = self.current(key, false).await.map_err(|e| e.to_string())? else {
+                continue;
+            };
+            // memdial's own values always carry a version above zero.
+            if cur.record.version != Version::default() {
+                continue;
+            }
+            let stored = self
+                .put(key, cur.flags, deadline_ms, cur.record.data, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            adopted += usize::from(stored == Response::Stored);
+        }
+        Ok((adopted, listing.len()))
     }
 
     /// Every key of the local replica, one listing at a time.
