@@ -32,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::ReadHalf;
 
-use super::{Backend, BackendError, BoxFuture, PoolStatus};
+use super::{Backend, BackendError, BoxFuture, KeyExpiry, PoolStatus};
 use crate::outage::Outage;
 use crate::protocol::{ErrorReply, ReplyParsed, Request, Response, encode_request, parse_reply};
 
@@ -264,9 +264,7 @@ impl Backend for MemcachedBackend {
         })
     }
 
-    fn keys_with_expiry(
-        &self,
-    ) -> BoxFuture<'_, Result<Vec<(bytes::Bytes, Option<u64>)>, BackendError>> {
+    fn keys_with_expiry(&self) -> BoxFuture<'_, Result<Vec<KeyExpiry>, BackendError>> {
         Box::pin(self.listing())
     }
 
@@ -313,7 +311,7 @@ impl Backend for MemcachedBackend {
 impl MemcachedBackend {
     /// Every key with its expiry (absolute unix seconds; `None` never), from
     /// the crawler.
-    async fn listing(&self) -> Result<Vec<(bytes::Bytes, Option<u64>)>, BackendError> {
+    async fn listing(&self) -> Result<Vec<KeyExpiry>, BackendError> {
         // The crawler answers BUSY while another crawl runs; try a few times.
         for attempt in 0..20u64 {
             // `metadump all` walks the LRUs and, on 1.6.18, misses keys
@@ -335,7 +333,7 @@ impl MemcachedBackend {
 
 /// One line of `lru_crawler metadump`: `key=<percent-encoded> exp=<unix
 /// seconds, -1 never> la=… cas=… …`.
-fn metadump_line(line: &[u8]) -> Result<(bytes::Bytes, Option<u64>), BackendError> {
+fn metadump_line(line: &[u8]) -> Result<KeyExpiry, BackendError> {
     let bad = || BackendError::Protocol("bad line in lru_crawler metadump".into());
     let mut key = None;
     let mut exp = None;

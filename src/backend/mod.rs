@@ -54,6 +54,10 @@ impl BackendError {
     }
 }
 
+/// A key with its expiry as the store keeps it (absolute unix seconds;
+/// `None` never).
+pub type KeyExpiry = (bytes::Bytes, Option<u64>);
+
 /// Pool occupancy, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolStatus {
@@ -98,9 +102,7 @@ pub trait Backend: Send + Sync + 'static {
     /// (absolute unix seconds; `None` never), for adopting values that
     /// something other than memdial wrote. A store that only memdial
     /// writes answers its keys with `None`.
-    fn keys_with_expiry(
-        &self,
-    ) -> BoxFuture<'_, Result<Vec<(bytes::Bytes, Option<u64>)>, BackendError>> {
+    fn keys_with_expiry(&self) -> BoxFuture<'_, Result<Vec<KeyExpiry>, BackendError>> {
         Box::pin(async move {
             let keys = self.keys().await?;
             Ok(keys.into_iter().map(|k| (k, None)).collect())
