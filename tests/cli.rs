@@ -3,33 +3,10 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::procs::{Memdial, MemdialCluster, WAIT, free_port, memdial_bin, proxy_yaml};
-
-/// Runs `memdial cli --port PORT` with `input` on its stdin until it exits.
-fn cli(port: u16, input: &str) -> Output {
-    let mut child = Command::new(memdial_bin())
-        .args(["cli", "--port", &port.to_string()])
-        // No history file from a test run.
-        .env_remove("HOME")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn memdial cli");
-    let mut stdin = child.stdin.take().expect("stdin");
-    // The cli may exit before reading its input (it cannot connect): then
-    // the pipe is closed, and its exit status and stderr tell why.
-    if let Err(e) = stdin.write_all(input.as_bytes()) {
-        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write stdin: {e}");
-    }
-    drop(stdin);
-    child.wait_with_output().expect("memdial cli output")
-}
+use common::procs::{Memdial, MemdialCluster, WAIT, free_port, proxy_yaml, run_cli as cli};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -113,6 +113,20 @@ fn wait_reads(
     }
 }
 
+/// Polls every node until each reads exactly `want` for its keys.
+fn wait_reads_everywhere(c: &TestCluster, want: &Values, what: &str) {
+    let keys: Vec<String> = want.keys().map(|k| text(k)).collect();
+    for node in 1..=c.n {
+        wait_reads(
+            c.ports(node).client,
+            &keys,
+            want,
+            CONVERGE_WAIT,
+            &format!("node {node} {what}"),
+        );
+    }
+}
+
 /// Polls `get` of `keys` on every node until all nodes read the same;
 /// returns what they read.
 fn wait_reads_agree(c: &TestCluster, keys: &[String], timeout: Duration) -> Values {
@@ -715,16 +729,7 @@ fn values_already_in_memcached_are_adopted_and_replicated() {
         want.insert(key.into_bytes(), (i, value.into_bytes()));
     }
     c.restart(1);
-    let keys: Vec<String> = want.keys().map(|k| text(k)).collect();
-    for node in 1..=3 {
-        wait_reads(
-            c.ports(node).client,
-            &keys,
-            &want,
-            CONVERGE_WAIT,
-            &format!("node {node} reads the adopted values"),
-        );
-    }
+    wait_reads_everywhere(&c, &want, "reads the adopted values");
     let now_s = (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -814,16 +819,7 @@ fn memcached_restart_during_writes_on_every_node_loses_no_key() {
         per_node.iter().all(|&n| n > 100),
         "every node kept writing: {per_node:?}"
     );
-    let keys: Vec<String> = want.keys().map(|k| text(k)).collect();
-    for node in 1..=3 {
-        wait_reads(
-            c.ports(node).client,
-            &keys,
-            &want,
-            CONVERGE_WAIT,
-            &format!("node {node} after node 2's memcached restart"),
-        );
-    }
+    wait_reads_everywhere(&c, &want, "after node 2's memcached restart");
     let m = c.metrics(2).unwrap();
     assert!(
         metric(&m, "memdial_backing_store_restarts_total").unwrap_or(0.0) >= 1.0,

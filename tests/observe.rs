@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::client::{Client, http_status, metric, text};
 use common::cluster::{ClusterOpts, TestCluster};
-use common::procs::{Memcached, Memdial, NodePorts, TempFile, WAIT, memdial_bin, proxy_yaml};
+use common::procs::{Memcached, Memdial, NodePorts, TempFile, WAIT, proxy_yaml, run_cli};
 
 /// Polls `check` until it gives `Some`; panics with `what` after `WAIT`.
 fn poll<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
@@ -41,22 +41,7 @@ fn wait_ready_status(admin: u16, status: u16) -> String {
 
 /// `memdial cli --port PORT` running `show`; its stdout.
 fn cli_show(port: u16) -> String {
-    let mut child = Command::new(memdial_bin())
-        .args(["cli", "--port", &port.to_string()])
-        .env_remove("HOME")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn memdial cli");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"show\n")
-        .expect("write show");
-    let out = child.wait_with_output().expect("memdial cli output");
+    let out = run_cli(port, "show\n");
     assert!(out.status.success(), "cli: {}", text(&out.stderr));
     text(&out.stdout)
 }

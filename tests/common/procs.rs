@@ -581,3 +581,29 @@ impl MemdialCluster {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// memdial cli
+
+/// Runs `memdial cli --port PORT` with `input` on its stdin until it exits.
+pub fn run_cli(port: u16, input: &str) -> std::process::Output {
+    let mut child = Command::new(memdial_bin())
+        .args(["cli", "--port", &port.to_string()])
+        // No history file from a test run.
+        .env_remove("HOME")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn memdial cli");
+    let mut stdin = child.stdin.take().expect("stdin");
+    use std::io::Write;
+    // The cli may exit before reading its input (it cannot connect): then
+    // the pipe is closed, and its exit status and stderr tell why.
+    if let Err(e) = stdin.write_all(input.as_bytes()) {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write stdin: {e}");
+    }
+    drop(stdin);
+    child.wait_with_output().expect("memdial cli output")
+}
