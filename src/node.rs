@@ -5,13 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, EmbeddedStore, MemcachedBackend, MemcachedOptions};
 use crate::cluster::{Cluster, ClusterSettings, Handler};
-use crate::config::{Config, Consistency};
+use crate::config::{Config, Consistency, HostPort};
 use crate::consistency::eventual::{self, Backlog, Eventual, EventualSettings};
 use crate::consistency::{Local, Pipeline};
 use crate::metrics::{self, Metrics};
@@ -51,10 +51,10 @@ impl Node {
         };
         // A host name is resolved here, once; the first of its addresses
         // that binds is used.
-        let client = TcpListener::bind(node.client.target())
+        let client = listen(&node.client)
             .await
             .with_context(|| format!("node {id}: binding client address {}", node.client))?;
-        let admin = TcpListener::bind(node.admin.target())
+        let admin = listen(&node.admin)
             .await
             .with_context(|| format!("node {id}: binding admin address {}", node.admin))?;
         let (pipeline, cluster) = match config.nodes.len() {
@@ -63,11 +63,9 @@ impl Node {
                 None,
             ),
             _ => {
-                let internal = TcpListener::bind(node.internal.target())
-                    .await
-                    .with_context(|| {
-                        format!("node {id}: binding internal address {}", node.internal)
-                    })?;
+                let internal = listen(&node.internal).await.with_context(|| {
+                    format!("node {id}: binding internal address {}", node.internal)
+                })?;
                 let (pipeline, parts) =
                     cluster_pipeline(config, id, &backend, &metrics, &shutdown)?;
                 (pipeline, Some((parts, internal)))
@@ -163,6 +161,37 @@ impl Node {
         tracing::info!(node = self.id, "node stopped");
         Ok(())
     }
+}
+
+/// Connections the kernel queues for `accept`, as memcached asks for
+/// (`-b 1024`): a burst of clients connecting at once is taken in one go
+/// instead of waiting on SYN retransmits.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds `addr` (the first of its resolved addresses that binds) with
+/// [`LISTEN_BACKLOG`].
+async fn listen(addr: &HostPort) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr.target()).await? {
+        let socket = if a.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        // As std's and tokio's bind do: a restarted node can take its port
+        // back while old connections linger in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the name resolves to no address",
+        )
+    }))
 }
 
 /// What runs beside the client server on a node with peers.

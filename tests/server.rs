@@ -716,3 +716,24 @@ fn a_get_of_many_large_values_is_answered_whole_and_in_order() {
         assert!(text(&conn.call(b"version\r\n")).starts_with("VERSION"));
     }
 }
+
+/// The client port listens with memcached's backlog (1024), so a burst of
+/// clients connecting at once is queued rather than dropped and retried a
+/// second later (the kernel's SYN retransmit). `ss` shows a listening
+/// socket's backlog as its Send-Q.
+#[test]
+fn the_client_port_queues_a_burst_of_1024_connections() {
+    let node = Memdial::embedded();
+    for port in [node.port, node.admin_port] {
+        let out = Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2) runs");
+        let listing = text(&out.stdout);
+        let backlog: Vec<&str> = listing
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2))
+            .collect();
+        assert_eq!(backlog, ["1024"], "port {port}: {listing}");
+    }
+}
