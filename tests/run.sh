@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need when it is missing
-# (memcached and libmemcached-tools from Debian, pymemcache and
+# (memcached, libmemcached-tools and iproute2 from Debian; pymemcache and
 # prometheus-client from PyPI),
 # then runs every test. Tests start their own memcached and memdial
 # processes on free ports.
