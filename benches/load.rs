@@ -20,7 +20,13 @@
 //!   --no-cluster            skip the 3-node cluster and replication delay
 //! Unknown arguments (cargo passes `--bench`) are ignored.
 //!
-//! Workload: 1 set : 10 gets (memtier's default), uniformly random keys.
+//! Workload: 1 set : 10 gets (memtier's default; `--gets-per-set N`),
+//! uniformly random keys.
+//!
+//! `--lag` runs only the write-heavy replication phase: a 3-node eventual
+//! cluster over three real memcached, node 1 driven at depth 16 (1 set : 1
+//! get unless `--gets-per-set` says otherwise), its `stats cluster` lag
+//! sampled every 250 ms, then the time until the peers have caught up.
 //! Every reply is parsed against the request it answers (a read may hold
 //! part of a reply or several); a `get` must return the key and value that
 //! were stored. Latency is per request: from writing its batch to reading
@@ -56,6 +62,10 @@ struct Opts {
     keys: usize,
     threads: usize,
     cluster: bool,
+    /// Gets per set in the mix (memtier's default is 10).
+    gets_per_set: usize,
+    /// Run the write-heavy replication phase instead of the others.
+    lag: bool,
 }
 
 fn list(name: &str, v: &str) -> Vec<usize> {
@@ -81,6 +91,8 @@ fn opts() -> Opts {
         keys: 10_000,
         threads: 1,
         cluster: true,
+        gets_per_set: 10,
+        lag: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -96,9 +108,14 @@ fn opts() -> Opts {
             "--value",
             "--keys",
             "--threads",
+            "--gets-per-set",
         ];
         if name == "--no-cluster" {
             o.cluster = false;
+            continue;
+        }
+        if name == "--lag" {
+            o.lag = true;
             continue;
         }
         if !takes_value.contains(&name.as_str()) {
@@ -115,6 +132,7 @@ fn opts() -> Opts {
             "--value" => o.values = list(&name, &v),
             "--keys" => o.keys = number(&name, &v),
             "--threads" => o.threads = number(&name, &v),
+            "--gets-per-set" => o.gets_per_set = v.parse().expect("--gets-per-set N"),
             _ => unreachable!(),
         }
     }
@@ -129,10 +147,12 @@ struct Workload {
     gets: Vec<Vec<u8>>,
     sets: Vec<Vec<u8>>,
     value: Vec<u8>,
+    /// One request in this many is a set.
+    set_every: u64,
 }
 
 impl Workload {
-    fn new(keys: usize, value_len: usize) -> Workload {
+    fn new(keys: usize, value_len: usize, gets_per_set: usize) -> Workload {
         let value: Vec<u8> = (0..value_len).map(|i| b'a' + (i % 26) as u8).collect();
         let keys: Vec<Vec<u8>> = (0..keys)
             .map(|k| format!("key:{k:08}").into_bytes())
@@ -153,6 +173,7 @@ impl Workload {
             gets,
             sets,
             value,
+            set_every: gets_per_set as u64 + 1,
         }
     }
 }
@@ -456,7 +477,7 @@ async fn client(
             rng ^= rng >> 27;
             let r = rng.wrapping_mul(0x2545_F491_4F6C_DD1D);
             let key = ((r >> 32) % w.keys.len() as u64) as usize;
-            if r.is_multiple_of(11) {
+            if r.is_multiple_of(w.set_every) {
                 batch.extend_from_slice(&w.sets[key]);
                 expects.push(Expect::Stored);
             } else {
@@ -608,6 +629,144 @@ async fn replication_delays(
     Ok(delays)
 }
 
+// ---------------------------------------------------- replication lag
+
+/// Node `port`'s `stats cluster` lines `peer:N:lag`, as (peer, lag).
+async fn peer_lags(port: u16) -> Result<Vec<(u32, u64)>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"stats cluster\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    while !buf.ends_with(b"END\r\n") {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .map_err(|_| "stats cluster timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(String::from_utf8_lossy(&buf)
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("STAT peer:")?;
+            let (peer, rest) = rest.split_once(':')?;
+            let lag = rest.strip_prefix("lag ")?;
+            Some((peer.parse().ok()?, lag.parse().ok()?))
+        })
+        .collect())
+}
+
+/// The write-heavy replication phase (`--lag`).
+fn lag_main(o: &Opts) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let stores: Vec<Memcached> = (0..3)
+        .map(|_| Memcached::start_with_memory_mb(256))
+        .collect();
+    let cluster = MemdialCluster::start(3, "error", |ports| {
+        let nodes: Vec<_> = ports
+            .iter()
+            .zip(&stores)
+            .map(|(p, m)| (*p, Some(m.addr())))
+            .collect();
+        let cluster = "  name: bench\n  secret: bench-secret\n  consistency: eventual\n";
+        vec![proxy_yaml(cluster, &nodes); 3]
+    });
+    let node1 = cluster.ports(1).client;
+    let value = o.values[0];
+    println!(
+        "memdial replication lag, commit {}: eventual x3 over memcached, node 1 driven by {} connections at depth 16, 1 set : {} gets, {value}-byte values, {} keys, {} s; lag = entries of node 1's log a peer has not acknowledged",
+        git_commit(),
+        o.conns,
+        o.gets_per_set,
+        o.keys,
+        o.seconds
+    );
+    rt.block_on(async {
+        let w = Arc::new(Workload::new(o.keys, value, o.gets_per_set));
+        if let Err(e) = prefill(node1, &w).await {
+            panic!("prefill of node 1: {e}");
+        }
+        // The prefill itself replicates first.
+        let settle = Instant::now();
+        while peer_lags(node1)
+            .await
+            .map(|l| l.iter().any(|l| l.1 > 0) || l.is_empty())
+            .unwrap_or(true)
+        {
+            assert!(
+                settle.elapsed() < Duration::from_secs(120),
+                "the prefill did not replicate within 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let phase = Arc::new(AtomicU8::new(MEASURE));
+        let started = Instant::now();
+        let load = start_clients(node1, &w, o.conns, 16, &phase);
+        let mut samples: Vec<u64> = Vec::new();
+        while started.elapsed() < Duration::from_secs(o.seconds) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            match peer_lags(node1).await {
+                Ok(lags) => samples.push(lags.iter().map(|l| l.1).max().unwrap_or(0)),
+                Err(e) => println!("    stats cluster failed: {e}"),
+            }
+        }
+        phase.store(STOP, Ordering::Relaxed);
+        let elapsed = started.elapsed().as_secs_f64();
+        let stats = join_clients(load).await;
+        let stopped = Instant::now();
+        let end_lag = samples.last().copied().unwrap_or(0);
+        let drained = loop {
+            let lag = peer_lags(node1)
+                .await
+                .map(|l| l.iter().map(|l| l.1).max().unwrap_or(0));
+            if lag == Ok(0) {
+                break Some(stopped.elapsed());
+            }
+            if stopped.elapsed() > Duration::from_secs(120) {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut sorted = samples.clone();
+        sorted.sort_unstable();
+        let pct = |p: f64| {
+            sorted
+                .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
+        println!(
+            "node 1: {:.0} ops/s ({} wrong, {} misses{}); lag over {} samples: p50 {}, p99 {}, max {}, at the end {}; caught up {}",
+            stats.ops as f64 / elapsed,
+            stats.wrong,
+            stats.misses,
+            stats
+                .failure
+                .as_ref()
+                .map_or(String::new(), |f| format!(", connection failed: {f}")),
+            samples.len(),
+            pct(0.50),
+            pct(0.99),
+            sorted.last().copied().unwrap_or(0),
+            end_lag,
+            drained.map_or("not within 120 s".into(), |d| format!(
+                "{:.2} s after the load stopped",
+                d.as_secs_f64()
+            )),
+        );
+    });
+}
+
 // ------------------------------------------------------------------- main
 
 fn git_commit() -> String {
@@ -622,7 +781,13 @@ fn git_commit() -> String {
 }
 
 fn main() {
-    let o = opts();
+    let mut o = opts();
+    if o.lag {
+        if !std::env::args().any(|a| a.starts_with("--gets-per-set")) {
+            o.gets_per_set = 1;
+        }
+        return lag_main(&o);
+    }
     let rt = if o.threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -663,9 +828,10 @@ fn main() {
         targets.push(("memdial eventual x3, node 1", cluster_ports[0]));
     }
     println!(
-        "memdial load, commit {}: {} connections, 1 set : 10 gets, {} keys, {} s measured after {} s warm-up, {} generator thread(s); latency per request, µs",
+        "memdial load, commit {}: {} connections, 1 set : {} gets, {} keys, {} s measured after {} s warm-up, {} generator thread(s); latency per request, µs",
         git_commit(),
         o.conns,
+        o.gets_per_set,
         o.keys,
         o.seconds,
         o.warmup,
@@ -674,7 +840,7 @@ fn main() {
     let mut failed = false;
     rt.block_on(async {
         for &value in &o.values {
-            let w = Arc::new(Workload::new(o.keys, value));
+            let w = Arc::new(Workload::new(o.keys, value, o.gets_per_set));
             for (name, port) in &targets {
                 if let Err(e) = prefill(*port, &w).await {
                     panic!("prefill of {name} ({value}-byte values): {e}");
@@ -716,7 +882,7 @@ fn main() {
             }
         }
         if o.cluster {
-            let w = Arc::new(Workload::new(o.keys, o.values[0]));
+            let w = Arc::new(Workload::new(o.keys, o.values[0], o.gets_per_set));
             for loaded in [false, true] {
                 let phase = Arc::new(AtomicU8::new(MEASURE));
                 let load = if loaded {

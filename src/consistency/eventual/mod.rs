@@ -30,6 +30,7 @@ mod push;
 mod receive;
 pub mod record;
 
+use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
@@ -52,6 +53,9 @@ use peers::{EventualMetrics, Peers};
 pub use record::Record;
 
 const STRIPES: usize = 1024;
+
+/// Keys of replicated entries read and written per store exchange.
+const APPLY_BATCH: usize = 64;
 
 /// Eventual mode's settings.
 #[derive(Debug, Clone)]
@@ -244,8 +248,12 @@ impl Eventual {
         self.backend.keys().await.map_err(|e| e.to_string())
     }
 
+    fn stripe_index(&self, key: &[u8]) -> usize {
+        (self.hasher.hash_one(key) as usize) % STRIPES
+    }
+
     fn stripe(&self, key: &[u8]) -> &tokio::sync::Mutex<()> {
-        &self.stripes[(self.hasher.hash_one(key) as usize) % STRIPES]
+        &self.stripes[self.stripe_index(key)]
     }
 
     fn flushed(&self) -> Version {
@@ -407,6 +415,13 @@ impl Eventual {
     }
 
     async fn write_tombstone(&self, key: &Bytes, version: Version) -> Result<(), BackendError> {
+        self.call_one(self.tombstone_request(key.clone(), version))
+            .await
+            .map(drop)
+    }
+
+    /// The store request that leaves a tombstone of `version` under `key`.
+    fn tombstone_request(&self, key: Bytes, version: Version) -> Request {
         // Derived from the delete's version, not this node's clock, so every
         // replica keeps the tombstone until the same moment and catch-up
         // never extends it.
@@ -417,17 +432,45 @@ impl Eventual {
             deadline_ms,
             data: Bytes::new(),
         };
-        self.call_one(Request::Store {
+        Request::Store {
             op: StoreOp::Set,
-            key: key.clone(),
+            key,
             flags: 0,
             exptime: Self::store_exptime(deadline_ms),
             data: record.encode(),
             cas_unique: 0,
             noreply: false,
-        })
-        .await
-        .map(drop)
+        }
+    }
+
+    /// The store request that writes a replicated entry (not a flush) as
+    /// it is: a value, or a tombstone for a delete or for a value that
+    /// expired in transit (either way the key holds nothing newer).
+    fn replicated_request(&self, entry: Entry, now_ms: u64) -> Request {
+        match entry.op {
+            Op::Put {
+                flags,
+                deadline_ms,
+                data,
+            } if deadline_ms == 0 || deadline_ms > now_ms => {
+                let record = Record {
+                    tombstone: false,
+                    version: entry.version,
+                    deadline_ms,
+                    data,
+                };
+                Request::Store {
+                    op: StoreOp::Set,
+                    key: entry.key,
+                    flags,
+                    exptime: Self::store_exptime(deadline_ms),
+                    data: record.encode(),
+                    cas_unique: 0,
+                    noreply: false,
+                }
+            }
+            _ => self.tombstone_request(entry.key, entry.version),
+        }
     }
 
     /// A run of `get`/`gets`, sent to the store as one batch.
@@ -652,30 +695,86 @@ impl Eventual {
         if newer_here {
             return Ok(false);
         }
-        match op {
-            Op::Put { flags, data, .. } if deadline_ms == 0 || deadline_ms > unix_ms() => {
-                let record = Record {
-                    tombstone: false,
-                    version,
-                    deadline_ms,
-                    data,
-                };
-                self.call_one(Request::Store {
-                    op: StoreOp::Set,
-                    key,
-                    flags,
-                    exptime: Self::store_exptime(deadline_ms),
-                    data: record.encode(),
-                    cas_unique: 0,
-                    noreply: false,
-                })
-                .await?;
-            }
-            // A delete, or a value that has expired in transit: either way
-            // the key holds nothing newer than `version`.
-            _ => self.write_tombstone(&key, version).await?,
-        }
+        let write = self.replicated_request(
+            Entry {
+                key,
+                version,
+                op: match op {
+                    Op::Put { flags, data, .. } => Op::Put {
+                        flags,
+                        deadline_ms,
+                        data,
+                    },
+                    other => other,
+                },
+            },
+            unix_ms(),
+        );
+        self.call_one(write).await?;
         Ok(true)
+    }
+
+    /// Applies a run of entries without a flush as batches of
+    /// [`APPLY_BATCH`] keys: for each, the current versions are read in one
+    /// exchange and the winning writes sent in another, under the stripes of
+    /// all its keys (taken in index order, so batches never deadlock).
+    /// Returns how many keys changed.
+    async fn apply_run(&self, run: Vec<Entry>) -> Result<usize, BackendError> {
+        let flushed = self.flushed();
+        // Within the run, the newest entry of each key is the one that
+        // would win if they were applied in turn.
+        let mut newest: HashMap<Bytes, Entry> = HashMap::with_capacity(run.len());
+        for e in run {
+            self.hlc.observe(e.version.ts);
+            if e.version <= flushed {
+                continue;
+            }
+            match newest.get(&e.key) {
+                Some(have) if have.version >= e.version => {}
+                _ => {
+                    newest.insert(e.key.clone(), e);
+                }
+            }
+        }
+        let entries: Vec<Entry> = newest.into_values().collect();
+        let mut changed = 0;
+        for batch in entries.chunks(APPLY_BATCH) {
+            changed += self.apply_batch(batch.to_vec()).await?;
+        }
+        Ok(changed)
+    }
+
+    async fn apply_batch(&self, batch: Vec<Entry>) -> Result<usize, BackendError> {
+        let mut stripes: Vec<usize> = batch.iter().map(|e| self.stripe_index(&e.key)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for i in stripes {
+            guards.push(self.stripes[i].lock().await);
+        }
+        let keys: Vec<Bytes> = batch.iter().map(|e| e.key.clone()).collect();
+        let current = match self.call_one(Request::Get { keys, cas: false }).await? {
+            Response::Values(values) => values
+                .into_iter()
+                .map(|v| (v.key.clone(), Record::decode(&v.data).version))
+                .collect::<HashMap<Bytes, Version>>(),
+            other => return Err(unexpected(other)),
+        };
+        let now = unix_ms();
+        let writes: Vec<Request> = batch
+            .into_iter()
+            .filter(|e| current.get(&e.key).is_none_or(|have| *have < e.version))
+            .map(|e| self.replicated_request(e, now))
+            .collect();
+        if writes.is_empty() {
+            return Ok(0);
+        }
+        for response in self.call(&writes).await? {
+            if response != Response::Stored {
+                return Err(unexpected(response));
+            }
+        }
+        Ok(writes.len())
     }
 }
 
@@ -770,15 +869,22 @@ impl Pipeline for Eventual {
 }
 
 impl Eventual {
-    /// Applies entries received from a peer; returns how many changed this
-    /// replica (a newer version won).
+    /// Applies entries received from a peer, as if one at a time in order;
+    /// returns how many keys changed (a newer version won). Runs between
+    /// flushes go to the store in batches.
     async fn apply(&self, entries: Vec<Entry>) -> Result<usize, String> {
         let mut changed = 0;
+        let mut run = Vec::new();
         for e in entries {
-            if self.apply_one(e).await.map_err(|e| e.to_string())? {
-                changed += 1;
+            if matches!(e.op, Op::Flush { .. }) {
+                let before = std::mem::take(&mut run);
+                changed += self.apply_run(before).await.map_err(|e| e.to_string())?;
+                changed += usize::from(self.apply_one(e).await.map_err(|e| e.to_string())?);
+            } else {
+                run.push(e);
             }
         }
+        changed += self.apply_run(run).await.map_err(|e| e.to_string())?;
         Ok(changed)
     }
 }
@@ -942,6 +1048,40 @@ mod tests {
             .await;
         assert_eq!(e.apply(vec![put("k", "late", now + 10, 9)]).await, Ok(0));
         assert_eq!(read(&e, "k").await.as_deref(), Some("local"));
+    }
+
+    #[tokio::test]
+    async fn a_batch_applies_as_if_one_entry_at_a_time() {
+        let (e, _) = node();
+        let now = unix_ms() << 16;
+        let del = |key: &str, ts| Entry {
+            key: b(key),
+            version: Version { ts, node: 2 },
+            op: Op::Delete,
+        };
+        let batch = vec![
+            put("a", "a1", now + 1, 2),
+            put("a", "a3", now + 3, 2),
+            put("a", "a2", now + 2, 3),
+            put("b", "b1", now + 1, 2),
+            del("b", now + 2),
+            put("c", "c1", now + 1, 2),
+        ];
+        assert_eq!(e.apply(batch).await, Ok(3), "one change per key");
+        assert_eq!(read(&e, "a").await.as_deref(), Some("a3"));
+        assert_eq!(read(&e, "b").await, None);
+        assert_eq!(read(&e, "c").await.as_deref(), Some("c1"));
+        // Against what is there: an older entry changes nothing.
+        let batch = vec![put("a", "old", now, 9), put("c", "c2", now + 5, 2)];
+        assert_eq!(e.apply(batch).await, Ok(1));
+        assert_eq!(read(&e, "a").await.as_deref(), Some("a3"));
+        assert_eq!(read(&e, "c").await.as_deref(), Some("c2"));
+        // More keys than one store exchange holds.
+        let many: Vec<Entry> = (0..3 * APPLY_BATCH as u64)
+            .map(|i| put(&format!("m{i}"), "v", now + 10 + i, 2))
+            .collect();
+        assert_eq!(e.apply(many).await, Ok(3 * APPLY_BATCH));
+        assert_eq!(read(&e, "m0").await.as_deref(), Some("v"));
     }
 
     #[tokio::test]
