@@ -3,6 +3,7 @@
 //! the command line) and `protocol::Limits`, which it fills in; nothing
 //! else of the crate.
 
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -14,6 +15,10 @@ use crate::protocol::Limits;
 /// The largest value a cluster can replicate: each travels between peers in
 /// one frame of the internal protocol.
 pub const MAX_CLUSTER_ITEM_BYTES: usize = 32 * 1024 * 1024;
+
+/// The largest config file read: a path to something endless (`/dev/zero`)
+/// or huge is refused instead of filling memory.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// How the nodes of a cluster agree on writes (see `docs/design.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -224,6 +229,8 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
+    #[error("{path} is larger than {MAX_CONFIG_BYTES} bytes, the most a config may hold")]
+    TooLarge { path: String },
     #[error("parsing {path}")]
     Parse {
         path: String,
@@ -244,10 +251,18 @@ impl Config {
     /// Reads and validates a YAML file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_error = |source| ConfigError::Read {
             path: shown.clone(),
             source,
-        })?;
+        };
+        // One byte past the cap tells a file at the cap from a larger one.
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+            .map_err(read_error)?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge { path: shown });
+        }
         let config = Config::from_yaml(&text).map_err(|source| ConfigError::Parse {
             path: shown,
             source,

@@ -716,3 +716,24 @@ fn a_get_of_many_large_values_is_answered_whole_and_in_order() {
         assert!(text(&conn.call(b"version\r\n")).starts_with("VERSION"));
     }
 }
+
+// A config path to something endless or huge is refused at once, naming
+// the cap, instead of being read until memory runs out.
+#[test]
+fn an_endless_or_huge_config_file_is_refused() {
+    let huge = format!("{}{}", one_node_yaml(), "# padding\n".repeat(200_000));
+    let (exited, success, stderr) = serve_config(&huge);
+    assert!(exited && !success, "served a 2 MB config");
+    assert!(stderr.contains("larger than 1048576 bytes"), "{stderr}");
+
+    let started = Instant::now();
+    let out = Command::new(memdial_bin())
+        .args(["serve", "--config", "/dev/zero"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run memdial");
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("/dev/zero is larger than"), "{stderr}");
+    assert!(started.elapsed() < WAIT, "took {:?}", started.elapsed());
+}
