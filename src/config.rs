@@ -115,6 +115,13 @@ pub struct LimitsConfig {
     pub max_pipeline_depth: usize,
     /// Memory for the embedded store's items.
     pub embedded_memory_bytes: usize,
+    /// Replies of one connection produced and not yet written: past this a
+    /// connection's replies are written before more of its requests run,
+    /// and nothing more is read from it until they are.
+    pub connection_reply_buffer_bytes: usize,
+    /// The same across all connections of a node: past it, connections wait
+    /// before running more requests until replies drain.
+    pub node_reply_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,6 +129,9 @@ pub struct LimitsConfig {
 pub struct TimeoutsConfig {
     /// Close a client connection idle this long; 0 never does.
     pub idle_timeout_ms: u64,
+    /// Close a client that has taken none of its replies for this long
+    /// (its writes made no progress); 0 never does.
+    pub write_stall_timeout_ms: u64,
     pub backend_connect_timeout_ms: u64,
     pub backend_request_timeout_ms: u64,
     /// Longest wait for a free pooled backend connection.
@@ -199,6 +209,8 @@ impl Default for LimitsConfig {
             max_connections: 1024,
             max_pipeline_depth: 128,
             embedded_memory_bytes: 64 * 1024 * 1024,
+            connection_reply_buffer_bytes: 4 * 1024 * 1024,
+            node_reply_buffer_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -207,6 +219,7 @@ impl Default for TimeoutsConfig {
     fn default() -> Self {
         TimeoutsConfig {
             idle_timeout_ms: 0,
+            write_stall_timeout_ms: 30_000,
             backend_connect_timeout_ms: 1000,
             backend_request_timeout_ms: 2000,
             backend_pool_wait_ms: 1000,
@@ -332,6 +345,11 @@ impl Config {
             ("limits.max_connections", l.max_connections),
             ("limits.max_pipeline_depth", l.max_pipeline_depth),
             ("limits.embedded_memory_bytes", l.embedded_memory_bytes),
+            (
+                "limits.connection_reply_buffer_bytes",
+                l.connection_reply_buffer_bytes,
+            ),
+            ("limits.node_reply_buffer_bytes", l.node_reply_buffer_bytes),
             ("backend.pool_size", self.backend.pool_size),
         ];
         for (field, v) in positive {
@@ -341,6 +359,18 @@ impl Config {
         }
         if l.item_size_max > 1024 * 1024 * 1024 {
             return Err(invalid("limits.item_size_max", "must be at most 1 GiB"));
+        }
+        if l.node_reply_buffer_bytes < l.connection_reply_buffer_bytes {
+            return Err(invalid(
+                "limits.node_reply_buffer_bytes",
+                "must be at least limits.connection_reply_buffer_bytes",
+            ));
+        }
+        if l.node_reply_buffer_bytes > u32::MAX as usize {
+            return Err(invalid(
+                "limits.node_reply_buffer_bytes",
+                "must be below 4 GiB",
+            ));
         }
         if l.max_line_bytes < 512 {
             return Err(invalid("limits.max_line_bytes", "must be at least 512"));
@@ -436,6 +466,11 @@ impl Config {
 impl TimeoutsConfig {
     pub fn idle_timeout(&self) -> Option<Duration> {
         (self.idle_timeout_ms > 0).then(|| Duration::from_millis(self.idle_timeout_ms))
+    }
+
+    pub fn write_stall_timeout(&self) -> Option<Duration> {
+        (self.write_stall_timeout_ms > 0)
+            .then(|| Duration::from_millis(self.write_stall_timeout_ms))
     }
 
     pub fn shutdown_grace(&self) -> Duration {

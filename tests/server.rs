@@ -717,6 +717,193 @@ fn a_get_of_many_large_values_is_answered_whole_and_in_order() {
     }
 }
 
+// 13. Memory is bounded whatever a client sends.
+
+/// The resident memory of process `pid`, in bytes (VmRSS).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kb * 1024
+}
+
+/// The largest RSS of `pid` sampled every 20 ms for `d`.
+fn peak_rss(pid: u32, d: Duration) -> u64 {
+    let start = Instant::now();
+    let mut peak = 0;
+    while start.elapsed() < d {
+        peak = peak.max(rss_bytes(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    peak
+}
+
+const MIB: u64 = 1024 * 1024;
+
+const ITEM: usize = 1_000_000; // a value near item_size_max (1 MiB)
+
+fn big_value(i: usize) -> Vec<u8> {
+    vec![b'a' + (i % 26) as u8; ITEM]
+}
+
+/// The reply to a `get` of `big{i}` for each of `keys`.
+fn big_reply(keys: &[usize]) -> Vec<u8> {
+    let mut r = Vec::new();
+    for &i in keys {
+        r.extend_from_slice(format!("VALUE big{i} 0 {ITEM}\r\n").as_bytes());
+        r.extend_from_slice(&big_value(i));
+        r.extend_from_slice(b"\r\n");
+    }
+    r.extend_from_slice(b"END\r\n");
+    r
+}
+
+/// A node on `backend` holding `big0`..`big{keys-1}`, and its RSS then.
+fn node_with_big_values(config: &Path, backend: &str, keys: usize) -> (Memdial, u64) {
+    let node = Memdial::serve_with_config(Some(config), &["--node", "1", "--backend", backend]);
+    let mut setter = Client::connect(node.port);
+    for i in 0..keys {
+        let mut req = format!("set big{i} 0 0 {ITEM}\r\n").into_bytes();
+        req.extend_from_slice(&big_value(i));
+        req.extend_from_slice(b"\r\n");
+        assert_eq!(text(&setter.call(&req)), "STORED\r\n", "{backend}");
+    }
+    let base = peak_rss(node.pid(), Duration::from_millis(200));
+    (node, base)
+}
+
+// The two reproductions of the "Hardening" issue: a client that pipelines
+// gets of large values and never reads made a node hold every reply at
+// once (1.3 GB and 1 GB). Replies are now written as they are produced and
+// such a connection is not read further, so the node's memory grows by a
+// few values per connection at most. The stalled clients then read and get
+// every reply, whole and in order.
+#[test]
+fn clients_that_do_not_read_their_replies_do_not_grow_memory() {
+    let memcached = Memcached::start_with_memory_mb(256);
+    let config = one_node_config("limits:\n  embedded_memory_bytes: 268435456\n");
+    let settle = Duration::from_secs(3);
+    // A few values per connection, plus allocator slack.
+    let bound = |conns: u64| conns * 4 * MIB + 32 * MIB;
+    for backend in ["embedded".to_string(), memcached.addr()] {
+        // Case 1: one connection, 20 pipelined gets of 64 keys (5 KB sent).
+        let (node, base) = node_with_big_values(config.path(), &backend, 64);
+        let all: Vec<usize> = (0..64).collect();
+        let keys: Vec<String> = all.iter().map(|i| format!("big{i}")).collect();
+        let mut one = Client::connect(node.port);
+        one.send(format!("get {}\r\n", keys.join(" ")).repeat(20).as_bytes());
+        let case1 = peak_rss(node.pid(), settle).saturating_sub(base);
+        let expected = big_reply(&all);
+        for n in 0..20 {
+            let got = one.read_reply().expect("case 1 reply");
+            assert!(
+                got == expected,
+                "{backend}: reply {n} of case 1 differs: {:?}",
+                text(&got[..got.len().min(100)])
+            );
+        }
+        drop(node);
+
+        // Case 2: 8 connections, each 200 pipelined `get` of one 1 MB value.
+        let (node, base) = node_with_big_values(config.path(), &backend, 8);
+        let mut eight: Vec<Client> = (0..8).map(|_| Client::connect(node.port)).collect();
+        for (c, conn) in eight.iter_mut().enumerate() {
+            conn.send(format!("get big{c}\r\n").repeat(200).as_bytes());
+        }
+        let case2 = peak_rss(node.pid(), settle).saturating_sub(base);
+        for (c, conn) in eight.iter_mut().enumerate() {
+            let expected = big_reply(&[c]);
+            for n in 0..200 {
+                let got = conn.read_reply().expect("case 2 reply");
+                assert!(
+                    got == expected,
+                    "{backend}: reply {n} on connection {c} differs: {:?}",
+                    text(&got[..got.len().min(100)])
+                );
+            }
+        }
+        eprintln!(
+            "{backend}: RSS growth case 1 (1 conn): {} MiB, case 2 (8 conns): {} MiB",
+            case1 / MIB,
+            case2 / MIB
+        );
+        assert!(
+            case1 < bound(1),
+            "{backend}: case 1 grew RSS by {case1} bytes"
+        );
+        assert!(
+            case2 < bound(8),
+            "{backend}: case 2 grew RSS by {case2} bytes"
+        );
+    }
+}
+
+/// Reads until the peer closes (EOF or a reset); returns how many bytes came.
+fn bytes_until_closed(conn: &mut Client) -> usize {
+    let mut total = 0;
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        match conn.stream.read(&mut chunk) {
+            Ok(0) => return total,
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return total,
+            Err(e) => panic!("reading until closed: {e}"),
+        }
+    }
+}
+
+// The node-wide reply budget is one connection's worth here: while a client
+// that reads nothing holds it, another client's get waits; the stalled
+// client is closed after write_stall_timeout_ms and the other is answered.
+#[test]
+fn a_client_that_never_reads_is_closed_and_releases_the_node_budget() {
+    let config = one_node_config(
+        "limits:\n  connection_reply_buffer_bytes: 4194304\n  \
+         node_reply_buffer_bytes: 4194304\ntimeouts:\n  write_stall_timeout_ms: 1000\n",
+    );
+    let (node, _) = node_with_big_values(config.path(), "embedded", 2);
+    let mut stalled = Client::connect(node.port);
+    stalled.send("get big0\r\n".repeat(200).as_bytes());
+    // Give the stalled connection time to take the budget and block.
+    poll_until("the node holds the stalled client's replies", || {
+        admin_get(&node, "/metrics").contains("memdial_connections 1")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut other = Client::connect(node.port);
+    assert_eq!(other.call(b"get big1\r\n"), big_reply(&[1]));
+    let got = bytes_until_closed(&mut stalled);
+    assert!(
+        got < 200 * big_reply(&[0]).len(),
+        "the stalled client was sent all {got} bytes, not closed"
+    );
+    assert_eq!(text(&other.call(b"version\r\n")), version_line());
+}
+
+#[test]
+fn reply_buffer_settings_are_validated() {
+    let node = one_node_yaml();
+    for (yaml, field) in [
+        (
+            format!("{node}limits:\n  connection_reply_buffer_bytes: 0\n"),
+            "limits.connection_reply_buffer_bytes",
+        ),
+        (
+            format!(
+                "{node}limits:\n  connection_reply_buffer_bytes: 8000000\n  \
+                 node_reply_buffer_bytes: 4000000\n"
+            ),
+            "limits.node_reply_buffer_bytes",
+        ),
+    ] {
+        let (exited, success, stderr) = serve_config(&yaml);
+        assert!(exited && !success, "served with\n{yaml}");
+        assert!(stderr.contains(field), "{field:?} not in {stderr}");
+    }
+}
+
 // A config path to something endless or huge is refused at once, naming
 // the cap, instead of being read until memory runs out.
 #[test]

@@ -32,6 +32,13 @@ pub struct ServerSettings {
     pub max_connections: usize,
     pub max_pipeline_depth: usize,
     pub idle_timeout: Option<Duration>,
+    /// Close a client whose replies make no progress this long.
+    pub write_stall_timeout: Option<Duration>,
+    /// Unwritten reply bytes of one connection before it is written out
+    /// and not read further.
+    pub connection_reply_buffer_bytes: usize,
+    /// Reply bytes in flight across the node (see `Shared::reply_bytes`).
+    pub node_reply_buffer_bytes: usize,
     pub shutdown_grace: Duration,
     /// Reported by `stats`.
     pub consistency: &'static str,
@@ -46,6 +53,11 @@ pub(crate) struct Shared {
     pub local_addr: SocketAddr,
     pub verbosity: AtomicU32,
     pub stats_baseline: stats::Baseline,
+    /// Permits are bytes of replies in flight: a connection takes them
+    /// before running requests (its estimate of their replies, trued up
+    /// when they are known) and gives them back once the replies are
+    /// written.
+    pub reply_bytes: Semaphore,
 }
 
 /// What `version` answers: memcached's format, naming memdial. Clients read
@@ -71,6 +83,7 @@ pub async fn run(
     let local_addr = listener.local_addr()?;
     let grace = settings.shutdown_grace;
     let limit = Arc::new(Semaphore::new(settings.max_connections));
+    let reply_bytes = Semaphore::new(settings.node_reply_buffer_bytes);
     let shared = Arc::new(Shared {
         settings,
         pipeline,
@@ -78,6 +91,7 @@ pub async fn run(
         local_addr,
         verbosity: AtomicU32::new(0),
         stats_baseline: stats::Baseline::default(),
+        reply_bytes,
     });
     let tracker = TaskTracker::new();
     let conn_ids = AtomicU64::new(1);
