@@ -452,6 +452,13 @@ impl Config {
             .ok_or_else(|| invalid("--node", format!("no node with id {id} in nodes")))
     }
 
+    /// File descriptors one node needs besides its client connections:
+    /// listeners, backend pool, peer links, admin requests, refusals in
+    /// flight and the runtime's own.
+    pub fn fds_besides_clients(&self) -> u64 {
+        64 + self.backend.pool_size as u64 + 4 * self.nodes.len() as u64
+    }
+
     pub fn protocol_limits(&self) -> Limits {
         Limits {
             item_size_max: self.limits.item_size_max,

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::client::{Client, http_get, metric, text};
 use common::procs::{
-    Memcached, Memdial, NodePorts, TempFile, WAIT, free_port, memdial_bin, proxy_yaml,
+    Memcached, Memdial, NodePorts, Proc, TempFile, WAIT, free_port, memdial_bin, proxy_yaml,
+    start_with_retry,
 };
 
 /// A config file of one node on free local ports, followed by `sections`
@@ -923,4 +924,113 @@ fn an_endless_or_huge_config_file_is_refused() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("/dev/zero is larger than"), "{stderr}");
     assert!(started.elapsed() < WAIT, "took {:?}", started.elapsed());
+}
+
+// 14. File descriptors.
+
+/// `memdial serve` of `config` with the embedded store under `prlimit
+/// --nofile=SOFT:HARD` (util-linux; it execs memdial, so the pid is
+/// memdial's); returns the process, its client and its admin port.
+fn serve_under_nofile(soft: u64, hard: u64, config: &Path) -> (Proc, u16, u16) {
+    start_with_retry("memdial under prlimit", || {
+        let (port, admin) = (free_port(), free_port());
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={soft}:{hard}"))
+            .arg("--")
+            .arg(memdial_bin())
+            .args(["serve", "--node", "1", "--backend", "embedded", "--config"])
+            .arg(config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let mut proc = Proc::spawn(format!("memdial :{port} (prlimit on PATH)"), &mut cmd);
+        proc.wait_ready(&[port, admin])?;
+        Ok((proc, port, admin))
+    })
+}
+
+/// The soft and hard "Max open files" of process `pid`.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files line");
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (n[0], n[1])
+}
+
+#[test]
+fn start_up_raises_the_open_file_soft_limit_to_the_hard_limit() {
+    let config = one_node_config("");
+    let (proc, port, _) = serve_under_nofile(256, 4096, config.path());
+    assert_eq!(open_file_limits(proc.pid()), (4096, 4096));
+    assert!(new_connection_served(port));
+}
+
+// With the soft and hard limit at 256 and max_connections at its default
+// (1024), the node serves what fits and answers the rest memcached's
+// refusal: nobody hangs, and connected clients and the admin port go on.
+#[test]
+fn out_of_descriptors_connected_clients_and_the_admin_port_keep_serving() {
+    let config = one_node_config("");
+    let (proc, port, admin) = serve_under_nofile(256, 256, config.path());
+    assert_eq!(open_file_limits(proc.pid()), (256, 256));
+    let mut first = Client::connect(port);
+    assert_eq!(text(&first.call(b"set k 0 0 1\r\nv\r\n")), "STORED\r\n");
+    let max = stat_u64(&stats(&mut first, ""), "max_connections");
+    assert!(
+        max < 256,
+        "max_connections {max} was not lowered to fit 256 files"
+    );
+
+    // Each new client gets an answer: served, or refused with memcached's
+    // line (or, past the refusals in flight, closed); none hangs.
+    let (mut served, mut refused) = (Vec::new(), 0);
+    for n in 0..400 {
+        let mut conn = Client::connect(port);
+        match conn.try_call(b"version\r\n") {
+            Ok(r) if text(&r) == version_line() => served.push(conn),
+            Ok(r) if r == b"ERROR Too many open connections\r\n" => refused += 1,
+            Ok(r) => panic!("client {n} got {:?}", text(&r)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                refused += 1
+            }
+            Err(e) => panic!("client {n} got no answer: {e}"),
+        }
+    }
+    assert!(refused > 0, "all 400 served under a 256-file limit");
+    assert!(
+        served.len() as u64 <= max && served.len() >= 100,
+        "{} served, max_connections {max}",
+        served.len()
+    );
+    // The connected clients and the admin port still answer.
+    assert_eq!(
+        text(&first.call(b"get k\r\n")),
+        "VALUE k 0 1\r\nv\r\nEND\r\n"
+    );
+    for conn in served.iter_mut().step_by(10) {
+        assert_eq!(text(&conn.call(b"version\r\n")), version_line());
+    }
+    let health = http_get(admin, "/health").expect("GET /health at the limit");
+    assert_eq!(health.trim(), "ok");
+    let metrics = http_get(admin, "/metrics").expect("GET /metrics at the limit");
+    assert!(metrics.contains("memdial_connections_rejected_total"));
+    // A place freed is served again.
+    served.truncate(0);
+    poll_until("a new connection served after others closed", || {
+        new_connection_served(port)
+    });
+    drop(proc);
 }

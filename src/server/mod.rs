@@ -67,6 +67,9 @@ fn version() -> String {
     format!("1.6.18-memdial-{}", env!("CARGO_PKG_VERSION"))
 }
 
+/// Refused connections being answered at once; more are closed unanswered.
+const MAX_REFUSING: usize = 32;
+
 /// The memcached answer to one connection too many.
 const TOO_MANY_CONNECTIONS: &[u8] = b"ERROR Too many open connections\r\n";
 
@@ -97,7 +100,13 @@ pub async fn run(
     let conn_ids = AtomicU64::new(1);
     tracing::info!(addr = %local_addr, "listening for clients");
 
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let mut backoff = Duration::from_millis(1);
+    // Failed accepts since the last success: logged when failing starts and
+    // when it ends, not at every attempt.
+    let mut failed_accepts = 0u64;
+    // Refusing at the connection limit: logged once until one is served.
+    let mut at_limit = false;
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -105,12 +114,20 @@ pub async fn run(
         };
         let (stream, peer) = match accepted {
             Ok(a) => {
+                if failed_accepts > 0 {
+                    tracing::info!(failed_accepts, "accepting clients again");
+                    failed_accepts = 0;
+                }
                 backoff = Duration::from_millis(1);
                 a
             }
             Err(e) => {
-                // Out of descriptors and the like: wait, then try again.
-                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                // Out of descriptors and the like: connected clients and the
+                // admin port go on; wait, then try again.
+                if failed_accepts == 0 {
+                    tracing::warn!(error = %e, "accept failing; backing off until it succeeds");
+                }
+                failed_accepts += 1;
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
@@ -121,10 +138,21 @@ pub async fn run(
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             shared.metrics.connections_rejected.inc();
-            tracing::warn!(%peer, "connection limit reached; refusing");
-            tracker.spawn(refuse(stream));
+            if !at_limit {
+                tracing::warn!(%peer, "connection limit reached; refusing (logged again after one is served)");
+                at_limit = true;
+            }
+            // Refusals in flight are bounded too (each holds a descriptor);
+            // past that the connection is just closed.
+            if let Ok(refusal) = refusing.clone().try_acquire_owned() {
+                tracker.spawn(async move {
+                    refuse(stream).await;
+                    drop(refusal);
+                });
+            }
             continue;
         };
+        at_limit = false;
         let conn_id = conn_ids.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("conn", %peer, conn_id);
         let shared = shared.clone();
