@@ -4,6 +4,7 @@
 //! else of the crate.
 
 use std::fmt;
+use std::io::Read;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::str::FromStr;
@@ -16,6 +17,10 @@ use crate::protocol::Limits;
 /// The largest value a cluster can replicate: each travels between peers in
 /// one frame of the internal protocol.
 pub const MAX_CLUSTER_ITEM_BYTES: usize = 32 * 1024 * 1024;
+
+/// The largest config file read: a path to something endless (`/dev/zero`)
+/// or huge is refused instead of filling memory.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// How the nodes of a cluster agree on writes (see `docs/design.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -254,6 +259,13 @@ pub struct LimitsConfig {
     pub max_pipeline_depth: usize,
     /// Memory for the embedded store's items.
     pub embedded_memory_bytes: usize,
+    /// Replies of one connection produced and not yet written: past this a
+    /// connection's replies are written before more of its requests run,
+    /// and nothing more is read from it until they are.
+    pub connection_reply_buffer_bytes: usize,
+    /// The same across all connections of a node: past it, connections wait
+    /// before running more requests until replies drain.
+    pub node_reply_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -261,6 +273,9 @@ pub struct LimitsConfig {
 pub struct TimeoutsConfig {
     /// Close a client connection idle this long; 0 never does.
     pub idle_timeout_ms: u64,
+    /// Close a client that has taken none of its replies for this long
+    /// (its writes made no progress); 0 never does.
+    pub write_stall_timeout_ms: u64,
     pub backend_connect_timeout_ms: u64,
     pub backend_request_timeout_ms: u64,
     /// Longest wait for a free pooled backend connection.
@@ -341,6 +356,8 @@ impl Default for LimitsConfig {
             max_connections: 1024,
             max_pipeline_depth: 128,
             embedded_memory_bytes: 64 * 1024 * 1024,
+            connection_reply_buffer_bytes: 4 * 1024 * 1024,
+            node_reply_buffer_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -349,6 +366,7 @@ impl Default for TimeoutsConfig {
     fn default() -> Self {
         TimeoutsConfig {
             idle_timeout_ms: 0,
+            write_stall_timeout_ms: 30_000,
             backend_connect_timeout_ms: 1000,
             backend_request_timeout_ms: 2000,
             backend_pool_wait_ms: 1000,
@@ -371,6 +389,8 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
+    #[error("{path} is larger than {MAX_CONFIG_BYTES} bytes, the most a config may hold")]
+    TooLarge { path: String },
     #[error("parsing {path}")]
     Parse {
         path: String,
@@ -391,10 +411,18 @@ impl Config {
     /// Reads and validates a YAML file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_error = |source| ConfigError::Read {
             path: shown.clone(),
             source,
-        })?;
+        };
+        // One byte past the cap tells a file at the cap from a larger one.
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+            .map_err(read_error)?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge { path: shown });
+        }
         let config = Config::from_yaml(&text).map_err(|source| ConfigError::Parse {
             path: shown,
             source,
@@ -473,6 +501,11 @@ impl Config {
             ("limits.max_connections", l.max_connections),
             ("limits.max_pipeline_depth", l.max_pipeline_depth),
             ("limits.embedded_memory_bytes", l.embedded_memory_bytes),
+            (
+                "limits.connection_reply_buffer_bytes",
+                l.connection_reply_buffer_bytes,
+            ),
+            ("limits.node_reply_buffer_bytes", l.node_reply_buffer_bytes),
             ("backend.pool_size", self.backend.pool_size),
         ];
         for (field, v) in positive {
@@ -482,6 +515,18 @@ impl Config {
         }
         if l.item_size_max > 1024 * 1024 * 1024 {
             return Err(invalid("limits.item_size_max", "must be at most 1 GiB"));
+        }
+        if l.node_reply_buffer_bytes < l.connection_reply_buffer_bytes {
+            return Err(invalid(
+                "limits.node_reply_buffer_bytes",
+                "must be at least limits.connection_reply_buffer_bytes",
+            ));
+        }
+        if l.node_reply_buffer_bytes > u32::MAX as usize {
+            return Err(invalid(
+                "limits.node_reply_buffer_bytes",
+                "must be below 4 GiB",
+            ));
         }
         if l.max_line_bytes < 512 {
             return Err(invalid("limits.max_line_bytes", "must be at least 512"));
@@ -563,6 +608,13 @@ impl Config {
             .ok_or_else(|| invalid("--node", format!("no node with id {id} in nodes")))
     }
 
+    /// File descriptors one node needs besides its client connections:
+    /// listeners, backend pool, peer links, admin requests, refusals in
+    /// flight and the runtime's own.
+    pub fn fds_besides_clients(&self) -> u64 {
+        64 + self.backend.pool_size as u64 + 4 * self.nodes.len() as u64
+    }
+
     pub fn protocol_limits(&self) -> Limits {
         Limits {
             item_size_max: self.limits.item_size_max,
@@ -577,6 +629,11 @@ impl Config {
 impl TimeoutsConfig {
     pub fn idle_timeout(&self) -> Option<Duration> {
         (self.idle_timeout_ms > 0).then(|| Duration::from_millis(self.idle_timeout_ms))
+    }
+
+    pub fn write_stall_timeout(&self) -> Option<Duration> {
+        (self.write_stall_timeout_ms > 0)
+            .then(|| Duration::from_millis(self.write_stall_timeout_ms))
     }
 
     pub fn shutdown_grace(&self) -> Duration {

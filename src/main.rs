@@ -129,6 +129,7 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    fit_connections_to_fds(&mut config, 1);
     if let Some(c) = args.consistency {
         config.cluster.consistency = c;
     }
@@ -159,6 +160,8 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
 
 async fn cluster(args: ClusterArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut config = Config::load(&args.config)?;
+    let nodes = config.nodes.len() as u64;
+    fit_connections_to_fds(&mut config, nodes);
     // Held until the cluster stops; dropping them stops the memcached.
     let mut _started = Vec::new();
     if args.memcached {
@@ -183,6 +186,69 @@ async fn cluster(args: ClusterArgs, shutdown: CancellationToken) -> anyhow::Resu
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Raises the soft limit on open files toward the hard limit (as memcached
+/// does), saying what it did in one line, and returns the soft limit now
+/// in force.
+fn raise_fd_limit() -> Option<u64> {
+    use rlimit::Resource;
+    let (soft, hard) = match Resource::NOFILE.get() {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit");
+            return None;
+        }
+    };
+    // Linux refuses more than fs.nr_open (1048576 by default) even when the
+    // hard limit is unlimited.
+    let wanted = hard.min(1 << 20);
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(now) if now > soft => {
+            tracing::info!(
+                from = soft,
+                to = now,
+                hard,
+                "raised the open-file soft limit"
+            );
+            Some(now)
+        }
+        Ok(now) => {
+            tracing::info!(soft = now, hard, "open-file limit kept");
+            Some(now)
+        }
+        Err(e) => {
+            tracing::warn!(soft, hard, error = %e, "cannot raise the open-file soft limit");
+            Some(soft)
+        }
+    }
+}
+
+/// Raises the open-file limit, and when `nodes` nodes' `max_connections`
+/// (with what each node needs besides) cannot fit in it, warns and lowers
+/// `max_connections` to what fits, so that a node at its limit refuses new
+/// clients with memcached's error line instead of running out of
+/// descriptors (which would leave clients unanswered and stop the admin
+/// port).
+fn fit_connections_to_fds(config: &mut Config, nodes: u64) {
+    let Some(soft) = raise_fd_limit() else {
+        return;
+    };
+    let wanted = config.limits.max_connections as u64;
+    let reserved = config.fds_besides_clients();
+    if nodes * (wanted + reserved) <= soft {
+        return;
+    }
+    let fits = (soft / nodes.max(1)).saturating_sub(reserved).max(1);
+    tracing::warn!(
+        max_connections = wanted,
+        open_file_limit = soft,
+        reserved_per_node = reserved,
+        serving_at_most = fits,
+        "limits.max_connections does not fit in the open-file limit; raise the hard limit \
+         (ulimit -Hn) or lower max_connections"
+    );
+    config.limits.max_connections = usize::try_from(fits).unwrap_or(usize::MAX);
 }
 
 /// Starts a memcached on `addr` unless one already answers there.

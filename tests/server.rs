@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::client::{Client, http_get, metric, text};
 use common::procs::{
-    Memcached, Memdial, NodePorts, TempFile, WAIT, free_port, memdial_bin, proxy_yaml,
+    Memcached, Memdial, NodePorts, Proc, TempFile, WAIT, free_port, memdial_bin, proxy_yaml,
+    start_with_retry,
 };
 
 /// A config file of one node on free local ports, followed by `sections`
@@ -736,4 +737,323 @@ fn the_client_port_queues_a_burst_of_1024_connections() {
             .collect();
         assert_eq!(backlog, ["1024"], "port {port}: {listing}");
     }
+}
+
+// 13. Memory is bounded whatever a client sends.
+
+/// The resident memory of process `pid`, in bytes (VmRSS).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kb * 1024
+}
+
+/// The largest RSS of `pid` sampled every 20 ms for `d`.
+fn peak_rss(pid: u32, d: Duration) -> u64 {
+    let start = Instant::now();
+    let mut peak = 0;
+    while start.elapsed() < d {
+        peak = peak.max(rss_bytes(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    peak
+}
+
+const MIB: u64 = 1024 * 1024;
+
+const ITEM: usize = 1_000_000; // a value near item_size_max (1 MiB)
+
+fn big_value(i: usize) -> Vec<u8> {
+    vec![b'a' + (i % 26) as u8; ITEM]
+}
+
+/// The reply to a `get` of `big{i}` for each of `keys`.
+fn big_reply(keys: &[usize]) -> Vec<u8> {
+    let mut r = Vec::new();
+    for &i in keys {
+        r.extend_from_slice(format!("VALUE big{i} 0 {ITEM}\r\n").as_bytes());
+        r.extend_from_slice(&big_value(i));
+        r.extend_from_slice(b"\r\n");
+    }
+    r.extend_from_slice(b"END\r\n");
+    r
+}
+
+/// A node on `backend` holding `big0`..`big{keys-1}`, and its RSS then.
+fn node_with_big_values(config: &Path, backend: &str, keys: usize) -> (Memdial, u64) {
+    let node = Memdial::serve_with_config(Some(config), &["--node", "1", "--backend", backend]);
+    let mut setter = Client::connect(node.port);
+    for i in 0..keys {
+        let mut req = format!("set big{i} 0 0 {ITEM}\r\n").into_bytes();
+        req.extend_from_slice(&big_value(i));
+        req.extend_from_slice(b"\r\n");
+        assert_eq!(text(&setter.call(&req)), "STORED\r\n", "{backend}");
+    }
+    let base = peak_rss(node.pid(), Duration::from_millis(200));
+    (node, base)
+}
+
+// The two reproductions of the "Hardening" issue: a client that pipelines
+// gets of large values and never reads made a node hold every reply at
+// once (1.3 GB and 1 GB). Replies are now written as they are produced and
+// such a connection is not read further, so the node's memory grows by a
+// few values per connection at most. The stalled clients then read and get
+// every reply, whole and in order.
+#[test]
+fn clients_that_do_not_read_their_replies_do_not_grow_memory() {
+    let memcached = Memcached::start_with_memory_mb(256);
+    let config = one_node_config("limits:\n  embedded_memory_bytes: 268435456\n");
+    let settle = Duration::from_secs(3);
+    // Per connection, twice its reply buffer (4 MiB: one segment's values,
+    // and over memcached the backend connection's read buffer), plus
+    // allocator slack; before, these grew by 1.2 GB and 1 GB.
+    let bound = |conns: u64| conns * 8 * MIB + 32 * MIB;
+    for backend in ["embedded".to_string(), memcached.addr()] {
+        // Case 1: one connection, 20 pipelined gets of 64 keys (5 KB sent).
+        let (node, base) = node_with_big_values(config.path(), &backend, 64);
+        let all: Vec<usize> = (0..64).collect();
+        let keys: Vec<String> = all.iter().map(|i| format!("big{i}")).collect();
+        let mut one = Client::connect(node.port);
+        one.send(format!("get {}\r\n", keys.join(" ")).repeat(20).as_bytes());
+        let case1 = peak_rss(node.pid(), settle).saturating_sub(base);
+        let expected = big_reply(&all);
+        for n in 0..20 {
+            let got = one.read_reply().expect("case 1 reply");
+            assert!(
+                got == expected,
+                "{backend}: reply {n} of case 1 differs: {:?}",
+                text(&got[..got.len().min(100)])
+            );
+        }
+        drop(node);
+
+        // Case 2: 8 connections, each 200 pipelined `get` of one 1 MB value.
+        let (node, base) = node_with_big_values(config.path(), &backend, 8);
+        let mut eight: Vec<Client> = (0..8).map(|_| Client::connect(node.port)).collect();
+        for (c, conn) in eight.iter_mut().enumerate() {
+            conn.send(format!("get big{c}\r\n").repeat(200).as_bytes());
+        }
+        let case2 = peak_rss(node.pid(), settle).saturating_sub(base);
+        for (c, conn) in eight.iter_mut().enumerate() {
+            let expected = big_reply(&[c]);
+            for n in 0..200 {
+                let got = conn.read_reply().expect("case 2 reply");
+                assert!(
+                    got == expected,
+                    "{backend}: reply {n} on connection {c} differs: {:?}",
+                    text(&got[..got.len().min(100)])
+                );
+            }
+        }
+        eprintln!(
+            "{backend}: RSS growth case 1 (1 conn): {} MiB, case 2 (8 conns): {} MiB",
+            case1 / MIB,
+            case2 / MIB
+        );
+        assert!(
+            case1 < bound(1),
+            "{backend}: case 1 grew RSS by {case1} bytes"
+        );
+        assert!(
+            case2 < bound(8),
+            "{backend}: case 2 grew RSS by {case2} bytes"
+        );
+    }
+}
+
+/// Reads until the peer closes (EOF or a reset); returns how many bytes came.
+fn bytes_until_closed(conn: &mut Client) -> usize {
+    let mut total = 0;
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        match conn.stream.read(&mut chunk) {
+            Ok(0) => return total,
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return total,
+            Err(e) => panic!("reading until closed: {e}"),
+        }
+    }
+}
+
+// The node-wide reply budget is one connection's worth here: while a client
+// that reads nothing holds it, another client's get waits; the stalled
+// client is closed after write_stall_timeout_ms and the other is answered.
+#[test]
+fn a_client_that_never_reads_is_closed_and_releases_the_node_budget() {
+    let config = one_node_config(
+        "limits:\n  connection_reply_buffer_bytes: 4194304\n  \
+         node_reply_buffer_bytes: 4194304\ntimeouts:\n  write_stall_timeout_ms: 1000\n",
+    );
+    let (node, _) = node_with_big_values(config.path(), "embedded", 2);
+    let mut stalled = Client::connect(node.port);
+    stalled.send("get big0\r\n".repeat(200).as_bytes());
+    // Give the stalled connection time to take the budget and block.
+    poll_until("the node holds the stalled client's replies", || {
+        admin_get(&node, "/metrics").contains("memdial_connections_open 1")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut other = Client::connect(node.port);
+    assert_eq!(other.call(b"get big1\r\n"), big_reply(&[1]));
+    let got = bytes_until_closed(&mut stalled);
+    assert!(
+        got < 200 * big_reply(&[0]).len(),
+        "the stalled client was sent all {got} bytes, not closed"
+    );
+    assert_eq!(text(&other.call(b"version\r\n")), version_line());
+}
+
+#[test]
+fn reply_buffer_settings_are_validated() {
+    let node = one_node_yaml();
+    for (yaml, field) in [
+        (
+            format!("{node}limits:\n  connection_reply_buffer_bytes: 0\n"),
+            "limits.connection_reply_buffer_bytes",
+        ),
+        (
+            format!(
+                "{node}limits:\n  connection_reply_buffer_bytes: 8000000\n  \
+                 node_reply_buffer_bytes: 4000000\n"
+            ),
+            "limits.node_reply_buffer_bytes",
+        ),
+    ] {
+        let (exited, success, stderr) = serve_config(&yaml);
+        assert!(exited && !success, "served with\n{yaml}");
+        assert!(stderr.contains(field), "{field:?} not in {stderr}");
+    }
+}
+
+// A config path to something endless or huge is refused at once, naming
+// the cap, instead of being read until memory runs out.
+#[test]
+fn an_endless_or_huge_config_file_is_refused() {
+    let huge = format!("{}{}", one_node_yaml(), "# padding\n".repeat(200_000));
+    let (exited, success, stderr) = serve_config(&huge);
+    assert!(exited && !success, "served a 2 MB config");
+    assert!(stderr.contains("larger than 1048576 bytes"), "{stderr}");
+
+    let started = Instant::now();
+    let out = Command::new(memdial_bin())
+        .args(["serve", "--config", "/dev/zero"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run memdial");
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("/dev/zero is larger than"), "{stderr}");
+    assert!(started.elapsed() < WAIT, "took {:?}", started.elapsed());
+}
+
+// 14. File descriptors.
+
+/// `memdial serve` of `config` with the embedded store under `prlimit
+/// --nofile=SOFT:HARD` (util-linux; it execs memdial, so the pid is
+/// memdial's); returns the process, its client and its admin port.
+fn serve_under_nofile(soft: u64, hard: u64, config: &Path) -> (Proc, u16, u16) {
+    start_with_retry("memdial under prlimit", || {
+        let (port, admin) = (free_port(), free_port());
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={soft}:{hard}"))
+            .arg("--")
+            .arg(memdial_bin())
+            .args(["serve", "--node", "1", "--backend", "embedded", "--config"])
+            .arg(config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let mut proc = Proc::spawn(format!("memdial :{port} (prlimit on PATH)"), &mut cmd);
+        proc.wait_ready(&[port, admin])?;
+        Ok((proc, port, admin))
+    })
+}
+
+/// The soft and hard "Max open files" of process `pid`.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files line");
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (n[0], n[1])
+}
+
+#[test]
+fn start_up_raises_the_open_file_soft_limit_to_the_hard_limit() {
+    let config = one_node_config("");
+    let (proc, port, _) = serve_under_nofile(256, 4096, config.path());
+    assert_eq!(open_file_limits(proc.pid()), (4096, 4096));
+    assert!(new_connection_served(port));
+}
+
+// With the soft and hard limit at 256 and max_connections at its default
+// (1024), the node serves what fits and answers the rest memcached's
+// refusal: nobody hangs, and connected clients and the admin port go on.
+#[test]
+fn out_of_descriptors_connected_clients_and_the_admin_port_keep_serving() {
+    let config = one_node_config("");
+    let (proc, port, admin) = serve_under_nofile(256, 256, config.path());
+    assert_eq!(open_file_limits(proc.pid()), (256, 256));
+    let mut first = Client::connect(port);
+    assert_eq!(text(&first.call(b"set k 0 0 1\r\nv\r\n")), "STORED\r\n");
+    let max = stat_u64(&stats(&mut first, ""), "max_connections");
+    assert!(
+        max < 256,
+        "max_connections {max} was not lowered to fit 256 files"
+    );
+
+    // Each new client gets an answer: served, or refused with memcached's
+    // line (or, past the refusals in flight, closed); none hangs.
+    let (mut served, mut refused) = (Vec::new(), 0);
+    for n in 0..400 {
+        let mut conn = Client::connect(port);
+        match conn.try_call(b"version\r\n") {
+            Ok(r) if text(&r) == version_line() => served.push(conn),
+            Ok(r) if r == b"ERROR Too many open connections\r\n" => refused += 1,
+            Ok(r) => panic!("client {n} got {:?}", text(&r)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                refused += 1
+            }
+            Err(e) => panic!("client {n} got no answer: {e}"),
+        }
+    }
+    assert!(refused > 0, "all 400 served under a 256-file limit");
+    assert!(
+        served.len() as u64 <= max && served.len() >= 100,
+        "{} served, max_connections {max}",
+        served.len()
+    );
+    // The connected clients and the admin port still answer.
+    assert_eq!(
+        text(&first.call(b"get k\r\n")),
+        "VALUE k 0 1\r\nv\r\nEND\r\n"
+    );
+    for conn in served.iter_mut().step_by(10) {
+        assert_eq!(text(&conn.call(b"version\r\n")), version_line());
+    }
+    let health = http_get(admin, "/health").expect("GET /health at the limit");
+    assert_eq!(health.trim(), "ok");
+    let metrics = http_get(admin, "/metrics").expect("GET /metrics at the limit");
+    assert!(metrics.contains("memdial_connections_rejected_total"));
+    // A place freed is served again.
+    served.truncate(0);
+    poll_until("a new connection served after others closed", || {
+        new_connection_served(port)
+    });
+    drop(proc);
 }

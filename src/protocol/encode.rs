@@ -149,6 +149,14 @@ pub fn encode_conn_request(request: &ConnRequest, buf: &mut BytesMut) {
 /// Writes one `VALUE` block of a get-family reply (its `END` is separate).
 pub fn encode_value(v: &Value, buf: &mut BytesMut) {
     buf.reserve(v.key.len() + v.data.len() + 48);
+    encode_value_header(v, buf);
+    buf.put_slice(&v.data);
+    buf.put_slice(b"\r\n");
+}
+
+/// The `VALUE <key> <flags> <bytes> [<cas>]\r\n` line before a value's
+/// data, for a writer that sends the data from where it is.
+pub fn encode_value_header(v: &Value, buf: &mut BytesMut) {
     buf.put_slice(b"VALUE ");
     buf.put_slice(&v.key);
     buf.put_u8(b' ');
@@ -159,8 +167,6 @@ pub fn encode_value(v: &Value, buf: &mut BytesMut) {
         buf.put_u8(b' ');
         num(buf, cas);
     }
-    buf.put_slice(b"\r\n");
-    buf.put_slice(&v.data);
     buf.put_slice(b"\r\n");
 }
 

@@ -10,7 +10,9 @@ mod limits;
 mod parse;
 mod reply;
 
-pub use encode::{encode_conn_request, encode_request, encode_response, encode_value};
+pub use encode::{
+    encode_conn_request, encode_request, encode_response, encode_value, encode_value_header,
+};
 pub use error::ClientError;
 pub use limits::Limits;
 pub use parse::{Parsed, parse_request};

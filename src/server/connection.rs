@@ -1,15 +1,25 @@
 //! One client connection: read, parse every complete request in the buffer,
-//! run them through the pipeline as one batch, write the replies in request
-//! order with a single write, repeat.
+//! run them through the pipeline in segments, write the replies in request
+//! order, repeat.
+//!
+//! Memory: a segment fetches at most `key_budget` values, sized from the
+//! values this connection has seen so that one segment's replies fit in
+//! `connection_reply_buffer_bytes`; its replies are written before the next
+//! segment runs (large values straight from where the backend put them),
+//! and nothing more is read from the client until the batch is written. A
+//! node-wide semaphore of reply bytes bounds what all connections hold at
+//! once. A client that takes none of its replies for
+//! `write_stall_timeout_ms` is closed.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use prometheus::{Histogram, IntCounter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::SemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
@@ -17,7 +27,7 @@ use crate::consistency::Session;
 use crate::metrics::Metrics;
 use crate::protocol::{
     ClientError, Command, ConnRequest, Incoming, Parsed, Request, Response, encode_response,
-    encode_value, parse_request,
+    encode_value, encode_value_header, parse_request,
 };
 
 /// What a connection does after answering a batch.
@@ -46,6 +56,13 @@ pub(super) struct Connection<'a> {
     skip: usize,
     handles: Handles,
     session: Session,
+    /// Keys fetched per pipeline call: `connection_reply_buffer_bytes`
+    /// over `value_estimate`, between 1 and [`STREAM_GET_KEYS`].
+    key_budget: usize,
+    /// Expected bytes of one value: item_size_max at first, then the
+    /// largest value of the last fetch or a quarter of the previous
+    /// estimate, whichever is larger.
+    value_estimate: usize,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -54,9 +71,16 @@ const DRAIN_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
 /// A write buffer grown past this by a large reply is released afterwards,
 /// and a streamed get reply is written out whenever it passes it.
 const KEEP_BUFFER: usize = 1024 * 1024;
-/// A get of more keys than this is fetched and answered in parts of this
-/// many keys: one reply then holds at most this many values in memory.
+/// The most keys fetched by one pipeline call: a get of more keys is
+/// fetched and answered in parts of at most this many keys (fewer when the
+/// values are large; see `key_budget`).
 const STREAM_GET_KEYS: usize = 64;
+/// A value at least this large is written from the backend's buffer rather
+/// than copied into the write buffer.
+const DIRECT_WRITE_BYTES: usize = 16 * 1024;
+/// The smallest `value_estimate`, and the reply bytes counted for a reply
+/// that holds no value.
+const MIN_REPLY_ESTIMATE: usize = 64;
 
 impl<'a> Connection<'a> {
     pub fn new(stream: TcpStream, shared: &'a Shared, conn_id: u64) -> Self {
@@ -69,7 +93,22 @@ impl<'a> Connection<'a> {
             skip: 0,
             handles: Handles::new(&shared.metrics),
             session: Session::new(conn_id),
+            key_budget: 1,
+            value_estimate: 0,
         }
+        .with_estimate(shared.settings.limits.item_size_max)
+    }
+
+    fn with_estimate(mut self, value_bytes: usize) -> Self {
+        self.set_estimate(value_bytes);
+        self
+    }
+
+    fn set_estimate(&mut self, value_bytes: usize) {
+        self.value_estimate = value_bytes.max(MIN_REPLY_ESTIMATE);
+        self.key_budget = (self.shared.settings.connection_reply_buffer_bytes
+            / self.value_estimate)
+            .clamp(1, STREAM_GET_KEYS);
     }
 
     pub async fn run(mut self, shutdown: &CancellationToken) -> std::io::Result<()> {
@@ -225,11 +264,12 @@ impl<'a> Connection<'a> {
             .inc();
     }
 
-    /// Runs the batch and writes every reply, in order, with one write
-    /// (a get of many keys is answered in parts; see `stream_get`).
+    /// Runs the batch in segments of at most `key_budget` keys and writes
+    /// every reply, in order (a get of more keys is answered in parts; see
+    /// `stream_get`).
     async fn answer(&mut self, slots: Vec<Slot>, requests: Vec<Request>) -> std::io::Result<()> {
         let mut requests = requests.into_iter();
-        let (mut seg_slots, mut seg_requests) = (Vec::new(), Vec::new());
+        let (mut seg_slots, mut seg_requests, mut seg_keys) = (Vec::new(), Vec::new(), 0);
         for slot in slots {
             let Slot::Pipeline { noreply } = slot else {
                 seg_slots.push(slot);
@@ -238,40 +278,84 @@ impl<'a> Connection<'a> {
             let Some(request) = requests.next() else {
                 break;
             };
-            if key_count(&request).is_some_and(|n| n > STREAM_GET_KEYS) {
+            let keys = key_count(&request).unwrap_or(0);
+            if keys > self.key_budget || seg_keys + keys > self.key_budget {
                 let (slots, requests) = (
                     std::mem::take(&mut seg_slots),
                     std::mem::take(&mut seg_requests),
                 );
-                self.run_segment(slots, requests).await;
-                self.stream_get(request).await?;
-                continue;
+                seg_keys = 0;
+                self.run_segment(slots, requests).await?;
+                if keys > self.key_budget {
+                    self.stream_get(request).await?;
+                    continue;
+                }
             }
+            seg_keys += keys;
             seg_requests.push(request);
             seg_slots.push(Slot::Pipeline { noreply });
         }
-        self.run_segment(seg_slots, seg_requests).await;
+        self.run_segment(seg_slots, seg_requests).await?;
         self.write_out().await
     }
 
-    /// Runs consecutive requests as one pipeline batch and encodes their
-    /// replies, with the ready ones among them, in order.
-    async fn run_segment(&mut self, slots: Vec<Slot>, requests: Vec<Request>) {
+    /// Runs `requests` through the pipeline once its estimated replies fit
+    /// the node's reply budget. Returns the responses and the permit that
+    /// holds their bytes until they are written; learns the size of values
+    /// for the next fetch.
+    async fn fetch(
+        &mut self,
+        requests: Vec<Request>,
+    ) -> (Vec<Response>, Option<SemaphorePermit<'a>>) {
+        let shared = self.shared;
+        let node_budget = shared.settings.node_reply_buffer_bytes;
+        let keys: usize = requests.iter().filter_map(key_count).sum();
+        let estimate =
+            (keys * self.value_estimate + requests.len() * MIN_REPLY_ESTIMATE).min(node_budget);
+        let mut permit = reserve(shared, estimate).await;
+        let responses = shared.pipeline.execute(&mut self.session, requests).await;
+        let (mut bytes, mut largest) = (0, 0);
+        for r in &responses {
+            bytes += MIN_REPLY_ESTIMATE;
+            if let Response::Values(values) = r {
+                for v in values {
+                    bytes += v.data.len() + v.key.len();
+                    largest = largest.max(v.data.len());
+                }
+            }
+        }
+        if bytes.min(node_budget) > estimate {
+            // Give back, then wait for the whole: never hold some permits
+            // while waiting for more (two connections could wait on each
+            // other).
+            drop(permit.take());
+            permit = reserve(shared, bytes.min(node_budget)).await;
+        }
+        if keys > 0 {
+            self.set_estimate(largest.max(self.value_estimate / 4));
+        }
+        (responses, permit)
+    }
+
+    /// Runs consecutive requests as one pipeline batch and writes their
+    /// replies, with the ready ones among them, in order (the last of them
+    /// may stay buffered, below `connection_reply_buffer_bytes`).
+    async fn run_segment(
+        &mut self,
+        slots: Vec<Slot>,
+        requests: Vec<Request>,
+    ) -> std::io::Result<()> {
         let commands: Vec<_> = requests
             .iter()
             .map(|r| (r.command(), key_count(r)))
             .collect();
-        let mut responses = if requests.is_empty() {
-            Vec::new().into_iter()
+        let (mut responses, _permit) = if requests.is_empty() {
+            (Vec::new().into_iter(), None)
         } else {
             let started = Instant::now();
-            let responses = self
-                .shared
-                .pipeline
-                .execute(&mut self.session, requests)
-                .await;
+            let (responses, permit) = self.fetch(requests).await;
             self.record(&commands, &responses, started.elapsed().as_secs_f64());
-            responses.into_iter()
+            (responses.into_iter(), permit)
         };
         // Pipeline slots are in request order, so responses are taken in turn.
         for slot in slots {
@@ -282,11 +366,46 @@ impl<'a> Connection<'a> {
                         .next()
                         .unwrap_or_else(|| Response::server_error("no reply"));
                     if !noreply {
-                        encode_response(&r, &mut self.wbuf);
+                        self.put_response(&r).await?;
                     }
                 }
             }
+            if self.wbuf.len() >= self.shared.settings.connection_reply_buffer_bytes {
+                self.write_out().await?;
+            }
         }
+        Ok(())
+    }
+
+    /// Adds `r` to the write buffer; a large value is written from where it
+    /// is instead, after what is buffered.
+    async fn put_response(&mut self, r: &Response) -> std::io::Result<()> {
+        let Response::Values(values) = r else {
+            encode_response(r, &mut self.wbuf);
+            return Ok(());
+        };
+        for v in values {
+            self.put_value(v).await?;
+        }
+        self.wbuf.extend_from_slice(b"END\r\n");
+        Ok(())
+    }
+
+    async fn put_value(&mut self, v: &crate::protocol::Value) -> std::io::Result<()> {
+        if v.data.len() < DIRECT_WRITE_BYTES {
+            encode_value(v, &mut self.wbuf);
+            return Ok(());
+        }
+        encode_value_header(v, &mut self.wbuf);
+        self.write_out().await?;
+        let stall = self.shared.settings.write_stall_timeout;
+        write_all(&mut self.stream, &v.data, stall).await?;
+        self.shared
+            .metrics
+            .bytes_written
+            .inc_by(v.data.len() as u64);
+        self.wbuf.extend_from_slice(b"\r\n");
+        Ok(())
     }
 
     /// A get of more than [`STREAM_GET_KEYS`] keys, fetched and written a
@@ -302,17 +421,17 @@ impl<'a> Connection<'a> {
         };
         let started = Instant::now();
         let mut hits = 0;
-        for (i, chunk) in keys.chunks(STREAM_GET_KEYS).enumerate() {
-            let mut reply = self
-                .shared
-                .pipeline
-                .execute(&mut self.session, vec![with_keys(&request, chunk.to_vec())])
-                .await;
+        let mut done = 0;
+        while done < keys.len() {
+            let chunk = &keys[done..(done + self.key_budget).min(keys.len())];
+            let first = done == 0;
+            done += chunk.len();
+            let (mut reply, _permit) = self.fetch(vec![with_keys(&request, chunk.to_vec())]).await;
             match reply.pop() {
                 Some(Response::Values(values)) => {
                     hits += values.len();
                     for v in &values {
-                        encode_value(v, &mut self.wbuf);
+                        self.put_value(v).await?;
                     }
                 }
                 other => {
@@ -324,7 +443,7 @@ impl<'a> Connection<'a> {
                     );
                     encode_response(&error, &mut self.wbuf);
                     self.write_out().await?;
-                    if i == 0 {
+                    if first {
                         return Ok(());
                     }
                     return Err(std::io::Error::other(
@@ -332,7 +451,7 @@ impl<'a> Connection<'a> {
                     ));
                 }
             }
-            if self.wbuf.len() >= KEEP_BUFFER {
+            if self.wbuf.len() >= self.shared.settings.connection_reply_buffer_bytes {
                 self.write_out().await?;
             }
         }
@@ -351,7 +470,8 @@ impl<'a> Connection<'a> {
     /// Writes what is buffered.
     async fn write_out(&mut self) -> std::io::Result<()> {
         if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
+            let stall = self.shared.settings.write_stall_timeout;
+            write_all(&mut self.stream, &self.wbuf, stall).await?;
             self.shared
                 .metrics
                 .bytes_written
@@ -455,6 +575,46 @@ impl Handles {
     fn batch(&self, elapsed: f64) {
         self.metrics.batch_latency.observe(elapsed);
     }
+}
+
+/// Takes `bytes` permits of the node's reply budget, waiting while other
+/// connections hold it. `None` when there is nothing to take.
+async fn reserve(shared: &Shared, bytes: usize) -> Option<SemaphorePermit<'_>> {
+    let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+    if n == 0 {
+        return None;
+    }
+    // The semaphore is never closed, so acquiring cannot fail.
+    shared.reply_bytes.acquire_many(n).await.ok()
+}
+
+/// Writes all of `buf`; fails with `TimedOut` when a write makes no
+/// progress for `stall` (the client takes none of its replies).
+async fn write_all(
+    stream: &mut TcpStream,
+    mut buf: &[u8],
+    stall: Option<Duration>,
+) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let n = match stall {
+            None => stream.write(buf).await?,
+            Some(d) => match tokio::time::timeout(d, stream.write(buf)).await {
+                Ok(n) => n?,
+                Err(_) => {
+                    tracing::info!(
+                        stalled_ms = d.as_millis() as u64,
+                        "client takes none of its replies; closing"
+                    );
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+            },
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
 }
 
 /// The same get-family request for other keys.

@@ -32,6 +32,13 @@ pub struct ServerSettings {
     pub max_connections: usize,
     pub max_pipeline_depth: usize,
     pub idle_timeout: Option<Duration>,
+    /// Close a client whose replies make no progress this long.
+    pub write_stall_timeout: Option<Duration>,
+    /// Unwritten reply bytes of one connection before it is written out
+    /// and not read further.
+    pub connection_reply_buffer_bytes: usize,
+    /// Reply bytes in flight across the node (see `Shared::reply_bytes`).
+    pub node_reply_buffer_bytes: usize,
     pub shutdown_grace: Duration,
     /// Reported by `stats`.
     pub consistency: &'static str,
@@ -46,6 +53,11 @@ pub(crate) struct Shared {
     pub local_addr: SocketAddr,
     pub verbosity: AtomicU32,
     pub stats_baseline: stats::Baseline,
+    /// Permits are bytes of replies in flight: a connection takes them
+    /// before running requests (its estimate of their replies, trued up
+    /// when they are known) and gives them back once the replies are
+    /// written.
+    pub reply_bytes: Semaphore,
 }
 
 /// What `version` answers: memcached's format, naming memdial. Clients read
@@ -54,6 +66,9 @@ pub(crate) struct Shared {
 fn version() -> String {
     format!("1.6.18-memdial-{}", env!("CARGO_PKG_VERSION"))
 }
+
+/// Refused connections being answered at once; more are closed unanswered.
+const MAX_REFUSING: usize = 32;
 
 /// The memcached answer to one connection too many.
 const TOO_MANY_CONNECTIONS: &[u8] = b"ERROR Too many open connections\r\n";
@@ -71,6 +86,7 @@ pub async fn run(
     let local_addr = listener.local_addr()?;
     let grace = settings.shutdown_grace;
     let limit = Arc::new(Semaphore::new(settings.max_connections));
+    let reply_bytes = Semaphore::new(settings.node_reply_buffer_bytes);
     let shared = Arc::new(Shared {
         settings,
         pipeline,
@@ -78,13 +94,20 @@ pub async fn run(
         local_addr,
         verbosity: AtomicU32::new(0),
         stats_baseline: stats::Baseline::default(),
+        reply_bytes,
     });
     watch_readiness(&shared.metrics, &limit, shared.settings.max_connections);
     let tracker = TaskTracker::new();
     let conn_ids = AtomicU64::new(1);
     tracing::info!(addr = %local_addr, "listening for clients");
 
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let mut backoff = Duration::from_millis(1);
+    // Failed accepts since the last success: logged when failing starts and
+    // when it ends, not at every attempt.
+    let mut failed_accepts = 0u64;
+    // Refusing at the connection limit: logged once until one is served.
+    let mut at_limit = false;
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -92,7 +115,9 @@ pub async fn run(
         };
         let (stream, peer) = match accepted {
             Ok(a) => {
-                if backoff > Duration::from_millis(1) {
+                if failed_accepts > 0 {
+                    tracing::info!(failed_accepts, "accepting clients again");
+                    failed_accepts = 0;
                     shared.metrics.readiness.set("listener", Ok(()));
                 }
                 backoff = Duration::from_millis(1);
@@ -101,8 +126,12 @@ pub async fn run(
             Err(e) => {
                 let reason = format!("accept failing ({e})");
                 shared.metrics.readiness.set("listener", Err(reason));
-                // Out of descriptors and the like: wait, then try again.
-                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                // Out of descriptors and the like: connected clients and the
+                // admin port go on; wait, then try again.
+                if failed_accepts == 0 {
+                    tracing::warn!(error = %e, "accept failing; backing off until it succeeds");
+                }
+                failed_accepts += 1;
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
@@ -113,10 +142,21 @@ pub async fn run(
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             shared.metrics.connections_rejected.inc();
-            tracing::warn!(%peer, "connection limit reached; refusing");
-            tracker.spawn(refuse(stream));
+            if !at_limit {
+                tracing::warn!(%peer, "connection limit reached; refusing (logged again after one is served)");
+                at_limit = true;
+            }
+            // Refusals in flight are bounded too (each holds a descriptor);
+            // past that the connection is just closed.
+            if let Ok(refusal) = refusing.clone().try_acquire_owned() {
+                tracker.spawn(async move {
+                    refuse(stream).await;
+                    drop(refusal);
+                });
+            }
             continue;
         };
+        at_limit = false;
         let conn_id = conn_ids.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("conn", %peer, conn_id);
         let shared = shared.clone();
