@@ -198,7 +198,6 @@ async fn connection(
     if !ever_up {
         tracing::info!(peer, %addr, %resolved, "link to peer up");
     }
-    outage.ok();
     let (tx, rx) = wire.split();
     let (out, queue) = mpsc::channel(QUEUE);
     let link = PeerLink {
@@ -214,9 +213,17 @@ async fn connection(
     if let Some(slot) = cluster.links.get(&peer) {
         slot.send_replace(Some(link.clone()));
     }
+    // The link is back only once a connection has held for a while: one
+    // that a failing peer closes at once is still the same outage.
+    let held = async {
+        tokio::time::sleep(STABLE).await;
+        outage.ok();
+        std::future::pending::<Result<(), LinkError>>().await
+    };
     tokio::select! {
         r = read(cluster, peer, rx, &link.pending) => r,
         r = write(cluster, tx, queue) => r,
+        r = held => r,
     }
 }
 

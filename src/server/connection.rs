@@ -63,6 +63,9 @@ pub(super) struct Connection<'a> {
     /// largest value of the last fetch or a quarter of the previous
     /// estimate, whichever is larger.
     value_estimate: usize,
+    /// Writes to the socket so far: tells whether part of a reply has
+    /// left already.
+    writes: u64,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -95,6 +98,7 @@ impl<'a> Connection<'a> {
             session: Session::new(conn_id),
             key_budget: 1,
             value_estimate: 0,
+            writes: 0,
         }
         .with_estimate(shared.settings.limits.item_size_max)
     }
@@ -399,6 +403,7 @@ impl<'a> Connection<'a> {
         encode_value_header(v, &mut self.wbuf);
         self.write_out().await?;
         let stall = self.shared.settings.write_stall_timeout;
+        self.writes += 1;
         write_all(&mut self.stream, &v.data, stall).await?;
         self.shared
             .metrics
@@ -408,11 +413,12 @@ impl<'a> Connection<'a> {
         Ok(())
     }
 
-    /// A get of more than [`STREAM_GET_KEYS`] keys, fetched and written a
-    /// part at a time so that the values held for one reply stay bounded
-    /// (memcached streams such replies too). A failure after values were
-    /// sent ends the reply with the error line and closes the connection,
-    /// since the client cannot tell which keys it is missing.
+    /// A get of more keys than one fetch takes, fetched and written a part
+    /// at a time so that the values held for one reply stay bounded
+    /// (memcached streams such replies too). A failure before any of the
+    /// reply was sent is answered with the error alone; after, it ends the
+    /// reply with the error line and closes the connection, since the
+    /// client cannot tell which keys it is missing.
     async fn stream_get(&mut self, request: Request) -> std::io::Result<()> {
         let command = request.command();
         let keys = match &request {
@@ -422,6 +428,7 @@ impl<'a> Connection<'a> {
         let started = Instant::now();
         let mut hits = 0;
         let mut done = 0;
+        let (mark, writes_before) = (self.wbuf.len(), self.writes);
         while done < keys.len() {
             let chunk = &keys[done..(done + self.key_budget).min(keys.len())];
             let first = done == 0;
@@ -441,9 +448,14 @@ impl<'a> Connection<'a> {
                         std::slice::from_ref(&error),
                         started.elapsed().as_secs_f64(),
                     );
+                    let unsent = first || self.writes == writes_before;
+                    if unsent {
+                        // Nothing of this reply has left: drop its values.
+                        self.wbuf.truncate(mark);
+                    }
                     encode_response(&error, &mut self.wbuf);
                     self.write_out().await?;
-                    if first {
+                    if unsent {
                         return Ok(());
                     }
                     return Err(std::io::Error::other(
@@ -471,6 +483,7 @@ impl<'a> Connection<'a> {
     async fn write_out(&mut self) -> std::io::Result<()> {
         if !self.wbuf.is_empty() {
             let stall = self.shared.settings.write_stall_timeout;
+            self.writes += 1;
             write_all(&mut self.stream, &self.wbuf, stall).await?;
             self.shared
                 .metrics
