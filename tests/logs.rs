@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::client::Client;
-use common::procs::{Memcached, Proc, free_port, memdial_bin, start_with_retry};
+use common::procs::{
+    Memcached, NodePorts, Proc, TempFile, free_port, memdial_bin, proxy_yaml, start_with_retry,
+};
 
 /// A fresh directory for one test's files.
 fn scratch(name: &str) -> PathBuf {
@@ -127,5 +129,88 @@ fn a_memcached_outage_under_load_is_logged_once_not_per_request() {
         warns.len(),
         warns.join("\n")
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A node whose own memcached is down cannot apply what its peer sends:
+/// it closes each connection, saying why, and the peer reconnects. The
+/// peer logs that as one outage of the link naming the failing store, not
+/// a line (or a down/back pair) per reconnect.
+#[test]
+fn a_peer_whose_store_is_down_is_one_outage_in_the_log() {
+    let mut stores = [Memcached::start(), Memcached::start()];
+    let store2 = stores[1].port;
+    let dir = scratch("flap");
+    let logs = [dir.join("node1"), dir.join("node2")];
+    let (mut nodes, node1) = start_with_retry("memdial cluster", || {
+        let ports = NodePorts::pick(2);
+        let cluster = "  name: flap\n  secret: s3cret\n  consistency: eventual\n";
+        let nodes: Vec<_> = ports
+            .iter()
+            .zip(&stores)
+            .map(|(p, m)| (*p, Some(m.addr())))
+            .collect();
+        let config = TempFile::new("flap.yaml", &proxy_yaml(cluster, &nodes));
+        let mut procs = Vec::new();
+        for (i, p) in ports.iter().enumerate() {
+            let mut cmd = Command::new(memdial_bin());
+            cmd.args(["serve", "--node", &(i + 1).to_string(), "--config"])
+                .arg(config.path())
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(File::create(&logs[i]).expect("log file")));
+            let mut proc = Proc::spawn(format!("memdial node {}", i + 1), &mut cmd);
+            proc.wait_ready(&p.all())?;
+            procs.push(proc);
+        }
+        Ok(((procs, config), ports[0].client))
+    });
+    let mut cl = Client::connect(node1);
+    // Both links up: node 2 has what node 1 wrote.
+    assert_eq!(cl.set("first", 0, 0, b"v").unwrap(), "STORED");
+    let writes = |cl: &mut Client, n: usize| {
+        for i in 0..n {
+            assert_eq!(cl.set(&format!("k{i}"), 0, 0, b"x").unwrap(), "STORED");
+        }
+    };
+    writes(&mut cl, 200);
+    stores[1].kill();
+    // Node 1 goes on writing while node 2 cannot store what it is sent.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        writes(&mut cl, 200);
+    }
+    stores[1] = Memcached::start_on(store2);
+    std::thread::sleep(Duration::from_millis(2500));
+    for p in nodes.0.iter_mut() {
+        p.signal("TERM");
+        p.wait_exit();
+    }
+    let log1 = read(&logs[0]);
+    let link: Vec<&str> = log1
+        .lines()
+        .filter(|l| l.contains("link to peer 2"))
+        .collect();
+    let down: Vec<&&str> = link.iter().filter(|l| l.contains("is down")).collect();
+    assert!(
+        !down.is_empty(),
+        "node 1 never saw its link to node 2 fail:\n{log1}"
+    );
+    assert!(
+        down[0].contains("node 2 could not take the message")
+            && down[0].contains(&format!("127.0.0.1:{store2}")),
+        "the line does not say whose store failed: {}",
+        down[0]
+    );
+    // One outage while the store is down; the shutdown may end the link
+    // once more at the very end.
+    assert!(
+        down.len() <= 2,
+        "{} 'down' lines for one outage:\n{}",
+        down.len(),
+        link.join("\n")
+    );
+    let backs = link.iter().filter(|l| l.contains("is back")).count();
+    assert_eq!(backs, 1, "one 'back' line:\n{}", link.join("\n"));
     let _ = std::fs::remove_dir_all(&dir);
 }

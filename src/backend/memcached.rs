@@ -168,7 +168,13 @@ impl MemcachedBackend {
                 // Already marked broken; taking it frees its slot now rather
                 // than at the next checkout's recycle.
                 drop(Object::take(conn));
-                Err(error)
+                // Name the memcached, for whoever logs the error.
+                Err(match error {
+                    BackendError::Io(e) => {
+                        BackendError::Io(io::Error::new(e.kind(), format!("{}: {e}", self.addr)))
+                    }
+                    other => other,
+                })
             }
         }
     }
