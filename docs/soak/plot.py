@@ -1,0 +1,117 @@
+"""Plots a soak run (benches/soak.rs): RSS, open fds, replication lag and
+write throughput per node over time, with the fault schedule's events as
+vertical lines.
+
+    python3 -m pip install matplotlib
+    python3 docs/soak/plot.py target/soak docs/soak
+
+reads DIR/samples.csv and DIR/events.csv, writes rss.png, fds.png, lag.png
+and writes.png into OUT.
+"""
+
+import csv
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {
+    "MemcachedRestart": "tab:orange",
+    "Kill": "tab:red",
+    "Start": "tab:green",
+    "Pause": "tab:purple",
+    "Resume": "tab:pink",
+    "Partition": "tab:brown",
+    "Heal": "tab:olive",
+}
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def num(v):
+    return float(v) if v not in ("", None) else None
+
+
+def events_on(ax, events):
+    seen = set()
+    for e in events:
+        kind = e["event"].split(" ")[0]
+        if kind not in COLORS:
+            continue
+        label = kind if kind not in seen else None
+        seen.add(kind)
+        ax.axvline(float(e["t_s"]), color=COLORS[kind], lw=0.8, ls="--", alpha=0.7, label=label)
+
+
+def plot(samples, events, column, ylabel, title, out, scale=1.0, step=False):
+    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=80)
+    for node in ("1", "2", "3"):
+        rows = [r for r in samples if r["node"] == node]
+        t = [float(r["t_s"]) for r in rows]
+        v = [num(r[column]) for r in rows]
+        v = [x * scale if x is not None else float("nan") for x in v]
+        if step:
+            ax.step(t, v, where="post", label=f"node {node}", lw=1.2)
+        else:
+            ax.plot(t, v, label=f"node {node}", lw=1.2, marker=".", ms=3)
+    events_on(ax, events)
+    ax.set_xlabel("seconds since the load began")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=5, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
+def writes_per_second(samples):
+    """Acknowledged writes per second between consecutive samples (one
+    series: the counters are cluster-wide, repeated on each node's row)."""
+    rows = [r for r in samples if r["node"] == "1"]
+    t, v = [], []
+    for a, b in zip(rows, rows[1:]):
+        dt = float(b["t_s"]) - float(a["t_s"])
+        if dt > 0:
+            t.append(float(b["t_s"]))
+            v.append((int(b["acked"]) - int(a["acked"])) / dt)
+    return t, v
+
+
+def main():
+    src = Path(sys.argv[1] if len(sys.argv) > 1 else "target/soak")
+    out = Path(sys.argv[2] if len(sys.argv) > 2 else "docs/soak")
+    out.mkdir(parents=True, exist_ok=True)
+    samples = read(src / "samples.csv")
+    events = read(src / "events.csv")
+    plot(samples, events, "rss_kb", "RSS (MiB)", "memdial RSS per node (VmRSS)",
+         out / "rss.png", scale=1 / 1024)
+    plot(samples, events, "fds", "open fds", "memdial open file descriptors per node",
+         out / "fds.png", step=True)
+    plot(samples, events, "lag_max", "entries",
+         "replication lag: most log entries a peer has not acknowledged (stats cluster)",
+         out / "lag.png")
+    t, v = writes_per_second(samples)
+    fig, ax = plt.subplots(figsize=(9, 3.0), dpi=80)
+    ax.plot(t, v, color="black", lw=1.2, marker=".", ms=3, label="acknowledged writes/s")
+    events_on(ax, events)
+    ax.set_xlabel("seconds since the load began")
+    ax.set_ylabel("writes/s (all nodes)")
+    ax.set_title("acknowledged writes per second, whole cluster")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=5, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out / "writes.png")
+    plt.close(fig)
+    print(f"wrote {out / 'writes.png'}")
+
+
+if __name__ == "__main__":
+    main()
