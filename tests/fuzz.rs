@@ -20,7 +20,7 @@
 //!
 //! Case counts come from `MEMDIAL_FUZZ_CASES` (default 5000: a few seconds
 //! in release); `MEMDIAL_FUZZ_SEED` fixes the live target's generator. The
-//! longer run is a larger `MEMDIAL_FUZZ_CASES`.
+//! longer run, its command and its result are in `docs/FUZZ.md`.
 //!
 //! Meta commands (`mg ms md ma mn me`) are not implemented yet: they are in
 //! the dictionary, and today earn `ERROR` like any unknown command.
