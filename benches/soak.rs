@@ -348,6 +348,12 @@ impl Sampler {
 
     fn sample(&mut self, c: &Mutex<TestCluster>, ports: &[u16], n: &Counters) {
         let t = self.started.elapsed().as_secs_f64();
+        // Read once, before any `stats` call can wait on a paused node.
+        let (acked, unknown, reads) = (
+            n.acked.load(Ordering::Relaxed),
+            n.unknown.load(Ordering::Relaxed),
+            n.reads.load(Ordering::Relaxed),
+        );
         let pids: Vec<Option<u32>> = {
             let c = c.lock().unwrap_or_else(PoisonError::into_inner);
             (1..=NODES).map(|i| c.pid(i)).collect()
@@ -382,9 +388,9 @@ impl Sampler {
                 show(lag_max.map(|l| l.to_string())),
                 lags.join(" "),
                 states.join(" "),
-                n.acked.load(Ordering::Relaxed),
-                n.unknown.load(Ordering::Relaxed),
-                n.reads.load(Ordering::Relaxed),
+                acked,
+                unknown,
+                reads,
             );
         }
         let _ = self.csv.flush();

@@ -6,7 +6,8 @@ vertical lines.
     python3 docs/soak/plot.py target/soak docs/soak
 
 reads DIR/samples.csv and DIR/events.csv, writes rss.png, fds.png, lag.png
-and writes.png into OUT.
+and writes.png into OUT, and prints a markdown table of RSS, fds and lag per
+node.
 """
 
 import csv
@@ -85,6 +86,22 @@ def writes_per_second(samples):
     return t, v
 
 
+def summary(samples):
+    """A markdown table of each node's RSS, fds and lag over the run."""
+    print("| node | processes (pids) | RSS first / last / max (MiB) | fds first / last / max "
+          "| max lag (entries) |")
+    print("|---|---|---|---|---|")
+    for node in ("1", "2", "3"):
+        rows = [r for r in samples if r["node"] == node and r["rss_kb"]]
+        pids = list(dict.fromkeys(r["pid"] for r in rows))
+        rss = [int(r["rss_kb"]) / 1024 for r in rows]
+        fds = [int(r["fds"]) for r in rows if r["fds"]]
+        lags = [int(r["lag_max"]) for r in samples if r["node"] == node and r["lag_max"]]
+        print(f"| {node} | {len(pids)} ({', '.join(pids)}) "
+              f"| {rss[0]:.1f} / {rss[-1]:.1f} / {max(rss):.1f} "
+              f"| {fds[0]} / {fds[-1]} / {max(fds)} | {max(lags) if lags else '-'} |")
+
+
 def main():
     src = Path(sys.argv[1] if len(sys.argv) > 1 else "target/soak")
     out = Path(sys.argv[2] if len(sys.argv) > 2 else "docs/soak")
@@ -111,6 +128,7 @@ def main():
     fig.savefig(out / "writes.png")
     plt.close(fig)
     print(f"wrote {out / 'writes.png'}")
+    summary(samples)
 
 
 if __name__ == "__main__":
