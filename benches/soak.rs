@@ -28,9 +28,9 @@
 //!   70% node k is cut from its peers (relays cut), healed at 80%
 //!
 //! Every `--sample` seconds, per node: RSS (`VmRSS` of /proc/<pid>/status),
-//! open fds (entries of /proc/<pid>/fd), `peer:<j>:lag` and `:state` of
-//! `stats cluster` (1 s timeout: a paused node has none), and the load
-//! counters.
+//! open fds (entries of /proc/<pid>/fd), `peer:<j>:lag`, `:state` and
+//! `:applied` and `backlog_entries` of `stats cluster` (1 s timeout: a
+//! paused node has none), and the load counters.
 //!
 //! At the end: faults healed, every peer `up` on every node, replicas
 //! polled until each key reads the same on all three (2 min at most), then
@@ -344,7 +344,8 @@ struct Sampler {
 }
 
 impl Sampler {
-    const HEADER: &str = "t_s,node,pid,rss_kb,fds,lag_max,lags,states,acked,unknown,reads";
+    const HEADER: &str =
+        "t_s,node,pid,rss_kb,fds,lag_max,lags,states,applied,backlog,acked,unknown,reads";
 
     fn sample(&mut self, c: &Mutex<TestCluster>, ports: &[u16], n: &Counters) {
         let t = self.started.elapsed().as_secs_f64();
@@ -364,6 +365,7 @@ impl Sampler {
             let fds = pid.and_then(fd_count);
             let stats = pid.and_then(|_| quick_stats(ports[i - 1]));
             let (mut lags, mut states, mut lag_max) = (Vec::new(), Vec::new(), None::<u64>);
+            let mut applied = Vec::new();
             for j in (1..=NODES).filter(|&j| j != i) {
                 let get = |what: &str| {
                     stats
@@ -377,17 +379,24 @@ impl Sampler {
                 }
                 lags.push(format!("{j}:{lag}"));
                 states.push(format!("{j}:{}", get("state")));
+                applied.push(format!("{j}:{}", get("applied")));
             }
             let show = |v: Option<String>| v.unwrap_or_default();
             let _ = writeln!(
                 self.csv,
-                "{t:.1},{i},{},{},{},{},{},{},{},{},{}",
+                "{t:.1},{i},{},{},{},{},{},{},{},{},{},{},{}",
                 show(pid.map(|p| p.to_string())),
                 show(rss.map(|r| r.to_string())),
                 show(fds.map(|f| f.to_string())),
                 show(lag_max.map(|l| l.to_string())),
                 lags.join(" "),
                 states.join(" "),
+                applied.join(" "),
+                show(
+                    stats
+                        .as_ref()
+                        .and_then(|s| s.get("backlog_entries").cloned())
+                ),
                 acked,
                 unknown,
                 reads,
