@@ -5,8 +5,8 @@ vertical lines.
     python3 -m pip install matplotlib
     python3 docs/soak/plot.py target/soak docs/soak
 
-reads DIR/samples.csv and DIR/events.csv, writes rss.png, fds.png, lag.png
-and writes.png into OUT, and prints a markdown table of RSS, fds and lag per
+reads DIR/samples.csv and DIR/events.csv, writes rss.png, fds.png, lag.png,
+backlog.png and writes.png into OUT, and prints a markdown table of RSS, fds and lag per
 node.
 """
 
@@ -73,10 +73,13 @@ def plot(samples, events, column, ylabel, title, out, scale=1.0, step=False):
     print(f"wrote {out}")
 
 
-def writes_per_second(samples):
+def writes_per_second(samples, events):
     """Acknowledged writes per second between consecutive samples (one
-    series: the counters are cluster-wide, repeated on each node's row)."""
-    rows = [r for r in samples if r["node"] == "1"]
+    series: the counters are cluster-wide, repeated on each node's row),
+    while the load ran."""
+    stop = min((float(e["t_s"]) for e in events if e["event"] == "load stops"),
+               default=float("inf"))
+    rows = [r for r in samples if r["node"] == "1" and float(r["t_s"]) <= stop]
     t, v = [], []
     for a, b in zip(rows, rows[1:]):
         dt = float(b["t_s"]) - float(a["t_s"])
@@ -115,7 +118,11 @@ def main():
     plot(samples, events, "lag_max", "entries",
          "replication lag: most log entries a peer has not acknowledged (stats cluster)",
          out / "lag.png")
-    t, v = writes_per_second(samples)
+    if "backlog" in samples[0]:
+        plot(samples, events, "backlog", "entries",
+             "replication backlog per node (backlog_entries; capped at 100,000)",
+             out / "backlog.png")
+    t, v = writes_per_second(samples, events)
     fig, ax = plt.subplots(figsize=(9, 3.0), dpi=80)
     ax.plot(t, v, color="black", lw=1.2, marker=".", ms=3, label="acknowledged writes/s")
     events_on(ax, events)
