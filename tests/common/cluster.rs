@@ -493,6 +493,16 @@ impl TestCluster {
         self.nodes.restart(i);
     }
 
+    /// Node `i`'s process id while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes.pid(i)
+    }
+
+    /// Sends a signal to node `i` (`STOP` pauses it, `CONT` resumes it).
+    pub fn signal(&mut self, i: usize, name: &str) {
+        self.nodes.signal(i, name);
+    }
+
     /// Kills node `i`'s memcached and starts an empty one on the same port.
     pub fn memcached_restart(&mut self, i: usize) {
         let mut old = self.memcacheds[i - 1]

@@ -571,6 +571,16 @@ impl MemdialCluster {
         self.nodes[i - 1] = None;
     }
 
+    /// Node `i`'s process id while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i - 1].as_ref().map(Proc::pid)
+    }
+
+    /// Sends a signal to node `i` with kill(1) (`STOP`, `CONT`, …).
+    pub fn signal(&mut self, i: usize, name: &str) {
+        self.node(i).signal(name);
+    }
+
     /// Starts node `i` again with the same config and ports (its peers'
     /// configs name them); panics if it cannot listen on them.
     pub fn restart(&mut self, i: usize) {
