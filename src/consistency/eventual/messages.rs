@@ -69,6 +69,15 @@ pub struct Cursor {
     pub seq: u64,
 }
 
+/// Names one request for a full resync: the asking node's log incarnation
+/// (its process lifetime) and a count within it, so a restarted node's
+/// requests are never taken for old ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Epoch {
+    pub incarnation: u64,
+    pub n: u64,
+}
+
 /// One-way messages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Msg {
@@ -81,13 +90,13 @@ pub enum Msg {
     /// unordered.
     Snapshot { entries: Vec<Entry> },
     /// The full resync is complete; its state includes the log up to `seq`.
-    /// `epoch` is the newest `ResyncMe` epoch the sender had when the
-    /// resync started: the receiver trusts it only if that is at least the
-    /// epoch it asked for last.
+    /// `epoch` is the newest request the sender had seen when the resync
+    /// started: a receiver waiting for a resync trusts it only if that is
+    /// its own latest request.
     SnapshotDone {
         incarnation: u64,
         seq: u64,
-        epoch: u64,
+        epoch: Epoch,
     },
     /// How far the sender of this ack has applied the receiver's log.
     Ack { cursor: Cursor },
@@ -97,15 +106,15 @@ pub enum Msg {
     /// The answer to `Digest`: the buckets where this replica differs.
     DigestDiff { buckets: Vec<u16> },
     /// This node needs a full resync (its store lost its data, or entries
-    /// did not follow on). `epoch` counts this node's requests to the peer.
-    ResyncMe { epoch: u64 },
+    /// did not follow on).
+    ResyncMe { epoch: Epoch },
 }
 
 /// Requests; each has its own answer type.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Ask {
-    /// How far have you applied my log? Answered `(Option<Cursor>, u64)`:
-    /// the cursor, and the epoch of the newest full resync asked for.
+    /// How far have you applied my log? Answered `(Option<Cursor>, Epoch)`:
+    /// the cursor, and the newest full resync asked for.
     Cursor,
 }
 
@@ -180,7 +189,12 @@ mod tests {
             Msg::DigestDiff {
                 buckets: vec![0, 255, u16::MAX],
             },
-            Msg::ResyncMe { epoch: 3 },
+            Msg::ResyncMe {
+                epoch: Epoch {
+                    incarnation: 9,
+                    n: 3,
+                },
+            },
         ] {
             assert_eq!(decode::<Msg>(&encode(&m)), Ok(m));
         }

@@ -126,7 +126,7 @@ impl Eventual {
         Ok(Arc::new_cyclic(|me| Eventual {
             me: me.clone(),
             hlc: Hlc::new(cluster.node_id()),
-            peers: Peers::new(&cluster.peer_ids()),
+            peers: Peers::new(&cluster.peer_ids(), backlog.incarnation),
             backend,
             metrics,
             cluster,

@@ -9,7 +9,7 @@ use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, 
 use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
 
-use super::messages::Cursor;
+use super::messages::{Cursor, Epoch};
 use crate::metrics::reg;
 
 #[derive(Debug, Default)]
@@ -26,8 +26,8 @@ struct State {
     epoch: u64,
     /// When we last asked it for one, if the request went out.
     asked: Option<Instant>,
-    /// The newest resync epoch the peer asked us for.
-    wanted: u64,
+    /// The newest full resync the peer asked us for.
+    wanted: Epoch,
     /// Entries of its log we applied.
     applied: u64,
     /// Keys a full resync or an anti-entropy repair from it changed here.
@@ -55,33 +55,37 @@ impl Peer {
     }
 }
 
-pub(super) struct Peers(HashMap<u32, Peer>);
+pub(super) struct Peers {
+    peers: HashMap<u32, Peer>,
+    /// This node's log incarnation, which names its resync requests.
+    me: u64,
+}
 
 impl Peers {
-    pub fn new(ids: &[u32]) -> Peers {
-        Peers(
-            ids.iter()
-                .map(|&id| {
-                    let (diffs_tx, diffs_rx) = mpsc::channel(1);
-                    let peer = Peer {
-                        state: Mutex::new(State::default()),
-                        resync: Notify::new(),
-                        diffs_tx,
-                        diffs_rx: tokio::sync::Mutex::new(diffs_rx),
-                        digest: Mutex::new(None),
-                    };
-                    (id, peer)
-                })
-                .collect(),
-        )
+    pub fn new(ids: &[u32], me: u64) -> Peers {
+        let peers = ids
+            .iter()
+            .map(|&id| {
+                let (diffs_tx, diffs_rx) = mpsc::channel(1);
+                let peer = Peer {
+                    state: Mutex::new(State::default()),
+                    resync: Notify::new(),
+                    diffs_tx,
+                    diffs_rx: tokio::sync::Mutex::new(diffs_rx),
+                    digest: Mutex::new(None),
+                };
+                (id, peer)
+            })
+            .collect();
+        Peers { peers, me }
     }
 
     pub fn get(&self, id: u32) -> Option<&Peer> {
-        self.0.get(&id)
+        self.peers.get(&id)
     }
 
     fn with<R>(&self, id: u32, f: impl FnOnce(&mut State) -> R) -> Option<R> {
-        let peer = self.0.get(&id)?;
+        let peer = self.peers.get(&id)?;
         let mut s = peer.state.lock().unwrap_or_else(PoisonError::into_inner);
         Some(f(&mut s))
     }
@@ -103,9 +107,16 @@ impl Peers {
 
     /// The answer to the peer's `Ask::Cursor`: our cursor of its log, and
     /// the epoch a full resync from it must carry.
-    pub fn cursor_answer(&self, id: u32) -> (Option<Cursor>, u64) {
-        self.with(id, |s| (s.applied_cursor, s.epoch))
+    pub fn cursor_answer(&self, id: u32) -> (Option<Cursor>, Epoch) {
+        self.with(id, |s| (s.applied_cursor, self.epoch(s.epoch)))
             .unwrap_or_default()
+    }
+
+    fn epoch(&self, n: u64) -> Epoch {
+        Epoch {
+            incarnation: self.me,
+            n,
+        }
     }
 
     /// Entries `first..=cursor.seq` of the peer's log were applied. The
@@ -135,12 +146,14 @@ impl Peers {
     }
 
     /// A full resync from the peer is applied, up to `cursor`; it started
-    /// when the peer had seen our requests up to `epoch`. Returns false
-    /// (and changes nothing) for a resync older than our last request: it
-    /// may predate what made us ask.
-    pub fn snapshot_applied(&self, id: u32, cursor: Cursor, epoch: u64) -> bool {
+    /// when the peer had seen our requests up to `epoch`. While we wait for
+    /// a resync, one begun before our latest request (or for an earlier
+    /// life of this node) is ignored: it may predate what made us ask.
+    /// Returns whether the resync counted.
+    pub fn snapshot_applied(&self, id: u32, cursor: Cursor, epoch: Epoch) -> bool {
         self.with(id, |s| {
-            if epoch < s.epoch {
+            let current = epoch.incarnation == self.me && epoch.n >= s.epoch;
+            if s.needs_snapshot && !current {
                 return false;
             }
             s.applied_cursor = Some(cursor);
@@ -151,12 +164,12 @@ impl Peers {
         .unwrap_or(false)
     }
 
-    /// The epoch to ask the peer for a full resync with, when one is
-    /// awaited and it was not asked for within [`ASK_AGAIN`].
-    pub fn resync_due(&self, id: u32) -> Option<u64> {
+    /// The request to send the peer for a full resync, when one is awaited
+    /// and it was not asked for within [`ASK_AGAIN`].
+    pub fn resync_due(&self, id: u32) -> Option<Epoch> {
         self.with(id, |s| {
             let recent = s.asked.is_some_and(|t| t.elapsed() < ASK_AGAIN);
-            (s.needs_snapshot && !recent).then_some(s.epoch)
+            (s.needs_snapshot && !recent).then(|| self.epoch(s.epoch))
         })
         .flatten()
     }
@@ -166,20 +179,22 @@ impl Peers {
         self.with(id, |s| s.asked = Some(Instant::now()));
     }
 
-    /// The peer asked us for a full resync of `epoch`; true when that is
-    /// newer than what it asked before.
-    pub fn wants_resync(&self, id: u32, epoch: u64) -> bool {
+    /// The peer asked us for the full resync `epoch`; true when that is a
+    /// new request (a later one, or one from a new life of the peer).
+    pub fn wants_resync(&self, id: u32, epoch: Epoch) -> bool {
         self.with(id, |s| {
-            let newer = epoch > s.wanted;
-            s.wanted = s.wanted.max(epoch);
-            newer
+            let new = epoch.incarnation != s.wanted.incarnation || epoch.n > s.wanted.n;
+            if new {
+                s.wanted = epoch;
+            }
+            new
         })
         .unwrap_or(false)
     }
 
-    /// The newest resync epoch the peer asked us for.
-    pub fn wanted_epoch(&self, id: u32) -> u64 {
-        self.with(id, |s| s.wanted).unwrap_or(0)
+    /// The newest full resync the peer asked us for.
+    pub fn wanted_epoch(&self, id: u32) -> Epoch {
+        self.with(id, |s| s.wanted).unwrap_or_default()
     }
 
     pub fn repaired(&self, id: u32, keys: u64) {
@@ -189,7 +204,7 @@ impl Peers {
     /// Our store lost its data: forget how far we applied every peer's log
     /// until each sends a full resync (asked for by [`Peers::resync_due`]).
     pub fn forget_cursors(&self) {
-        for peer in self.0.values() {
+        for peer in self.peers.values() {
             let mut s = peer.state.lock().unwrap_or_else(PoisonError::into_inner);
             Self::need_snapshot(&mut s);
         }
@@ -289,18 +304,21 @@ mod tests {
     use super::*;
 
     const C: fn(u64, u64) -> Cursor = |incarnation, seq| Cursor { incarnation, seq };
+    /// This node's log incarnation in these tests.
+    const ME: u64 = 77;
+    const E: fn(u64) -> Epoch = |n| Epoch { incarnation: ME, n };
 
     #[test]
     fn the_cursor_moves_only_over_contiguous_entries_of_one_log() {
-        let p = Peers::new(&[2]);
+        let p = Peers::new(&[2], ME);
         p.entries_applied(2, 1, C(7, 3), 3);
         assert_eq!(p.applied_cursor(2), None, "no cursor yet");
-        assert_eq!(p.resync_due(2), Some(1), "so a full resync is asked for");
+        assert_eq!(p.resync_due(2), Some(E(1)), "so a full resync is asked for");
         p.asked(2);
         assert_eq!(p.resync_due(2), None, "asked already");
         p.entries_applied(2, 4, C(7, 4), 1);
         assert_eq!(p.resync_due(2), None, "still the same request");
-        assert!(p.snapshot_applied(2, C(7, 10), 1));
+        assert!(p.snapshot_applied(2, C(7, 10), E(1)));
         p.entries_applied(2, 11, C(7, 12), 2);
         assert_eq!(p.applied_cursor(2), Some(C(7, 12)));
         p.entries_applied(2, 12, C(7, 13), 2);
@@ -308,31 +326,38 @@ mod tests {
         assert_eq!(p.resync_due(2), None);
         p.entries_applied(2, 20, C(7, 21), 2);
         assert_eq!(p.applied_cursor(2), None, "a gap");
-        assert_eq!(p.resync_due(2), Some(2));
-        assert!(p.snapshot_applied(2, C(7, 21), 2));
+        assert_eq!(p.resync_due(2), Some(E(2)));
+        assert!(p.snapshot_applied(2, C(7, 21), E(2)));
         p.entries_applied(2, 22, C(8, 22), 1);
-        assert_eq!(p.resync_due(2), Some(3), "another log");
+        assert_eq!(p.resync_due(2), Some(E(3)), "another log");
         assert_eq!(p.counts(2), (11, 0));
-        assert_eq!(p.cursor_answer(2), (None, 3));
+        assert_eq!(p.cursor_answer(2), (None, E(3)));
     }
 
     #[test]
     fn after_a_store_restart_only_a_resync_begun_after_the_request_counts() {
-        let p = Peers::new(&[2, 3]);
-        assert!(p.snapshot_applied(2, C(7, 10), 0));
+        let p = Peers::new(&[2, 3], ME);
+        // Not waiting for anything: any full resync sets the cursor.
+        assert!(p.snapshot_applied(2, C(7, 10), Epoch::default()));
         p.forget_cursors();
         assert_eq!(p.applied_cursor(2), None);
-        assert_eq!(p.resync_due(2), Some(1));
-        assert_eq!(p.resync_due(3), Some(1));
+        assert_eq!(p.resync_due(2), Some(E(1)));
+        assert_eq!(p.resync_due(3), Some(E(1)));
         // Entries in flight when the store restarted still apply, but do
         // not make a cursor: the store no longer holds what came before.
         p.entries_applied(2, 11, C(7, 11), 1);
         assert_eq!(p.applied_cursor(2), None);
         // A resync the peer began before it heard the request does not
-        // count: it may have been read before the restart.
-        assert!(!p.snapshot_applied(2, C(7, 20), 0));
+        // count: it may have been read before the restart. Nor does one
+        // for an earlier life of this node, whatever its count.
+        assert!(!p.snapshot_applied(2, C(7, 20), E(0)));
+        let earlier_life = Epoch {
+            incarnation: ME + 1,
+            n: 9,
+        };
+        assert!(!p.snapshot_applied(2, C(7, 20), earlier_life));
         assert_eq!(p.applied_cursor(2), None);
-        assert!(p.snapshot_applied(2, C(7, 30), 1));
+        assert!(p.snapshot_applied(2, C(7, 30), E(1)));
         assert_eq!(p.applied_cursor(2), Some(C(7, 30)));
         p.entries_applied(2, 31, C(7, 31), 1);
         assert_eq!(p.applied_cursor(2), Some(C(7, 31)));
@@ -340,11 +365,19 @@ mod tests {
     }
 
     #[test]
-    fn the_pusher_side_keeps_the_newest_request() {
-        let p = Peers::new(&[2]);
-        assert_eq!(p.wanted_epoch(2), 0);
-        assert!(p.wants_resync(2, 2));
-        assert!(!p.wants_resync(2, 1), "an older request changes nothing");
-        assert_eq!(p.wanted_epoch(2), 2);
+    fn the_pusher_side_keeps_the_newest_request_of_each_life() {
+        let p = Peers::new(&[2], ME);
+        let req = |incarnation, n| Epoch { incarnation, n };
+        assert_eq!(p.wanted_epoch(2), Epoch::default());
+        assert!(p.wants_resync(2, req(5, 2)));
+        assert!(
+            !p.wants_resync(2, req(5, 1)),
+            "an older request changes nothing"
+        );
+        assert!(!p.wants_resync(2, req(5, 2)), "nor the same one again");
+        assert_eq!(p.wanted_epoch(2), req(5, 2));
+        // The peer restarted: its requests count from the start again.
+        assert!(p.wants_resync(2, req(6, 1)));
+        assert_eq!(p.wanted_epoch(2), req(6, 1));
     }
 }

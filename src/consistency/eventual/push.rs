@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backlog::TooOld;
 use super::digest::{self, BUCKETS, CHUNK, Digest};
-use super::messages::{Ask, Cursor, Entry, Msg, decode, encode, entry_bytes, frame_runs};
+use super::messages::{Ask, Cursor, Entry, Epoch, Msg, decode, encode, entry_bytes, frame_runs};
 use super::{Eventual, Replica};
 use crate::BoxFuture;
 use crate::cluster::{PeerError, PeerLink};
@@ -94,7 +94,8 @@ impl Eventual {
         let answer = tokio::time::timeout(CURSOR_WAIT, link.request(encode(&Ask::Cursor)))
             .await
             .map_err(|_| PeerError::Timeout(peer))??;
-        let (cursor, epoch): (Option<Cursor>, u64) = decode(&answer).map_err(PushError::Replica)?;
+        let (cursor, epoch): (Option<Cursor>, Epoch) =
+            decode(&answer).map_err(PushError::Replica)?;
         self.peers.wants_resync(peer, epoch);
         let resumable = |c: &Cursor| {
             c.incarnation == backlog.incarnation && backlog.read_after(c.seq, 0).is_ok()

@@ -99,7 +99,7 @@ impl Eventual {
                 } else {
                     tracing::debug!(
                         peer,
-                        epoch,
+                        epoch = ?epoch,
                         "a full resync begun before this node asked for one; still waiting"
                     );
                 }
@@ -129,7 +129,7 @@ impl Eventual {
                 if self.peers.wants_resync(peer, epoch)
                     && let Some(p) = self.peers.get(peer)
                 {
-                    tracing::info!(peer, epoch, "peer asked for a full resync");
+                    tracing::info!(peer, epoch = epoch.n, "peer asked for a full resync");
                     p.resync.notify_one();
                 }
             }
