@@ -668,50 +668,16 @@ impl Eventual {
         Ok(())
     }
 
-    /// Applies one replicated entry; true when it changed this replica.
-    async fn apply_one(&self, entry: Entry) -> Result<bool, BackendError> {
-        self.hlc.observe(entry.version.ts);
-        let Entry { key, version, op } = entry;
-        let deadline_ms = match op {
-            Op::Flush { at_ms } => {
-                if at_ms <= unix_ms() {
-                    self.remove_older_than(version).await?;
-                } else {
-                    self.schedule_flush(version, at_ms);
-                }
-                return Ok(true);
-            }
-            Op::Put { deadline_ms, .. } => deadline_ms,
-            Op::Delete => 0,
-        };
-        if version <= self.flushed() {
-            return Ok(false);
+    /// Applies a replicated `flush_all` of `version`, at once or at
+    /// `at_ms`.
+    async fn apply_flush(&self, version: Version, at_ms: u64) -> Result<(), BackendError> {
+        self.hlc.observe(version.ts);
+        if at_ms <= unix_ms() {
+            self.remove_older_than(version).await
+        } else {
+            self.schedule_flush(version, at_ms);
+            Ok(())
         }
-        let _g = self.stripe(&key).lock().await;
-        let newer_here = self
-            .current(&key, false)
-            .await?
-            .is_some_and(|c| c.record.version >= version);
-        if newer_here {
-            return Ok(false);
-        }
-        let write = self.replicated_request(
-            Entry {
-                key,
-                version,
-                op: match op {
-                    Op::Put { flags, data, .. } => Op::Put {
-                        flags,
-                        deadline_ms,
-                        data,
-                    },
-                    other => other,
-                },
-            },
-            unix_ms(),
-        );
-        self.call_one(write).await?;
-        Ok(true)
     }
 
     /// Applies a run of entries without a flush as batches of
@@ -876,10 +842,13 @@ impl Eventual {
         let mut changed = 0;
         let mut run = Vec::new();
         for e in entries {
-            if matches!(e.op, Op::Flush { .. }) {
+            if let Op::Flush { at_ms } = e.op {
                 let before = std::mem::take(&mut run);
                 changed += self.apply_run(before).await.map_err(|e| e.to_string())?;
-                changed += usize::from(self.apply_one(e).await.map_err(|e| e.to_string())?);
+                self.apply_flush(e.version, at_ms)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                changed += 1;
             } else {
                 run.push(e);
             }

@@ -223,16 +223,14 @@ impl Eventual {
     /// anti-entropy. Last-writer-wins makes a write that is already there
     /// a no-op.
     async fn restore_own_writes(&self) {
-        let mut restored = 0usize;
-        for (_, entry) in self.backlog.all() {
-            match self.apply_one((*entry).clone()).await {
-                Ok(changed) => restored += usize::from(changed),
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot restore this node's writes yet");
-                    return;
-                }
+        let entries = self.backlog.all().into_iter().map(|(_, e)| (*e).clone());
+        let restored = match self.apply(entries.collect()).await {
+            Ok(restored) => restored,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot restore this node's writes yet");
+                return;
             }
-        }
+        };
         tracing::info!(
             restored,
             "this node's recent writes written back to its store"
