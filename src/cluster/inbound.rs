@@ -242,11 +242,12 @@ async fn write(mut tx: WireTx, mut replies: mpsc::Receiver<Frame>) -> Result<(),
         let mut next = Some(first);
         let mut written = 0;
         while let Some(frame) = next.take() {
-            tx.feed(&frame).await?;
-            if let Frame::Refused { reason } = frame {
-                tx.flush().await?;
+            if let Frame::Refused { reason } = &frame {
+                let reason = reason.clone();
+                tx.send(frame).await?;
                 return Err(InboundError::Handler(reason));
             }
+            tx.feed(frame).await?;
             written += 1;
             if written < WRITE_RUN {
                 next = replies.try_recv().ok();
@@ -261,7 +262,7 @@ async fn write(mut tx: WireTx, mut replies: mpsc::Receiver<Frame>) -> Result<(),
 async fn handshake(cluster: &Cluster, wire: &mut Wire) -> Result<u32, InboundError> {
     let s = &cluster.settings;
     let mine = nonce();
-    wire.send(&Frame::Challenge { nonce: mine }).await?;
+    wire.send(Frame::Challenge { nonce: mine }).await?;
     let Frame::Hello {
         protocol,
         cluster: name,
@@ -294,13 +295,13 @@ async fn handshake(cluster: &Cluster, wire: &mut Wire) -> Result<u32, InboundErr
             .inc();
         tracing::warn!(node, cluster = %name, reason = text, "refusing peer handshake");
         let _ = wire
-            .send(&Frame::Refused {
+            .send(Frame::Refused {
                 reason: text.into(),
             })
             .await;
         return Err(InboundError::Refused(text));
     }
-    wire.send(&Frame::Welcome {
+    wire.send(Frame::Welcome {
         node: s.node_id,
         proof: welcome_proof(&s.secret, &s.cluster_name, s.node_id, &theirs),
     })
