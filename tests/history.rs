@@ -8,7 +8,8 @@
 mod common;
 
 use common::history::linearizable::{self, Limits, Verdict, Violation};
-use common::history::{Call, History, Outcome, Reply};
+use common::history::session::{self, ReplicaLog, SessionViolation};
+use common::history::{Call, History, OpId, Outcome, Reply};
 
 // ---------------------------------------------------------------- helpers
 
@@ -435,4 +436,169 @@ fn search_is_bounded() {
     let report = linearizable::check(&h, Limits { max_states: 1_000 });
     assert!(report.is_inconclusive(), "{}", report.explain(&h));
     assert!(!report.is_linearizable() && !report.is_violation());
+}
+
+// ---------------------------------------------------- sequential/sessions
+
+/// Two connections on one key; op ids in the comments.
+fn two_sessions() -> History {
+    let mut h = History::new();
+    h.push(1, "k", 0, 10, set("a"), ok(Reply::Stored)); // 0
+    h.push(2, "k", 5, 15, set("b"), ok(Reply::Stored)); // 1
+    h.push(1, "k", 20, 30, Call::Get, hit("b")); // 2
+    h.push(2, "k", 20, 30, Call::Get, hit("b")); // 3
+    h.push(1, "k", 40, 50, Call::Incr(1), ok(Reply::NonNumeric)); // 4
+    h.push(2, "k", 40, 50, Call::Delete, ok(Reply::Deleted)); // 5
+    h.push(2, "k", 60, 70, Call::Get, ok(Reply::Miss)); // 6
+    h
+}
+
+fn logs(orders: &[&[OpId]]) -> Vec<ReplicaLog> {
+    orders
+        .iter()
+        .zip(1..)
+        .map(|(order, node)| ReplicaLog {
+            node,
+            applied: order.to_vec(),
+        })
+        .collect()
+}
+
+#[test]
+fn sessions_accept_one_order_and_lagging_prefixes() {
+    let h = two_sessions();
+    let report = session::check_sequential(&h, &logs(&[&[0, 1, 4, 5], &[0, 1, 4], &[0]]));
+    assert!(report.is_ok(), "{report}");
+    assert_eq!(report.reads_checked, 3);
+}
+
+#[test]
+fn sessions_reject_diverging_orders() {
+    let h = two_sessions();
+    let report = session::check_sequential(&h, &logs(&[&[0, 1, 4, 5], &[1, 0]]));
+    assert_eq!(
+        report.violations,
+        vec![SessionViolation::OrderDiverged {
+            node: 2,
+            longest_node: 1,
+            index: 0,
+            ours: 1,
+            theirs: 0
+        }]
+    );
+}
+
+#[test]
+fn sessions_reject_lost_duplicated_and_failed_writes() {
+    let mut h = two_sessions();
+    let failed = h.push(3, "k", 80, 90, set("f"), Outcome::Failed);
+    let report = session::check_sequential(&h, &logs(&[&[0, 1, 1, 5, failed]]));
+    assert!(
+        report
+            .violations
+            .contains(&SessionViolation::LostWrite { op: 4 }),
+        "{report}"
+    );
+    assert!(report.violations.contains(&SessionViolation::AppliedTwice {
+        op: 1,
+        first: 1,
+        second: 2
+    }));
+    assert!(
+        report
+            .violations
+            .contains(&SessionViolation::FailedWriteApplied {
+                op: failed,
+                index: 4
+            })
+    );
+}
+
+#[test]
+fn sessions_reject_a_read_that_is_not_a_write() {
+    let h = two_sessions();
+    let report = session::check_sequential(&h, &logs(&[&[0, 2, 1]]));
+    assert_eq!(
+        report.violations,
+        vec![SessionViolation::NotAWrite { node: 1, op: 2 }]
+    );
+}
+
+#[test]
+fn sessions_reject_a_stale_read_of_ones_own_write() {
+    // Order b, a: connection 2 wrote b, then a landed after it; connection
+    // 2's read of b is fine, but connection 1 reads b after its own a.
+    let h = two_sessions();
+    let report = session::check_sequential(&h, &logs(&[&[1, 0, 4, 5]]));
+    assert_eq!(
+        report.violations,
+        vec![SessionViolation::StaleRead {
+            op: 2,
+            floor: 2,
+            newest: 1
+        }]
+    );
+}
+
+#[test]
+fn sessions_reject_non_monotonic_reads() {
+    let mut h = History::new();
+    h.push(1, "k", 0, 10, set("a"), ok(Reply::Stored)); // 0
+    h.push(1, "k", 20, 30, set("b"), ok(Reply::Stored)); // 1
+    h.push(2, "k", 40, 50, Call::Get, hit("b")); // 2
+    h.push(2, "k", 60, 70, Call::Get, hit("a")); // 3: back in time
+    let report = session::check_sequential(&h, &logs(&[&[0, 1]]));
+    assert_eq!(
+        report.violations,
+        vec![SessionViolation::StaleRead {
+            op: 3,
+            floor: 2,
+            newest: 1
+        }]
+    );
+    // Reading a then b is fine, however late in real time.
+    h.op_mut(2).outcome = hit("a");
+    h.op_mut(3).outcome = hit("b");
+    assert!(session::check_sequential(&h, &logs(&[&[0, 1]])).is_ok());
+}
+
+#[test]
+fn sessions_reject_replies_the_order_contradicts() {
+    let mut h = History::new();
+    h.push(1, "n", 0, 10, set("10"), ok(Reply::Stored)); // 0
+    h.push(1, "n", 20, 30, Call::Incr(1), ok(Reply::Number(11))); // 1
+    h.push(2, "n", 20, 30, Call::Incr(1), ok(Reply::Number(11))); // 2
+    let report = session::check_sequential(&h, &logs(&[&[0, 1, 2]]));
+    assert_eq!(
+        report.violations,
+        vec![SessionViolation::ReplyContradictsOrder { op: 2, index: 2 }]
+    );
+}
+
+#[test]
+fn sessions_reject_a_write_ordered_before_what_its_session_saw() {
+    let mut h = History::new();
+    h.push(1, "k", 0, 10, set("a"), ok(Reply::Stored)); // 0
+    h.push(2, "k", 20, 30, Call::Get, hit("a")); // 1
+    h.push(2, "j", 40, 50, set("x"), ok(Reply::Stored)); // 2
+    let report = session::check_sequential(&h, &logs(&[&[2, 0]]));
+    assert_eq!(
+        report.violations,
+        vec![SessionViolation::WriteBeforeSeen {
+            op: 2,
+            index: 0,
+            floor: 2
+        }]
+    );
+}
+
+#[test]
+fn sessions_reject_a_phantom_read() {
+    let mut h = two_sessions();
+    h.op_mut(3).outcome = hit("zzz");
+    let report = session::check_sequential(&h, &logs(&[&[0, 1, 4, 5]]));
+    assert_eq!(
+        report.violations,
+        vec![SessionViolation::PhantomRead { op: 3 }]
+    );
 }

@@ -28,6 +28,7 @@
 
 pub mod linearizable;
 pub mod model;
+pub mod session;
 
 use std::collections::BTreeMap;
 use std::fmt;
