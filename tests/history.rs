@@ -1,15 +1,20 @@
 //! The history checkers of `tests/common/history.rs`: hand-written histories
 //! that must be rejected (each a classic anomaly) or accepted (each an
-//! allowed interleaving).
+//! allowed interleaving), and random histories derived from sequential runs
+//! of a small store, which must be accepted, and rejected once a read is
+//! made clearly wrong.
 //!
 //! Times in the hand-written histories are small integers: only their order
 //! matters.
 
 mod common;
 
+use std::collections::HashMap;
+
 use common::history::linearizable::{self, Limits, Verdict, Violation};
 use common::history::session::{self, ReplicaLog, SessionViolation};
 use common::history::{Call, History, OpId, Outcome, Reply};
+use proptest::prelude::*;
 
 // ---------------------------------------------------------------- helpers
 
@@ -601,4 +606,355 @@ fn sessions_reject_a_phantom_read() {
         report.violations,
         vec![SessionViolation::PhantomRead { op: 3 }]
     );
+}
+
+// ----------------------------------------------------- random histories
+
+/// A tiny memcached, written separately from the checker's model: what
+/// the generator runs the operations against, one at a time.
+#[derive(Default)]
+struct Store {
+    items: HashMap<Vec<u8>, (Vec<u8>, u64)>,
+    last_cas: u64,
+}
+
+impl Store {
+    fn exec(&mut self, key: &[u8], call: &Call) -> Reply {
+        let item = self.items.get(key).cloned();
+        let put = |store: &mut Store, data: Vec<u8>| {
+            store.last_cas += 1;
+            store.items.insert(key.to_vec(), (data, store.last_cas));
+        };
+        match (call, item) {
+            (Call::Get, Some((data, _))) => Reply::Hit { data, token: None },
+            (Call::Gets, Some((data, cas))) => Reply::Hit {
+                data,
+                token: Some(cas),
+            },
+            (Call::Get | Call::Gets, None) => Reply::Miss,
+            (Call::Set(d), _) | (Call::Add(d), None) => {
+                put(self, d.clone());
+                Reply::Stored
+            }
+            (Call::Replace(d), Some(_)) => {
+                put(self, d.clone());
+                Reply::Stored
+            }
+            (Call::Append(d), Some((old, _))) => {
+                put(self, [old, d.clone()].concat());
+                Reply::Stored
+            }
+            (Call::Prepend(d), Some((old, _))) => {
+                put(self, [d.clone(), old].concat());
+                Reply::Stored
+            }
+            (Call::Add(_), Some(_))
+            | (Call::Replace(_) | Call::Append(_) | Call::Prepend(_), None) => Reply::NotStored,
+            (Call::Cas { data, token }, Some((_, cas))) if *token == cas => {
+                put(self, data.clone());
+                Reply::Stored
+            }
+            (Call::Cas { .. }, Some(_)) => Reply::Exists,
+            (Call::Incr(_) | Call::Decr(_) | Call::Cas { .. } | Call::Delete, None) => {
+                Reply::NotFound
+            }
+            (Call::Incr(n) | Call::Decr(n), Some((old, _))) => {
+                let Some(v) = std::str::from_utf8(&old)
+                    .ok()
+                    .and_then(|s| s.trim_matches(' ').parse::<u64>().ok())
+                else {
+                    return Reply::NonNumeric;
+                };
+                let v = match call {
+                    Call::Incr(_) => v.wrapping_add(*n),
+                    _ => v.saturating_sub(*n),
+                };
+                let text = format!("{v:<width$}", width = old.len());
+                put(self, text.into_bytes());
+                Reply::Number(v)
+            }
+            (Call::Delete, Some(_)) => {
+                self.items.remove(key);
+                Reply::Deleted
+            }
+        }
+    }
+}
+
+/// splitmix64: a seeded generator so that a failing case can be rerun.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// What happened to an operation the generator planned.
+#[derive(Clone, Copy, PartialEq)]
+enum Fate {
+    Replied,
+    /// Applied, but the client never heard back.
+    AppliedUnknown,
+    /// Never applied and the client never heard back.
+    LostUnknown,
+    /// Never applied and the client was told so.
+    Failed,
+}
+
+struct Planned {
+    conn: u64,
+    key: usize,
+    invoke: u64,
+    complete: u64,
+    /// When it takes effect: within [invoke, complete].
+    at: u64,
+    kind: u64,
+    fate: Fate,
+}
+
+/// A generated run: the history and the order the store applied writes in.
+struct Run {
+    history: History,
+    applied: Vec<OpId>,
+}
+
+/// `clients` clients, each doing `ops` operations one after another on
+/// `keys` keys, with random durations; each operation takes effect at a
+/// random instant inside its interval, and the store executes them in that
+/// order. The history is linearizable by construction: the execution order
+/// is a linearization. With `faults`, some writes end unknown (applied or
+/// not) or failed, and the client reconnects.
+fn generate(seed: u64, keys: usize, clients: usize, ops: usize, faults: bool) -> Run {
+    let mut rng = Rng(seed);
+    let mut planned = Vec::new();
+    for client in 0..clients as u64 {
+        let mut conn = client * 1_000;
+        let mut t = rng.below(10);
+        for _ in 0..ops {
+            let invoke = t + rng.below(20);
+            let complete = invoke + 1 + rng.below(60);
+            let kind = rng.below(100);
+            let fate = match (faults && kind >= 35, rng.below(20)) {
+                (true, 0) => Fate::AppliedUnknown,
+                (true, 1) => Fate::LostUnknown,
+                (true, 2) => Fate::Failed,
+                _ => Fate::Replied,
+            };
+            planned.push(Planned {
+                conn,
+                key: rng.below(keys as u64) as usize,
+                invoke,
+                complete,
+                at: invoke + rng.below(complete - invoke + 1),
+                kind,
+                fate,
+            });
+            if fate != Fate::Replied {
+                conn += 1; // a timed-out connection is not used again
+            }
+            t = complete;
+        }
+    }
+    planned.sort_by_key(|p| (p.at, p.invoke));
+
+    let mut store = Store::default();
+    let mut history = History::new();
+    let mut applied = Vec::new();
+    let mut tokens: HashMap<(u64, usize), u64> = HashMap::new();
+    for (n, p) in planned.iter().enumerate() {
+        let unique = format!("v{n}").into_bytes();
+        let call = match p.kind {
+            0..20 => Call::Get,
+            20..35 => Call::Gets,
+            35..45 => Call::Set(unique),
+            45..50 => Call::Set(rng.below(30).to_string().into_bytes()),
+            50..55 => Call::Add(unique),
+            55..60 => Call::Replace(unique),
+            60..64 => Call::Append(unique),
+            64..67 => Call::Prepend(unique),
+            67..77 => Call::Cas {
+                data: unique,
+                token: match tokens.get(&(p.conn, p.key)) {
+                    Some(&t) if rng.below(4) > 0 => t,
+                    _ => 1 + rng.below(store.last_cas + 1),
+                },
+            },
+            77..87 => Call::Incr(rng.below(5)),
+            87..92 => Call::Decr(rng.below(5)),
+            _ => Call::Delete,
+        };
+        let key = format!("k{}", p.key);
+        let outcome = match p.fate {
+            Fate::Replied | Fate::AppliedUnknown => {
+                let reply = store.exec(key.as_bytes(), &call);
+                if let Reply::Hit { token: Some(t), .. } = reply {
+                    tokens.insert((p.conn, p.key), t);
+                }
+                match p.fate {
+                    Fate::Replied => Outcome::Ok(reply),
+                    _ => Outcome::Unknown,
+                }
+            }
+            Fate::LostUnknown => Outcome::Unknown,
+            Fate::Failed => Outcome::Failed,
+        };
+        let is_write = call.is_write();
+        let id = history.push(p.conn, key, p.invoke, p.complete, call, outcome);
+        if is_write && matches!(p.fate, Fate::Replied | Fate::AppliedUnknown) {
+            applied.push(id);
+        }
+    }
+    Run { history, applied }
+}
+
+/// A write `w` that left `data` and was surely overwritten by `x` before
+/// `read` began: `w` stored a unique value, `x` took effect (so changed the
+/// value: unique values never come back) and `w < x < read` in real time.
+/// Making `read` return `w`'s value must then be rejected.
+fn clearly_stale(h: &History, read: OpId) -> Option<Vec<u8>> {
+    let r = h.op(read);
+    let same_key = || h.ops().iter().filter(|o| o.key == r.key);
+    let stored_unique = same_key().filter_map(|o| match &o.call {
+        Call::Set(d) | Call::Add(d) | Call::Replace(d) | Call::Cas { data: d, .. }
+            if d.starts_with(b"v") && o.outcome == Outcome::Ok(Reply::Stored) =>
+        {
+            Some((o, d))
+        }
+        _ => None,
+    });
+    let took_effect = || {
+        same_key().filter(|o| {
+            matches!(
+                o.outcome,
+                Outcome::Ok(Reply::Stored | Reply::Deleted | Reply::Number(_))
+            )
+        })
+    };
+    for (w, data) in stored_unique {
+        if took_effect().any(|x| x.id != w.id && w.complete < x.invoke && x.complete < r.invoke) {
+            return Some(data.clone());
+        }
+    }
+    None
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn generated_runs_are_accepted(
+        seed in any::<u64>(),
+        keys in 1usize..4,
+        clients in 1usize..5,
+        ops in 1usize..25,
+        faults in any::<bool>(),
+    ) {
+        let run = generate(seed, keys, clients, ops, faults);
+        let report = check(&run.history);
+        prop_assert!(report.is_linearizable(), "{}", report.explain(&run.history));
+        let sessions = session::check_sequential(&run.history, &[ReplicaLog { node: 1, applied: run.applied }]);
+        prop_assert!(sessions.is_ok(), "{}", sessions);
+    }
+
+    #[test]
+    fn generated_runs_with_a_wrong_read_are_rejected(
+        seed in any::<u64>(),
+        keys in 1usize..3,
+        clients in 1usize..4,
+        ops in 2usize..20,
+        pick in any::<prop::sample::Index>(),
+    ) {
+        let run = generate(seed, keys, clients, ops, false);
+        let reads: Vec<OpId> = run.history.ops().iter()
+            .filter(|o| !o.call.is_write())
+            .map(|o| o.id)
+            .collect();
+        prop_assume!(!reads.is_empty());
+        let read = reads[pick.index(reads.len())];
+
+        // A value nobody wrote.
+        let mut h = run.history.clone();
+        h.op_mut(read).outcome = hit("never written");
+        prop_assert!(check(&h).is_violation());
+        let log = [ReplicaLog { node: 1, applied: run.applied.clone() }];
+        prop_assert_eq!(
+            session::check_sequential(&h, &log).violations,
+            vec![SessionViolation::PhantomRead { op: read }]
+        );
+
+        // A value surely overwritten before the read began.
+        if let Some(old) = clearly_stale(&run.history, read) {
+            let mut h = run.history.clone();
+            h.op_mut(read).outcome = Outcome::Ok(Reply::Hit { data: old, token: None });
+            let report = check(&h);
+            prop_assert!(report.is_violation(), "{}", report.explain(&h));
+        }
+    }
+}
+
+/// Size and time of a check on a run like the harness's: 5 keys, 3
+/// clients, 1,000 operations (about 200 per key), with and without faults.
+/// Prints; asserts only the verdict (`cargo test --test history -- --nocapture timing`).
+#[test]
+fn timing_five_keys_three_clients() {
+    for faults in [false, true] {
+        let run = generate(42, 5, 3, 334, faults);
+        let start = std::time::Instant::now();
+        let report = check(&run.history);
+        let elapsed = start.elapsed();
+        assert!(report.is_linearizable(), "{}", report.explain(&run.history));
+        let states: usize = report.keys.iter().map(|k| k.states).sum();
+        let ops: Vec<usize> = report.keys.iter().map(|k| k.ops).collect();
+        let start = std::time::Instant::now();
+        let sessions = session::check_sequential(
+            &run.history,
+            &[ReplicaLog {
+                node: 1,
+                applied: run.applied,
+            }],
+        );
+        assert!(sessions.is_ok(), "{sessions}");
+        let unknown = run
+            .history
+            .ops()
+            .iter()
+            .filter(|o| o.outcome == Outcome::Unknown)
+            .count();
+        eprintln!(
+            "faults {faults}: {} ops ({unknown} unknown), per key {ops:?}, {states} states, linearizability {elapsed:?}, sessions {:?}",
+            run.history.len(),
+            start.elapsed()
+        );
+    }
+}
+
+/// How the search scales with concurrency on one key: 1,000 operations
+/// from 3 to 20 clients. Prints states, time and verdict; asserts nothing
+/// but "no false violation" (`cargo test --release --test history --
+/// --ignored --nocapture scaling`).
+#[test]
+#[ignore = "a measurement, seconds long"]
+fn scaling_with_concurrency() {
+    for clients in [3, 5, 8, 10, 15, 20] {
+        for faults in [false, true] {
+            let run = generate(7, 1, clients, 1_000 / clients, faults);
+            let start = std::time::Instant::now();
+            let report = check(&run.history);
+            let elapsed = start.elapsed();
+            assert!(!report.is_violation(), "{}", report.explain(&run.history));
+            let key = &report.keys[0];
+            eprintln!(
+                "1 key, {clients:>2} clients, faults {faults:<5}: {} ops, {:>8} states, {:>12?}, {:?}",
+                key.ops, key.states, elapsed, key.verdict
+            );
+        }
+    }
 }
