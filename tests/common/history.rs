@@ -32,6 +32,7 @@ pub mod session;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// Index of an operation in its [`History`].
@@ -265,6 +266,59 @@ impl History {
         });
         let first = found.next()?;
         found.next().is_none().then_some(first.id)
+    }
+}
+
+/// A history that many client threads record into at once, on one
+/// [`Clock`]: take `invoke()` before sending, call `record` once the reply
+/// arrived (or the client gave up), which stamps the complete time.
+#[derive(Debug)]
+pub struct Recorder {
+    clock: Clock,
+    history: Mutex<History>,
+}
+
+impl Default for Recorder {
+    fn default() -> Recorder {
+        Recorder::new()
+    }
+}
+
+impl Recorder {
+    pub fn new() -> Recorder {
+        Recorder {
+            clock: Clock::start(),
+            history: Mutex::new(History::new()),
+        }
+    }
+
+    /// The invoke time of an operation about to be sent.
+    pub fn invoke(&self) -> Nanos {
+        self.clock.now()
+    }
+
+    /// Records an operation invoked at `invoke` that completes now.
+    pub fn record(
+        &self,
+        conn: u64,
+        key: impl Into<Vec<u8>>,
+        invoke: Nanos,
+        call: Call,
+        outcome: Outcome,
+    ) -> OpId {
+        let complete = self.clock.now();
+        self.history
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(conn, key, invoke, complete, call, outcome)
+    }
+
+    /// The history recorded so far.
+    pub fn history(&self) -> History {
+        self.history
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 }
 
