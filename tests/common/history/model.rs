@@ -33,12 +33,13 @@
 //! place padded with spaces when it is not longer than the old value
 //! (decrementing `10` by 1 leaves `9 `), as memcached and memdial store it.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use super::{Call, Reply};
 
 /// What one key holds, as far as the answers to later commands depend on it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct KeyState {
     /// The value, or `None` when the key is missing.
     pub data: Option<Arc<[u8]>>,
@@ -47,6 +48,27 @@ pub struct KeyState {
     /// Tokens learnt so far, as (token, version), sorted by token. Shared
     /// between states until one learns a new token.
     tokens: Arc<Vec<(u64, u32)>>,
+    /// An order-independent digest of `tokens`, so that hashing a state
+    /// (the search does it for every state it meets) does not walk a map
+    /// that grows with the history.
+    tokens_digest: u64,
+}
+
+impl Hash for KeyState {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.data.hash(state);
+        self.version.hash(state);
+        self.tokens.len().hash(state);
+        self.tokens_digest.hash(state);
+    }
+}
+
+/// A well-mixed 64-bit image of one learnt pin (splitmix64's finaliser).
+fn mix(token: u64, version: u32) -> u64 {
+    let mut z = token ^ (u64::from(version) << 32 | u64::from(version)).rotate_left(17);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl KeyState {
@@ -83,6 +105,7 @@ impl KeyState {
                 }
                 let mut next = self.clone();
                 Arc::make_mut(&mut next.tokens).insert(i, (token, self.version));
+                next.tokens_digest = next.tokens_digest.wrapping_add(mix(token, self.version));
                 Some(next)
             }
         }
@@ -94,6 +117,7 @@ impl KeyState {
             data: data.map(Arc::from),
             version: self.version + 1,
             tokens: Arc::clone(&self.tokens),
+            tokens_digest: self.tokens_digest,
         }
     }
 
