@@ -25,6 +25,17 @@
 //! | `Unknown` | no answer (timeout, connection lost) | may be placed anywhere after invoke (complete = +∞), or nowhere; any reply |
 //!
 //! An unknown read carries no information and is dropped too.
+//!
+//! ## What the harness must do
+//!
+//! - Use keys nobody wrote before the run (the model starts every key
+//!   missing), and make written values unique where it can: a read of a
+//!   unique value names its write, which keeps the search narrow.
+//! - Stamp times from one [`Clock`] (a [`Recorder`] does): invoke before the
+//!   request's first byte is sent, complete after the reply's last byte.
+//! - Give a connection that timed out a new `conn` id if it reconnects; a
+//!   connection's operations must not overlap.
+//! - Not use flags, exptime, `touch`/`gat` or `noreply`: the model has none.
 
 pub mod linearizable;
 pub mod model;

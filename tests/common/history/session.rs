@@ -36,9 +36,11 @@
 //!      the connection already saw (`p >= floor`), and raises the floor to
 //!      `p + 1`.
 //!
-//! Reads are not pinned to the node the connection was on: a read of a
-//! prefix longer than that node's log would pass. Unknown writes do not
-//! raise the floor (the connection never learnt where they landed).
+//! Limits: reads are not pinned to the node the connection was on (a read
+//! of a prefix longer than that node's log would pass); the CAS tokens
+//! `gets` returned are not checked here (the replay only requires that one
+//! token never stores twice); unknown writes do not raise the floor (the
+//! connection never learnt where they landed).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
