@@ -996,20 +996,20 @@ fn timing_five_keys_three_clients() {
     }
 }
 
-/// How the search scales with concurrency on one key: 1,000 operations
-/// from 3 to 20 clients. Prints states, time and verdict; asserts nothing
-/// but "no false violation" (`cargo test --release --test history --
-/// --ignored --nocapture scaling`).
+/// One key, 1,000 operations, from 3 to 10 concurrent clients (the range
+/// the Jepsen-style harness uses): no false violation, and a verdict, not
+/// "inconclusive". Prints states and time (`--nocapture`); 15 and 20
+/// clients took 1.4 s and hit the state limit when measured (see
+/// `common/history/linearizable.rs`).
 #[test]
-#[ignore = "a measurement, seconds long"]
 fn scaling_with_concurrency() {
-    for clients in [3, 5, 8, 10, 15, 20] {
+    for clients in [3, 5, 8, 10] {
         for faults in [false, true] {
             let run = generate(7, 1, clients, 1_000 / clients, faults);
             let start = std::time::Instant::now();
             let report = check(&run.history);
             let elapsed = start.elapsed();
-            assert!(!report.is_violation(), "{}", report.explain(&run.history));
+            assert!(report.is_linearizable(), "{}", report.explain(&run.history));
             let key = &report.keys[0];
             eprintln!(
                 "1 key, {clients:>2} clients, faults {faults:<5}: {} ops, {:>8} states, {:>12?}, {:?}",
