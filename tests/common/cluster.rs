@@ -458,7 +458,7 @@ impl TestCluster {
             .collect();
         let mut relays = BTreeMap::new();
         let data = tempfile::tempdir().expect("a data directory");
-        let nodes = MemdialCluster::start(n, "warn", |ports| {
+        let nodes = MemdialCluster::start(n, "warn,openraft=error", |ports| {
             // Each attempt has fresh ports, so fresh relays to them.
             relays = if opts.relays {
                 relays_between(ports)
