@@ -78,6 +78,9 @@ struct ClusterArgs {
     /// one that is not running is started when `memcached` is on PATH.
     #[arg(long)]
     memcached: bool,
+    /// Consistency mode, overriding `cluster.consistency`.
+    #[arg(long, value_enum)]
+    consistency: Option<Consistency>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -163,6 +166,9 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
 
 async fn cluster(args: ClusterArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut config = Config::load(&args.config)?;
+    if let Some(c) = args.consistency {
+        config.cluster.consistency = c;
+    }
     let nodes = config.nodes.len() as u64;
     fit_connections_to_fds(&mut config, nodes);
     // Held until the cluster stops; dropping them stops the memcached.
