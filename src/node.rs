@@ -301,6 +301,7 @@ async fn cluster_pipeline(
                 request_timeout: ms(c.request_timeout_ms),
                 snapshot_after: c.snapshot_after_entries,
                 keep_after_snapshot: c.log_kept_after_snapshot,
+                store_check_interval: ms(c.store_check_interval_ms),
             };
             let mode = RaftMode::start(backend.clone(), cluster.clone(), settings)
                 .await

@@ -238,3 +238,66 @@ fn sequential_reads_stay_local_and_see_the_sessions_own_writes() {
     );
     c.heal_all();
 }
+
+#[test]
+fn a_memcached_that_restarts_empty_is_rebuilt_from_the_log() {
+    let _s = serial();
+    let mut c = TestCluster::start(
+        3,
+        ClusterOpts {
+            memcached: true,
+            ..mode("linearizable", false)
+        },
+    );
+    let leader = wait_leader(&c, &[1, 2, 3], ELECTION_WAIT);
+    let victim = (1..=3).find(|&i| i != leader).unwrap();
+    let mut writer = Client::connect(c.ports(leader).client);
+    assert_eq!(
+        call_until_served(&c, leader, b"set k0 0 0 2\r\nv0\r\n", ANSWER_WAIT),
+        "STORED\r\n"
+    );
+    for i in 1..50 {
+        let set = format!("set k{i} 0 0 {}\r\nv{i}\r\n", format!("v{i}").len());
+        assert_eq!(writer.call(set.as_bytes()), b"STORED\r\n");
+    }
+    assert_eq!(writer.call(b"incr k-n 1\r\n"), b"NOT_FOUND\r\n");
+    let keys: Vec<String> = (0..50).map(|i| format!("k{i}")).collect();
+    let get = format!("get {}\r\n", keys.join(" "));
+    let expected = text(&writer.call(get.as_bytes()));
+    assert_eq!(expected.matches("VALUE").count(), 50);
+
+    c.memcached_restart(victim);
+    // The node notices (its store check) and rebuilds the store from the
+    // log; then it serves every value again, and says so.
+    let start = Instant::now();
+    loop {
+        let seen = Client::try_connect(c.ports(victim).client)
+            .and_then(|mut cl| cl.try_call(get.as_bytes()))
+            .map(|b| text(&b));
+        let rebuilt = c
+            .stats_cluster(victim)
+            .ok()
+            .and_then(|s| s.get("raft_store_rebuilds").cloned());
+        if seen.as_ref().is_ok_and(|s| *s == expected) && rebuilt.as_deref() == Some("1") {
+            break;
+        }
+        assert!(
+            start.elapsed() < ANSWER_WAIT * 2,
+            "node {victim} not rebuilt: rebuilds {rebuilt:?}, reads {seen:?}"
+        );
+        poll_pause();
+    }
+    // And it takes part in writes again.
+    assert_eq!(
+        Client::connect(c.ports(victim).client).call(b"incr k-n 1\r\n"),
+        b"NOT_FOUND\r\n"
+    );
+    assert_eq!(
+        Client::connect(c.ports(victim).client).call(b"append k1 0 0 1\r\n!\r\n"),
+        b"STORED\r\n"
+    );
+    assert_eq!(
+        Client::connect(c.ports(leader).client).call(b"get k1\r\n"),
+        b"VALUE k1 0 3\r\nv1!\r\nEND\r\n"
+    );
+}

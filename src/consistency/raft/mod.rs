@@ -101,6 +101,8 @@ pub struct RaftSettings {
     /// Entries kept in the log behind the last snapshot, so a follower a
     /// little behind catches up from the log rather than a snapshot.
     pub keep_after_snapshot: u64,
+    /// How often the store is checked for a restart that lost its data.
+    pub store_check_interval: Duration,
 }
 
 /// Why a write or a read failed.
@@ -133,6 +135,8 @@ pub struct RaftMode {
     id: u64,
     raft: openraft::Raft<TypeConfig>,
     sm: Arc<StateMachine>,
+    /// Reads the log beside Raft, to rebuild a store that lost its data.
+    log: tokio::sync::Mutex<log_store::LogReader<TypeConfig>>,
     backend: Arc<dyn Backend>,
     cluster: Arc<Cluster>,
     settings: RaftSettings,
@@ -149,6 +153,7 @@ impl RaftMode {
         let id = u64::from(cluster.node_id());
         let sm = StateMachine::open(backend.clone(), &settings.data_dir.join("state")).await?;
         let log = LogStore::<TypeConfig>::open(settings.data_dir.join("log"))?;
+        let reader = log.reader();
         let ms = |d: Duration| d.as_millis() as u64;
         let config = openraft::Config {
             cluster_name: settings.cluster_name.clone(),
@@ -169,17 +174,22 @@ impl RaftMode {
             id,
             raft,
             sm,
+            log: tokio::sync::Mutex::new(reader),
             backend,
             cluster,
             settings,
         }))
     }
 
-    /// Forms the cluster on its first start, then runs until `shutdown`.
+    /// Forms the cluster on its first start, watches the store, and runs
+    /// until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> std::io::Result<()> {
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = self.form_cluster() => shutdown.cancelled().await,
+            _ = async {
+                self.form_cluster().await;
+                self.watch_store().await
+            } => {}
         }
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not stop cleanly");
@@ -235,6 +245,20 @@ impl RaftMode {
                 return;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Checks the store every `store_check_interval`, and rebuilds it when
+    /// it lost its data (memcached restarted).
+    async fn watch_store(&self) {
+        let mut tick = tokio::time::interval(self.settings.store_check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let mut log = self.log.lock().await;
+            if let Err(e) = self.sm.check_store(&mut log).await {
+                tracing::debug!(error = %e, "cannot check the store yet");
+            }
         }
     }
 
@@ -384,10 +408,14 @@ impl RaftMode {
                 out.push(Response::server_error("not a read"));
                 continue;
             };
-            out.push(match self.sm.read(keys, *cas).await {
-                Ok(values) => values,
-                Err(e) => e.to_response(),
-            });
+            out.push(
+                match tokio::time::timeout_at(deadline, self.sm.read(keys, *cas)).await {
+                    Ok(Ok(values)) => values,
+                    Ok(Err(e)) => e.to_response(),
+                    // The store is being rebuilt.
+                    Err(_) => Response::server_error(READ_FAILED),
+                },
+            );
         }
         session.saw(seen);
     }
@@ -521,6 +549,10 @@ impl Pipeline for RaftMode {
                     .snapshots_installed
                     .load(Ordering::Relaxed)
                     .to_string(),
+            ),
+            (
+                "raft_store_rebuilds".to_string(),
+                counts.store_rebuilds.load(Ordering::Relaxed).to_string(),
             ),
         ];
         let matched: BTreeMap<u64, Option<u64>> = m

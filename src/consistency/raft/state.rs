@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use openraft::RaftLogReader;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
@@ -37,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use super::TypeConfig;
 use super::command::Applied;
+use super::log_store::LogReader;
 use super::record::Record;
 use crate::backend::{Backend, BackendError};
 use crate::consistency::store_exptime;
@@ -133,6 +135,9 @@ pub struct StateMachine {
     /// Taken for reading by client reads, for writing while the store is
     /// replaced by a snapshot, so no read sees it half written.
     install: tokio::sync::RwLock<()>,
+    /// Held while entries are applied, and while a store that lost its
+    /// data is rebuilt, so the two never interleave.
+    applying: tokio::sync::Mutex<()>,
     snapshot_seq: AtomicU64,
     pub counts: SmCounts,
 }
@@ -170,6 +175,7 @@ impl StateMachine {
             meta: Mutex::new(Meta::default()),
             persisted: Mutex::new(Instant::now()),
             install: tokio::sync::RwLock::new(()),
+            applying: tokio::sync::Mutex::new(()),
             snapshot_seq: AtomicU64::new(0),
             counts: SmCounts::default(),
         });
@@ -298,6 +304,14 @@ impl StateMachine {
         &self,
         entries: Vec<Entry<TypeConfig>>,
     ) -> Result<Vec<Applied>, StorageError<u64>> {
+        let _applying = self.applying.lock().await;
+        self.apply_unlocked(entries).await
+    }
+
+    async fn apply_unlocked(
+        &self,
+        entries: Vec<Entry<TypeConfig>>,
+    ) -> Result<Vec<Applied>, StorageError<u64>> {
         let Some(last) = entries.last().map(|e| e.log_id) else {
             return Ok(Vec::new());
         };
@@ -402,6 +416,15 @@ impl StateMachine {
         body: Body,
     ) -> Result<(), BackendError> {
         let _writing = self.install.write().await;
+        self.fill_unlocked(meta, body).await
+    }
+
+    /// [`Self::fill`], for a caller that holds the install lock.
+    async fn fill_unlocked(
+        &self,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        body: Body,
+    ) -> Result<(), BackendError> {
         self.call(&[Request::FlushAll {
             delay: None,
             noreply: false,
@@ -438,6 +461,64 @@ impl StateMachine {
         m.membership = meta.last_membership.clone();
         m.flush = body.flush;
         Ok(())
+    }
+
+    /// Checks that the store is still the one this state machine applied
+    /// the log to; if it restarted (and so lost its data), rebuilds it from
+    /// the last snapshot and the log in `log`, with reads and applies held
+    /// meanwhile. Returns whether it rebuilt.
+    pub async fn check_store(&self, log: &mut LogReader<TypeConfig>) -> anyhow::Result<bool> {
+        let instance = self.backend.instance().await?;
+        if instance == lock(&self.meta).instance {
+            return Ok(false);
+        }
+        let _applying = self.applying.lock().await;
+        let _writing = self.install.write().await;
+        let applied = lock(&self.meta).last_applied;
+        tracing::warn!(
+            applied = applied.map_or(0, |l| l.index),
+            "the store restarted and lost its data: rebuilding it from the last snapshot and the log; reads wait"
+        );
+        let snapshot: Option<SnapshotFile> = read_file(&self.dir.join("snapshot"))?;
+        let from = match snapshot {
+            Some(s) => {
+                let index = s.meta.last_log_id.map_or(0, |l| l.index);
+                self.fill_unlocked(&s.meta, decode(&s.body)?).await?;
+                index + 1
+            }
+            None => {
+                self.call(&[Request::FlushAll {
+                    delay: None,
+                    noreply: false,
+                }])
+                .await?;
+                let mut m = lock(&self.meta);
+                m.flush = Flush::default();
+                0
+            }
+        };
+        if let Some(applied) = applied {
+            let mut next = from;
+            while next <= applied.index {
+                let end = (next + CHUNK as u64).min(applied.index + 1);
+                let entries = log.try_get_log_entries(next..end).await?;
+                if entries.is_empty() {
+                    anyhow::bail!(
+                        "the log no longer holds entries {next}..{end} to rebuild the store"
+                    );
+                }
+                next = entries.last().map_or(end, |e| e.log_id.index + 1);
+                self.apply_unlocked(entries).await?;
+            }
+        }
+        lock(&self.meta).instance = instance;
+        self.persist(true)?;
+        self.counts.store_rebuilds.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            applied = self.applied_index(),
+            "the store is rebuilt; serving again"
+        );
+        Ok(true)
     }
 
     /// Reads the whole store into a snapshot body, naming the applied log
