@@ -6,6 +6,7 @@
 //! May use: `protocol`, `backend`, `cluster`, `config`, `metrics`. Never `server`.
 
 pub mod eventual;
+pub mod raft;
 
 use std::sync::Arc;
 
