@@ -186,6 +186,9 @@ struct Shared<NID: openraft::NodeId> {
     index: RwLock<Index<NID>>,
     /// Set when a write or sync failed: nothing more is written.
     failed: AtomicBool,
+    /// Held by a test to stop the flusher before its next sync.
+    #[cfg(test)]
+    sync_gate: std::sync::Mutex<()>,
 }
 
 /// Reads log entries while the [`LogStore`] appends (openraft's replication
@@ -498,6 +501,8 @@ fn run_flusher<C: RaftTypeConfig>(
     while let Ok(first) = rx.recv() {
         batch.push(first);
         batch.extend(rx.try_iter());
+        #[cfg(test)]
+        let _gate = shared.sync_gate.lock();
         if failed.is_none() {
             let mut synced: Vec<&Arc<File>> = Vec::new();
             for req in &batch {
@@ -640,13 +645,20 @@ where
             }
             active_len = valid;
         }
-        let keys = st.entries.keys();
-        if let Some((a, b)) = keys.clone().zip(keys.skip(1)).find(|(a, b)| **a + 1 != **b) {
-            return Err(LogStoreError::Corrupt {
-                path: dir,
-                offset: 0,
-                reason: format!("hole in the log between indexes {a} and {b}"),
-            });
+        // Raft must never see a hole: after the purge point, or between
+        // entries.
+        let mut prev = st.last_purged.as_ref().map(|p| p.index);
+        for &index in st.entries.keys() {
+            if let Some(p) = prev
+                && p + 1 != index
+            {
+                return Err(LogStoreError::Corrupt {
+                    path: dir,
+                    offset: 0,
+                    reason: format!("hole in the log between indexes {p} and {index}"),
+                });
+            }
+            prev = Some(index);
         }
 
         let mut segments = BTreeMap::new();
@@ -681,6 +693,8 @@ where
                 segments,
             }),
             failed: AtomicBool::new(false),
+            #[cfg(test)]
+            sync_gate: std::sync::Mutex::new(()),
         });
         let (flush_tx, flush_rx) = mpsc::channel();
         let flusher = {
@@ -854,6 +868,8 @@ where
             slots.push((at as u64, len, log_id));
         }
         if slots.is_empty() {
+            // Nothing to write; the callback still goes through the flusher,
+            // so it fires in order after those of earlier appends.
             return Ok(());
         }
         let base = self.write_buf()?;
@@ -1089,11 +1105,18 @@ mod tests {
     use std::io::Cursor;
     use std::sync::Arc;
 
+    use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::raft::{
+        AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
+        InstallSnapshotResponse, VoteRequest, VoteResponse,
+    };
     use openraft::storage::{RaftLogStorageExt, RaftStateMachine, Snapshot};
     use openraft::testing::{StoreBuilder, Suite};
     use openraft::{
-        BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, RaftLogReader,
-        RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+        BasicNode, CommittedLeaderId, Config, Entry, EntryPayload, LogId, Raft, RaftLogReader,
+        RaftSnapshotBuilder, ServerState, SnapshotMeta, StorageError, StorageIOError,
+        StoredMembership, Vote,
     };
     use tempfile::TempDir;
 
@@ -1607,6 +1630,174 @@ mod tests {
         }
         done.store(true, Ordering::SeqCst);
         assert!(reading.await.unwrap() > 0);
+    }
+
+    /// `append` returns with the entries readable, and the `LogFlushed`
+    /// callback waits for the flusher's sync: while the sync is held back the
+    /// entries can be read but the append is not acknowledged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[expect(
+        clippy::await_holding_lock,
+        reason = "the gate is held on purpose while the append waits"
+    )]
+    async fn callback_waits_for_the_sync() {
+        let dir = TempDir::new().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let mut reader = s.reader();
+        let shared = s.shared.clone();
+        let gate = shared.sync_gate.lock().unwrap();
+        let appending = tokio::spawn(async move {
+            s.blocking_append((1..=3).map(|i| ent(1, i))).await.unwrap();
+            s
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while reader.try_get_log_entries(0..10).await.unwrap().len() < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "entries never became readable"
+            );
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!appending.is_finished(), "acknowledged before the sync");
+        drop(gate);
+        let s = appending.await.unwrap();
+        drop(s);
+        let mut s = Store::open(dir.path()).unwrap();
+        assert_eq!(read_all(&mut s, 0..=10).await, expected(1, 1..=3));
+    }
+
+    // ---- openraft itself on this store: one node, written, restarted ----
+
+    struct NoNetwork;
+
+    fn unreachable<E: std::error::Error>() -> RPCError<u64, BasicNode, E> {
+        RPCError::Unreachable(Unreachable::new(&io::Error::other("single-node test")))
+    }
+
+    impl RaftNetworkFactory<C> for NoNetwork {
+        type Network = NoNetwork;
+
+        async fn new_client(&mut self, _target: u64, _node: &BasicNode) -> NoNetwork {
+            NoNetwork
+        }
+    }
+
+    impl RaftNetwork<C> for NoNetwork {
+        async fn append_entries(
+            &mut self,
+            _rpc: AppendEntriesRequest<C>,
+            _option: RPCOption,
+        ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+            Err(unreachable())
+        }
+
+        async fn install_snapshot(
+            &mut self,
+            _rpc: InstallSnapshotRequest<C>,
+            _option: RPCOption,
+        ) -> Result<
+            InstallSnapshotResponse<u64>,
+            RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+        > {
+            Err(unreachable())
+        }
+
+        async fn vote(
+            &mut self,
+            _rpc: VoteRequest<u64>,
+            _option: RPCOption,
+        ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+            Err(unreachable())
+        }
+    }
+
+    async fn start_node(dir: &Path, sm: MemSm) -> Raft<C> {
+        let config = Config {
+            heartbeat_interval: 50,
+            election_timeout_min: 150,
+            election_timeout_max: 300,
+            ..Default::default()
+        };
+        let store = Store::open(dir).unwrap();
+        Raft::new(
+            1,
+            Arc::new(config.validate().unwrap()),
+            NoNetwork,
+            store,
+            sm,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// A one-node openraft cluster writes through this store, restarts from
+    /// it with an empty state machine (re-applying the log up to the saved
+    /// committed id), purges after a snapshot, and the purge point and the
+    /// remaining log are on disk afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn openraft_node_restarts_from_the_log() {
+        let dir = TempDir::new().unwrap();
+        let wait = Some(std::time::Duration::from_secs(10));
+        let raft = start_node(dir.path(), MemSm::default()).await;
+        raft.initialize(BTreeMap::from([(1u64, BasicNode::default())]))
+            .await
+            .unwrap();
+        raft.wait(wait)
+            .state(ServerState::Leader, "leader")
+            .await
+            .unwrap();
+        for i in 0..50 {
+            raft.client_write(format!("w{i}")).await.unwrap();
+        }
+        let last = raft.metrics().borrow().last_log_index.unwrap();
+        raft.shutdown().await.unwrap();
+        drop(raft);
+
+        let sm = MemSm::default();
+        let raft = start_node(dir.path(), sm.clone()).await;
+        raft.wait(wait)
+            .applied_index_at_least(Some(last), "re-applied")
+            .await
+            .unwrap();
+        let data = sm.0.lock().await.data.clone();
+        assert_eq!(data, (0..50).map(|i| format!("w{i}")).collect::<Vec<_>>());
+        raft.wait(wait)
+            .state(ServerState::Leader, "leader again")
+            .await
+            .unwrap();
+        raft.client_write("after restart".to_string())
+            .await
+            .unwrap();
+        raft.trigger().snapshot().await.unwrap();
+        raft.wait(wait)
+            .metrics(|m| m.snapshot.is_some_and(|s| s.index > last), "snapshot")
+            .await
+            .unwrap();
+        raft.trigger().purge_log(last).await.unwrap();
+        raft.wait(wait)
+            .metrics(|m| m.purged.is_some_and(|p| p.index >= last), "purged")
+            .await
+            .unwrap();
+        raft.shutdown().await.unwrap();
+        drop(raft);
+
+        let mut s = Store::open(dir.path()).unwrap();
+        let st = s.get_log_state().await.unwrap();
+        assert!(st.last_purged_log_id.is_some_and(|p| p.index >= last));
+        assert!(st.last_log_id.is_some_and(|l| l.index > last));
+        assert!(
+            s.read_vote()
+                .await
+                .unwrap()
+                .is_some_and(|v| v.is_committed())
+        );
+        assert!(
+            s.read_committed()
+                .await
+                .unwrap()
+                .is_some_and(|c| c.index > last)
+        );
     }
 
     /// Append latency (until `LogFlushed` fires) for batches of 1 and 64
