@@ -1800,6 +1800,86 @@ mod tests {
         );
     }
 
+    /// The child half of `kill_9_loses_no_acknowledged_entry`: appends
+    /// batches until killed, printing each batch's last index once its
+    /// `LogFlushed` callback has fired.
+    #[tokio::test]
+    #[ignore = "run by kill_9_loses_no_acknowledged_entry as a child process"]
+    async fn crash_child() {
+        let Ok(dir) = std::env::var("RAFT_LOG_CRASH_DIR") else {
+            return;
+        };
+        let mut s = Store::open_with(
+            &dir,
+            LogStoreOptions {
+                segment_bytes: 16 << 10,
+            },
+        )
+        .unwrap();
+        let mut next = 1;
+        for round in 0..1_000_000u64 {
+            s.blocking_append((next..next + 16).map(|i| ent(1, i)))
+                .await
+                .unwrap();
+            next += 16;
+            if round % 50 == 0 {
+                s.save_vote(&Vote::new(round + 1, 1)).await.unwrap();
+                println!("vote {}", round + 1);
+            }
+            println!("ack {}", next - 1);
+        }
+    }
+
+    /// `kill -9` of a process appending as fast as it can: every entry whose
+    /// callback fired, and the last vote saved, are there on reopen, with no
+    /// hole and no torn entry.
+    #[tokio::test]
+    async fn kill_9_loses_no_acknowledged_entry() {
+        use std::io::BufRead;
+        let dir = TempDir::new().unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "--nocapture", "--test-threads=1"])
+            .arg("consistency::raft::log_store::tests::crash_child")
+            .env("RAFT_LOG_CRASH_DIR", dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = io::BufReader::new(child.stdout.take().unwrap()).lines();
+        // (last acknowledged index, last saved vote term)
+        let mut seen = (0u64, 0u64);
+        let parse = |line: &str, seen: &mut (u64, u64)| {
+            if let Some(n) = line.strip_prefix("ack ") {
+                seen.0 = n.parse().unwrap();
+            } else if let Some(n) = line.strip_prefix("vote ") {
+                seen.1 = n.parse().unwrap();
+            }
+        };
+        for line in lines.by_ref() {
+            parse(&line.unwrap(), &mut seen);
+            if seen.0 >= 3000 {
+                break;
+            }
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        // Acknowledgements already in the pipe count too.
+        for line in lines {
+            parse(&line.unwrap(), &mut seen);
+        }
+        let (acked, vote) = seen;
+        assert!(acked >= 3000, "child acknowledged only {acked}");
+        let mut s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.read_vote().await.unwrap(), Some(Vote::new(vote, 1)));
+        let last = s.get_log_state().await.unwrap().last_log_id.unwrap().index;
+        println!("acknowledged {acked}, reopened log ends at {last}");
+        assert!(
+            last >= acked,
+            "acknowledged {acked}, reopened log ends at {last}"
+        );
+        assert_eq!(read_all(&mut s, 0..=last).await, expected(1, 1..=last));
+    }
+
     /// Append latency (until `LogFlushed` fires) for batches of 1 and 64
     /// small entries; the figures in the module doc. Run with
     /// `cargo test --release --lib append_latency -- --ignored --nocapture`.
