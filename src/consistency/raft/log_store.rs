@@ -120,12 +120,18 @@ pub struct LogStoreOptions {
     /// A new segment is started once the active one holds this many bytes.
     /// Disk use after a purge is the live log plus up to about this much.
     pub segment_bytes: u64,
+    /// `limited_get_log_entries` (what openraft's replication reads to build
+    /// one AppendEntries) returns at most this many bytes of records, but
+    /// always at least one entry. Keep it well under the transport's frame
+    /// limit.
+    pub max_read_bytes: u64,
 }
 
 impl Default for LogStoreOptions {
     fn default() -> Self {
         LogStoreOptions {
             segment_bytes: 64 << 20,
+            max_read_bytes: 16 << 20,
         }
     }
 }
@@ -186,6 +192,8 @@ struct Shared<NID: openraft::NodeId> {
     index: RwLock<Index<NID>>,
     /// Set when a write or sync failed: nothing more is written.
     failed: AtomicBool,
+    /// See [`LogStoreOptions::max_read_bytes`].
+    max_read_bytes: u64,
     /// Held by a test to stop the flusher before its next sync.
     #[cfg(test)]
     sync_gate: std::sync::Mutex<()>,
@@ -693,6 +701,7 @@ where
                 segments,
             }),
             failed: AtomicBool::new(false),
+            max_read_bytes: opts.max_read_bytes,
             #[cfg(test)]
             sync_gate: std::sync::Mutex::new(()),
         });
@@ -908,19 +917,29 @@ where
     C: RaftTypeConfig,
     C::Entry: DeserializeOwned,
 {
-    fn read<RB: RangeBounds<u64>>(&self, range: RB) -> Result<Vec<C::Entry>, LogStoreError> {
+    /// The entries in `range`; with `max_bytes`, stops before the record
+    /// that would pass it (the first entry is always returned).
+    fn read<RB: RangeBounds<u64>>(
+        &self,
+        range: RB,
+        max_bytes: Option<u64>,
+    ) -> Result<Vec<C::Entry>, LogStoreError> {
         // Copy out where the records are, then read without the lock so the
         // writer is never held up by a reader's I/O.
         let slots: Vec<(Arc<File>, u64, u64, u32)> = {
             let ix = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
-            ix.entries
-                .range(range)
-                .filter_map(|(_, s)| {
-                    ix.segments
-                        .get(&s.seg)
-                        .map(|f| (f.clone(), s.seg, s.offset, s.len))
-                })
-                .collect()
+            let mut total = 0u64;
+            let mut slots = Vec::new();
+            for s in ix.entries.range(range).map(|(_, s)| s) {
+                total += u64::from(s.len);
+                if max_bytes.is_some_and(|m| total > m) && !slots.is_empty() {
+                    break;
+                }
+                if let Some(f) = ix.segments.get(&s.seg) {
+                    slots.push((f.clone(), s.seg, s.offset, s.len));
+                }
+            }
+            slots
         };
         let mut out = Vec::with_capacity(slots.len());
         let mut i = 0;
@@ -973,7 +992,16 @@ where
         &mut self,
         range: RB,
     ) -> Result<Vec<C::Entry>, StorageError<C::NodeId>> {
-        self.read(range).map_err(read_err)
+        self.read(range, None).map_err(read_err)
+    }
+
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<C::Entry>, StorageError<C::NodeId>> {
+        self.read(start..end, Some(self.shared.max_read_bytes))
+            .map_err(read_err)
     }
 }
 
@@ -986,7 +1014,17 @@ where
         &mut self,
         range: RB,
     ) -> Result<Vec<C::Entry>, StorageError<C::NodeId>> {
-        self.reader().read(range).map_err(read_err)
+        self.reader().read(range, None).map_err(read_err)
+    }
+
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<C::Entry>, StorageError<C::NodeId>> {
+        self.reader()
+            .read(start..end, Some(self.shared.max_read_bytes))
+            .map_err(read_err)
     }
 }
 
@@ -1436,7 +1474,10 @@ mod tests {
     #[tokio::test]
     async fn corrupt_older_segment_refuses_to_open() {
         let dir = TempDir::new().unwrap();
-        let opts = LogStoreOptions { segment_bytes: 64 };
+        let opts = LogStoreOptions {
+            segment_bytes: 64,
+            ..Default::default()
+        };
         {
             let mut s = Store::open_with(dir.path(), opts.clone()).unwrap();
             for i in 1..=20 {
@@ -1486,7 +1527,10 @@ mod tests {
     #[tokio::test]
     async fn truncate_and_purge_survive_reopen_and_bound_disk_use() {
         let dir = TempDir::new().unwrap();
-        let opts = LogStoreOptions { segment_bytes: 256 };
+        let opts = LogStoreOptions {
+            segment_bytes: 256,
+            ..Default::default()
+        };
         {
             let mut s = Store::open_with(dir.path(), opts.clone()).unwrap();
             for i in (1..=100).step_by(5) {
@@ -1597,6 +1641,7 @@ mod tests {
             dir.path(),
             LogStoreOptions {
                 segment_bytes: 4096,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -1630,6 +1675,35 @@ mod tests {
         }
         done.store(true, Ordering::SeqCst);
         assert!(reading.await.unwrap() > 0);
+    }
+
+    /// Replication reads (`limited_get_log_entries`) stop at
+    /// `max_read_bytes`, but always return at least one entry.
+    #[tokio::test]
+    async fn limited_reads_stop_at_max_read_bytes() {
+        let dir = TempDir::new().unwrap();
+        let opts = LogStoreOptions {
+            max_read_bytes: 100,
+            ..Default::default()
+        };
+        let mut s = Store::open_with(dir.path(), opts).unwrap();
+        let big = |i: u64| Entry {
+            log_id: log_id(1, i),
+            payload: EntryPayload::Normal("x".repeat(60)),
+        };
+        s.blocking_append((1..=10).map(big)).await.unwrap();
+        let mut r = s.get_log_reader().await;
+        // Each record is over 60 bytes: one fits in 100, two do not.
+        let got = r.limited_get_log_entries(1, 11).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].log_id.index, 1);
+        assert_eq!(r.try_get_log_entries(1..11).await.unwrap().len(), 10);
+        s.blocking_append((11..=40).map(|i| ent(1, i)))
+            .await
+            .unwrap();
+        let got = r.limited_get_log_entries(11, 41).await.unwrap();
+        assert!(got.len() > 1 && got.len() < 30, "{} entries", got.len());
+        assert_eq!(got[0].log_id.index, 11);
     }
 
     /// `append` returns with the entries readable, and the `LogFlushed`
@@ -1813,6 +1887,7 @@ mod tests {
             &dir,
             LogStoreOptions {
                 segment_bytes: 16 << 10,
+                ..Default::default()
             },
         )
         .unwrap();
