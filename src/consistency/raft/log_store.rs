@@ -829,6 +829,10 @@ where
             ));
         }
         self.active_len += self.buf.len() as u64;
+        // A batch of large values should not pin its buffer for good.
+        if self.buf.capacity() > 4 << 20 {
+            self.buf = Vec::new();
+        }
         Ok(offset)
     }
 
