@@ -251,6 +251,20 @@ struct Shared<NID: openraft::NodeId> {
     /// Held by a test to hold back the next sync.
     #[cfg(test)]
     sync_gate: std::sync::Mutex<()>,
+    /// Set by a test to make the next sync fail.
+    #[cfg(test)]
+    fail_next_sync: AtomicBool,
+}
+
+impl<NID: openraft::NodeId> Shared<NID> {
+    /// `fdatasync` of a segment (a test can make it fail).
+    fn sync(&self, file: &File) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail_next_sync.swap(false, Ordering::SeqCst) {
+            return Err(io::Error::other("injected fdatasync failure"));
+        }
+        file.sync_data()
+    }
 }
 
 /// Reads log entries while the [`LogStore`] appends (openraft's replication
@@ -571,7 +585,7 @@ fn run_flusher<C: RaftTypeConfig>(
                 if synced.iter().any(|f| Arc::ptr_eq(f, &req.file)) {
                     continue;
                 }
-                if let Err(e) = req.file.sync_data() {
+                if let Err(e) = shared.sync(&req.file) {
                     tracing::error!(error = %e, dir = %shared.dir.display(), "raft log fdatasync failed; the log store stops writing");
                     shared.failed.store(true, Ordering::SeqCst);
                     failed = Some(e.to_string());
@@ -766,6 +780,8 @@ where
             synced_requests: AtomicU64::new(0),
             #[cfg(test)]
             sync_gate: std::sync::Mutex::new(()),
+            #[cfg(test)]
+            fail_next_sync: AtomicBool::new(false),
         });
         let (flush_tx, flusher) = match opts.sync {
             SyncMode::Inline => (None, None),
@@ -841,7 +857,7 @@ where
     fn start_segment(&mut self) -> Result<(), LogStoreError> {
         self.check_failed()?;
         let dir = self.shared.dir.clone();
-        if let Err(e) = self.active.sync_data() {
+        if let Err(e) = self.shared.sync(&self.active) {
             self.shared.failed.store(true, Ordering::SeqCst);
             return Err(LogStoreError::io(
                 "sync",
@@ -892,7 +908,7 @@ where
             self.check_failed()?;
             #[cfg(test)]
             let _gate = self.shared.sync_gate.lock();
-            let result = self.active.sync_data();
+            let result = self.shared.sync(&self.active);
             let outcome = match &result {
                 Ok(()) => {
                     self.shared.syncs.fetch_add(1, Ordering::Relaxed);
@@ -1837,6 +1853,45 @@ mod tests {
         let got = r.limited_get_log_entries(11, 41).await.unwrap();
         assert!(got.len() > 1 && got.len() < 30, "{} entries", got.len());
         assert_eq!(got[0].log_id.index, 11);
+    }
+
+    #[tokio::test]
+    async fn failed_sync_stops_the_store_inline() {
+        failed_sync_stops_the_store(SyncMode::Inline).await;
+    }
+
+    #[tokio::test]
+    async fn failed_sync_stops_the_store_thread() {
+        failed_sync_stops_the_store(SyncMode::Thread).await;
+    }
+
+    /// A failed `fdatasync` fails that append (its callback gets the error)
+    /// and every later write, without retrying the sync; a reopen keeps what
+    /// was acknowledged before it.
+    async fn failed_sync_stops_the_store(mode: SyncMode) {
+        let dir = TempDir::new().unwrap();
+        {
+            let mut s = Store::open_with(dir.path(), with_sync(mode)).unwrap();
+            s.blocking_append((1..=5).map(|i| ent(1, i))).await.unwrap();
+            s.shared.fail_next_sync.store(true, Ordering::SeqCst);
+            assert!(s.blocking_append([ent(1, 6)]).await.is_err());
+            assert!(s.blocking_append([ent(1, 7)]).await.is_err());
+            assert!(s.save_vote(&Vote::new(2, 1)).await.is_err());
+            assert!(s.truncate(log_id(1, 3)).await.is_err());
+            assert!(s.purge(log_id(1, 2)).await.is_err());
+        }
+        let mut s = Store::open_with(dir.path(), with_sync(mode)).unwrap();
+        let got = read_all(&mut s, 0..=100).await;
+        // Entry 6 was written before its sync failed; it may or may not be
+        // there, and nothing after it is.
+        assert!(
+            got == expected(1, 1..=5) || got == expected(1, 1..=6),
+            "{got:?}"
+        );
+        assert_eq!(s.read_vote().await.unwrap(), None);
+        s.blocking_append([ent(1, got.len() as u64 + 1)])
+            .await
+            .unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
