@@ -284,6 +284,13 @@ impl<C: RaftTypeConfig> Clone for LogReader<C> {
 }
 
 /// The durable Raft log, vote, committed id and purge point of one node.
+///
+/// ```ignore
+/// // At start-up (blocking I/O: replay, torn-tail repair):
+/// let log_store = LogStore::<TypeConfig>::open(data_dir.join("raft-log"))?;
+/// let log_stats = log_store.reader(); // kept for metrics: `log_stats.stats()`
+/// let raft = Raft::new(node_id, config, network, log_store, state_machine).await?;
+/// ```
 pub struct LogStore<C: RaftTypeConfig> {
     shared: Arc<Shared<C::NodeId>>,
     opts: LogStoreOptions,
@@ -1021,6 +1028,11 @@ impl<C: RaftTypeConfig> Drop for LogStore<C> {
         self.flush_tx.take();
         if let Some(h) = self.flusher.take() {
             let _ = h.join();
+        }
+        // On a clean close, make the last committed id durable too (best
+        // effort: it is optional state, and a crash skips this anyway).
+        if !self.shared.failed.load(Ordering::SeqCst) {
+            let _ = self.shared.sync(&self.active);
         }
     }
 }
