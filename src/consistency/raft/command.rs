@@ -79,7 +79,7 @@ pub enum RpcReply {
 }
 
 /// How a forwarded write ended on the node it was sent to.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Forwarded {
     /// Committed and applied there, at this log index.
     Applied { index: u64, applied: Applied },

@@ -21,6 +21,7 @@
 //! | file | part |
 //! |---|---|
 //! | `mod.rs` | the pipeline, the peer handler, start-up and status |
+//! | `batch.rs` | group commit: the writes of many connections in one entry |
 //! | `command.rs` | the log's payload and the messages between nodes |
 //! | `state.rs` | the state machine over the store; snapshots |
 //! | `record.rs` | the stored header (log index, CAS, deadline) |
@@ -30,6 +31,7 @@
 // openraft's error types are large by design, and its traits return them.
 #![allow(clippy::result_large_err)]
 
+mod batch;
 pub mod command;
 pub mod log_store;
 mod network;
@@ -44,7 +46,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -135,6 +136,7 @@ pub struct RaftMode {
     id: u64,
     raft: openraft::Raft<TypeConfig>,
     sm: Arc<StateMachine>,
+    batcher: batch::Batcher,
     /// Reads the log beside Raft, to rebuild a store that lost its data.
     log: tokio::sync::Mutex<log_store::LogReader<TypeConfig>>,
     backend: Arc<dyn Backend>,
@@ -170,10 +172,12 @@ impl RaftMode {
             cluster: cluster.clone(),
         };
         let raft = openraft::Raft::new(id, Arc::new(config), network, log, sm.clone()).await?;
+        let batcher = batch::Batcher::start(raft.clone(), settings.request_timeout);
         Ok(Arc::new(RaftMode {
             id,
             raft,
             sm,
+            batcher,
             log: tokio::sync::Mutex::new(reader),
             backend,
             cluster,
@@ -262,23 +266,10 @@ impl RaftMode {
         }
     }
 
-    /// Proposes `cmd` on this node, waiting within `deadline` for a leader
-    /// when there is none.
+    /// Proposes `cmd`'s writes on this node (grouped with others waiting;
+    /// `batch.rs`), waiting until `deadline` for the outcome.
     async fn propose_here(&self, cmd: Command, deadline: Instant) -> Forwarded {
-        let write = tokio::time::timeout_at(deadline, self.raft.client_write(cmd)).await;
-        match write {
-            Ok(Ok(r)) => Forwarded::Applied {
-                index: r.log_id.index,
-                applied: r.data,
-            },
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Forwarded::NotLeader {
-                    leader: f.leader_id,
-                }
-            }
-            Ok(Err(e)) => Forwarded::Unknown(e.to_string()),
-            Err(_) => Forwarded::Unknown("not committed within the deadline".into()),
-        }
+        self.batcher.propose(cmd.writes, deadline).await
     }
 
     /// Proposes `cmd` through the leader, wherever it is. Returns the log
