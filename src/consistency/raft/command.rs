@@ -42,7 +42,8 @@ pub struct Command {
     /// replica applies the writes at, so an exptime becomes the same
     /// absolute deadline everywhere and a replay never extends a lifetime.
     pub now_ms: u64,
-    /// Every data request but `get`/`gets` (a `gat` touches its keys).
+    /// A client's requests, in order: writes, and the reads of a batch
+    /// that also writes (each reads the state at its place in the log).
     pub writes: Vec<Request>,
 }
 

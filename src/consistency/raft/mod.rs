@@ -6,7 +6,10 @@
 //! once it is committed and applied. The state machine (`state.rs`)
 //! applies commands to the node's store with the shared command rules.
 //!
-//! Reads never go through the log. `linearizable`: the leader confirms it
+//! A client's batch (its pipelined requests) that holds a write goes
+//! through the log whole, its reads included: one commit answers it, and
+//! each read sees the state at its place in the batch. A batch of reads
+//! only never goes through the log. `linearizable`: the leader confirms it
 //! still leads (a heartbeat round to a quorum) and names its commit index;
 //! the node that serves the read, leader or follower, waits until it has
 //! applied that far, then reads its own store. `sequential`: a node reads
@@ -411,7 +414,8 @@ impl RaftMode {
         session.saw(seen);
     }
 
-    async fn writes(
+    /// Runs a batch that writes as one command in the log.
+    async fn through_log(
         &self,
         session: &mut Session,
         writes: Vec<Request>,
@@ -473,20 +477,11 @@ impl Pipeline for RaftMode {
         Box::pin(async move {
             let deadline = Instant::now() + self.settings.request_timeout;
             let mut out = Vec::with_capacity(requests.len());
-            let mut rest = requests.into_iter().peekable();
-            // Runs of reads and runs of writes, in order: a run of writes
-            // is one log entry.
-            while let Some(first) = rest.next() {
-                let read = is_read(&first);
-                let mut run = vec![first];
-                while let Some(next) = rest.next_if(|r| is_read(r) == read) {
-                    run.push(next);
-                }
-                if read {
-                    self.reads(session, &run, deadline, &mut out).await;
-                } else {
-                    self.writes(session, run, deadline, &mut out).await;
-                }
+            if requests.iter().all(is_read) {
+                self.reads(session, &requests, deadline, &mut out).await;
+            } else {
+                self.through_log(session, requests, deadline, &mut out)
+                    .await;
             }
             out
         })

@@ -728,7 +728,25 @@ impl Batch<'_> {
                 }
                 Response::Ok
             }
-            Request::Get { .. } => Response::server_error("a read in the log"),
+            // A read in a batch that also writes: the state at its place
+            // in the log.
+            Request::Get { keys, cas } => {
+                let mut values = Vec::new();
+                for key in keys {
+                    let Ok(item) = self.item(&key) else {
+                        return replayed();
+                    };
+                    if let Some(item) = item {
+                        values.push(Value {
+                            key,
+                            flags: item.flags,
+                            data: item.data,
+                            cas: cas.then_some(item.cas),
+                        });
+                    }
+                }
+                Response::Values(values)
+            }
         }
     }
 }
