@@ -45,7 +45,7 @@ use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -140,6 +140,9 @@ pub struct RaftMode {
     raft: openraft::Raft<TypeConfig>,
     sm: Arc<StateMachine>,
     batcher: batch::Batcher,
+    /// Read-index rounds started, and the last one's number and answer.
+    rounds_started: AtomicU64,
+    last_round: tokio::sync::Mutex<Option<(u64, Result<u64, String>)>>,
     /// Reads the log beside Raft, to rebuild a store that lost its data.
     log: tokio::sync::Mutex<log_store::LogReader<TypeConfig>>,
     backend: Arc<dyn Backend>,
@@ -181,6 +184,8 @@ impl RaftMode {
             raft,
             sm,
             batcher,
+            rounds_started: AtomicU64::new(0),
+            last_round: tokio::sync::Mutex::new(None),
             log: tokio::sync::Mutex::new(reader),
             backend,
             cluster,
@@ -351,26 +356,7 @@ impl RaftMode {
             return self.applied(session.seen(), deadline).await;
         }
         loop {
-            let index = match self.leader().await {
-                Some(l) if l == self.id => {
-                    tokio::time::timeout_at(deadline, self.read_index_here()).await
-                }
-                Some(l) => {
-                    let wait = deadline.saturating_duration_since(Instant::now());
-                    let ask = self
-                        .cluster
-                        .request(l as u32, encode(&Rpc::ReadIndex), wait);
-                    tokio::time::timeout_at(deadline, async {
-                        match decode::<RpcReply>(&ask.await.map_err(|e| e.to_string())?)? {
-                            RpcReply::ReadIndex(r) => r,
-                            other => Err(format!("unexpected answer {other:?}")),
-                        }
-                    })
-                    .await
-                }
-                None => Ok(Err("no leader".to_string())),
-            };
-            match index {
+            match tokio::time::timeout_at(deadline, self.read_index()).await {
                 Ok(Ok(index)) => return self.applied(index, deadline).await,
                 Err(_) => return Err(Failure::Read("no read index within the deadline".into())),
                 Ok(Err(e)) => {
@@ -380,6 +366,55 @@ impl RaftMode {
                     tokio::time::sleep(LEADER_POLL).await;
                 }
             }
+        }
+    }
+
+    /// The read index for a linearizable read that arrived now. Reads
+    /// share rounds: one waits for the next round to start after it
+    /// arrived (a round that started earlier could predate a write the
+    /// read must see), and every read waiting then takes that round's
+    /// answer. So a leader runs one quorum round per batch of reads, not
+    /// one per read.
+    async fn read_index(&self) -> Result<u64, String> {
+        let arrived = self.rounds_started.load(Ordering::SeqCst);
+        let mut last = self.last_round.lock().await;
+        if let Some((round, answer)) = &*last
+            && *round > arrived
+        {
+            return answer.clone();
+        }
+        let round = self.rounds_started.fetch_add(1, Ordering::SeqCst) + 1;
+        let answer = match tokio::time::timeout(
+            self.settings.request_timeout,
+            self.read_index_round(),
+        )
+        .await
+        {
+            Ok(answer) => answer,
+            Err(_) => Err("no read index within the deadline".to_string()),
+        };
+        *last = Some((round, answer.clone()));
+        answer
+    }
+
+    /// One round: the leader's read index, asked of the leader if this
+    /// node is not it.
+    async fn read_index_round(&self) -> Result<u64, String> {
+        match self.leader().await {
+            Some(l) if l == self.id => self.read_index_here().await,
+            Some(l) => {
+                let wait = self.settings.request_timeout;
+                let answer = self
+                    .cluster
+                    .request(l as u32, encode(&Rpc::ReadIndex), wait)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match decode::<RpcReply>(&answer)? {
+                    RpcReply::ReadIndex(r) => r,
+                    other => Err(format!("unexpected answer {other:?}")),
+                }
+            }
+            None => Err("no leader".to_string()),
         }
     }
 
@@ -578,7 +613,11 @@ impl Handler for RaftMode {
                     let deadline = Instant::now() + self.settings.request_timeout;
                     RpcReply::Forward(self.propose_here(cmd, deadline).await)
                 }
-                Rpc::ReadIndex => RpcReply::ReadIndex(self.read_index_here().await),
+                // Followers' reads share rounds with this node's own.
+                Rpc::ReadIndex => RpcReply::ReadIndex(match self.leader().await {
+                    Some(l) if l == self.id => self.read_index().await,
+                    _ => Err("not the leader".to_string()),
+                }),
                 Rpc::Initialized => {
                     RpcReply::Initialized(self.raft.is_initialized().await.unwrap_or(true))
                 }
