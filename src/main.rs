@@ -41,6 +41,15 @@ enum Command {
     /// Health check for containers: GET an admin URL; exit 0 on HTTP 200,
     /// 1 otherwise (another status, no answer within the timeout).
     Probe(probe::ProbeArgs),
+    /// Print the writes in a stopped node's Raft log (linearizable and
+    /// sequential modes), one per line: index, command, key, data.
+    RaftLog(RaftLogArgs),
+}
+
+#[derive(clap::Args)]
+struct RaftLogArgs {
+    /// The node's log directory: `<data_dir>/node-<id>/log`.
+    dir: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -113,6 +122,13 @@ fn run() -> anyhow::Result<()> {
     let command = match cli.command {
         Command::Cli(args) => return cli::main(args),
         Command::Probe(args) => return probe::main(args),
+        Command::RaftLog(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            for line in runtime.block_on(memdial::consistency::raft::log_lines(&args.dir))? {
+                println!("{line}");
+            }
+            return Ok(());
+        }
         other => other,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
@@ -122,7 +138,7 @@ fn run() -> anyhow::Result<()> {
         match command {
             Command::Serve(args) => serve(args, shutdown).await,
             Command::Cluster(args) => cluster(args, shutdown).await,
-            Command::Cli(_) | Command::Probe(_) => Ok(()),
+            Command::Cli(_) | Command::Probe(_) | Command::RaftLog(_) => Ok(()),
         }
     });
     // Connections still open past the grace period are dropped here.

@@ -1,9 +1,16 @@
-//! Jepsen-style runs of the linearizable mode: concurrent clients on all
-//! three nodes doing get/gets/set/cas/incr/delete over a few keys, every
+//! Jepsen-style runs of the ordered modes: concurrent clients on all three
+//! nodes doing get/gets/set/cas/incr/delete over a few keys, every
 //! operation recorded with its invoke and complete time and its outcome
 //! (ok, definite failure, unknown), while a nemesis kills, pauses or cuts
 //! off the leader. Then the history is checked for linearizability, key by
 //! key (`common::history`), and every replica must hold the same data.
+//!
+//! Sequential mode: clients do get/gets/set/cas (every write names its
+//! unique value, so each entry of a node's Raft log, read with `memdial
+//! raft-log` once the nodes are stopped, maps back to its operation); the
+//! checker then asks that every replica applied the same write order, and
+//! that each connection's reads moved only forward in it and saw its own
+//! writes.
 //!
 //! Each run is bounded: [`LOAD`] of load, a fault in its middle, then a
 //! quiet check. `MEMDIAL_JEPSEN_SECS` lengthens the load for a longer run
@@ -19,7 +26,9 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{ClusterOpts, TestCluster, poll_pause};
 use common::history::linearizable::{Limits, check};
-use common::history::{Call, Outcome, Recorder, Reply};
+use common::history::session::{ReplicaLog, check_sequential};
+use common::history::{Call, History, Outcome, Recorder, Reply};
+use common::procs::memdial_bin;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -144,6 +153,7 @@ fn request(key: &str, call: &Call) -> Vec<u8> {
 /// values are numbers unique to the run (so `incr` has work to do, and a
 /// read names the write it saw).
 fn client(
+    sequential: bool,
     port: u16,
     first_conn: u64,
     keys: Arc<Vec<String>>,
@@ -157,7 +167,14 @@ fn client(
     while !stop.load(Ordering::Relaxed) {
         let k = rand::random_range(0..keys.len());
         let key = &keys[k];
-        let call = match rand::random_range(0..100) {
+        let roll = rand::random_range(0..100);
+        // Sequential runs write only what names itself in the log.
+        let roll = if sequential && roll >= 75 {
+            roll - 50
+        } else {
+            roll
+        };
+        let call = match roll {
             0..30 => Call::Get,
             30..40 => Call::Gets,
             40..65 => Call::Set(
@@ -225,11 +242,16 @@ fn leader(c: &TestCluster, among: &[usize], within: Duration) -> usize {
 }
 
 fn run(nemesis: Nemesis) {
+    run_mode("linearizable", nemesis);
+}
+
+fn run_mode(consistency: &'static str, nemesis: Nemesis) {
     let _s = serial();
+    let sequential = consistency == "sequential";
     let mut c = TestCluster::start(
         3,
         ClusterOpts {
-            consistency: Some("linearizable"),
+            consistency: Some(consistency),
             relays: true,
             ..ClusterOpts::default()
         },
@@ -248,7 +270,7 @@ fn run(nemesis: Nemesis) {
                 (keys.clone(), rec.clone(), stop.clone(), unique.clone());
             let conn = (node * 10 + n) as u64;
             threads.push(std::thread::spawn(move || {
-                client(port, conn, keys, rec, stop, unique)
+                client(sequential, port, conn, keys, rec, stop, unique)
             }));
         }
     }
@@ -293,6 +315,18 @@ fn run(nemesis: Nemesis) {
         .filter(|o| o.outcome == Outcome::Failed)
         .count();
     let unknown = history.len() - ok - failed;
+    if sequential {
+        eprintln!(
+            "sequential, {nemesis:?} of leader {first} for {fault_lasted:?} (others {others:?}, leader after: {after}): \
+             {} ops ({ok} ok, {failed} failed, {unknown} unknown) on {KEYS} keys",
+            history.len()
+        );
+        assert!(
+            ok > 100,
+            "too little got done to mean anything: {ok} ok operations"
+        );
+        return check_replica_logs(&mut c, &history);
+    }
     let started = Instant::now();
     let report = check(&history, Limits::default());
     eprintln!(
@@ -351,4 +385,71 @@ fn linearizable_under_a_paused_leader() {
 #[test]
 fn linearizable_under_a_partitioned_leader() {
     run(Nemesis::Partition);
+}
+
+/// Waits until every node has applied the same log, stops the nodes, reads
+/// each one's log, and runs the sequential checker on the history.
+fn check_replica_logs(c: &mut TestCluster, history: &History) {
+    let start = Instant::now();
+    loop {
+        let stats: Vec<Option<(String, String)>> = (1..=3)
+            .map(|i| {
+                let s = c.stats_cluster(i).ok()?;
+                Some((
+                    s.get("raft_applied_index")?.clone(),
+                    s.get("raft_last_log_index")?.clone(),
+                ))
+            })
+            .collect();
+        if stats.iter().all(|s| s.is_some() && *s == stats[0]) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "replicas did not catch up: {stats:?}"
+        );
+        poll_pause();
+    }
+    let mut logs = Vec::new();
+    for node in 1..=3 {
+        c.kill9(node);
+        let out = std::process::Command::new(memdial_bin())
+            .arg("raft-log")
+            .arg(c.raft_log_dir(node))
+            .output()
+            .expect("run memdial raft-log");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let applied = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|line| {
+                let f: Vec<&str> = line.split('\t').collect();
+                assert_eq!(f.len(), 4, "a log line: {line:?}");
+                history
+                    .writer_of(f[2].as_bytes(), f[3].as_bytes())
+                    .unwrap_or_else(|| panic!("node {node}: no operation wrote {line:?}"))
+            })
+            .collect();
+        logs.push(ReplicaLog {
+            node: node as u32,
+            applied,
+        });
+    }
+    let report = check_sequential(history, &logs);
+    eprintln!("sequential check: {report}");
+    assert!(report.is_ok(), "{report}");
+    assert!(report.reads_checked > 50, "too few reads checked: {report}");
+}
+
+#[test]
+fn sequential_under_a_partitioned_leader() {
+    run_mode("sequential", Nemesis::Partition);
+}
+
+#[test]
+fn sequential_under_a_killed_leader() {
+    run_mode("sequential", Nemesis::Kill);
 }

@@ -482,6 +482,11 @@ impl TestCluster {
         self.nodes.ports(i)
     }
 
+    /// Node `i`'s Raft log directory (the ordered modes).
+    pub fn raft_log_dir(&self, i: usize) -> std::path::PathBuf {
+        self.data.path().join(format!("node-{i}")).join("log")
+    }
+
     pub fn client(&self, i: usize) -> Client {
         Client::connect(self.ports(i).client)
     }
