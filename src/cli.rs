@@ -278,6 +278,8 @@ pub struct ClusterView {
     pub requests_total: Option<u64>,
     pub log_head: Option<String>,
     pub backlog_entries: Option<String>,
+    /// The Raft figures of an ordered mode (`raft_role`, `raft_term`, …).
+    pub raft: Vec<(String, String)>,
     /// The node's readiness (`ready`, `ready_reason`, `ready_note`), when
     /// the node reports it.
     pub ready: Option<bool>,
@@ -303,6 +305,7 @@ impl ClusterView {
                 "ready" => view.ready = Some(value == "1"),
                 "ready_reason" => view.ready_reason = Some(value.clone()),
                 "ready_note" => view.ready_note = Some(value.clone()),
+                n if n.starts_with("raft_") => view.raft.push((n.to_string(), value.clone())),
                 _ => {
                     let Some((id, field)) = name
                         .strip_prefix("peer:")
@@ -351,7 +354,41 @@ impl ClusterView {
         if let Some(b) = &self.backlog_entries {
             parts.push(format!("backlog {b} entries"));
         }
+        if let Some(role) = self.raft_field("raft_role") {
+            parts.push(format!(
+                "raft {role}, term {}, leader {}, applied {} of {}",
+                self.raft_field("raft_term").unwrap_or("-"),
+                self.raft_field("raft_leader").unwrap_or("-"),
+                self.raft_field("raft_applied_index").unwrap_or("-"),
+                self.raft_field("raft_last_log_index").unwrap_or("-"),
+            ));
+        }
         parts.join(", ")
+    }
+
+    fn raft_field(&self, name: &str) -> Option<&str> {
+        self.raft
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A peer's lag: eventual's own figure, or, on a Raft leader, the log
+    /// entries the peer has not matched yet.
+    fn lag(&self, p: &PeerView) -> String {
+        if let Some(lag) = p.get("lag") {
+            return lag.to_string();
+        }
+        let last = self
+            .raft_field("raft_last_log_index")
+            .and_then(|v| v.parse::<u64>().ok());
+        let matched = p
+            .get("raft_matched_index")
+            .and_then(|v| v.parse::<u64>().ok());
+        match (last, matched) {
+            (Some(l), Some(m)) => l.saturating_sub(m).to_string(),
+            _ => "-".to_string(),
+        }
     }
 
     /// The node's readiness as `/ready` has it: `ready` or `NOT READY:`
@@ -406,7 +443,7 @@ impl ClusterView {
                     field("addr"),
                     field("state"),
                     self.mode.clone(),
-                    field("lag"),
+                    self.lag(p),
                     heard,
                     rtt,
                     field("request_rate"),
@@ -973,6 +1010,26 @@ END\r\n";
         assert!(parse_stats(b"ERROR\r\n").is_none());
         assert!(parse_stats(b"STAT a 1\r\n").is_none());
         assert!(ClusterView::from_stats(&[("mode".into(), "x".into())]).is_none());
+    }
+
+    #[test]
+    fn a_raft_node_shows_its_role_and_each_peers_lag() {
+        let stats = parse_stats(
+            b"STAT node_id 1\r\nSTAT mode linearizable\r\nSTAT raft_role leader\r\n\
+              STAT raft_term 3\r\nSTAT raft_leader 1\r\nSTAT raft_last_log_index 120\r\n\
+              STAT raft_applied_index 118\r\nSTAT peers 1\r\nSTAT peer:2:addr 10.0.0.2:7001\r\n\
+              STAT peer:2:state up\r\nSTAT peer:2:raft_matched_index 115\r\nEND\r\n",
+        )
+        .unwrap();
+        let view = ClusterView::from_stats(&stats).unwrap();
+        assert!(
+            view.summary()
+                .ends_with("raft leader, term 3, leader 1, applied 118 of 120"),
+            "{}",
+            view.summary()
+        );
+        let rows = view.rows("127.0.0.1:8000", None);
+        assert_eq!(rows[1][4], "5", "peer 2 lags 120 - 115 entries");
     }
 
     #[test]

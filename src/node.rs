@@ -303,9 +303,14 @@ async fn cluster_pipeline(
                 keep_after_snapshot: c.log_kept_after_snapshot,
                 store_check_interval: ms(c.store_check_interval_ms),
             };
-            let mode = RaftMode::start(backend.clone(), cluster.clone(), settings)
-                .await
-                .with_context(|| format!("node {id}: starting {}", c.consistency.as_str()))?;
+            let mode = RaftMode::start(
+                backend.clone(),
+                cluster.clone(),
+                &metrics.registry,
+                settings,
+            )
+            .await
+            .with_context(|| format!("node {id}: starting {}", c.consistency.as_str()))?;
             let parts = ClusterParts {
                 cluster,
                 handler: mode.clone(),

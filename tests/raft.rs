@@ -12,7 +12,7 @@ mod common;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use common::client::{Client, text};
+use common::client::{Client, metric, text};
 use common::cluster::{ClusterOpts, TestCluster, poll_pause};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -126,6 +126,33 @@ fn every_node_answers_as_one_memcached() {
     assert_eq!(n1.call(b"incr nothing 1\r\n"), b"NOT_FOUND\r\n");
     assert_eq!(n3.call(b"flush_all\r\n"), b"OK\r\n");
     assert_eq!(n1.call(b"get n\r\n"), b"END\r\n");
+    // /metrics: one leader, the same term everywhere, and proposals timed
+    // on the leader.
+    let start = Instant::now();
+    loop {
+        let texts: Vec<String> = (1..=3).map(|i| c.metrics(i).unwrap_or_default()).collect();
+        let leaders: f64 = texts
+            .iter()
+            .filter_map(|t| metric(t, "memdial_raft_is_leader"))
+            .sum();
+        let terms: Vec<Option<f64>> = texts
+            .iter()
+            .map(|t| metric(t, "memdial_raft_term"))
+            .collect();
+        let proposals: f64 = texts
+            .iter()
+            .filter_map(|t| metric(t, "memdial_raft_proposal_duration_seconds_count"))
+            .sum();
+        if leaders == 1.0 && terms.iter().all(|t| t.is_some() && *t == terms[0]) && proposals > 0.0
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < ANSWER_WAIT,
+            "raft metrics: {leaders} leaders, terms {terms:?}, {proposals} proposals"
+        );
+        poll_pause();
+    }
     // A pipelined batch mixing reads and writes is answered in order.
     n1.send(b"set p 0 0 1\r\n1\r\nget p\r\nincr p 1\r\nget p\r\n");
     let replies: Vec<String> = (0..4).map(|_| text(&n1.read_reply().unwrap())).collect();

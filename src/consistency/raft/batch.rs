@@ -40,9 +40,13 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts proposing through `raft`; each entry gets `timeout` to commit.
-    pub fn start(raft: openraft::Raft<TypeConfig>, timeout: Duration) -> Batcher {
+    pub fn start(
+        raft: openraft::Raft<TypeConfig>,
+        timeout: Duration,
+        latency: prometheus::Histogram,
+    ) -> Batcher {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(raft, rx, timeout));
+        tokio::spawn(run(raft, rx, timeout, latency));
         Batcher { queue }
     }
 
@@ -64,7 +68,12 @@ impl Batcher {
     }
 }
 
-async fn run(raft: openraft::Raft<TypeConfig>, mut rx: mpsc::Receiver<Waiting>, timeout: Duration) {
+async fn run(
+    raft: openraft::Raft<TypeConfig>,
+    mut rx: mpsc::Receiver<Waiting>,
+    timeout: Duration,
+    latency: prometheus::Histogram,
+) {
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         // Waiting for a slot lets more writes gather behind the first.
@@ -82,9 +91,11 @@ async fn run(raft: openraft::Raft<TypeConfig>, mut rx: mpsc::Receiver<Waiting>, 
                 Err(_) => break,
             }
         }
-        let raft = raft.clone();
+        let (raft, latency) = (raft.clone(), latency.clone());
         tokio::spawn(async move {
+            let timer = latency.start_timer();
             propose(&raft, group, timeout).await;
+            timer.observe_duration();
             drop(permit);
         });
     }

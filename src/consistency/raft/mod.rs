@@ -57,11 +57,12 @@ use super::{Pipeline, Session, StoreStatus};
 use crate::BoxFuture;
 use crate::backend::Backend;
 use crate::cluster::{Cluster, Handler, Liveness};
-use crate::metrics::Verdict;
+use crate::metrics::{Verdict, reg};
 use crate::protocol::{Request, Response};
 use crate::time::unix_ms;
 use command::{Applied, Command, Forwarded, Rpc, RpcReply, decode, encode};
 use log_store::LogStore;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 use state::StateMachine;
 
 openraft::declare_raft_types!(
@@ -135,6 +136,77 @@ impl Failure {
     }
 }
 
+/// The ordered modes' metrics (`memdial_raft_*`).
+struct RaftMetrics {
+    term: IntGauge,
+    leader: IntGauge,
+    is_leader: IntGauge,
+    last_log_index: IntGauge,
+    applied_index: IntGauge,
+    snapshot_index: IntGauge,
+    peer_matched: IntGaugeVec,
+    /// Times this node saw the term change (an election happened).
+    elections: IntCounter,
+    snapshots_built: IntGauge,
+    snapshots_installed: IntGauge,
+    store_rebuilds: IntGauge,
+    /// From handing a log entry to Raft to its commit and apply.
+    proposal_seconds: Histogram,
+}
+
+impl RaftMetrics {
+    fn register(r: &Registry) -> prometheus::Result<RaftMetrics> {
+        let gauge = |name: &str, help: &str| reg(r, IntGauge::new(name, help)?);
+        Ok(RaftMetrics {
+            term: gauge("raft_term", "The Raft term this node is in")?,
+            leader: gauge("raft_leader", "The leader this node knows (0: none)")?,
+            is_leader: gauge("raft_is_leader", "1 while this node leads")?,
+            last_log_index: gauge("raft_last_log_index", "The last index in this node's log")?,
+            applied_index: gauge(
+                "raft_applied_index",
+                "The last log index applied to the store",
+            )?,
+            snapshot_index: gauge("raft_snapshot_index", "The log index of the last snapshot")?,
+            peer_matched: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "raft_peer_matched_index",
+                        "On the leader: the last log index each peer has",
+                    ),
+                    &["peer"],
+                )?,
+            )?,
+            elections: reg(
+                r,
+                IntCounter::new("raft_term_changes_total", "Elections this node has seen")?,
+            )?,
+            snapshots_built: gauge(
+                "raft_snapshots_built",
+                "Snapshots this node built since start",
+            )?,
+            snapshots_installed: gauge(
+                "raft_snapshots_installed",
+                "Snapshots from the leader this node installed since start",
+            )?,
+            store_rebuilds: gauge(
+                "raft_store_rebuilds",
+                "Times the store was found restarted and rebuilt since start",
+            )?,
+            proposal_seconds: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "raft_proposal_duration_seconds",
+                        "One log entry (many clients' writes) from proposal to commit and apply",
+                    )
+                    .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
+                )?,
+            )?,
+        })
+    }
+}
+
 pub struct RaftMode {
     id: u64,
     raft: openraft::Raft<TypeConfig>,
@@ -148,6 +220,7 @@ pub struct RaftMode {
     backend: Arc<dyn Backend>,
     cluster: Arc<Cluster>,
     settings: RaftSettings,
+    metrics: RaftMetrics,
 }
 
 impl RaftMode {
@@ -156,8 +229,10 @@ impl RaftMode {
     pub async fn start(
         backend: Arc<dyn Backend>,
         cluster: Arc<Cluster>,
+        registry: &Registry,
         settings: RaftSettings,
     ) -> anyhow::Result<Arc<RaftMode>> {
+        let metrics = RaftMetrics::register(registry)?;
         let id = u64::from(cluster.node_id());
         let sm = StateMachine::open(backend.clone(), &settings.data_dir.join("state")).await?;
         let log = LogStore::<TypeConfig>::open(settings.data_dir.join("log"))?;
@@ -178,7 +253,11 @@ impl RaftMode {
             cluster: cluster.clone(),
         };
         let raft = openraft::Raft::new(id, Arc::new(config), network, log, sm.clone()).await?;
-        let batcher = batch::Batcher::start(raft.clone(), settings.request_timeout);
+        let batcher = batch::Batcher::start(
+            raft.clone(),
+            settings.request_timeout,
+            metrics.proposal_seconds.clone(),
+        );
         Ok(Arc::new(RaftMode {
             id,
             raft,
@@ -190,6 +269,7 @@ impl RaftMode {
             backend,
             cluster,
             settings,
+            metrics,
         }))
     }
 
@@ -202,6 +282,7 @@ impl RaftMode {
                 self.form_cluster().await;
                 self.watch_store().await
             } => {}
+            _ = self.refresh_metrics() => {}
         }
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not stop cleanly");
@@ -257,6 +338,48 @@ impl RaftMode {
                 return;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Keeps the gauges current, and counts term changes, until dropped.
+    async fn refresh_metrics(&self) {
+        let mut rx = self.raft.metrics();
+        let mut term = rx.borrow().current_term;
+        loop {
+            {
+                let m = rx.borrow_and_update().clone();
+                let g = &self.metrics;
+                if m.current_term != term {
+                    g.elections.inc();
+                    term = m.current_term;
+                }
+                let as_i64 = |v: Option<u64>| v.map_or(0, |v| v as i64);
+                g.term.set(m.current_term as i64);
+                g.leader.set(as_i64(m.current_leader));
+                g.is_leader.set(i64::from(m.state == ServerState::Leader));
+                g.last_log_index.set(as_i64(m.last_log_index));
+                g.applied_index.set(as_i64(m.last_applied.map(|l| l.index)));
+                g.snapshot_index.set(as_i64(m.snapshot.map(|l| l.index)));
+                if let Some(r) = &m.replication {
+                    for (peer, matched) in r.iter() {
+                        g.peer_matched
+                            .with_label_values(&[&peer.to_string()])
+                            .set(as_i64(matched.map(|l| l.index)));
+                    }
+                }
+                let c = &self.sm.counts;
+                g.snapshots_built
+                    .set(c.snapshots_built.load(Ordering::Relaxed) as i64);
+                g.snapshots_installed
+                    .set(c.snapshots_installed.load(Ordering::Relaxed) as i64);
+                g.store_rebuilds
+                    .set(c.store_rebuilds.load(Ordering::Relaxed) as i64);
+            }
+            // At most ten refreshes a second, however busy the log is.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if rx.changed().await.is_err() {
+                return;
+            }
         }
     }
 
