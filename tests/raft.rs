@@ -328,3 +328,43 @@ fn a_memcached_that_restarts_empty_is_rebuilt_from_the_log() {
         b"VALUE k1 0 3\r\nv1!\r\nEND\r\n"
     );
 }
+
+#[test]
+fn a_node_too_far_behind_gets_a_snapshot() {
+    let _s = serial();
+    let mut c = TestCluster::start(
+        3,
+        ClusterOpts {
+            cluster_yaml: "  snapshot_after_entries: 50\n  log_kept_after_snapshot: 5\n".into(),
+            ..mode("linearizable", false)
+        },
+    );
+    let leader = wait_leader(&c, &[1, 2, 3], ELECTION_WAIT);
+    let behind = (1..=3).find(|&i| i != leader).unwrap();
+    assert_eq!(
+        call_until_served(&c, leader, b"set first 0 0 1\r\n1\r\n", ANSWER_WAIT),
+        "STORED\r\n"
+    );
+    c.kill9(behind);
+    // Far more entries than the log keeps behind a snapshot, one at a time.
+    let mut w = Client::connect(c.ports(leader).client);
+    for i in 0..300 {
+        let set = format!("set k{} 0 0 {}\r\n{i}\r\n", i % 20, i.to_string().len());
+        assert_eq!(w.call(set.as_bytes()), b"STORED\r\n");
+    }
+    let built = c.stats_cluster(leader).unwrap()["raft_snapshots_built"]
+        .parse::<u64>()
+        .unwrap();
+    assert!(built >= 1, "the leader built no snapshot");
+    c.restart(behind);
+    let expected = text(&w.call(b"get first k0 k19\r\n"));
+    assert_eq!(
+        call_until_served(&c, behind, b"get first k0 k19\r\n", ANSWER_WAIT * 2),
+        expected
+    );
+    let installed = c.stats_cluster(behind).unwrap()["raft_snapshots_installed"].clone();
+    assert_eq!(
+        installed, "1",
+        "the node caught up without the leader's snapshot"
+    );
+}

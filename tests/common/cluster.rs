@@ -365,6 +365,8 @@ pub struct ClusterOpts {
     pub host_names: bool,
     /// `cluster.consistency`; `None` is `eventual`.
     pub consistency: Option<&'static str>,
+    /// More `cluster:` settings, as YAML lines (`"  name: value\n"`).
+    pub cluster_yaml: String,
 }
 
 pub struct TestCluster {
@@ -418,6 +420,7 @@ fn config_yaml(
     if let Some(ms) = opts.anti_entropy_interval_ms {
         cluster += &format!("  anti_entropy_interval_ms: {ms}\n");
     }
+    cluster += &opts.cluster_yaml;
     let nodes: Vec<(NodePorts, Option<String>)> = ports
         .iter()
         .zip(memcacheds)
