@@ -48,6 +48,14 @@ fn corpus() -> Vec<Case> {
     let mut too_large_noreply = b"set tl 0 0 1\r\nz\r\nadd tl 0 0 2000000 noreply\r\n".to_vec();
     too_large_noreply.extend(std::iter::repeat_n(b'x', 2_000_000));
     too_large_noreply.extend_from_slice(b"\r\nget tl\r\n");
+    // memcached has no key-count limit: an 18,725-key get line of 187 KB
+    // is answered.
+    let keys_18725 = (0..18_725)
+        .map(|i| format!("key-{i:05}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let x4k = "x".repeat(4096);
+    let x16k = "x".repeat(16_382);
     let many_keys = (0..100)
         .map(|i| format!("m{i}"))
         .collect::<Vec<_>>()
@@ -99,6 +107,10 @@ fn corpus() -> Vec<Case> {
         ),
         case("gat 100 t missing\r\ngat 0\r\ngat x t\r\n"),
         case("gats 0 t\r\n"),
+        // A past exptime returns the value this once, then it is gone.
+        case("set g 3 0 1\r\nv\r\ngat -1 g\r\nget g\r\n"),
+        case("set g 3 0 1\r\nv\r\ngats -1 g missing\r\ngets g\r\n"),
+        case("gat -1\r\ngats 100\r\n"),
         // expiry
         case("set exp 0 -1 1\r\nx\r\nget exp\r\n"),
         case("set abs 0 1000000000 1\r\nx\r\nget abs\r\n"),
@@ -112,6 +124,12 @@ fn corpus() -> Vec<Case> {
         ),
         // errors the connection survives
         case("\r\n"),
+        // Whole lines up to memcached's 16 KB read buffer are answered.
+        case(format!("{x4k}\r\n")),
+        case(format!("{x16k}\r\nset {x4k} 0 0 1\r\nz\r\n")),
+        case(format!(
+            "set key-00007 1 0 1\r\na\r\nset key-18724 2 0 1\r\nb\r\nget {keys_18725}\r\n"
+        )),
         case("bogus\r\nGET a\r\nget\r\ngat\r\ngats\r\n"),
         case("set a 0 0\r\nset a 0 0 1 2 3\r\ncas a 0 0 1\r\n"),
         case("set a x 0 1\r\nz\r\n"),
@@ -146,6 +164,9 @@ fn corpus() -> Vec<Case> {
         closing("quit\r\n"),
         closing("set z 0 0 1\r\nz\r\nget z\r\nquit\r\nget z\r\n"),
         closing("set z 0 0 5\r\nab"),
+        // An HTTP request line: memcached hangs up without a word.
+        closing("GET / HTTP/1.0\r\nHost: x\r\n\r\n"),
+        closing("POST /x HTTP/1.1\r\n"),
     ]
 }
 

@@ -427,7 +427,7 @@ fn check_one(buf: &[u8], limits: &Limits) -> Result<Parsed, TestCaseError> {
                 prop_assert!(buf.len() < nl + 1 + limits.item_size_max + 2);
             }
         },
-        Parsed::Fatal(_) => {}
+        Parsed::Fatal(_) | Parsed::Hangup => {}
     }
     Ok(parsed)
 }
@@ -473,7 +473,7 @@ fn check_input(input: &[u8], limits: &Limits, cut: Index) -> Result<(), TestCase
                 consumed, skip: s, ..
             } => (at, skip) = (at + consumed, s),
             Parsed::Invalid { consumed, .. } => at += consumed,
-            Parsed::Incomplete | Parsed::Fatal(_) => break,
+            Parsed::Incomplete | Parsed::Fatal(_) | Parsed::Hangup => break,
         }
     }
     Ok(())

@@ -189,7 +189,7 @@ proptest! {
                 prop_assert!(consumed > 0 && consumed <= input.len());
             }
             Parsed::Incomplete => prop_assert!(input.len() <= limits.max_line_bytes + 1 + 2 + limits.item_size_max + 2),
-            Parsed::Fatal(_) => {}
+            Parsed::Fatal(_) | Parsed::Hangup => {}
         }
     }
 }

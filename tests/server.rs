@@ -135,10 +135,10 @@ fn connection_limit_refuses_the_extra_connection_until_one_closes() {
 fn overlong_line_without_newline_is_refused_and_closed() {
     let node = Memdial::embedded();
     let mut conn = Client::connect(node.port);
-    // Longer than max_line_bytes (2048) and no `\n`: memdial must not wait
-    // for the rest of the line.
+    // Longer than max_line_bytes (16,382) and no `\n`: memdial must not
+    // wait for the rest of the line.
     let mut line = b"set ".to_vec();
-    line.extend(std::iter::repeat_n(b'k', 2100));
+    line.extend(std::iter::repeat_n(b'k', 16_500));
     conn.send(&line);
     assert_eq!(text(&conn.read_to_eof()), "CLIENT_ERROR line too long\r\n");
     // Only that connection was closed.

@@ -32,6 +32,10 @@ pub enum Parsed {
     },
     /// A request that cannot be framed within limits: answer, then close.
     Fatal(ClientError),
+    /// A line memcached hangs up on without a word: an unknown command
+    /// whose last token starts with `HTTP/` (a browser or HTTP client
+    /// pointed at the port). Close at once.
+    Hangup,
 }
 
 /// The most tokens any command other than the `get` family and `stats`
@@ -195,9 +199,49 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Parsed {
                 .map(Bytes::copy_from_slice)
                 .collect(),
         }),
+        cmd if is_http_request(cmd, line) => Parsed::Hangup,
         _ => invalid(ClientError::UnknownCommand, false),
     }
 }
+
+/// memcached's defence against cross-protocol requests: a line whose
+/// command it does not know and whose last token (of the first
+/// [`MEMCACHED_MAX_TOKENS`]) starts with `HTTP/` ends the connection.
+/// Only commands that fall through all of memcached's dispatch reach
+/// that check: a name of one character, a two-letter `m…` name, or a
+/// name whose first letter is one memcached dispatches on (`g s a c i d
+/// t`) is answered `ERROR` instead, as are known commands with the wrong
+/// number of tokens.
+fn is_http_request(cmd: &[u8], line: &[u8]) -> bool {
+    const DISPATCHED: &[&[u8]] = &[
+        b"replace",
+        b"prepend",
+        b"bget",
+        b"flush_all",
+        b"version",
+        b"quit",
+        b"lru_crawler",
+        b"watch",
+        b"verbosity",
+        b"lru",
+        b"extstore",
+    ];
+    let dispatched_by_letter = match cmd.first() {
+        Some(b'm') => cmd.len() == 2,
+        Some(c) => b"gsacidt".contains(c),
+        None => true,
+    };
+    let falls_through = cmd.len() >= 2 && !dispatched_by_letter && !DISPATCHED.contains(&cmd);
+    falls_through
+        && split_tokens(line)
+            .take(MEMCACHED_MAX_TOKENS)
+            .last()
+            .is_some_and(|t| t.starts_with(b"HTTP/"))
+}
+
+/// memcached tokenizes at most this many tokens of a line; the rest of
+/// the line is left unread.
+const MEMCACHED_MAX_TOKENS: usize = 23;
 
 /// The rest of a storage command: its numbers, then its data block.
 fn storage(
@@ -716,6 +760,71 @@ mod tests {
         assert_eq!(error(b"\r\n"), (ClientError::UnknownCommand, 2, false));
         assert_eq!(error(b"GET k\r\n").0, ClientError::UnknownCommand);
         assert_eq!(error(b"bogus\n").0, ClientError::UnknownCommand);
+    }
+
+    #[test]
+    fn http_request_lines_hang_up_as_memcached_does() {
+        // Checked against memcached 1.6.18: each of these closes the
+        // connection with no reply.
+        for line in [
+            &b"GET / HTTP/1.0\r\n"[..],
+            b"POST /x HTTP/1.1\r\n",
+            b"HTTP/1.1\r\n",
+            b"foo HTTP/1.0 \r\n",
+            b"mgx HTTP/1\r\n",
+            b"replacex a HTTP/1.1\r\n",
+        ] {
+            assert_eq!(parse(line), Parsed::Hangup, "{line:?}");
+        }
+        // ... and each of these is answered `ERROR` or served.
+        for line in [
+            &b"foo HTTP/x y\r\n"[..],
+            b"foo http/1.0\r\n",
+            b"foo HTTP\r\n",
+            b"x HTTP/1.0\r\n",
+            b"gx HTTP/1.0\r\n",
+            b"mx HTTP/1.0\r\n",
+            b"lru_crawler HTTP/1.1\r\n",
+            b"verbosity 1 2 HTTP/1.1\r\n",
+        ] {
+            assert_eq!(error(line).0, ClientError::UnknownCommand, "{line:?}");
+        }
+        assert!(matches!(
+            request(b"get a HTTP/1.1\r\n"),
+            Request::Get { .. }
+        ));
+        // Only the first 23 tokens are looked at.
+        let far = format!("foo {} HTTP/1.0\r\n", vec!["x"; 22].join(" "));
+        assert_eq!(error(far.as_bytes()).0, ClientError::UnknownCommand);
+        let near = format!("foo {} HTTP/1.0\r\n", vec!["x"; 21].join(" "));
+        assert_eq!(parse(near.as_bytes()), Parsed::Hangup);
+    }
+
+    #[test]
+    fn complete_lines_up_to_memcached_s_read_buffer_are_answered() {
+        // memcached 1.6.18 answers a 16,382-byte unknown command plus
+        // `\r\n` with ERROR and goes on; one byte more and it hangs up.
+        let mut line = vec![b'x'; 16_382];
+        line.extend_from_slice(b"\r\n");
+        assert_eq!(error(&line).0, ClientError::UnknownCommand);
+        let mut line = vec![b'x'; 4096];
+        line.extend_from_slice(b"\r\n");
+        assert_eq!(error(&line).0, ClientError::UnknownCommand);
+        let mut line = vec![b'x'; 16_383];
+        line.extend_from_slice(b"\r\n");
+        assert_eq!(parse(&line), Parsed::Fatal(ClientError::LineTooLong));
+    }
+
+    #[test]
+    fn a_get_takes_every_key_its_line_holds() {
+        // memcached answers an 18,725-key get line of 187 KB.
+        let keys: Vec<String> = (0..18_725).map(|i| format!("key-{i:05}")).collect();
+        let line = format!("get {}\r\n", keys.join(" "));
+        assert!(line.len() > 180_000);
+        let Request::Get { keys: got, .. } = request(line.as_bytes()) else {
+            panic!("not a get")
+        };
+        assert_eq!(got.len(), 18_725);
     }
 
     #[test]

@@ -226,6 +226,10 @@ impl<'a> Connection<'a> {
                         slots.push(Slot::Ready(error.into()));
                     }
                 }
+                Parsed::Hangup => {
+                    tracing::info!("closing connection after an HTTP request line");
+                    return (slots, requests, Next::Close);
+                }
                 Parsed::Fatal(error) => {
                     self.count_client_error(error);
                     tracing::info!(
