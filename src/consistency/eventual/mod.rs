@@ -570,21 +570,42 @@ impl Eventual {
                 self.carry_out(&key, cur, out, None).await
             }
             Request::Gat { exptime, keys, cas } => {
+                let mut values = Vec::with_capacity(keys.len());
                 for key in &keys {
                     let _g = self.stripe(key).lock().await;
-                    let cur = self.live(key, false).await?;
+                    let cur = self.live(key, cas).await?;
                     let item = cur.as_ref().map(Current::item);
                     let effect = rules::gat(item.as_ref(), exptime, clock());
+                    // A deadline already passed still returns the value,
+                    // this once (memcached reads, then unlinks).
+                    let gone = cur
+                        .as_ref()
+                        .filter(|_| effect == Effect::Remove)
+                        .map(|c| Value {
+                            key: key.clone(),
+                            flags: c.flags,
+                            data: c.record.data.clone(),
+                            cas: if cas { c.cas } else { None },
+                        });
+                    let hit = cur.is_some();
                     let out = rules::Outcome {
                         reply: Response::Touched,
                         effect,
                     };
                     self.carry_out(key, cur, out, None).await?;
+                    if let Some(v) = gone {
+                        values.push(v);
+                    } else if hit && let Some(c) = self.live(key, cas).await? {
+                        // Read back: the CAS is the one just written.
+                        values.push(Value {
+                            key: key.clone(),
+                            flags: c.flags,
+                            data: c.record.data,
+                            cas: if cas { c.cas } else { None },
+                        });
+                    }
                 }
-                // Read back: the values carry the versions just written.
-                let mut r = self.gets(&[Request::Get { keys, cas }]).await;
-                Ok(r.pop()
-                    .unwrap_or_else(|| Response::server_error("no reply")))
+                Ok(Response::Values(values))
             }
             Request::FlushAll { delay, .. } => self.flush_all(delay).await,
             Request::Get { .. } => {
@@ -1157,5 +1178,46 @@ mod tests {
         let (e, backend) = node();
         backend.call(&[set("plain", "p")]).await.unwrap();
         assert_eq!(read(&e, "plain").await.as_deref(), Some("p"));
+    }
+
+    #[tokio::test]
+    async fn gat_with_a_past_exptime_returns_the_value_then_expires_it() {
+        let (e, _) = node();
+        let gat = |exptime, keys: &[&str], cas| Request::Gat {
+            exptime,
+            keys: keys.iter().map(|k| b(k)).collect(),
+            cas,
+        };
+        let mut session = Session::new(0);
+        e.execute(&mut session, vec![set("k", "v"), set("j", "w")])
+            .await;
+        // As memcached 1.6.18: `gat -1 k` -> VALUE k ..., then `get k` -> END.
+        let got = e
+            .execute(&mut session, vec![gat(-1, &["k", "nope"], true)])
+            .await;
+        let Some(Response::Values(v)) = got.first() else {
+            panic!("{got:?}")
+        };
+        assert_eq!(v.len(), 1);
+        assert_eq!(
+            (&v[0].key[..], &v[0].data[..], v[0].flags),
+            (&b"k"[..], &b"v"[..], 5)
+        );
+        assert!(v[0].cas.is_some(), "gats returns a CAS");
+        assert_eq!(read(&e, "k").await, None);
+        // A future exptime keeps it, and the CAS returned is the current one.
+        let got = e.execute(&mut session, vec![gat(100, &["j"], true)]).await;
+        let Some(Response::Values(v)) = got.first() else {
+            panic!("{got:?}")
+        };
+        let cas = v[0].cas;
+        let again = e.execute(&mut session, vec![gat(100, &["j"], true)]).await;
+        assert!(matches!(&again[0], Response::Values(w) if w.len() == 1 && w[0].cas != cas));
+        assert_eq!(read(&e, "j").await.as_deref(), Some("w"));
+        // `gat <exptime>` with no keys: a bare END, as memcached answers.
+        assert_eq!(
+            e.execute(&mut session, vec![gat(0, &[], false)]).await,
+            vec![Response::Values(vec![])]
+        );
     }
 }
