@@ -56,6 +56,9 @@ fn corpus() -> Vec<Case> {
         .join(" ");
     let x4k = "x".repeat(4096);
     let x16k = "x".repeat(16_382);
+    let mut meta_too_large = b"ms tl 1\r\nz\r\nms tl 2000000 q T0\r\n".to_vec();
+    meta_too_large.extend(std::iter::repeat_n(b'x', 2_000_000));
+    meta_too_large.extend_from_slice(b"\r\nmg tl v\r\n");
     let many_keys = (0..100)
         .map(|i| format!("m{i}"))
         .collect::<Vec<_>>()
@@ -160,6 +163,72 @@ fn corpus() -> Vec<Case> {
         case("flush_all\r\nget p2 q t\r\n"),
         case("set f 0 0 1\r\nf\r\nflush_all 0\r\nget f\r\n"),
         case("set f 0 0 1\r\nf\r\nflush_all noreply\r\nget f\r\n"),
+        // the meta protocol
+        case("ms ma 1\r\n1\r\nmg ma v\r\n"),
+        case("mg ma s v f t c k\r\n"),
+        case("mg ma k v Oopaque q\r\n"),
+        case("mg missing k v Oopaque\r\n"),
+        case("mg missing k v Oopaque q\r\nmn\r\n"),
+        case("mg ma\r\nmg ma h\r\nmg ma u h\r\n"),
+        case("ms mf 3 F77 T100\r\nabc\r\nmg mf f t s v\r\n"),
+        case("ms mf 3 F-1\r\nabc\r\nms mf 3 Fx\r\nabc\r\nmn\r\n"),
+        case("ms me 2 ME\r\nxx\r\nms me 2 ME\r\nyy\r\nmg me v\r\n"),
+        case("ms me 1 MA\r\nz\r\nms me 1 MP\r\nw\r\nmg me v\r\n"),
+        case(
+            "ms nope 1 MA\r\nz\r\nms nope 1 MP\r\nz\r\nms nope 1 MR\r\nz\r\nms me 1 MR\r\nr\r\nmg me v\r\n",
+        ),
+        case("ms me 1 MS\r\ns\r\nmg me v\r\n"),
+        case("ms me 1 MX\r\nxx\r\nmn\r\nms me 1 MSS\r\nx\r\nmn\r\n"),
+        case("ms me 1 C999999\r\nx\r\nms nocas 1 C5\r\nx\r\nms me 1 C0\r\nx\r\n"),
+        case(
+            "ms me 1 MA C999999\r\nx\r\nms me 1 ME C999999\r\nx\r\nms me 1 MP C0\r\nx\r\nmg me v\r\n",
+        ),
+        case("ms mq 2 q\r\nab\r\nms mq 2 q ME\r\ncd\r\nmn\r\n"),
+        case("ms mk 2 k c Oxy\r\nab\r\nms mk 2 q k\r\nab\r\nmn\r\n"),
+        case("ms mk 2 b\r\nab\r\n"),
+        case("ms YWJj 2 b k\r\nxy\r\nmg YWJj b k v\r\nmg abc k v s\r\nme abc\r\nme YWJj b\r\n"),
+        case("mg Y b\r\nmg YW*Jj b\r\nmg nope k b\r\n"),
+        case("mg ma Oabcdefghijklmnopqrstuvwxyzabcdefg\r\n"),
+        case("ms mk 2 Oabcdefghijklmnopqrstuvwxyzabcdefg\r\nab\r\nmn\r\n"),
+        case("mg mk Nx Tx\r\nmg mk Nx Tx Nx\r\nmg mk Tx F1x\r\nmg mk Z\r\n"),
+        case(
+            "mg ma b c d e f g h i j k l m n o p q r s\r\nmg ma b c d e f g h i j k l m n o p q r\r\n",
+        ),
+        case(
+            "md ma b c d e f g h i j k l m n o p q r s\r\nms ma 1 b c d e f g h i j k l m n o p q r s\r\nx\r\n",
+        ),
+        case("mg\r\nms\r\nmd\r\nma\r\nme\r\nmz k\r\nms mk\r\nms mk x\r\nms mk -1\r\nmn x y\r\n"),
+        case("ms mk 2 Z\r\nab\r\nmn\r\n"),
+        case(
+            "md mk Z\r\nma mk Z\r\nmd mk MX\r\nma mk MX\r\nma mk MSS\r\nma mk Jx\r\nma mk Dx\r\nma mk N1 Jx\r\n",
+        ),
+        case("md ma\r\nmd ma\r\nmd ma q\r\nmn\r\n"),
+        case("ms md 1\r\nd\r\nmd md q\r\nmd md q\r\nmn\r\n"),
+        case("ms md 1\r\nd\r\nmd md C1\r\nmd md k Oo\r\n"),
+        case("ms md 1\r\nd\r\nmd md I T30\r\nmg md v c t\r\nmg md v\r\nmg md v\r\n"),
+        case("ms mn 2\r\n10\r\nma mn\r\nma mn v\r\nma mn MD D100 v\r\nmg mn v\r\n"),
+        case("ma mnn\r\nma mnn q\r\nma mnn N0 J5 q\r\nma mnn q v\r\nma mnn v\r\nmn\r\n"),
+        case(
+            "ma mw N0 J18446744073709551615 v\r\nma mw v\r\nma mw M- v\r\nma mw M+ D5 v\r\nma mw MI v\r\n",
+        ),
+        case("set ke 0 0 0\r\n\r\nma ke\r\nset ke 0 0 1\r\nx\r\nma ke\r\nma ke C1\r\n"),
+        case("ma mk2 v t N300 J5 D1\r\nma mk2 t v\r\nma mk2 k Oo c\r\n"),
+        case("mg viv N30 v c t\r\nmg viv v t\r\nmg viv v\r\n"),
+        case("ms mr 1 T100\r\nr\r\nmg mr R30 v\r\nmg mr R200 v\r\nmg mr R200 v\r\n"),
+        case("ms st 1\r\ns\r\nmd st I\r\nmg st v\r\nmg st v\r\nms st 1 I C1\r\nt\r\nmg st v\r\n"),
+        case("ms to 1\r\nx\r\nmg to T100 t\r\nmg to t T-1\r\nmg to\r\n"),
+        case("mg mk\r\nms mk 1\r\nabc\r\nmn\r\n"),
+        case("ms bd 3\r\nabcde\r\nmn\r\nms bd 3 q\r\nabcde\r\nmn\r\n"),
+        case(
+            "ms sq 1 q\r\nx\r\nmg sq q v k\r\nmg sq2 q v k\r\nmd sq2 q\r\nmd sq q\r\nma sq2 q\r\nmn\r\n",
+        ),
+        case("me\r\nme nope\r\nme ma x y\r\n"),
+        case("ms mde 5 F3\r\nhello\r\nme mde\r\n"),
+        case("get ma\r\nmg ma v\r\ngets ma\r\n"),
+        case(
+            "set mix 5 0 1\r\n7\r\nmg mix v f\r\nincr mix 1\r\nma mix v\r\nget mix\r\nmd mix q\r\nget mix\r\nmn\r\n",
+        ),
+        case(meta_too_large),
         // the connection ends
         closing("quit\r\n"),
         closing("set z 0 0 1\r\nz\r\nget z\r\nquit\r\nget z\r\n"),
@@ -203,6 +272,7 @@ fn run(port: u16, normalize_cas: bool) -> Vec<Vec<u8>> {
             c.send(&input);
             let mut reply = c.read_until(&end);
             reply.truncate(reply.len() - end.len());
+            let reply = hide_clock(&reply, normalize_cas);
             replies.push(if normalize_cas {
                 hide_cas(&reply)
             } else {
@@ -223,6 +293,55 @@ fn current_cas(c: &mut Client, key: &str) -> String {
     let parts: Vec<&str> = header.split(' ').collect();
     assert_eq!(parts.len(), 5, "gets {key}: {reply:?}");
     parts[4].to_string()
+}
+
+/// In meta reply lines, replaces what reads memcached's once-a-second
+/// clock (`t` and `l` flags, `me`'s `exp=` and `la=`) and, with `cas`,
+/// the CAS values (`c` flag, `cas=`). Values are copied as they are.
+fn hide_clock(reply: &[u8], cas: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut rest = reply;
+    while !rest.is_empty() {
+        let nl = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(rest.len(), |i| i + 1);
+        let line = &rest[..nl];
+        rest = &rest[nl..];
+        let body = line.trim_ascii_end();
+        let code = body.get(..2).unwrap_or_default();
+        if !matches!(code, b"HD" | b"VA" | b"EN" | b"NF" | b"NS" | b"EX" | b"ME") {
+            out.extend_from_slice(line);
+            continue;
+        }
+        let fields: Vec<Vec<u8>> = body
+            .split(|&b| b == b' ')
+            .map(|f| {
+                let digits = |s: &[u8]| !s.is_empty() && s.iter().all(u8::is_ascii_digit);
+                let masked = |name: &[u8]| [name, b"<n>"].concat();
+                match f {
+                    [b't', n @ ..] | [b'l', n @ ..] if digits(n) => masked(&f[..1]),
+                    [b'c', n @ ..] if cas && digits(n) => masked(b"c"),
+                    _ if f.starts_with(b"la=") => masked(b"la="),
+                    _ if f.starts_with(b"exp=") && f != b"exp=-1" => masked(b"exp="),
+                    _ if cas && f.starts_with(b"cas=") => masked(b"cas="),
+                    _ => f.to_vec(),
+                }
+            })
+            .collect();
+        out.extend_from_slice(&fields.join(&b' '));
+        out.extend_from_slice(b"\r\n");
+        if code == b"VA" {
+            let len: usize = fields
+                .get(1)
+                .and_then(|f| text(f).parse().ok())
+                .unwrap_or(0);
+            let data = (len + 2).min(rest.len());
+            out.extend_from_slice(&rest[..data]);
+            rest = &rest[data..];
+        }
+    }
+    out
 }
 
 /// Replaces the CAS field of `VALUE` lines: the embedded store numbers its

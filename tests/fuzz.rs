@@ -22,8 +22,9 @@
 //! in release); `MEMDIAL_FUZZ_SEED` fixes the live target's generator. The
 //! longer run, its command and its result are in `docs/FUZZ.md`.
 //!
-//! Meta commands (`mg ms md ma mn me`) are not implemented yet: they are in
-//! the dictionary, and today earn `ERROR` like any unknown command.
+//! Meta commands (`mg ms md ma mn me`) and their flags are in the
+//! dictionary; a refused `ms` discards its declared data block (`skip`), as
+//! the drain here does too.
 
 mod common;
 
@@ -346,7 +347,9 @@ fn tiny_limits() -> Limits {
 
 // ---------------------------------------------------------------- parser
 
-const STORAGE: &[&[u8]] = &[b"set", b"add", b"replace", b"append", b"prepend", b"cas"];
+const STORAGE: &[&[u8]] = &[
+    b"set", b"add", b"replace", b"append", b"prepend", b"cas", b"ms",
+];
 
 fn first_token(buf: &[u8]) -> &[u8] {
     buf.split(|&b| b == b' ')
@@ -472,7 +475,9 @@ fn check_input(input: &[u8], limits: &Limits, cut: Index) -> Result<(), TestCase
             Parsed::Request {
                 consumed, skip: s, ..
             } => (at, skip) = (at + consumed, s),
-            Parsed::Invalid { consumed, .. } => at += consumed,
+            Parsed::Invalid {
+                consumed, skip: s, ..
+            } => (at, skip) = (at + consumed, s),
             Parsed::Incomplete | Parsed::Fatal(_) | Parsed::Hangup => break,
         }
     }

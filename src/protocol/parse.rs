@@ -24,11 +24,14 @@ pub enum Parsed {
         skip: usize,
     },
     /// A bad request the connection survives: answer `error` unless
-    /// `noreply`, drop `consumed` bytes, and go on with the next request.
+    /// `noreply`, drop `consumed` bytes, then discard a further `skip` bytes
+    /// as they arrive (the data block of a refused `ms`), and go on with the
+    /// next request.
     Invalid {
         error: ClientError,
         consumed: usize,
         noreply: bool,
+        skip: usize,
     },
     /// A request that cannot be framed within limits: answer, then close.
     Fatal(ClientError),
@@ -71,6 +74,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Parsed {
         error,
         consumed,
         noreply,
+        skip: 0,
     };
     let conn = |request: ConnRequest| Parsed::Request {
         request: Incoming::Conn(request),
@@ -86,6 +90,15 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Parsed {
     let noreply_at = |i: usize| n == i + 1 && t[i] == b"noreply";
 
     match t.first().copied().unwrap_or_default() {
+        cmd if cmd.len() == 2 && cmd[0] == b'm' => {
+            let mut meta: [&[u8]; MEMCACHED_MAX_TOKENS] = [&[]; MEMCACHED_MAX_TOKENS];
+            let mut m = 0;
+            for tok in split_tokens(line).take(MEMCACHED_MAX_TOKENS) {
+                meta[m] = tok;
+                m += 1;
+            }
+            super::meta::parse_meta(buf, consumed, &meta[..m], limits)
+        }
         cmd @ (b"get" | b"gets") if n >= 2 => match keys(split_tokens(line).skip(1), limits) {
             Ok(keys) => done(Request::Get {
                 keys,
@@ -256,6 +269,7 @@ fn storage(
         error: ClientError::BadCommandLine,
         consumed,
         noreply,
+        skip: 0,
     };
     let Some(key) = key(t[1], limits) else {
         return bad;
@@ -297,6 +311,7 @@ fn storage(
             error: ClientError::BadDataChunk,
             consumed: end,
             noreply,
+            skip: 0,
         };
     }
     Parsed::Request {
@@ -391,7 +406,7 @@ fn magnitude(digits: &[u8]) -> Option<u64> {
 
 /// An unsigned number as memcached's `safe_strtoul`/`safe_strtoull` read
 /// it: a leading `+` is fine, a `-` or a value out of range is not.
-fn uint<T: TryFrom<u64>>(token: &[u8]) -> Option<T> {
+pub(super) fn uint<T: TryFrom<u64>>(token: &[u8]) -> Option<T> {
     match decimal(token)? {
         (false, digits) => T::try_from(magnitude(digits)?).ok(),
         (true, _) => None,
@@ -399,7 +414,7 @@ fn uint<T: TryFrom<u64>>(token: &[u8]) -> Option<T> {
 }
 
 /// A signed number as `safe_strtol` reads it.
-fn int<T: TryFrom<i64>>(token: &[u8]) -> Option<T> {
+pub(super) fn int<T: TryFrom<i64>>(token: &[u8]) -> Option<T> {
     let (negative, digits) = decimal(token)?;
     let m = i64::try_from(magnitude(digits)?).ok()?;
     T::try_from(if negative { -m } else { m }).ok()
@@ -447,6 +462,7 @@ mod tests {
                 error,
                 consumed,
                 noreply,
+                skip: 0,
             } => (error, consumed, noreply),
             other => panic!("{input:?}: expected an error, got {other:?}"),
         }

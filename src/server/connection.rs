@@ -219,8 +219,10 @@ impl<'a> Connection<'a> {
                     error,
                     consumed,
                     noreply,
+                    skip,
                 } => {
                     self.rbuf.advance(consumed);
+                    self.skip = skip;
                     self.count_client_error(error);
                     if !noreply {
                         slots.push(Slot::Ready(error.into()));

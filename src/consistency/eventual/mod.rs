@@ -608,6 +608,14 @@ impl Eventual {
                 Ok(Response::Values(values))
             }
             Request::FlushAll { delay, .. } => self.flush_all(delay).await,
+            Request::MetaNoop => Ok(Response::Meta(crate::protocol::MetaReply::new(
+                crate::protocol::MetaCode::Mn,
+                "",
+            ))),
+            // Not yet carried out with replication (docs/consistency.md).
+            Request::Meta(_) => Ok(Response::server_error(
+                "meta commands are not supported in eventual mode yet",
+            )),
             Request::Get { .. } => {
                 let mut r = self.gets(std::slice::from_ref(&request)).await;
                 Ok(r.pop()
