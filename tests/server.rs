@@ -442,6 +442,28 @@ fn stats_count_like_memcached_and_reset() {
 }
 
 #[test]
+fn stats_count_meta_commands_as_memcached_does() {
+    // memcached 1.6.18: `mg` counts as a get, `ms` as a set, `md` as a
+    // delete, and `cmd_meta` counts only `me`.
+    let node = Memdial::embedded();
+    let mut conn = Client::connect(node.port);
+    conn.send(b"mg a\r\nms a 1\r\nx\r\nmg a v\r\nmg b q\r\nmd a\r\nmd a\r\nme a\r\nmn\r\n");
+    let reply = conn.read_until(b"MN\r\n");
+    assert_eq!(
+        text(&reply),
+        "EN\r\nHD\r\nVA 1\r\nx\r\nHD\r\nNF\r\nEN\r\nMN\r\n"
+    );
+    let s = stats(&mut conn, "");
+    assert_eq!(stat_u64(&s, "cmd_get"), 3, "{s:?}");
+    assert_eq!(stat_u64(&s, "get_hits"), 1);
+    assert_eq!(stat_u64(&s, "get_misses"), 2);
+    assert_eq!(stat_u64(&s, "cmd_set"), 1);
+    assert_eq!(stat_u64(&s, "delete_hits"), 1);
+    assert_eq!(stat_u64(&s, "delete_misses"), 1);
+    assert_eq!(stat_u64(&s, "cmd_meta"), 1);
+}
+
+#[test]
 fn stats_bogus_is_an_error_and_version_names_memdial() {
     let node = Memdial::embedded();
     let mut conn = Client::connect(node.port);
