@@ -20,11 +20,13 @@
 //! | `peers.rs` | cursors and counts per peer; eventual's metrics |
 //! | `digest.rs` | replica digests for anti-entropy |
 //! | `record.rs`, `hlc.rs` | the stored header; versions |
+//! | `meta.rs` | meta commands, carried out like their text twins |
 
 mod backlog;
 mod digest;
 mod hlc;
 pub mod messages;
+mod meta;
 mod peers;
 mod push;
 mod receive;
@@ -612,10 +614,7 @@ impl Eventual {
                 crate::protocol::MetaCode::Mn,
                 "",
             ))),
-            // Not yet carried out with replication (docs/consistency.md).
-            Request::Meta(_) => Ok(Response::server_error(
-                "meta commands are not supported in eventual mode yet",
-            )),
+            Request::Meta(m) => self.meta(*m).await,
             Request::Get { .. } => {
                 let mut r = self.gets(std::slice::from_ref(&request)).await;
                 Ok(r.pop()
@@ -1227,5 +1226,43 @@ mod tests {
             e.execute(&mut session, vec![gat(0, &[], false)]).await,
             vec![Response::Values(vec![])]
         );
+    }
+
+    #[tokio::test]
+    async fn meta_writes_are_logged_like_their_text_twins() {
+        use crate::protocol::{Incoming, Limits, Parsed, encode_response, parse_request};
+        let (e, _) = node();
+        let mut session = Session::new(0);
+        let mut run = async |line: &str| {
+            let Parsed::Request {
+                request: Incoming::Data(r),
+                ..
+            } = parse_request(line.as_bytes(), &Limits::default())
+            else {
+                panic!("{line:?}")
+            };
+            let mut out = bytes::BytesMut::new();
+            for resp in e.execute(&mut session, vec![r]).await {
+                encode_response(&resp, &mut out);
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        assert_eq!(run("ms mk 2 F5 T100 q\r\nab\r\n").await, "");
+        assert_eq!(run("mg mk v f t s\r\n").await, "VA 2 f5 t100 s2\r\nab\r\n");
+        assert_eq!(run("ms mk 1 ME\r\nx\r\n").await, "NS\r\n");
+        assert_eq!(run("ms mk 1 MA\r\nc\r\n").await, "HD\r\n");
+        assert_eq!(run("ms mk 1 C1\r\nz\r\n").await, "EX\r\n");
+        assert_eq!(run("mg mk v k Oo\r\n").await, "VA 3 kmk Oo\r\nabc\r\n");
+        assert_eq!(run("ma mn N0 J5 v\r\n").await, "VA 1\r\n5\r\n");
+        assert_eq!(run("ma mn D10 v\r\n").await, "VA 2\r\n15\r\n");
+        assert_eq!(run("ma mn q\r\n").await, "");
+        assert_eq!(run("md mk q\r\n").await, "");
+        assert_eq!(run("md mk\r\n").await, "NF\r\n");
+        assert_eq!(run("mg mk v\r\n").await, "EN\r\n");
+        assert_eq!(run("mg mk v q\r\n").await, "");
+        assert_eq!(read(&e, "mn").await.as_deref(), Some("16"));
+        // Every write went to the log: the ms, the append, the vivify, two
+        // increments, the delete.
+        assert_eq!(e.backlog().head(), 6);
     }
 }
