@@ -10,6 +10,30 @@ use bytes::Bytes;
 use super::{Clock, Item, NewValue, apply_delta, store};
 use crate::protocol::{ArithOp, ClientError, MetaCode, MetaRequest, Response, SetMode, StoreOp};
 
+/// The bytes memcached 1.6.18 charges an item (`me`'s `size=`): its
+/// 48-byte header, the key and a NUL, the value and its `\r\n`, the CAS,
+/// and the client flags when they are not 0.
+pub fn memcached_item_size(key_len: usize, data_len: usize, flags: u32) -> usize {
+    48 + key_len + 1 + data_len + 2 + 8 + if flags == 0 { 0 } else { 4 }
+}
+
+/// The slab class memcached 1.6.18 (defaults `-n 48 -f 1.25`) puts an item
+/// of `size` bytes in (`me`'s `cls=`).
+pub fn memcached_slab_class(size: usize) -> u32 {
+    let mut chunk = 96f64;
+    for class in 1..63 {
+        let mut aligned = chunk as usize;
+        if !aligned.is_multiple_of(8) {
+            aligned += 8 - aligned % 8;
+        }
+        if size <= aligned {
+            return class;
+        }
+        chunk = aligned as f64 * 1.25;
+    }
+    63
+}
+
 /// What the meta protocol marks on an item besides its value.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Marks {

@@ -12,9 +12,6 @@ use crate::protocol::{
 use crate::rules::meta::{self as rules, Current, MetaEffect};
 use crate::rules::{Clock, Item};
 
-/// memcached's item header, as `me` counts an item's size.
-const ITEM_HEADER_BYTES: usize = 48;
-
 /// Whole seconds left until `deadline` (rounded up, as memcached's
 /// once-a-second clock shows it right after a store); `None` never.
 fn secs_left(deadline: Option<u64>, now_ms: u64) -> Option<i64> {
@@ -23,23 +20,6 @@ fn secs_left(deadline: Option<u64>, now_ms: u64) -> Option<i64> {
         let secs = if ms > 0 { (ms + 999) / 1000 } else { ms / 1000 };
         i64::try_from(secs).unwrap_or(i64::MAX)
     })
-}
-
-/// The slab class memcached 1.6.18 (`-n 48 -f 1.25`) puts an item of
-/// `size` bytes in.
-fn slab_class(size: usize) -> u32 {
-    let mut chunk = 96f64;
-    for class in 1..63 {
-        let mut aligned = chunk as usize;
-        if !aligned.is_multiple_of(8) {
-            aligned += 8 - aligned % 8;
-        }
-        if size <= aligned {
-            return class;
-        }
-        chunk = aligned as f64 * 1.25;
-    }
-    63
 }
 
 fn reply(code: MetaCode, rest: BytesMut, value: Option<Bytes>) -> Response {
@@ -332,19 +312,13 @@ impl EmbeddedStore {
             rest.put_slice(&req.key);
         }
         let exp = secs_left(item.deadline, now).map_or(-1, |s| -s);
-        let size = ITEM_HEADER_BYTES
-            + req.key.len()
-            + 1
-            + item.data.len()
-            + 2
-            + 8
-            + if item.flags == 0 { 0 } else { 4 };
+        let size = rules::memcached_item_size(req.key.len(), item.data.len(), item.flags);
         let line = format!(
             " exp={exp} la={} cas={} fetch={} cls={} size={size}",
             now.saturating_sub(meta.accessed_at) / 1000,
             item.cas,
             if meta.fetched { "yes" } else { "no" },
-            slab_class(size),
+            rules::memcached_slab_class(size),
         );
         rest.put_slice(line.as_bytes());
         reply(MetaCode::Me, rest, None)

@@ -189,8 +189,9 @@ impl Eventual {
     }
 }
 
-/// `me`: the fields memcached writes, from the replica's value; `la` and
-/// `fetch` are not kept in this mode (0, `no`), `cls` is 1.
+/// `me`: the fields memcached writes, from the replica's value (size and
+/// class as memcached sizes the value); `la` and `fetch` are not kept in
+/// this mode (0, `no`).
 fn debug(req: &MetaRequest, item: Option<&Item>, clock: Clock) -> Response {
     let Some(item) = item else {
         return reply(MetaCode::En, BytesMut::new(), None);
@@ -201,14 +202,15 @@ fn debug(req: &MetaRequest, item: Option<&Item>, clock: Clock) -> Response {
         req.key.to_vec()
     };
     let exp = secs_left(item.deadline, clock.now_ms).map_or(-1, |s| -s);
+    let size = rules::memcached_item_size(req.key.len(), item.data.len(), item.flags);
     let mut rest = BytesMut::new();
     rest.put_u8(b' ');
     rest.put_slice(&key);
     rest.put_slice(
         format!(
-            " exp={exp} la=0 cas={} fetch=no cls=1 size={}",
+            " exp={exp} la=0 cas={} fetch=no cls={} size={size}",
             item.cas,
-            item.data.len()
+            rules::memcached_slab_class(size),
         )
         .as_bytes(),
     );
