@@ -247,6 +247,13 @@ fn corpus() -> Vec<Case> {
             "set mix 5 0 1\r\n7\r\nmg mix v f\r\nincr mix 1\r\nma mix v\r\nget mix\r\nmd mix q\r\nget mix\r\nmn\r\n",
         ),
         case(meta_too_large),
+        // meta and text requests pipelined, quiet and noreply among them
+        case(
+            "set px 1 0 2\r\n10\r\nmg px q v\r\nincr px 5 noreply\r\nma px q\r\nmg px v f c\r\ndelete px noreply\r\nmg px q\r\nmn\r\nget px\r\n",
+        ),
+        case(
+            "ms py 3 T0 F2 q\r\nabc\r\ngets py\r\nms py 1 MA q\r\nd\r\nappend py 0 0 1\r\ne\r\nmg py v s f\r\nmd py q\r\nmd py q\r\nmn\r\n",
+        ),
         // the connection ends
         closing("quit\r\n"),
         closing("set z 0 0 1\r\nz\r\nget z\r\nquit\r\nget z\r\n"),

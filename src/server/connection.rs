@@ -327,11 +327,15 @@ impl<'a> Connection<'a> {
         let (mut bytes, mut largest) = (0, 0);
         for r in &responses {
             bytes += MIN_REPLY_ESTIMATE;
-            if let Response::Values(values) = r {
-                for v in values {
-                    bytes += v.data.len() + v.key.len();
-                    largest = largest.max(v.data.len());
+            match r {
+                Response::Values(values) => {
+                    for v in values {
+                        bytes += v.data.len() + v.key.len();
+                        largest = largest.max(v.data.len());
+                    }
                 }
+                Response::Meta(m) => bytes += m.value.as_ref().map_or(0, |v| v.len()),
+                _ => {}
             }
         }
         if bytes.min(node_budget) > estimate {
