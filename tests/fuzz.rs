@@ -264,8 +264,13 @@ fn piece() -> impl Strategy<Value = Vec<u8>> {
         // A declared length far past the data that follows.
         1 => (prop::sample::select(&["set", "append"][..]), 0usize..3_000_000)
             .prop_map(|(cmd, n)| format!("{cmd} big 0 0 {n}\r\nxyz\r\n").into_bytes()),
-        // Lines around the line limit (2048), with and without a newline.
-        1 => (2040usize..2060, any::<bool>(), any::<bool>()).prop_map(|(n, get, nl)| {
+        // Lines around memcached's old partial-line limit (2048) and
+        // memdial's line limit (16,382), with and without a newline.
+        1 => (
+            prop_oneof![2040usize..2060, 16_370usize..16_395],
+            any::<bool>(),
+            any::<bool>()
+        ).prop_map(|(n, get, nl)| {
             let mut out = if get { b"get ".to_vec() } else { b"set ".to_vec() };
             out.resize(n, b'k');
             if nl {

@@ -338,3 +338,61 @@ fn ttl_changes(req: &MetaRequest, clock: Clock, created: bool) -> TtlChanges {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! What the differential test cannot pin down: values that read the
+    //! clock (`t`, `l`, `me`'s `exp=` and `la=`), on a paused clock.
+
+    use std::time::Duration;
+
+    use super::*;
+    use crate::protocol::{Incoming, Limits, Parsed, encode_response, parse_request};
+
+    fn run(s: &EmbeddedStore, line: &str) -> String {
+        let Parsed::Request {
+            request: Incoming::Data(r),
+            ..
+        } = parse_request(line.as_bytes(), &Limits::default())
+        else {
+            panic!("{line:?}")
+        };
+        let mut out = BytesMut::new();
+        encode_response(&s.execute(&r), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ttl_and_last_access_follow_the_clock() {
+        let s = EmbeddedStore::new(1 << 24);
+        assert_eq!(run(&s, "ms k 1 T100\r\nv\r\n"), "HD\r\n");
+        tokio::time::advance(Duration::from_secs(30)).await;
+        // First read: fetched, access time kept; `h`/`l` show the state
+        // before this read.
+        assert_eq!(run(&s, "mg k t h l\r\n"), "HD t70 h0 l30\r\n");
+        // Second read: active, access time moves to now.
+        assert_eq!(run(&s, "mg k h l\r\n"), "HD h1 l30\r\n");
+        assert_eq!(run(&s, "mg k h l\r\n"), "HD h1 l0\r\n");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let me = run(&s, "me k\r\n");
+        assert!(
+            me.starts_with("ME k exp=-65 la=5 cas=1 fetch=yes cls=1 size=61"),
+            "{me}"
+        );
+        // `u` reads without a bump; `T` then `t` shows the new TTL, `t`
+        // then `T` the old one.
+        assert_eq!(run(&s, "mg k u t T10\r\n"), "HD t65\r\n");
+        assert_eq!(run(&s, "mg k T20 t\r\n"), "HD t20\r\n");
+        tokio::time::advance(Duration::from_secs(21)).await;
+        assert_eq!(run(&s, "mg k\r\n"), "EN\r\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vivified_counter_reports_its_ttl_after_n() {
+        let s = EmbeddedStore::new(1 << 24);
+        // As memcached 1.6.18: a `t` before `N` reports -1.
+        assert_eq!(run(&s, "ma c v t N300 J5\r\n"), "VA 1 t-1\r\n5\r\n");
+        assert_eq!(run(&s, "ma c v t\r\n"), "VA 1 t300\r\n6\r\n");
+        assert_eq!(run(&s, "ma c v N300 t\r\n"), "VA 1 t300\r\n7\r\n");
+    }
+}
