@@ -425,14 +425,29 @@ impl EmbeddedStore {
         let view = self.view();
         let mut shard = self.shard(key);
         let limit = shard.limit;
-        let current = shard.live(key, view).map(|entry| &entry.item);
+        let entry = shard.live(key, view);
+        let kept = entry.as_ref().map(|e| (e.meta, e.item.data.len()));
+        let current = entry.map(|entry| &entry.item);
         let rules::Outcome { reply, effect } = rules::arith(op, current, delta);
+        let in_place = match (&effect, kept) {
+            (Effect::Put(value), Some((meta, old_len))) if value.data.len() <= old_len => {
+                Some(meta)
+            }
+            _ => None,
+        };
         if let Effect::Put(value) = &effect
             && cost(key.len(), value.data.len()) > limit
         {
             return Response::server_error("out of memory");
         }
         self.apply(&mut shard, key, effect, view);
+        // memcached rewrites a number that fits in place, and the item keeps
+        // what the meta protocol shows of it; a longer one is a new item.
+        if let Some(meta) = in_place
+            && let Some(entry) = shard.items.peek_mut(key)
+        {
+            entry.meta = meta;
+        }
         reply
     }
 
@@ -448,7 +463,11 @@ impl EmbeddedStore {
     fn touch(&self, key: &[u8], exptime: Exptime) -> Response {
         let view = self.view();
         let mut shard = self.shard(key);
-        let current = shard.live(key, view).map(|entry| &entry.item);
+        // memcached's touch fetches the item with a bump.
+        let current = shard.live(key, view).map(|entry| {
+            entry.meta.bump(view.clock.now_ms);
+            &entry.item
+        });
         let rules::Outcome { reply, effect } = rules::touch(current, exptime, view.clock);
         self.apply(&mut shard, key, effect, view);
         reply

@@ -66,7 +66,17 @@ impl EmbeddedStore {
                 let mut meta = kept.unwrap_or_else(|| EntryMeta::new(now));
                 meta.marks = marks;
                 if kept.is_none() {
-                    meta.key_binary = req.flags.base64;
+                    // Only an item `ms` allocates carries the request's
+                    // base64 mark; append, prepend and vivified items are
+                    // allocated without it.
+                    meta.key_binary = req.flags.base64
+                        && req.cmd == MetaCmd::Set
+                        && matches!(
+                            req.set_mode(),
+                            Some(crate::protocol::SetMode::Set)
+                                | Some(crate::protocol::SetMode::Add)
+                                | Some(crate::protocol::SetMode::Replace)
+                        );
                 }
                 let entry = Entry {
                     item: Item {
@@ -266,7 +276,12 @@ impl EmbeddedStore {
         let Some(n) = out.number else {
             return reply(code, req.status_flags(0), None);
         };
-        let kept = current.as_ref().map(|(_, meta)| *meta);
+        // A number that fits the old value is rewritten in place and the
+        // item keeps its metadata; a longer one is a new item.
+        let kept = current.as_ref().and_then(|(old, meta)| match &out.effect {
+            MetaEffect::Put { value, .. } if value.data.len() <= old.data.len() => Some(*meta),
+            _ => None,
+        });
         let cas = match out.effect.clone() {
             MetaEffect::Remove => {
                 shard.remove(&req.key);
@@ -394,5 +409,30 @@ mod tests {
         assert_eq!(run(&s, "ma c v t N300 J5\r\n"), "VA 1 t-1\r\n5\r\n");
         assert_eq!(run(&s, "ma c v t\r\n"), "VA 1 t300\r\n6\r\n");
         assert_eq!(run(&s, "ma c v N300 t\r\n"), "VA 1 t300\r\n7\r\n");
+    }
+
+    #[tokio::test]
+    async fn what_keeps_and_what_resets_the_hit_mark() {
+        // As memcached 1.6.18: touch reads with a bump; a number rewritten
+        // in place keeps the item's marks, a longer one is a new item; an
+        // item `ms b` allocates keeps its base64 mark, a vivified one not.
+        let s = EmbeddedStore::new(1 << 24);
+        let fetch = |s: &EmbeddedStore, key: &str| {
+            let me = run(s, &format!("me {key}\r\n"));
+            me.contains("fetch=yes")
+        };
+        assert_eq!(run(&s, "ms n 1\r\n1\r\n"), "HD\r\n");
+        assert!(!fetch(&s, "n"));
+        run(&s, "touch n 100\r\n");
+        assert!(fetch(&s, "n"), "touch bumps");
+        run(&s, "incr n 2\r\n");
+        run(&s, "ma n\r\n");
+        assert!(fetch(&s, "n"), "rewritten in place");
+        run(&s, "ma n D6\r\n");
+        assert!(!fetch(&s, "n"), "10 is longer than 4: a new item");
+        assert_eq!(run(&s, "ms YWJj 1 b\r\nx\r\n"), "HD\r\n");
+        assert!(run(&s, "me abc\r\n").starts_with("ME YWJj "));
+        assert_eq!(run(&s, "ma YWJk b N0\r\n"), "HD\r\n");
+        assert!(run(&s, "me abd\r\n").starts_with("ME abd "));
     }
 }
