@@ -1,6 +1,7 @@
 //! Load harness: drives memcached direct, memdial in front of memcached,
 //! memdial with its embedded store and (unless `--no-cluster`) node 1 of a
-//! 3-node eventual cluster with the same memtier-like workload, in one run,
+//! 3-node cluster per consistency mode (`--modes`; eventual by default)
+//! with the same memtier-like workload, in one run,
 //! and prints ops/s, p50/p99 latency and the ratios to memcached direct.
 //! With the cluster it then measures replication delay (write on node 1 →
 //! visible on node 2), idle and under load.
@@ -17,7 +18,8 @@
 //!   --value LIST [32]       value sizes in bytes, e.g. 32,1024
 //!   --keys N [10000]        key space, prefilled on every target
 //!   --threads N [1]         load generator threads
-//!   --no-cluster            skip the 3-node cluster and replication delay
+//!   --no-cluster            skip the 3-node clusters and replication delay
+//!   --modes LIST [eventual] the clusters' modes, e.g. eventual,linearizable,sequential
 //! Unknown arguments (cargo passes `--bench`) are ignored.
 //!
 //! Workload: 1 set : 10 gets (memtier's default; `--gets-per-set N`),
@@ -66,6 +68,8 @@ struct Opts {
     gets_per_set: usize,
     /// Run the write-heavy replication phase instead of the others.
     lag: bool,
+    /// The consistency modes of the 3-node clusters measured.
+    modes: Vec<String>,
 }
 
 fn list(name: &str, v: &str) -> Vec<usize> {
@@ -93,6 +97,7 @@ fn opts() -> Opts {
         cluster: true,
         gets_per_set: 10,
         lag: false,
+        modes: vec!["eventual".into()],
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -109,6 +114,7 @@ fn opts() -> Opts {
             "--keys",
             "--threads",
             "--gets-per-set",
+            "--modes",
         ];
         if name == "--no-cluster" {
             o.cluster = false;
@@ -133,6 +139,7 @@ fn opts() -> Opts {
             "--keys" => o.keys = number(&name, &v),
             "--threads" => o.threads = number(&name, &v),
             "--gets-per-set" => o.gets_per_set = v.parse().expect("--gets-per-set N"),
+            "--modes" => o.modes = v.split(',').map(|m| m.trim().to_string()).collect(),
             _ => unreachable!(),
         }
     }
@@ -806,17 +813,31 @@ fn main() {
     let behind = Memcached::start_with_memory_mb(256);
     let over = Memdial::start(None, &["--backend", &behind.addr()], "error");
     let emb = Memdial::start(None, &["--backend", "embedded"], "error");
-    // Three nodes, embedded stores, eventual mode.
-    let cluster = o.cluster.then(|| {
-        MemdialCluster::start(3, "error", |ports| {
-            let nodes: Vec<_> = ports.iter().map(|p| (*p, None)).collect();
-            let cluster = "  name: bench\n  secret: bench-secret\n  consistency: eventual\n";
-            vec![proxy_yaml(cluster, &nodes); 3]
-        })
-    });
-    let cluster_ports: Vec<u16> = cluster
+    // Three nodes, embedded stores, per mode asked for (eventual unless
+    // `--modes` says otherwise).
+    let data = tempfile::tempdir().expect("a data directory");
+    let clusters: Vec<(String, MemdialCluster)> = if o.cluster {
+        o.modes
+            .iter()
+            .map(|mode| {
+                let dir = data.path().join(mode);
+                let c = MemdialCluster::start(3, "error", |ports| {
+                    let nodes: Vec<_> = ports.iter().map(|p| (*p, None)).collect();
+                    let cluster = format!(
+                        "  name: bench\n  secret: bench-secret\n  consistency: {mode}\n  data_dir: \"{}\"\n",
+                        dir.display()
+                    );
+                    vec![proxy_yaml(&cluster, &nodes); 3]
+                });
+                (mode.clone(), c)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let cluster_names: Vec<String> = clusters
         .iter()
-        .flat_map(|c| (1..=3).map(|i| c.ports(i).client))
+        .map(|(mode, _)| format!("memdial {mode} x3, node 1"))
         .collect();
 
     let mut targets = vec![
@@ -824,8 +845,8 @@ fn main() {
         ("memdial -> memcached", over.port),
         ("memdial embedded", emb.port),
     ];
-    if o.cluster {
-        targets.push(("memdial eventual x3, node 1", cluster_ports[0]));
+    for (name, (_, c)) in cluster_names.iter().zip(&clusters) {
+        targets.push((name.as_str(), c.ports(1).client));
     }
     println!(
         "memdial load, commit {}: {} connections, 1 set : {} gets, {} keys, {} s measured after {} s warm-up, {} generator thread(s); latency per request, µs",
@@ -881,7 +902,13 @@ fn main() {
                 }
             }
         }
-        if o.cluster {
+        // Replication delay: eventual mode's measure (the ordered modes
+        // answer once the write is committed).
+        let eventual = clusters
+            .iter()
+            .find(|(mode, _)| mode == "eventual")
+            .map(|(_, c)| [c.ports(1).client, c.ports(2).client]);
+        if let Some(cluster_ports) = eventual {
             let w = Arc::new(Workload::new(o.keys, o.values[0], o.gets_per_set));
             for loaded in [false, true] {
                 let phase = Arc::new(AtomicU8::new(MEASURE));

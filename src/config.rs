@@ -82,6 +82,21 @@ pub struct ClusterConfig {
     /// How often a node compares its replica with each peer's (a digest
     /// exchange, then a repair of what differs), ±20%; 0 never does.
     pub anti_entropy_interval_ms: u64,
+    /// Ordered modes: where each node keeps its Raft log, vote, state and
+    /// snapshots, `<data_dir>/node-<id>` unless the node names its own.
+    pub data_dir: String,
+    /// Ordered modes: how often the leader sends Raft heartbeats.
+    pub raft_heartbeat_interval_ms: u64,
+    /// Ordered modes: a follower that hears no leader for a random time in
+    /// this range starts an election.
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Ordered modes: the most a client request waits for its outcome.
+    pub request_timeout_ms: u64,
+    /// Ordered modes: a snapshot is taken after this many log entries.
+    pub snapshot_after_entries: u64,
+    /// Ordered modes: log entries kept behind the last snapshot.
+    pub log_kept_after_snapshot: u64,
 }
 
 /// A TCP address as `host:port`, the host an IP address or a name:
@@ -240,6 +255,10 @@ pub struct NodeConfig {
     /// absent = the embedded store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memcached: Option<String>,
+    /// Ordered modes: this node's data directory; absent =
+    /// `<cluster.data_dir>/node-<id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -311,6 +330,13 @@ impl Default for ClusterConfig {
             tombstone_grace_ms: 600_000,
             store_check_interval_ms: 1000,
             anti_entropy_interval_ms: 30_000,
+            data_dir: "memdial-data".into(),
+            raft_heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 600,
+            election_timeout_max_ms: 1200,
+            request_timeout_ms: 3000,
+            snapshot_after_entries: 50_000,
+            log_kept_after_snapshot: 5_000,
         }
     }
 }
@@ -331,6 +357,7 @@ impl NodeConfig {
             internal: port(7000),
             admin: port(9000),
             memcached: None,
+            data_dir: None,
         }
     }
 }
@@ -569,6 +596,30 @@ impl Config {
                 "must exceed cluster.suspect_after_ms",
             ));
         }
+        for (field, v) in [
+            (
+                "cluster.raft_heartbeat_interval_ms",
+                c.raft_heartbeat_interval_ms,
+            ),
+            ("cluster.request_timeout_ms", c.request_timeout_ms),
+            ("cluster.snapshot_after_entries", c.snapshot_after_entries),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be greater than 0"));
+            }
+        }
+        if c.election_timeout_min_ms < 2 * c.raft_heartbeat_interval_ms {
+            return Err(invalid(
+                "cluster.election_timeout_min_ms",
+                "must be at least twice cluster.raft_heartbeat_interval_ms",
+            ));
+        }
+        if c.election_timeout_max_ms <= c.election_timeout_min_ms {
+            return Err(invalid(
+                "cluster.election_timeout_max_ms",
+                "must exceed cluster.election_timeout_min_ms",
+            ));
+        }
         if c.anti_entropy_interval_ms != 0 && c.anti_entropy_interval_ms < 100 {
             return Err(invalid(
                 "cluster.anti_entropy_interval_ms",
@@ -609,6 +660,15 @@ impl Config {
             .iter()
             .find(|n| n.id == id)
             .ok_or_else(|| invalid("--node", format!("no node with id {id} in nodes")))
+    }
+
+    /// Where node `id` keeps its Raft data (ordered modes).
+    pub fn data_dir(&self, id: u32) -> Result<std::path::PathBuf, ConfigError> {
+        let node = self.node(id)?;
+        Ok(match &node.data_dir {
+            Some(dir) => dir.into(),
+            None => std::path::Path::new(&self.cluster.data_dir).join(format!("node-{id}")),
+        })
     }
 
     /// File descriptors one node needs besides its client connections:

@@ -78,6 +78,9 @@ struct ClusterArgs {
     /// one that is not running is started when `memcached` is on PATH.
     #[arg(long)]
     memcached: bool,
+    /// Consistency mode, overriding `cluster.consistency`.
+    #[arg(long, value_enum)]
+    consistency: Option<Consistency>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -94,9 +97,12 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> anyhow::Result<()> {
     // Logs go to stderr, with colours only when a person is watching.
+    // openraft narrates every election and start-up at info and warn; the
+    // node logs what an operator needs of that itself.
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=error".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -160,6 +166,9 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
 
 async fn cluster(args: ClusterArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut config = Config::load(&args.config)?;
+    if let Some(c) = args.consistency {
+        config.cluster.consistency = c;
+    }
     let nodes = config.nodes.len() as u64;
     fit_connections_to_fds(&mut config, nodes);
     // Held until the cluster stops; dropping them stops the memcached.

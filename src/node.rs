@@ -13,6 +13,7 @@ use crate::backend::{Backend, EmbeddedStore, MemcachedBackend, MemcachedOptions}
 use crate::cluster::{Cluster, ClusterSettings, Handler};
 use crate::config::{Config, Consistency, HostPort};
 use crate::consistency::eventual::{self, Backlog, Eventual, EventualSettings};
+use crate::consistency::raft::{self, RaftMode, RaftSettings};
 use crate::consistency::{Local, Pipeline};
 use crate::metrics::{self, Metrics};
 use crate::server::{self, ServerSettings};
@@ -67,7 +68,7 @@ impl Node {
                     format!("node {id}: binding internal address {}", node.internal)
                 })?;
                 let (pipeline, parts) =
-                    cluster_pipeline(config, id, &backend, &metrics, &shutdown)?;
+                    cluster_pipeline(config, id, &backend, &metrics, &shutdown).await?;
                 (pipeline, Some((parts, internal)))
             }
         };
@@ -210,7 +211,7 @@ struct ClusterParts {
 /// The pipeline of a node with peers, and the cluster parts it runs on.
 /// A new consistency mode is chosen here: it implements
 /// [`Pipeline`] for clients and [`Handler`] for what peers send it.
-fn cluster_pipeline(
+async fn cluster_pipeline(
     config: &Config,
     id: u32,
     backend: &Arc<dyn Backend>,
@@ -276,10 +277,42 @@ fn cluster_pipeline(
             };
             Ok((eventual, parts))
         }
-        mode => anyhow::bail!(
-            "cluster.consistency: {} is not implemented yet; eventual is",
-            mode.as_str()
-        ),
+        Consistency::Linearizable | Consistency::Sequential => {
+            let sequential = c.consistency == Consistency::Sequential;
+            let tag = if sequential {
+                raft::command::SEQUENTIAL_TAG
+            } else {
+                raft::command::LINEARIZABLE_TAG
+            };
+            let cluster = Cluster::new(settings, tag, &metrics.registry, requests)
+                .context("registering cluster metrics")?;
+            let settings = RaftSettings {
+                sequential,
+                data_dir: config.data_dir(id)?,
+                members: config
+                    .nodes
+                    .iter()
+                    .map(|n| (n.id, n.internal.to_string()))
+                    .collect(),
+                cluster_name: c.name.clone(),
+                heartbeat_interval: ms(c.raft_heartbeat_interval_ms),
+                election_timeout_min: ms(c.election_timeout_min_ms),
+                election_timeout_max: ms(c.election_timeout_max_ms),
+                request_timeout: ms(c.request_timeout_ms),
+                snapshot_after: c.snapshot_after_entries,
+                keep_after_snapshot: c.log_kept_after_snapshot,
+                store_check_interval: ms(c.store_check_interval_ms),
+            };
+            let mode = RaftMode::start(backend.clone(), cluster.clone(), settings)
+                .await
+                .with_context(|| format!("node {id}: starting {}", c.consistency.as_str()))?;
+            let parts = ClusterParts {
+                cluster,
+                handler: mode.clone(),
+                mode: Box::pin(mode.clone().run(shutdown.clone())),
+            };
+            Ok((mode, parts))
+        }
     }
 }
 

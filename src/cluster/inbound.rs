@@ -1,7 +1,7 @@
 //! The internal port's acceptor: challenge every dialer, refuse those that
 //! cannot prove the shared secret (logged and counted), then, per peer,
 //! answer heartbeats at once and hand the mode's messages and requests to
-//! the [`Handler`] one at a time, in order. A message for another mode or
+//! the [`Handler`]: messages one at a time, in order, requests beside them. A message for another mode or
 //! another version of this mode's messages is refused (logged once per
 //! connection and counted); the connection stays up.
 
@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -20,6 +22,7 @@ use super::wire::{
     proofs_match, welcome_proof,
 };
 use super::{Cluster, Handler};
+use crate::BoxFuture;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -203,7 +206,14 @@ fn refuse(cluster: &Cluster, peer: u32, theirs: &WireTag, reason: &'static str, 
     }
 }
 
-/// Hands mode frames to the handler, one at a time.
+/// Requests from one peer that run at once; more wait in the queue.
+const CONCURRENT_REQUESTS: usize = 256;
+
+/// Hands mode frames to the handler: messages one at a time, in order;
+/// requests as they come, each running beside the others and beside the
+/// messages that follow it (a Raft peer's forwarded writes wait for a
+/// commit, and must not wait for each other). A request starts only once
+/// every message before it has been handled.
 async fn handle(
     handler: &dyn Handler,
     peer: u32,
@@ -211,25 +221,44 @@ async fn handle(
     mut queue: mpsc::Receiver<Work>,
     out: &mpsc::Sender<Frame>,
 ) -> Result<(), InboundError> {
-    while let Some(job) = queue.recv().await {
-        let reply = match job {
-            Work::Message(body, _permit) => {
-                if let Err(e) = handler.on_message(peer, body).await {
+    let mut requests = FuturesUnordered::new();
+    let mut message: Option<BoxFuture<'_, Result<(), String>>> = None;
+    let mut open = true;
+    while open || !requests.is_empty() || message.is_some() {
+        tokio::select! {
+            Some(reply) = requests.next(), if !requests.is_empty() => {
+                if out.send(reply).await.is_err() {
+                    break;
+                }
+            }
+            done = async { message.as_mut().expect("guarded").await }, if message.is_some() => {
+                message = None;
+                if let Err(e) = done {
                     // The writer sends this, then closes the connection; the
                     // peer logs the reason.
                     let reason = format!("node {me} could not take the message: {e}");
                     let _ = out.send(Frame::Refused { reason }).await;
                     return std::future::pending().await;
                 }
-                continue;
             }
-            Work::Request(id, body, _permit) => match handler.on_request(peer, body).await {
-                Ok(body) => Frame::Response { id, body },
-                Err(reason) => Frame::Rejected { id, reason },
-            },
-        };
-        if out.send(reply).await.is_err() {
-            break;
+            job = queue.recv(), if open && message.is_none() && requests.len() < CONCURRENT_REQUESTS => {
+                match job {
+                    None => open = false,
+                    Some(Work::Message(body, permit)) => {
+                        message = Some(Box::pin(async move {
+                            let _permit = permit;
+                            handler.on_message(peer, body).await
+                        }));
+                    }
+                    Some(Work::Request(id, body, permit)) => requests.push(async move {
+                        let _permit = permit;
+                        match handler.on_request(peer, body).await {
+                            Ok(body) => Frame::Response { id, body },
+                            Err(reason) => Frame::Rejected { id, reason },
+                        }
+                    }),
+                }
+            }
         }
     }
     Ok(())
@@ -242,11 +271,12 @@ async fn write(mut tx: WireTx, mut replies: mpsc::Receiver<Frame>) -> Result<(),
         let mut next = Some(first);
         let mut written = 0;
         while let Some(frame) = next.take() {
-            tx.feed(&frame).await?;
-            if let Frame::Refused { reason } = frame {
-                tx.flush().await?;
+            if let Frame::Refused { reason } = &frame {
+                let reason = reason.clone();
+                tx.send(frame).await?;
                 return Err(InboundError::Handler(reason));
             }
+            tx.feed(frame).await?;
             written += 1;
             if written < WRITE_RUN {
                 next = replies.try_recv().ok();
@@ -261,7 +291,7 @@ async fn write(mut tx: WireTx, mut replies: mpsc::Receiver<Frame>) -> Result<(),
 async fn handshake(cluster: &Cluster, wire: &mut Wire) -> Result<u32, InboundError> {
     let s = &cluster.settings;
     let mine = nonce();
-    wire.send(&Frame::Challenge { nonce: mine }).await?;
+    wire.send(Frame::Challenge { nonce: mine }).await?;
     let Frame::Hello {
         protocol,
         cluster: name,
@@ -294,13 +324,13 @@ async fn handshake(cluster: &Cluster, wire: &mut Wire) -> Result<u32, InboundErr
             .inc();
         tracing::warn!(node, cluster = %name, reason = text, "refusing peer handshake");
         let _ = wire
-            .send(&Frame::Refused {
+            .send(Frame::Refused {
                 reason: text.into(),
             })
             .await;
         return Err(InboundError::Refused(text));
     }
-    wire.send(&Frame::Welcome {
+    wire.send(Frame::Welcome {
         node: s.node_id,
         proof: welcome_proof(&s.secret, &s.cluster_name, s.node_id, &theirs),
     })

@@ -234,7 +234,7 @@ async fn handshake(cluster: &Cluster, peer: u32, wire: &mut Wire) -> Result<(), 
         return Err(WireError::Handshake("expected a challenge".into()).into());
     };
     let mine = nonce();
-    wire.send(&Frame::Hello {
+    wire.send(Frame::Hello {
         protocol: PROTOCOL_VERSION,
         cluster: s.cluster_name.clone(),
         node: s.node_id,
@@ -308,7 +308,7 @@ async fn write(
         tokio::select! {
             biased;
             _ = beat.tick() => {
-                tx.send(&Frame::Heartbeat {
+                tx.send(Frame::Heartbeat {
                     sent_us: unix_us(),
                     health: cluster.health(),
                 })
@@ -316,12 +316,12 @@ async fn write(
             }
             frame = queue.recv() => {
                 let Some(frame) = frame else { return Ok(()) };
-                tx.feed(&frame).await?;
+                tx.feed(frame).await?;
                 // A bounded run, so that a heartbeat due meanwhile goes
                 // out after it rather than after the whole queue.
                 for _ in 1..WRITE_RUN {
                     let Ok(more) = queue.try_recv() else { break };
-                    tx.feed(&more).await?;
+                    tx.feed(more).await?;
                 }
                 tx.flush().await?;
             }

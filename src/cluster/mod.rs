@@ -39,8 +39,10 @@ pub use peers::{Liveness, PeerView};
 pub use wire::ModeTag;
 
 /// A consistency mode's side of the internal port: what it does with what
-/// its peers send it. Messages and requests from one peer are handled one
-/// at a time, in the order the peer sent them.
+/// its peers send it. Messages from one peer are handled one at a time, in
+/// the order the peer sent them. A request starts once every message the
+/// peer sent before it has been handled, then runs beside other requests
+/// and later messages, so its answer may overtake theirs.
 pub trait Handler: Send + Sync + 'static {
     /// A one-way message from `peer`. An error ends that peer's
     /// connection; the peer reconnects (and a mode that needs to can start

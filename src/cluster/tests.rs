@@ -109,6 +109,28 @@ async fn eventually(what: &str, check: impl Fn() -> bool) {
 }
 
 #[tokio::test]
+async fn a_slow_request_does_not_hold_back_the_next() {
+    let shutdown = CancellationToken::new();
+    let [a, _b] = pair([TAG, TAG], &shutdown).await;
+    let link = a.cluster.link(2).await.expect("peer 2 is known");
+    let slow = tokio::spawn({
+        let link = link.clone();
+        async move { link.request(Bytes::from_static(b"slow")).await }
+    });
+    // The slow request is on the wire first, so the fast one queues behind
+    // it at the peer.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let fast = link.request(Bytes::from_static(b"ab")).await.unwrap();
+    assert_eq!(&fast[..], b"ba");
+    assert!(
+        !slow.is_finished(),
+        "the fast request was answered only after the slow one"
+    );
+    assert_eq!(&slow.await.unwrap().unwrap()[..], b"wols");
+    shutdown.cancel();
+}
+
+#[tokio::test]
 async fn messages_arrive_in_order_and_requests_are_answered() {
     let shutdown = CancellationToken::new();
     let [a, b] = pair([TAG, TAG], &shutdown).await;

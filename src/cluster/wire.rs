@@ -1,5 +1,6 @@
 //! The internal port's framed binary protocol: length-prefixed frames, each
-//! one postcard-encoded [`Frame`], and the handshake proofs.
+//! one postcard-encoded [`Frame`] followed by the mode's body if it has one,
+//! and the handshake proofs.
 //!
 //! A connection runs: the acceptor sends `Challenge`; the dialer answers
 //! `Hello` with a proof of the shared secret over both nonces; the acceptor
@@ -9,17 +10,24 @@
 //! way) and `Request` (answered by `Response`, or `Rejected` when the
 //! acceptor cannot take it). A mode's bodies are opaque here: each frame
 //! names the mode and its message version, and the receiver checks both.
+//!
+//! A body is not part of the postcard encoding: it follows the frame's
+//! header raw, to the end of the frame. So the sender copies it once, into
+//! the socket buffer, and the receiver takes it out of the read buffer
+//! without a copy.
 
-use bytes::{Bytes, BytesMut};
+use std::borrow::Cow;
+
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::net::TcpStream;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 
 /// Bumped whenever a frame changes shape; peers of another version are refused.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame accepted. A mode keeps its messages under this; the
 /// config keeps `item_size_max` under `MAX_CLUSTER_ITEM_BYTES` so a single
@@ -37,14 +45,15 @@ pub struct ModeTag {
 /// A [`ModeTag`] as it arrives from a peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireTag {
-    pub name: String,
+    /// Borrowed when sent, owned when received.
+    pub name: Cow<'static, str>,
     pub version: u32,
 }
 
 impl ModeTag {
     fn wire(&self) -> WireTag {
         WireTag {
-            name: self.name.to_string(),
+            name: Cow::Borrowed(self.name),
             version: self.version,
         }
     }
@@ -99,6 +108,7 @@ pub enum Frame {
     /// A one-way message of a mode, delivered in the order sent.
     Message {
         mode: WireTag,
+        #[serde(skip)]
         body: Bytes,
     },
     /// A mode's request; the acceptor answers `Response` or `Rejected`
@@ -106,10 +116,12 @@ pub enum Frame {
     Request {
         id: u64,
         mode: WireTag,
+        #[serde(skip)]
         body: Bytes,
     },
     Response {
         id: u64,
+        #[serde(skip)]
         body: Bytes,
     },
     /// The request could not be taken (unknown mode, other version, or the
@@ -135,6 +147,73 @@ impl Frame {
             body,
         }
     }
+
+    /// The mode's body this frame carries after its header, if any.
+    fn body_mut(&mut self) -> Option<&mut Bytes> {
+        match self {
+            Frame::Message { body, .. }
+            | Frame::Request { body, .. }
+            | Frame::Response { body, .. } => Some(body),
+            _ => None,
+        }
+    }
+}
+
+/// Length-prefixed frames: a 4-byte big-endian length, then the frame's
+/// postcard header, then its body (see the module comment).
+struct FrameCodec {
+    lengths: LengthDelimitedCodec,
+}
+
+impl FrameCodec {
+    fn new() -> FrameCodec {
+        FrameCodec {
+            lengths: LengthDelimitedCodec::builder()
+                .max_frame_length(MAX_FRAME_BYTES)
+                .new_codec(),
+        }
+    }
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = WireError;
+
+    fn encode(&mut self, mut frame: Frame, dst: &mut BytesMut) -> Result<(), WireError> {
+        let body = frame.body_mut().map(std::mem::take).unwrap_or_default();
+        let start = dst.len();
+        dst.put_u32(0);
+        let mut out = dst.writer();
+        postcard::to_io(&frame, &mut out)?;
+        let dst = out.into_inner();
+        dst.extend_from_slice(&body);
+        let len = dst.len() - start - 4;
+        if len > MAX_FRAME_BYTES {
+            dst.truncate(start);
+            return Err(WireError::TooLarge(len));
+        }
+        // Fits: MAX_FRAME_BYTES is far below u32::MAX.
+        dst[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = WireError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+        let Some(mut bytes) = self.lengths.decode(src)? else {
+            return Ok(None);
+        };
+        let (mut frame, rest) = postcard::take_from_bytes::<Frame>(&bytes)?;
+        let header = bytes.len() - rest.len();
+        match frame.body_mut() {
+            Some(body) => *body = bytes.split_off(header).freeze(),
+            None if header != bytes.len() => return Err(WireError::Trailing),
+            None => {}
+        }
+        Ok(Some(frame))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,29 +228,27 @@ pub enum WireError {
     Handshake(String),
     #[error("timed out")]
     Timeout,
+    #[error("frame of {0} bytes is over the limit")]
+    TooLarge(usize),
+    #[error("bytes after a frame that has no body")]
+    Trailing,
 }
 
 /// One framed peer connection.
 pub struct Wire {
-    inner: Framed<TcpStream, LengthDelimitedCodec>,
+    inner: FramedStream,
 }
 
 impl Wire {
     pub fn new(stream: TcpStream) -> Wire {
         let _ = stream.set_nodelay(true);
-        let codec = LengthDelimitedCodec::builder()
-            .max_frame_length(MAX_FRAME_BYTES)
-            .new_codec();
         Wire {
-            inner: Framed::new(stream, codec),
+            inner: Framed::new(stream, FrameCodec::new()),
         }
     }
 
-    pub async fn send(&mut self, frame: &Frame) -> Result<(), WireError> {
-        self.inner
-            .send(Bytes::from(postcard::to_stdvec(frame)?))
-            .await?;
-        Ok(())
+    pub async fn send(&mut self, frame: Frame) -> Result<(), WireError> {
+        self.inner.send(frame).await
     }
 
     pub async fn recv(&mut self) -> Result<Frame, WireError> {
@@ -185,33 +262,28 @@ impl Wire {
     }
 }
 
-fn decode(next: Option<std::io::Result<BytesMut>>) -> Result<Frame, WireError> {
-    let bytes = next.ok_or(WireError::Closed)??;
-    Ok(postcard::from_bytes(&bytes)?)
+fn decode(next: Option<Result<Frame, WireError>>) -> Result<Frame, WireError> {
+    next.ok_or(WireError::Closed)?
 }
 
-type FramedStream = Framed<TcpStream, LengthDelimitedCodec>;
+type FramedStream = Framed<TcpStream, FrameCodec>;
 
 /// The sending half of a [`Wire`].
 pub struct WireTx {
-    inner: futures_util::stream::SplitSink<FramedStream, Bytes>,
+    inner: futures_util::stream::SplitSink<FramedStream, Frame>,
 }
 
 impl WireTx {
     /// Queues a frame without flushing.
-    pub async fn feed(&mut self, frame: &Frame) -> Result<(), WireError> {
-        self.inner
-            .feed(Bytes::from(postcard::to_stdvec(frame)?))
-            .await?;
-        Ok(())
+    pub async fn feed(&mut self, frame: Frame) -> Result<(), WireError> {
+        self.inner.feed(frame).await
     }
 
     pub async fn flush(&mut self) -> Result<(), WireError> {
-        self.inner.flush().await?;
-        Ok(())
+        self.inner.flush().await
     }
 
-    pub async fn send(&mut self, frame: &Frame) -> Result<(), WireError> {
+    pub async fn send(&mut self, frame: Frame) -> Result<(), WireError> {
         self.feed(frame).await?;
         self.flush().await
     }
@@ -306,15 +378,68 @@ mod tests {
                 health: Health { requests_total: 9 },
             },
         ] {
-            let bytes = postcard::to_stdvec(&f).unwrap();
-            assert_eq!(postcard::from_bytes::<Frame>(&bytes).unwrap(), f);
+            let mut codec = FrameCodec::new();
+            let mut buf = BytesMut::new();
+            codec.encode(f.clone(), &mut buf).unwrap();
+            codec.encode(f.clone(), &mut buf).unwrap();
+            // Two frames back to back, and nothing before a frame is whole.
+            let whole = buf.len() / 2;
+            let mut part = buf.split_to(whole - 1);
+            assert_eq!(codec.decode(&mut part).unwrap(), None);
+            part.unsplit(buf.split_to(1));
+            assert_eq!(codec.decode(&mut part).unwrap(), Some(f.clone()));
+            assert_eq!(codec.decode(&mut buf).unwrap(), Some(f));
+            assert!(part.is_empty() && buf.is_empty());
         }
+    }
+
+    #[test]
+    fn a_body_follows_its_header_raw() {
+        let mut buf = BytesMut::new();
+        let body = Bytes::from_static(b"opaque body");
+        FrameCodec::new()
+            .encode(Frame::message(TAG, body.clone()), &mut buf)
+            .unwrap();
+        assert!(buf.ends_with(&body));
+        let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, buf.len() - 4);
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        let mut codec = FrameCodec::new();
+        // A heartbeat has no body: bytes after it are an error.
+        let mut buf = BytesMut::new();
+        codec
+            .encode(
+                Frame::Heartbeat {
+                    sent_us: 1,
+                    health: Health::default(),
+                },
+                &mut buf,
+            )
+            .unwrap();
+        buf.extend_from_slice(b"x");
+        let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) + 1;
+        buf[..4].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(codec.decode(&mut buf), Err(WireError::Trailing)));
+        // An undecodable header.
+        let mut buf = BytesMut::from(&[0, 0, 0, 1, 0xff][..]);
+        assert!(matches!(codec.decode(&mut buf), Err(WireError::Decode(_))));
+        // A body over the limit is refused before it is sent.
+        let mut buf = BytesMut::new();
+        let huge = Frame::message(TAG, Bytes::from(vec![0u8; MAX_FRAME_BYTES]));
+        assert!(matches!(
+            codec.encode(huge, &mut buf),
+            Err(WireError::TooLarge(_))
+        ));
+        assert!(buf.is_empty());
     }
 
     #[test]
     fn a_tag_must_match_in_name_and_version() {
         assert_eq!(TAG.mismatch(&TAG.wire()), None);
-        let other = |name: &str, version| WireTag {
+        let other = |name: &'static str, version| WireTag {
             name: name.into(),
             version,
         };

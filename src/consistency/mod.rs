@@ -1,18 +1,19 @@
 //! The consistency pipeline: every data request passes through a
 //! [`Pipeline`] between the parser and the backend. This is the seam where
-//! the cluster modes plug in (`eventual`, then the Raft-backed `sequential`
-//! and `linearizable`); [`Local`] is the single-node path.
+//! the cluster modes plug in (`eventual`, and the Raft-backed `sequential`
+//! and `linearizable` in `raft`); [`Local`] is the single-node path.
 //!
 //! May use: `protocol`, `backend`, `cluster`, `config`, `metrics`. Never `server`.
 
 pub mod eventual;
+pub mod raft;
 
 use std::sync::Arc;
 
 use crate::BoxFuture;
 use crate::backend::{Backend, PoolStatus};
 use crate::metrics::{Metrics, Verdict};
-use crate::protocol::{ClientError, Request, Response, StoreOp};
+use crate::protocol::{ClientError, Exptime, Request, Response, StoreOp};
 
 /// What the pipeline keeps for one client connection, across its batches.
 /// A mode with per-client guarantees keeps them here (sequential mode: the
@@ -20,16 +21,40 @@ use crate::protocol::{ClientError, Request, Response, StoreOp};
 #[derive(Debug)]
 pub struct Session {
     conn_id: u64,
+    /// The newest log index this client has written or read (sequential
+    /// mode); its reads wait until the local replica has applied it.
+    seen: u64,
 }
 
 impl Session {
     pub fn new(conn_id: u64) -> Session {
-        Session { conn_id }
+        Session { conn_id, seen: 0 }
     }
 
     /// The connection's id, as in its log span.
     pub fn conn_id(&self) -> u64 {
         self.conn_id
+    }
+
+    /// The newest log index the client has seen.
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
+    /// The client has seen the state as of log index `index`.
+    pub fn saw(&mut self, index: u64) {
+        self.seen = self.seen.max(index);
+    }
+}
+
+/// The exptime to give a store for a replicated deadline (unix ms; 0
+/// never): absolute seconds, rounded up and one more, so the store never
+/// drops a value memdial still shows.
+pub fn store_exptime(deadline_ms: u64) -> Exptime {
+    if deadline_ms == 0 {
+        0
+    } else {
+        (deadline_ms.div_ceil(1000) + 1) as Exptime
     }
 }
 

@@ -8,11 +8,12 @@
 //! sent, in order: memcached writes return flags in request order.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
 
 use super::{ClientError, Exptime, Limits, Parsed, Request};
 
 /// Which meta command (`mn` is [`Request::MetaNoop`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum MetaCmd {
     /// `mg`
     Get,
@@ -50,7 +51,7 @@ pub enum SetMode {
 
 /// What the flags of a meta request ask for, as memcached's flag pre-parse
 /// reads them (one of each flag at most).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaFlags {
     /// `b`: the key was sent base64-encoded (and is held decoded).
     pub base64: bool,
@@ -81,7 +82,7 @@ pub struct MetaFlags {
 }
 
 /// One meta request (`mg ms md ma me`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaRequest {
     pub cmd: MetaCmd,
     /// The key, base64-decoded when the `b` flag was given.
@@ -148,7 +149,7 @@ impl MetaRequest {
 }
 
 /// The status code of a meta reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaCode {
     /// `HD`: success, no value.
     Hd,
@@ -198,7 +199,7 @@ impl MetaCode {
 }
 
 /// One meta reply: `<code><rest>\r\n`, then the value for `VA`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaReply {
     pub code: MetaCode,
     /// What follows the code on its line (return flags, each with its

@@ -2,7 +2,8 @@
 //! the limits a request is checked against, the streaming request parser,
 //! the encoders, and the parser for a backend's replies.
 //!
-//! May use: `bytes`, `nom`. Nothing else in the crate.
+//! May use: `bytes`, `nom`, and `serde`'s derives (a Raft log carries data
+//! requests and their replies). Nothing else in the crate.
 
 mod encode;
 mod error;
@@ -24,9 +25,10 @@ pub use parse::{Parsed, parse_request};
 pub use reply::{ReplyParsed, parse_reply};
 
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 
 /// The storage commands that carry a data block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum StoreOp {
     Set,
     Add,
@@ -51,7 +53,7 @@ impl StoreOp {
 }
 
 /// `incr` or `decr`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ArithOp {
     Incr,
     Decr,
@@ -97,7 +99,7 @@ impl From<ConnRequest> for Incoming {
 
 /// A data request: it reads or writes keys, so it goes through the
 /// consistency pipeline to a store.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// `get`/`gets` (`cas` true for `gets`).
     Get {
@@ -329,7 +331,7 @@ impl Command {
 }
 
 /// One item in a `get` family reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Value {
     pub key: Bytes,
     pub flags: u32,
@@ -339,7 +341,7 @@ pub struct Value {
 }
 
 /// One reply, as memcached would send it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     /// `VALUE ...` lines, then `END`.
     Values(Vec<Value>),
@@ -365,7 +367,7 @@ pub enum Response {
 }
 
 /// The three error replies of the protocol.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorReply {
     /// `ERROR`: unknown command or wrong number of tokens.
     Error,

@@ -363,11 +363,16 @@ pub struct ClusterOpts {
     /// `127.0.0.1:PORT` (each node's internal address, which it binds and
     /// its peers dial, and its memcached address).
     pub host_names: bool,
+    /// `cluster.consistency`; `None` is `eventual`.
+    pub consistency: Option<&'static str>,
 }
 
 pub struct TestCluster {
     pub n: usize,
     nodes: MemdialCluster,
+    /// The nodes' data directories (Raft logs and snapshots), removed with
+    /// the cluster.
+    data: tempfile::TempDir,
     memcacheds: Vec<Option<Memcached>>,
     /// (from, to) → the relay `from` dials to reach `to`.
     relays: BTreeMap<(usize, usize), Relay>,
@@ -395,6 +400,7 @@ fn config_yaml(
     ports: &[NodePorts],
     relays: &BTreeMap<(usize, usize), Relay>,
     memcacheds: &[Option<Memcached>],
+    data: &std::path::Path,
     opts: &ClusterOpts,
 ) -> String {
     let secret = opts
@@ -402,10 +408,12 @@ fn config_yaml(
         .iter()
         .find(|(id, _)| *id == me)
         .map_or(SECRET, |(_, s)| s.as_str());
+    let consistency = opts.consistency.unwrap_or("eventual");
     let mut cluster = format!(
-        "  name: memdial-test\n  secret: \"{secret}\"\n  consistency: eventual\n  \
+        "  name: memdial-test\n  secret: \"{secret}\"\n  consistency: {consistency}\n  \
          heartbeat_interval_ms: 100\n  suspect_after_ms: 500\n  down_after_ms: 1500\n  \
-         reconnect_max_ms: 300\n  store_check_interval_ms: 300\n"
+         reconnect_max_ms: 300\n  store_check_interval_ms: 300\n  data_dir: \"{}\"\n",
+        data.display()
     );
     if let Some(ms) = opts.anti_entropy_interval_ms {
         cluster += &format!("  anti_entropy_interval_ms: {ms}\n");
@@ -449,7 +457,8 @@ impl TestCluster {
             .map(|_| opts.memcached.then(Memcached::start))
             .collect();
         let mut relays = BTreeMap::new();
-        let nodes = MemdialCluster::start(n, "warn", |ports| {
+        let data = tempfile::tempdir().expect("a data directory");
+        let nodes = MemdialCluster::start(n, "warn,openraft=error", |ports| {
             // Each attempt has fresh ports, so fresh relays to them.
             relays = if opts.relays {
                 relays_between(ports)
@@ -457,12 +466,13 @@ impl TestCluster {
                 BTreeMap::new()
             };
             (1..=n)
-                .map(|me| config_yaml(me, ports, &relays, &memcacheds, &opts))
+                .map(|me| config_yaml(me, ports, &relays, &memcacheds, data.path(), &opts))
                 .collect()
         });
         TestCluster {
             n,
             nodes,
+            data,
             memcacheds,
             relays,
         }

@@ -10,9 +10,12 @@
 //! - `record`: memdial's 25-byte record header, decoded and encoded.
 //! - `cluster`: `TestCluster` (nodes over memcached, TCP relays for
 //!   partitions, replica dumps, the convergence check).
+//! - `history`: recorded operation histories and their checkers
+//!   (linearizability, per key; sequential order and session guarantees).
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod client;
 pub mod cluster;
+pub mod history;
 pub mod procs;
 pub mod record;

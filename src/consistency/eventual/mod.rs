@@ -40,7 +40,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::{Pipeline, Session, StoreStatus};
+use super::{Pipeline, Session, StoreStatus, store_exptime};
 use crate::BoxFuture;
 use crate::backend::{Backend, BackendError};
 use crate::cluster::Cluster;
@@ -300,16 +300,6 @@ impl Eventual {
         })
     }
 
-    /// The exptime to give the store for a deadline: absolute seconds,
-    /// rounded up so the store never drops a value memdial still shows.
-    fn store_exptime(deadline_ms: u64) -> Exptime {
-        if deadline_ms == 0 {
-            0
-        } else {
-            (deadline_ms.div_ceil(1000) + 1) as Exptime
-        }
-    }
-
     async fn call(&self, requests: &[Request]) -> Result<Vec<Response>, BackendError> {
         let responses = self.backend.call(requests).await?;
         if responses.len() != requests.len() {
@@ -384,7 +374,7 @@ impl Eventual {
                 },
                 key: key.clone(),
                 flags,
-                exptime: Self::store_exptime(deadline_ms),
+                exptime: store_exptime(deadline_ms),
                 data: record.encode(),
                 cas_unique: cas.unwrap_or(0),
                 noreply: false,
@@ -438,7 +428,7 @@ impl Eventual {
             op: StoreOp::Set,
             key,
             flags: 0,
-            exptime: Self::store_exptime(deadline_ms),
+            exptime: store_exptime(deadline_ms),
             data: record.encode(),
             cas_unique: 0,
             noreply: false,
@@ -465,7 +455,7 @@ impl Eventual {
                     op: StoreOp::Set,
                     key: entry.key,
                     flags,
-                    exptime: Self::store_exptime(deadline_ms),
+                    exptime: store_exptime(deadline_ms),
                     data: record.encode(),
                     cas_unique: 0,
                     noreply: false,

@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::backlog::TooOld;
 use super::digest::{self, BUCKETS, CHUNK, Digest};
-use super::messages::{Ask, Cursor, Entry, Epoch, Msg, decode, encode, entry_bytes, frame_runs};
+use super::messages::{
+    Ask, Cursor, Entry, Epoch, Msg, decode, encode, encode_entries, entry_bytes, frame_runs,
+};
 use super::{Eventual, Replica};
 use crate::BoxFuture;
 use crate::cluster::{PeerError, PeerLink};
@@ -115,15 +117,10 @@ impl Eventual {
                 Ok(batch) if !batch.is_empty() => {
                     for run in frame_runs(batch, |(_, e)| entry_bytes(e)) {
                         sent = run.last().map_or(sent, |(seq, _)| *seq);
-                        let entries = run
-                            .into_iter()
-                            .map(|(seq, e)| (seq, (*e).clone()))
-                            .collect();
-                        let msg = Msg::Entries {
-                            incarnation: backlog.incarnation,
-                            entries,
-                        };
-                        link.send(encode(&msg)).await?;
+                        let entries: Vec<(u64, &Entry)> =
+                            run.iter().map(|(seq, e)| (*seq, &**e)).collect();
+                        let body = encode_entries(backlog.incarnation, &entries);
+                        link.send(body).await?;
                     }
                     continue;
                 }

@@ -1,0 +1,628 @@
+//! The ordered modes, `linearizable` and `sequential`, on Raft (openraft,
+//! pinned in `Cargo.toml`; this module is the only one that names it).
+//!
+//! Every write goes through the log: a node proposes a client's batch of
+//! writes as one [`Command`] (or forwards it to the leader), and answers
+//! once it is committed and applied. The state machine (`state.rs`)
+//! applies commands to the node's store with the shared command rules.
+//!
+//! A client's batch (its pipelined requests) that holds a write goes
+//! through the log whole, its reads included: one commit answers it, and
+//! each read sees the state at its place in the batch. A batch of reads
+//! only never goes through the log. `linearizable`: the leader confirms it
+//! still leads (a heartbeat round to a quorum) and names its commit index;
+//! the node that serves the read, leader or follower, waits until it has
+//! applied that far, then reads its own store. `sequential`: a node reads
+//! its own store once it has applied everything the client's connection
+//! has already seen ([`Session::seen`]).
+//!
+//! Failures are honest: a write that was never proposed answers
+//! [`NOT_APPLIED`]; one proposed whose outcome could not be learnt in time
+//! answers [`OUTCOME_UNKNOWN`]; a read that cannot be served answers
+//! [`READ_FAILED`]. Never a false `STORED` or `NOT_STORED`.
+//!
+//! | file | part |
+//! |---|---|
+//! | `mod.rs` | the pipeline, the peer handler, start-up and status |
+//! | `batch.rs` | group commit: the writes of many connections in one entry |
+//! | `command.rs` | the log's payload and the messages between nodes |
+//! | `state.rs` | the state machine over the store; snapshots |
+//! | `record.rs` | the stored header (log index, CAS, deadline) |
+//! | `log_store.rs` | the durable Raft log and vote |
+//! | `network.rs` | Raft's RPCs over the cluster transport |
+
+// openraft's error types are large by design, and its traits return them.
+#![allow(clippy::result_large_err)]
+
+mod batch;
+pub mod command;
+pub mod log_store;
+mod network;
+pub mod record;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Pipeline, Session, StoreStatus};
+use crate::BoxFuture;
+use crate::backend::Backend;
+use crate::cluster::{Cluster, Handler, Liveness};
+use crate::metrics::Verdict;
+use crate::protocol::{Request, Response};
+use crate::time::unix_ms;
+use command::{Applied, Command, Forwarded, Rpc, RpcReply, decode, encode};
+use log_store::LogStore;
+use state::StateMachine;
+
+openraft::declare_raft_types!(
+    /// The ordered modes' Raft types: the log carries [`Command`]s, and
+    /// applying one answers [`Applied`].
+    pub TypeConfig:
+        D = Command,
+        R = Applied,
+);
+
+/// A write that was never proposed: it did not happen.
+pub const NOT_APPLIED: &str = "no leader reachable; write not applied";
+
+/// A write proposed whose outcome could not be learnt in time: it may or
+/// may not have happened, and a later read tells.
+pub const OUTCOME_UNKNOWN: &str = "outcome unknown; write may or may not have been applied";
+
+/// A read that could not be served within the deadline (no quorum, or the
+/// replica is behind).
+pub const READ_FAILED: &str = "no quorum; read not served";
+
+/// How long to wait before asking again when no leader is known.
+const LEADER_POLL: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    /// `true` for `sequential`, `false` for `linearizable`.
+    pub sequential: bool,
+    /// This node's log, vote, state and snapshot.
+    pub data_dir: PathBuf,
+    /// Every member (this node included) and its internal address.
+    pub members: Vec<(u32, String)>,
+    pub cluster_name: String,
+    pub heartbeat_interval: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// The most a client request waits for its outcome.
+    pub request_timeout: Duration,
+    /// A snapshot is taken after this many log entries since the last.
+    pub snapshot_after: u64,
+    /// Entries kept in the log behind the last snapshot, so a follower a
+    /// little behind catches up from the log rather than a snapshot.
+    pub keep_after_snapshot: u64,
+    /// How often the store is checked for a restart that lost its data.
+    pub store_check_interval: Duration,
+}
+
+/// Why a write or a read failed.
+#[derive(Debug)]
+enum Failure {
+    NotApplied,
+    Unknown(String),
+    Read(String),
+}
+
+impl Failure {
+    /// What went wrong, for the log.
+    fn reason(&self) -> &str {
+        match self {
+            Failure::NotApplied => "no leader",
+            Failure::Unknown(e) | Failure::Read(e) => e,
+        }
+    }
+
+    fn response(&self) -> Response {
+        Response::server_error(match self {
+            Failure::NotApplied => NOT_APPLIED,
+            Failure::Unknown(_) => OUTCOME_UNKNOWN,
+            Failure::Read(_) => READ_FAILED,
+        })
+    }
+}
+
+pub struct RaftMode {
+    id: u64,
+    raft: openraft::Raft<TypeConfig>,
+    sm: Arc<StateMachine>,
+    batcher: batch::Batcher,
+    /// Read-index rounds started, and the last one's number and answer.
+    rounds_started: AtomicU64,
+    last_round: tokio::sync::Mutex<Option<(u64, Result<u64, String>)>>,
+    /// Reads the log beside Raft, to rebuild a store that lost its data.
+    log: tokio::sync::Mutex<log_store::LogReader<TypeConfig>>,
+    backend: Arc<dyn Backend>,
+    cluster: Arc<Cluster>,
+    settings: RaftSettings,
+}
+
+impl RaftMode {
+    /// Opens the node's log and state machine and starts Raft. The store
+    /// must answer: it is checked (and rebuilt if it lost its data) first.
+    pub async fn start(
+        backend: Arc<dyn Backend>,
+        cluster: Arc<Cluster>,
+        settings: RaftSettings,
+    ) -> anyhow::Result<Arc<RaftMode>> {
+        let id = u64::from(cluster.node_id());
+        let sm = StateMachine::open(backend.clone(), &settings.data_dir.join("state")).await?;
+        let log = LogStore::<TypeConfig>::open(settings.data_dir.join("log"))?;
+        let reader = log.reader();
+        let ms = |d: Duration| d.as_millis() as u64;
+        let config = openraft::Config {
+            cluster_name: settings.cluster_name.clone(),
+            heartbeat_interval: ms(settings.heartbeat_interval),
+            election_timeout_min: ms(settings.election_timeout_min),
+            election_timeout_max: ms(settings.election_timeout_max),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_after),
+            max_in_snapshot_log_to_keep: settings.keep_after_snapshot,
+            snapshot_max_chunk_size: 1024 * 1024,
+            ..Default::default()
+        }
+        .validate()?;
+        let network = network::Network {
+            cluster: cluster.clone(),
+        };
+        let raft = openraft::Raft::new(id, Arc::new(config), network, log, sm.clone()).await?;
+        let batcher = batch::Batcher::start(raft.clone(), settings.request_timeout);
+        Ok(Arc::new(RaftMode {
+            id,
+            raft,
+            sm,
+            batcher,
+            rounds_started: AtomicU64::new(0),
+            last_round: tokio::sync::Mutex::new(None),
+            log: tokio::sync::Mutex::new(reader),
+            backend,
+            cluster,
+            settings,
+        }))
+    }
+
+    /// Forms the cluster on its first start, watches the store, and runs
+    /// until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> std::io::Result<()> {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = async {
+                self.form_cluster().await;
+                self.watch_store().await
+            } => {}
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not stop cleanly");
+        }
+        Ok(())
+    }
+
+    /// The member with the lowest id forms the cluster from the config,
+    /// once: when its own log is empty and no peer it can reach has joined
+    /// a cluster, and at least a majority (itself included) answered. The
+    /// others wait to be contacted by the leader.
+    async fn form_cluster(&self) {
+        let members: BTreeMap<u64, BasicNode> = self
+            .settings
+            .members
+            .iter()
+            .map(|(id, addr)| (u64::from(*id), BasicNode { addr: addr.clone() }))
+            .collect();
+        if members.keys().next() != Some(&self.id) {
+            return;
+        }
+        loop {
+            match self.raft.is_initialized().await {
+                Ok(true) | Err(_) => return,
+                Ok(false) => {}
+            }
+            let mut pristine = 1;
+            let mut formed = false;
+            for peer in self.cluster.peer_ids() {
+                let answer = self
+                    .cluster
+                    .request(peer, encode(&Rpc::Initialized), Duration::from_secs(1))
+                    .await
+                    .map(|b| decode::<RpcReply>(&b));
+                match answer {
+                    Ok(Ok(RpcReply::Initialized(false))) => pristine += 1,
+                    Ok(Ok(RpcReply::Initialized(true))) => formed = true,
+                    _ => {}
+                }
+            }
+            if formed {
+                tracing::info!("a peer already belongs to a cluster; not forming one");
+                return;
+            }
+            if pristine * 2 > members.len() {
+                match self.raft.initialize(members.clone()).await {
+                    Ok(()) => tracing::info!(
+                        members = ?members.keys().collect::<Vec<_>>(),
+                        "formed the cluster from the config"
+                    ),
+                    Err(e) => tracing::info!(error = %e, "not forming the cluster"),
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Checks the store every `store_check_interval`, and rebuilds it when
+    /// it lost its data (memcached restarted).
+    async fn watch_store(&self) {
+        let mut tick = tokio::time::interval(self.settings.store_check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let mut log = self.log.lock().await;
+            if let Err(e) = self.sm.check_store(&mut log).await {
+                tracing::debug!(error = %e, "cannot check the store yet");
+            }
+        }
+    }
+
+    /// Proposes `cmd`'s writes on this node (grouped with others waiting;
+    /// `batch.rs`), waiting until `deadline` for the outcome.
+    async fn propose_here(&self, cmd: Command, deadline: Instant) -> Forwarded {
+        self.batcher.propose(cmd.writes, deadline).await
+    }
+
+    /// Proposes `cmd` through the leader, wherever it is. Returns the log
+    /// index of the write and its replies.
+    async fn propose(&self, cmd: Command, deadline: Instant) -> Result<(u64, Applied), Failure> {
+        loop {
+            let outcome = match self.leader().await {
+                Some(l) if l == self.id => self.propose_here(cmd.clone(), deadline).await,
+                Some(l) => self.forward(l, &cmd, deadline).await,
+                None => Forwarded::NotLeader { leader: None },
+            };
+            match outcome {
+                Forwarded::Applied { index, applied } => return Ok((index, applied)),
+                Forwarded::Unknown(e) => return Err(Failure::Unknown(e)),
+                // Not proposed anywhere: try again while there is time.
+                Forwarded::NotLeader { .. } => {
+                    if Instant::now() + LEADER_POLL >= deadline {
+                        return Err(Failure::NotApplied);
+                    }
+                    tokio::time::sleep(LEADER_POLL).await;
+                }
+            }
+        }
+    }
+
+    /// Sends `cmd` to the leader `leader` to propose. Anything but its
+    /// answer leaves the outcome unknown: the request may have reached it.
+    async fn forward(&self, leader: u64, cmd: &Command, deadline: Instant) -> Forwarded {
+        let Ok(peer) = u32::try_from(leader) else {
+            return Forwarded::NotLeader { leader: None };
+        };
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let body = encode(&Rpc::Forward(cmd.clone()));
+        match self.cluster.request(peer, body, wait).await {
+            Ok(answer) => match decode::<RpcReply>(&answer) {
+                Ok(RpcReply::Forward(f)) => f,
+                Ok(other) => Forwarded::Unknown(format!("unexpected answer {other:?}")),
+                Err(e) => Forwarded::Unknown(e),
+            },
+            Err(e) => Forwarded::Unknown(e.to_string()),
+        }
+    }
+
+    async fn leader(&self) -> Option<u64> {
+        self.raft.current_leader().await
+    }
+
+    /// On the leader: confirms leadership with a quorum and returns the
+    /// index a linearizable read must wait for.
+    async fn read_index_here(&self) -> Result<u64, String> {
+        let (read, _applied) = self
+            .raft
+            .get_read_log_id()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(read.map_or(0, |l| l.index))
+    }
+
+    /// Waits until this node has applied `index`, within `deadline`.
+    async fn applied(&self, index: u64, deadline: Instant) -> Result<(), Failure> {
+        if self.sm.applied_index() >= index {
+            return Ok(());
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        self.raft
+            .wait(Some(wait))
+            .applied_index_at_least(Some(index), "read")
+            .await
+            .map(|_| ())
+            .map_err(|e| Failure::Read(e.to_string()))
+    }
+
+    /// What must hold before a read is served from the local store.
+    async fn before_read(&self, session: &Session, deadline: Instant) -> Result<(), Failure> {
+        if self.settings.sequential {
+            return self.applied(session.seen(), deadline).await;
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, self.read_index()).await {
+                Ok(Ok(index)) => return self.applied(index, deadline).await,
+                Err(_) => return Err(Failure::Read("no read index within the deadline".into())),
+                Ok(Err(e)) => {
+                    if Instant::now() + LEADER_POLL >= deadline {
+                        return Err(Failure::Read(e));
+                    }
+                    tokio::time::sleep(LEADER_POLL).await;
+                }
+            }
+        }
+    }
+
+    /// The read index for a linearizable read that arrived now. Reads
+    /// share rounds: one waits for the next round to start after it
+    /// arrived (a round that started earlier could predate a write the
+    /// read must see), and every read waiting then takes that round's
+    /// answer. So a leader runs one quorum round per batch of reads, not
+    /// one per read.
+    async fn read_index(&self) -> Result<u64, String> {
+        let arrived = self.rounds_started.load(Ordering::SeqCst);
+        let mut last = self.last_round.lock().await;
+        if let Some((round, answer)) = &*last
+            && *round > arrived
+        {
+            return answer.clone();
+        }
+        let round = self.rounds_started.fetch_add(1, Ordering::SeqCst) + 1;
+        let answer = match tokio::time::timeout(
+            self.settings.request_timeout,
+            self.read_index_round(),
+        )
+        .await
+        {
+            Ok(answer) => answer,
+            Err(_) => Err("no read index within the deadline".to_string()),
+        };
+        *last = Some((round, answer.clone()));
+        answer
+    }
+
+    /// One round: the leader's read index, asked of the leader if this
+    /// node is not it.
+    async fn read_index_round(&self) -> Result<u64, String> {
+        match self.leader().await {
+            Some(l) if l == self.id => self.read_index_here().await,
+            Some(l) => {
+                let wait = self.settings.request_timeout;
+                let answer = self
+                    .cluster
+                    .request(l as u32, encode(&Rpc::ReadIndex), wait)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match decode::<RpcReply>(&answer)? {
+                    RpcReply::ReadIndex(r) => r,
+                    other => Err(format!("unexpected answer {other:?}")),
+                }
+            }
+            None => Err("no leader".to_string()),
+        }
+    }
+
+    async fn reads(
+        &self,
+        session: &mut Session,
+        reads: &[Request],
+        deadline: Instant,
+        out: &mut Vec<Response>,
+    ) {
+        if let Err(f) = self.before_read(session, deadline).await {
+            tracing::debug!(reason = f.reason(), "read not served");
+            out.extend(reads.iter().map(|_| f.response()));
+            return;
+        }
+        // Everything applied now is what these reads may see.
+        let seen = self.sm.applied_index();
+        for r in reads {
+            let Request::Get { keys, cas } = r else {
+                out.push(Response::server_error("not a read"));
+                continue;
+            };
+            out.push(
+                match tokio::time::timeout_at(deadline, self.sm.read(keys, *cas)).await {
+                    Ok(Ok(values)) => values,
+                    Ok(Err(e)) => e.to_response(),
+                    // The store is being rebuilt.
+                    Err(_) => Response::server_error(READ_FAILED),
+                },
+            );
+        }
+        session.saw(seen);
+    }
+
+    /// Runs a batch that writes as one command in the log.
+    async fn through_log(
+        &self,
+        session: &mut Session,
+        writes: Vec<Request>,
+        deadline: Instant,
+        out: &mut Vec<Response>,
+    ) {
+        let n = writes.len();
+        let cmd = Command {
+            now_ms: unix_ms(),
+            writes,
+        };
+        match self.propose(cmd, deadline).await {
+            Ok((index, applied)) if applied.replies.len() == n => {
+                if self.settings.sequential {
+                    // Answer once applied here too; if that takes too long
+                    // the write still happened, and the session makes this
+                    // client's next read wait for it.
+                    let _ = self.applied(index, deadline).await;
+                }
+                session.saw(index);
+                out.extend(applied.replies);
+            }
+            Ok((_, applied)) => {
+                tracing::error!(
+                    sent = n,
+                    got = applied.replies.len(),
+                    "applying a command answered the wrong number of replies"
+                );
+                out.extend((0..n).map(|_| Response::server_error(OUTCOME_UNKNOWN)));
+            }
+            Err(f) => {
+                tracing::debug!(reason = f.reason(), "write failed");
+                out.extend((0..n).map(|_| f.response()));
+            }
+        }
+    }
+
+    fn role(&self) -> &'static str {
+        match self.raft.metrics().borrow().state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        }
+    }
+}
+
+fn is_read(r: &Request) -> bool {
+    matches!(r, Request::Get { .. })
+}
+
+impl Pipeline for RaftMode {
+    fn execute<'a>(
+        &'a self,
+        session: &'a mut Session,
+        requests: Vec<Request>,
+    ) -> BoxFuture<'a, Vec<Response>> {
+        Box::pin(async move {
+            let deadline = Instant::now() + self.settings.request_timeout;
+            let mut out = Vec::with_capacity(requests.len());
+            if requests.iter().all(is_read) {
+                self.reads(session, &requests, deadline, &mut out).await;
+            } else {
+                self.through_log(session, requests, deadline, &mut out)
+                    .await;
+            }
+            out
+        })
+    }
+
+    fn store_status(&self) -> StoreStatus {
+        StoreStatus::of(&*self.backend)
+    }
+
+    /// Ready while a leader is known; peers not up are notes.
+    fn readiness(&self) -> Verdict {
+        let m = self.raft.metrics().borrow().clone();
+        let mut reasons = Vec::new();
+        if m.current_leader.is_none() {
+            reasons.push("raft: no leader known (an election is under way, or no quorum)".into());
+        }
+        let notes = self
+            .cluster
+            .view()
+            .iter()
+            .filter(|p| p.liveness != Liveness::Up)
+            .map(|p| format!("peer {} is {}", p.id, p.liveness.as_str()))
+            .collect();
+        Verdict { reasons, notes }
+    }
+
+    fn cluster_stats(&self) -> Vec<(String, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+        let counts = &self.sm.counts;
+        let node = vec![
+            ("raft_role".to_string(), self.role().to_string()),
+            ("raft_term".to_string(), m.current_term.to_string()),
+            ("raft_leader".to_string(), opt(m.current_leader)),
+            ("raft_last_log_index".to_string(), opt(m.last_log_index)),
+            (
+                "raft_applied_index".to_string(),
+                opt(m.last_applied.map(|l| l.index)),
+            ),
+            (
+                "raft_snapshot_index".to_string(),
+                opt(m.snapshot.map(|l| l.index)),
+            ),
+            (
+                "raft_snapshots_built".to_string(),
+                counts.snapshots_built.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "raft_snapshots_installed".to_string(),
+                counts
+                    .snapshots_installed
+                    .load(Ordering::Relaxed)
+                    .to_string(),
+            ),
+            (
+                "raft_store_rebuilds".to_string(),
+                counts.store_rebuilds.load(Ordering::Relaxed).to_string(),
+            ),
+        ];
+        let matched: BTreeMap<u64, Option<u64>> = m
+            .replication
+            .as_ref()
+            .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
+            .unwrap_or_default();
+        let mode = if self.settings.sequential {
+            "sequential"
+        } else {
+            "linearizable"
+        };
+        self.cluster
+            .stats(mode, node, |peer| match matched.get(&u64::from(peer)) {
+                Some(index) => vec![("raft_matched_index".to_string(), opt(*index))],
+                None => Vec::new(),
+            })
+    }
+}
+
+impl Handler for RaftMode {
+    fn on_message(&self, peer: u32, _body: Bytes) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            Err(format!(
+                "peer {peer} sent a one-way message; the ordered modes send only requests"
+            ))
+        })
+    }
+
+    fn on_request(&self, _peer: u32, body: Bytes) -> BoxFuture<'_, Result<Bytes, String>> {
+        Box::pin(async move {
+            let reply = match decode::<Rpc>(&body)? {
+                Rpc::Append(r) => RpcReply::Append(self.raft.append_entries(r).await),
+                Rpc::Vote(r) => RpcReply::Vote(self.raft.vote(r).await),
+                Rpc::Snapshot(r) => RpcReply::Snapshot(self.raft.install_snapshot(r).await),
+                Rpc::Forward(cmd) => {
+                    let deadline = Instant::now() + self.settings.request_timeout;
+                    RpcReply::Forward(self.propose_here(cmd, deadline).await)
+                }
+                // Followers' reads share rounds with this node's own.
+                Rpc::ReadIndex => RpcReply::ReadIndex(match self.leader().await {
+                    Some(l) if l == self.id => self.read_index().await,
+                    _ => Err("not the leader".to_string()),
+                }),
+                Rpc::Initialized => {
+                    RpcReply::Initialized(self.raft.is_initialized().await.unwrap_or(true))
+                }
+            };
+            Ok(encode(&reply))
+        })
+    }
+}

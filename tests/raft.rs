@@ -1,0 +1,303 @@
+//! The ordered modes (`linearizable`, `sequential`) on three real memdial
+//! processes over the embedded store: any node takes any command and answers
+//! as one memcached would; a killed leader is replaced and the node rejoins
+//! and catches up; a node cut off from the majority answers `SERVER_ERROR`
+//! (linearizable) and never stale data, or keeps serving reads from its
+//! replica (sequential); `gets` tokens are honoured by `cas` on any node.
+//!
+//! The tests run one at a time (a lock), as the eventual cluster tests do.
+
+mod common;
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use common::client::{Client, text};
+use common::cluster::{ClusterOpts, TestCluster, poll_pause};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A client request's deadline in these clusters (`request_timeout_ms`),
+/// plus room for a loaded machine.
+const ANSWER_WAIT: Duration = Duration::from_secs(8);
+
+/// How long an election may take here: a few election timeouts.
+const ELECTION_WAIT: Duration = Duration::from_secs(15);
+
+fn mode(consistency: &'static str, relays: bool) -> ClusterOpts {
+    ClusterOpts {
+        consistency: Some(consistency),
+        relays,
+        ..ClusterOpts::default()
+    }
+}
+
+/// The node among `candidates` that says it leads, once one does.
+fn wait_leader(c: &TestCluster, candidates: &[usize], within: Duration) -> usize {
+    let start = Instant::now();
+    loop {
+        for &i in candidates {
+            let role = c
+                .stats_cluster(i)
+                .ok()
+                .and_then(|s| s.get("raft_role").cloned());
+            if role.as_deref() == Some("leader") {
+                return i;
+            }
+        }
+        assert!(
+            start.elapsed() < within,
+            "no leader among {candidates:?} within {within:?}"
+        );
+        poll_pause();
+    }
+}
+
+/// Sends `request` to node `i` until it is answered without a
+/// `SERVER_ERROR` (the cluster may still be electing), and returns it.
+fn call_until_served(c: &TestCluster, i: usize, request: &[u8], within: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let answer = Client::try_connect(c.ports(i).client)
+            .and_then(|mut cl| cl.try_call(request))
+            .map(|b| text(&b));
+        match answer {
+            Ok(a) if !a.starts_with("SERVER_ERROR") => return a,
+            other => assert!(
+                start.elapsed() < within,
+                "node {i} did not serve {:?} within {within:?}: {other:?}",
+                text(request)
+            ),
+        }
+        poll_pause();
+    }
+}
+
+fn cas_token(gets_reply: &str) -> u64 {
+    let line = gets_reply.lines().next().unwrap_or_default();
+    line.split(' ')
+        .nth(4)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no cas token in {gets_reply:?}"))
+}
+
+#[test]
+fn every_node_answers_as_one_memcached() {
+    let _s = serial();
+    let c = TestCluster::start(3, mode("linearizable", false));
+    wait_leader(&c, &[1, 2, 3], ELECTION_WAIT);
+    assert_eq!(
+        call_until_served(&c, 2, b"set k 5 0 2\r\nhi\r\n", ANSWER_WAIT),
+        "STORED\r\n"
+    );
+    // A write acknowledged on one node is seen by a read on any other.
+    assert_eq!(
+        Client::connect(c.ports(3).client).call(b"get k\r\n"),
+        b"VALUE k 5 2\r\nhi\r\nEND\r\n"
+    );
+    // gets on one node, cas on another: the token is the cluster's.
+    let gets = text(&Client::connect(c.ports(1).client).call(b"gets k\r\n"));
+    let token = cas_token(&gets);
+    let mut n3 = Client::connect(c.ports(3).client);
+    let stale = format!("cas k 0 0 1 {}\r\nx\r\n", token + 1000);
+    assert_eq!(n3.call(stale.as_bytes()), b"EXISTS\r\n");
+    let fresh = format!("cas k 0 0 1 {token}\r\nx\r\n");
+    assert_eq!(n3.call(fresh.as_bytes()), b"STORED\r\n");
+    assert_eq!(
+        Client::connect(c.ports(2).client).call(fresh.as_bytes()),
+        b"EXISTS\r\n",
+        "a cas token is good for one write only"
+    );
+    // The rest of the commands, through different nodes.
+    let mut n1 = Client::connect(c.ports(1).client);
+    assert_eq!(n1.call(b"add k 0 0 1\r\ny\r\n"), b"NOT_STORED\r\n");
+    assert_eq!(n1.call(b"set n 0 0 2\r\n10\r\n"), b"STORED\r\n");
+    assert_eq!(n3.call(b"incr n 5\r\n"), b"15\r\n");
+    assert_eq!(n3.call(b"decr n 100\r\n"), b"0\r\n");
+    assert_eq!(n1.call(b"append k 0 0 1\r\n!\r\n"), b"STORED\r\n");
+    assert_eq!(n3.call(b"get k\r\n"), b"VALUE k 0 2\r\nx!\r\nEND\r\n");
+    assert_eq!(n1.call(b"touch k 100\r\n"), b"TOUCHED\r\n");
+    assert_eq!(n3.call(b"delete k\r\n"), b"DELETED\r\n");
+    assert_eq!(n1.call(b"delete k\r\n"), b"NOT_FOUND\r\n");
+    assert_eq!(n1.call(b"incr nothing 1\r\n"), b"NOT_FOUND\r\n");
+    assert_eq!(n3.call(b"flush_all\r\n"), b"OK\r\n");
+    assert_eq!(n1.call(b"get n\r\n"), b"END\r\n");
+    // A pipelined batch mixing reads and writes is answered in order.
+    n1.send(b"set p 0 0 1\r\n1\r\nget p\r\nincr p 1\r\nget p\r\n");
+    let replies: Vec<String> = (0..4).map(|_| text(&n1.read_reply().unwrap())).collect();
+    assert_eq!(
+        replies,
+        [
+            "STORED\r\n",
+            "VALUE p 0 1\r\n1\r\nEND\r\n",
+            "2\r\n",
+            "VALUE p 0 1\r\n2\r\nEND\r\n"
+        ]
+    );
+}
+
+#[test]
+fn a_killed_leader_is_replaced_and_catches_up_when_back() {
+    let _s = serial();
+    let mut c = TestCluster::start(3, mode("linearizable", false));
+    let leader = wait_leader(&c, &[1, 2, 3], ELECTION_WAIT);
+    let others: Vec<usize> = (1..=3).filter(|&i| i != leader).collect();
+    assert_eq!(
+        call_until_served(&c, leader, b"set before 0 0 1\r\nb\r\n", ANSWER_WAIT),
+        "STORED\r\n"
+    );
+    c.kill9(leader);
+    let killed = Instant::now();
+    let next = wait_leader(&c, &others, ELECTION_WAIT);
+    let elected = killed.elapsed();
+    assert_ne!(next, leader);
+    // Writes resume on both survivors, and nothing acknowledged is lost.
+    assert_eq!(
+        call_until_served(&c, others[0], b"set after 0 0 1\r\na\r\n", ANSWER_WAIT),
+        "STORED\r\n"
+    );
+    assert_eq!(
+        call_until_served(&c, others[1], b"get before after\r\n", ANSWER_WAIT),
+        "VALUE before 0 1\r\nb\r\nVALUE after 0 1\r\na\r\nEND\r\n"
+    );
+    // The killed node comes back with its log and catches up by itself.
+    c.restart(leader);
+    assert_eq!(
+        call_until_served(&c, leader, b"get before after\r\n", ANSWER_WAIT),
+        "VALUE before 0 1\r\nb\r\nVALUE after 0 1\r\na\r\nEND\r\n"
+    );
+    eprintln!("new leader {next} elected {elected:?} after leader {leader} was killed");
+}
+
+#[test]
+fn a_cut_off_node_never_serves_stale_data_and_rejoins() {
+    let _s = serial();
+    let c = TestCluster::start(3, mode("linearizable", true));
+    let leader = wait_leader(&c, &[1, 2, 3], ELECTION_WAIT);
+    assert_eq!(
+        call_until_served(&c, 1, b"set k 0 0 3\r\nold\r\n", ANSWER_WAIT),
+        "STORED\r\n"
+    );
+    // Cut off a follower: the majority goes on writing.
+    let cut = (1..=3).find(|&i| i != leader).unwrap();
+    let majority: Vec<usize> = (1..=3).filter(|&i| i != cut).collect();
+    c.partition(cut);
+    assert_eq!(
+        call_until_served(&c, majority[0], b"set k 0 0 3\r\nnew\r\n", ANSWER_WAIT),
+        "STORED\r\n"
+    );
+    // The cut-off node answers, within its deadline, SERVER_ERROR: never
+    // the old value, never a hang.
+    let mut isolated = Client::connect(c.ports(cut).client);
+    let asked = Instant::now();
+    let read = text(&isolated.call(b"get k\r\n"));
+    assert!(
+        read.starts_with("SERVER_ERROR"),
+        "a minority read: {read:?}"
+    );
+    assert!(asked.elapsed() < ANSWER_WAIT, "took {:?}", asked.elapsed());
+    let write = text(&isolated.call(b"set k 0 0 1\r\nz\r\n"));
+    assert!(
+        write.starts_with("SERVER_ERROR"),
+        "a minority write: {write:?}"
+    );
+    // Healed, it serves the majority's value.
+    c.heal_all();
+    assert_eq!(
+        call_until_served(&c, cut, b"get k\r\n", ANSWER_WAIT),
+        "VALUE k 0 3\r\nnew\r\nEND\r\n"
+    );
+}
+
+#[test]
+fn sequential_reads_stay_local_and_see_the_sessions_own_writes() {
+    let _s = serial();
+    let c = TestCluster::start(3, mode("sequential", true));
+    let leader = wait_leader(&c, &[1, 2, 3], ELECTION_WAIT);
+    let follower = (1..=3).find(|&i| i != leader).unwrap();
+    assert_eq!(
+        call_until_served(&c, follower, b"set k 0 0 1\r\n1\r\n", ANSWER_WAIT),
+        "STORED\r\n"
+    );
+    // Read-your-writes on the same connection, through a follower.
+    let mut session = Client::connect(c.ports(follower).client);
+    assert_eq!(session.call(b"set k 0 0 1\r\n2\r\n"), b"STORED\r\n");
+    assert_eq!(session.call(b"get k\r\n"), b"VALUE k 0 1\r\n2\r\nEND\r\n");
+    // Cut off, the follower still serves reads from its replica; writes
+    // need the majority.
+    c.partition(follower);
+    assert_eq!(session.call(b"get k\r\n"), b"VALUE k 0 1\r\n2\r\nEND\r\n");
+    let write = text(&session.call(b"set k 0 0 1\r\n3\r\n"));
+    assert!(
+        write.starts_with("SERVER_ERROR"),
+        "a minority write: {write:?}"
+    );
+    c.heal_all();
+}
+
+#[test]
+fn a_memcached_that_restarts_empty_is_rebuilt_from_the_log() {
+    let _s = serial();
+    let mut c = TestCluster::start(
+        3,
+        ClusterOpts {
+            memcached: true,
+            ..mode("linearizable", false)
+        },
+    );
+    let leader = wait_leader(&c, &[1, 2, 3], ELECTION_WAIT);
+    let victim = (1..=3).find(|&i| i != leader).unwrap();
+    let mut writer = Client::connect(c.ports(leader).client);
+    assert_eq!(
+        call_until_served(&c, leader, b"set k0 0 0 2\r\nv0\r\n", ANSWER_WAIT),
+        "STORED\r\n"
+    );
+    for i in 1..50 {
+        let set = format!("set k{i} 0 0 {}\r\nv{i}\r\n", format!("v{i}").len());
+        assert_eq!(writer.call(set.as_bytes()), b"STORED\r\n");
+    }
+    assert_eq!(writer.call(b"incr k-n 1\r\n"), b"NOT_FOUND\r\n");
+    let keys: Vec<String> = (0..50).map(|i| format!("k{i}")).collect();
+    let get = format!("get {}\r\n", keys.join(" "));
+    let expected = text(&writer.call(get.as_bytes()));
+    assert_eq!(expected.matches("VALUE").count(), 50);
+
+    c.memcached_restart(victim);
+    // The node notices (its store check) and rebuilds the store from the
+    // log; then it serves every value again, and says so.
+    let start = Instant::now();
+    loop {
+        let seen = Client::try_connect(c.ports(victim).client)
+            .and_then(|mut cl| cl.try_call(get.as_bytes()))
+            .map(|b| text(&b));
+        let rebuilt = c
+            .stats_cluster(victim)
+            .ok()
+            .and_then(|s| s.get("raft_store_rebuilds").cloned());
+        if seen.as_ref().is_ok_and(|s| *s == expected) && rebuilt.as_deref() == Some("1") {
+            break;
+        }
+        assert!(
+            start.elapsed() < ANSWER_WAIT * 2,
+            "node {victim} not rebuilt: rebuilds {rebuilt:?}, reads {seen:?}"
+        );
+        poll_pause();
+    }
+    // And it takes part in writes again.
+    assert_eq!(
+        Client::connect(c.ports(victim).client).call(b"incr k-n 1\r\n"),
+        b"NOT_FOUND\r\n"
+    );
+    assert_eq!(
+        Client::connect(c.ports(victim).client).call(b"append k1 0 0 1\r\n!\r\n"),
+        b"STORED\r\n"
+    );
+    assert_eq!(
+        Client::connect(c.ports(leader).client).call(b"get k1\r\n"),
+        b"VALUE k1 0 3\r\nv1!\r\nEND\r\n"
+    );
+}
