@@ -57,6 +57,10 @@ Commands are sent to the node as typed; the reply is printed as it comes.
                then type the data block (BYTES bytes) on the next line
   delete KEY   incr KEY N   decr KEY N   touch KEY EXPTIME
   flush_all [DELAY]   version   verbosity N   stats [settings|cluster|reset]
+  mg KEY FLAGS...   md KEY FLAGS...   ma KEY FLAGS...   me KEY   mn
+  ms KEY BYTES FLAGS...   then type the data block on the next line
+               (with the q flag, mn is sent after it and every reply up
+               to its MN is printed)
 The cli's own:
   set KEY VALUE [TTL]   store a one-word VALUE, flags 0 (also add, replace,
                         append, prepend)
@@ -118,6 +122,14 @@ pub fn parse_line(line: &str) -> Action {
             6 | 7 => raw_storage(line, &tokens, 7),
             _ => Action::Usage("usage: cas KEY FLAGS EXPTIME BYTES CAS [noreply]".into()),
         },
+        "ms" => match tokens.get(2).map(|b| b.parse::<usize>()) {
+            Some(Ok(bytes)) => Action::NeedData {
+                line: line.to_string(),
+                bytes,
+                wait: true,
+            },
+            _ => Action::Usage("usage: ms KEY BYTES [FLAGS...]".into()),
+        },
         c if STORAGE.contains(&c) => match tokens.len() {
             3 | 4 => friendly_storage(&tokens),
             5 | 6 => raw_storage(line, &tokens, 6),
@@ -130,6 +142,18 @@ pub fn parse_line(line: &str) -> Action {
             wait: LISTS.contains(&c) || !noreply,
         },
     }
+}
+
+/// True for a meta request with the `q` flag: some of its replies are
+/// hidden, so `mn` is sent after it and the replies are read up to `MN`.
+pub fn quiet_meta(line: &str) -> bool {
+    let tokens: Vec<&str> = line.split_ascii_whitespace().collect();
+    let first_flag = match tokens.first() {
+        Some(&"mg" | &"md" | &"ma") => 2,
+        Some(&"ms") => 3,
+        _ => return false,
+    };
+    tokens.iter().skip(first_flag).any(|t| *t == "q")
 }
 
 /// `set KEY VALUE [TTL]` → `set KEY 0 TTL LEN\r\nVALUE\r\n`.
@@ -208,8 +232,14 @@ pub fn read_reply(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
             });
         }
         let line = &out[start..];
-        if let Some(rest) = line.strip_prefix(b"VALUE ") {
-            let bytes = value_len(rest).ok_or_else(|| invalid("malformed VALUE line"))?;
+        let value = if let Some(rest) = line.strip_prefix(b"VALUE ") {
+            Some(value_len(rest).ok_or_else(|| invalid("malformed VALUE line"))?)
+        } else if let Some(rest) = line.strip_prefix(b"VA ") {
+            Some(meta_value_len(rest).ok_or_else(|| invalid("malformed VA line"))?)
+        } else {
+            None
+        };
+        if let Some(bytes) = value {
             let want = bytes + 2;
             let before = out.len();
             r.by_ref().take(want as u64).read_to_end(&mut out)?;
@@ -219,6 +249,10 @@ pub fn read_reply(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
                     "connection closed",
                 ));
             }
+            if line_is_meta(&out[start..]) {
+                // A meta reply is one item: its value ends it.
+                return Ok(out);
+            }
             continue;
         }
         if line.starts_with(b"STAT ") {
@@ -226,6 +260,17 @@ pub fn read_reply(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
         }
         return Ok(out);
     }
+}
+
+fn line_is_meta(line: &[u8]) -> bool {
+    line.starts_with(b"VA ")
+}
+
+/// The data length of a `VA BYTES FLAGS...` line (after `VA `).
+fn meta_value_len(rest: &[u8]) -> Option<usize> {
+    let text = std::str::from_utf8(rest).ok()?;
+    let bytes: usize = text.split_ascii_whitespace().next()?.parse().ok()?;
+    (bytes <= MAX_VALUE).then_some(bytes)
 }
 
 /// The data length of a `VALUE KEY FLAGS BYTES [CAS]` line (after `VALUE `).
@@ -597,6 +642,26 @@ impl Conn {
         result.map(|()| out)
     }
 
+    /// Sends a quiet meta `request` followed by `mn`, and returns every
+    /// reply up to and including `MN`.
+    fn call_quiet(&mut self, request: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let mut both = request.to_vec();
+        both.extend_from_slice(b"mn\r\n");
+        let mut out = Vec::new();
+        let mut reply = self.call(&both, true)?.unwrap_or_default();
+        loop {
+            let done = reply == b"MN\r\n";
+            out.extend_from_slice(&reply);
+            if done {
+                return Ok(out);
+            }
+            reply = match read_reply(&mut self.reader) {
+                Ok(r) => r,
+                Err(e) => return Err(anyhow::Error::new(e).context("reading a quiet reply")),
+            };
+        }
+    }
+
     /// Sends `request` and returns the reply (`None` when not waiting).
     fn call(&mut self, request: &[u8], wait: bool) -> anyhow::Result<Option<Vec<u8>>> {
         self.stray()?;
@@ -746,6 +811,9 @@ fn repl(conn: &mut Conn, input: &mut Input, prompt: &str) -> anyhow::Result<()> 
             Action::Quit => return Ok(()),
             Action::Usage(msg) => println!("{msg}"),
             Action::Show => show(conn)?,
+            Action::Send { request, .. } if quiet_meta(&line) => {
+                print_raw(&conn.call_quiet(&request)?)?;
+            }
             Action::Send { request, wait } => {
                 if let Some(reply) = conn.call(&request, wait)? {
                     print_raw(&reply)?;
@@ -761,6 +829,9 @@ fn repl(conn: &mut Conn, input: &mut Input, prompt: &str) -> anyhow::Result<()> 
                     Typed::Eof => return Ok(()),
                 };
                 match with_data(&line, bytes, &data) {
+                    Ok(request) if quiet_meta(&line) => {
+                        print_raw(&conn.call_quiet(&request)?)?;
+                    }
                     Ok(request) => {
                         if let Some(reply) = conn.call(&request, wait)? {
                             print_raw(&reply)?;
@@ -940,6 +1011,16 @@ mod tests {
         // A data block that looks like END does not end the reply.
         let get = b"VALUE k 0 5\r\nEND\r\n\r\nVALUE j 3 1 9\r\nx\r\nEND\r\nnext";
         assert_eq!(reply(get).unwrap(), &get[..get.len() - 4]);
+        // A meta value ends its reply; a data block may look like a reply.
+        let va = b"VA 4 f0\r\nHD\r\n\r\nMN\r\n";
+        assert_eq!(reply(va).unwrap(), &va[..va.len() - 4]);
+        assert_eq!(reply(b"HD c5\r\nMN\r\n").unwrap(), b"HD c5\r\n");
+        assert_eq!(
+            reply(b"ME k exp=-1 la=0\r\n").unwrap(),
+            b"ME k exp=-1 la=0\r\n"
+        );
+        assert!(quiet_meta("mg k v q") && quiet_meta("ms k 2 q T5"));
+        assert!(!quiet_meta("mg q") && !quiet_meta("ms k 2") && !quiet_meta("get q"));
         let stats = b"STAT a 1\r\nSTAT b two words\r\nEND\r\n";
         assert_eq!(reply(stats).unwrap(), stats);
         assert_eq!(

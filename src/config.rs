@@ -266,10 +266,13 @@ pub struct NodeConfig {
 pub struct LimitsConfig {
     /// Largest value, in bytes (memcached `-I`).
     pub item_size_max: usize,
-    /// Longest command line other than the `get` family.
+    /// Longest command line other than the `get` family (memcached's own
+    /// limit, 16,382 bytes, by default).
     pub max_line_bytes: usize,
     /// Longest `get`/`gets`/`gat`/`gats` line.
     pub max_get_line_bytes: usize,
+    /// Most keys in one get line (memcached has none; the default takes
+    /// every key a default get line holds).
     pub max_keys_per_get: usize,
     /// Client connections open at once; more are answered
     /// `ERROR Too many open connections` and closed.

@@ -12,7 +12,11 @@
 //! Times are milliseconds on a caller's [`Clock`]; a deadline is the clock
 //! reading at which a value stops being visible.
 //!
+//! The meta commands' rules are in [`meta`].
+//!
 //! May use: `protocol`, `bytes`, `itoa`.
+
+pub mod meta;
 
 use bytes::{Bytes, BytesMut};
 

@@ -50,6 +50,22 @@ fn raw_storage_command_takes_the_next_line_as_data() {
 }
 
 #[test]
+fn meta_replies_are_printed_whole() {
+    let node = Memdial::embedded();
+    let out = cli(
+        node.port,
+        "ms mk 5 T0 F3\nhello\nmg mk v f\nmg nope v q\nmd mk q\nmg mk v\nmn\n",
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(text.contains("HD\n"), "{}", describe(&out));
+    assert!(text.contains("VA 5 f3\nhello\n"), "{}", describe(&out));
+    // Quiet requests: mn follows them, and their replies end at its MN.
+    assert!(text.contains("EN\nMN"), "{}", describe(&out));
+    assert!(!text.contains("ERROR"), "{}", describe(&out));
+}
+
+#[test]
 fn show_on_a_single_node() {
     let node = Memdial::embedded();
     let out = cli(node.port, "show\n");

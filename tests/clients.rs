@@ -1,5 +1,6 @@
 //! Third-party clients against memdial on both backends: pymemcache
-//! exercising every command, and libmemcached's `memcapable -a`.
+//! exercising every command, meta-memcache (a meta-protocol client) doing
+//! its normal work, and libmemcached's `memcapable -a`.
 
 mod common;
 
@@ -9,18 +10,36 @@ use common::client::text;
 use common::procs::{Memcached, Memdial};
 
 fn pymemcache(port: u16) {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/clients/pymemcache_check.py"
+    python_check(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/pymemcache_check.py"
+        ),
+        port,
     );
+}
+
+fn meta_memcache(port: u16) {
+    python_check(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/meta_memcache_check.py"
+        ),
+        port,
+    );
+}
+
+/// Runs a client check script against `port`; it prints `all checks
+/// passed` when every check passed.
+fn python_check(script: &str, port: u16) {
     let out = Command::new("python3")
         .arg(script)
         .arg(port.to_string())
         .output()
-        .expect("python3 (the README's test command installs pymemcache)");
+        .expect("python3 (the README's test command installs the client libraries)");
     assert!(
         out.status.success(),
-        "pymemcache check failed:\n{}\n{}",
+        "{script} failed:\n{}\n{}",
         text(&out.stdout),
         text(&out.stderr)
     );
@@ -36,6 +55,23 @@ fn pymemcache_on_embedded() {
 fn pymemcache_on_memcached() {
     let m = Memcached::start();
     pymemcache(Memdial::over(&m).port);
+}
+
+#[test]
+fn meta_memcache_on_embedded() {
+    meta_memcache(Memdial::embedded().port);
+}
+
+#[test]
+fn meta_memcache_on_memcached() {
+    let m = Memcached::start();
+    meta_memcache(Memdial::over(&m).port);
+}
+
+/// The check script's expectations hold for memcached 1.6.18 itself.
+#[test]
+fn meta_memcache_on_memcached_direct() {
+    meta_memcache(Memcached::start().port);
 }
 
 /// memcapable from Debian's libmemcached-tools, every ascii test in one run

@@ -226,6 +226,49 @@ fn write_on_one_node_reads_on_the_others() {
     }
 }
 
+/// Meta writes replicate as their text twins do: `ms` (with its modes),
+/// `ma` (with vivify) and `md` on one node are read on the others, through
+/// both protocols.
+#[test]
+fn meta_writes_on_one_node_read_on_the_others() {
+    let _serial = serial();
+    let c = TestCluster::start(3, memcached_backed());
+    let mut n1 = c.client(1);
+    n1.send(
+        b"ms m-set 5 F9 T100\r\nhello\r\nms m-app 1\r\na\r\nms m-app 1 MA\r\nb\r\n\
+          ma m-ctr N0 J40 q\r\nma m-ctr D2\r\nms m-gone 1\r\ng\r\nmd m-gone q\r\nmn\r\n",
+    );
+    assert_eq!(
+        text(&n1.read_until(b"MN\r\n")),
+        // A counter created under `q` is still answered, as memcached does.
+        "HD\r\nHD\r\nHD\r\nHD\r\nHD\r\nHD\r\nMN\r\n"
+    );
+    let keys: Vec<String> = ["m-set", "m-app", "m-ctr", "m-gone"]
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+    let want = n1.get_many(&keys).unwrap();
+    assert_eq!(want.len(), 3, "{}", show(&want));
+    assert_eq!(want[&b"m-set"[..]], (9, b"hello".to_vec()));
+    assert_eq!(want[&b"m-app"[..]], (0, b"ab".to_vec()));
+    assert_eq!(want[&b"m-ctr"[..]], (0, b"42".to_vec()));
+    for node in [2, 3] {
+        wait_reads(
+            c.ports(node).client,
+            &keys,
+            &want,
+            CONVERGE_WAIT,
+            &format!("node {node} reads node 1's meta writes"),
+        );
+        let mut other = c.client(node);
+        other.send(b"mg m-set v f s\r\nmg m-gone v\r\nmn\r\n");
+        assert_eq!(
+            text(&other.read_until(b"MN\r\n")),
+            "VA 5 f9 s5\r\nhello\r\nEN\r\nMN\r\n"
+        );
+    }
+}
+
 #[test]
 fn killed_node_catches_up() {
     let _serial = serial();

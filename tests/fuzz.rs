@@ -22,8 +22,9 @@
 //! in release); `MEMDIAL_FUZZ_SEED` fixes the live target's generator. The
 //! longer run, its command and its result are in `docs/FUZZ.md`.
 //!
-//! Meta commands (`mg ms md ma mn me`) are not implemented yet: they are in
-//! the dictionary, and today earn `ERROR` like any unknown command.
+//! Meta commands (`mg ms md ma mn me`) and their flags are in the
+//! dictionary; a refused `ms` discards its declared data block (`skip`), as
+//! the drain here does too.
 
 mod common;
 
@@ -263,8 +264,13 @@ fn piece() -> impl Strategy<Value = Vec<u8>> {
         // A declared length far past the data that follows.
         1 => (prop::sample::select(&["set", "append"][..]), 0usize..3_000_000)
             .prop_map(|(cmd, n)| format!("{cmd} big 0 0 {n}\r\nxyz\r\n").into_bytes()),
-        // Lines around the line limit (2048), with and without a newline.
-        1 => (2040usize..2060, any::<bool>(), any::<bool>()).prop_map(|(n, get, nl)| {
+        // Lines around memcached's old partial-line limit (2048) and
+        // memdial's line limit (16,382), with and without a newline.
+        1 => (
+            prop_oneof![2040usize..2060, 16_370usize..16_395],
+            any::<bool>(),
+            any::<bool>()
+        ).prop_map(|(n, get, nl)| {
             let mut out = if get { b"get ".to_vec() } else { b"set ".to_vec() };
             out.resize(n, b'k');
             if nl {
@@ -346,7 +352,9 @@ fn tiny_limits() -> Limits {
 
 // ---------------------------------------------------------------- parser
 
-const STORAGE: &[&[u8]] = &[b"set", b"add", b"replace", b"append", b"prepend", b"cas"];
+const STORAGE: &[&[u8]] = &[
+    b"set", b"add", b"replace", b"append", b"prepend", b"cas", b"ms",
+];
 
 fn first_token(buf: &[u8]) -> &[u8] {
     buf.split(|&b| b == b' ')
@@ -427,7 +435,7 @@ fn check_one(buf: &[u8], limits: &Limits) -> Result<Parsed, TestCaseError> {
                 prop_assert!(buf.len() < nl + 1 + limits.item_size_max + 2);
             }
         },
-        Parsed::Fatal(_) => {}
+        Parsed::Fatal(_) | Parsed::Hangup => {}
     }
     Ok(parsed)
 }
@@ -472,8 +480,10 @@ fn check_input(input: &[u8], limits: &Limits, cut: Index) -> Result<(), TestCase
             Parsed::Request {
                 consumed, skip: s, ..
             } => (at, skip) = (at + consumed, s),
-            Parsed::Invalid { consumed, .. } => at += consumed,
-            Parsed::Incomplete | Parsed::Fatal(_) => break,
+            Parsed::Invalid {
+                consumed, skip: s, ..
+            } => (at, skip) = (at + consumed, s),
+            Parsed::Incomplete | Parsed::Fatal(_) | Parsed::Hangup => break,
         }
     }
     Ok(())

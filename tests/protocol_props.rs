@@ -1,11 +1,12 @@
-//! Properties of the parser and encoders: a request split at any byte
-//! parses the same, encode → parse round-trips, and no input makes the
-//! parser panic or claim more bytes than it was given.
+//! Properties of the parser and encoders: a request (text or meta) split at
+//! any byte parses the same, encode → parse round-trips, and no input makes
+//! the parser panic or claim more bytes than it was given.
 
 use bytes::{Bytes, BytesMut};
 use memdial::protocol::{
-    ArithOp, ConnRequest, Incoming, Limits, Parsed, ReplyParsed, Request, Response, StoreOp, Value,
-    encode_conn_request, encode_request, encode_response, parse_reply, parse_request,
+    ArithOp, ConnRequest, Incoming, Limits, MetaCode, MetaReply, Parsed, ReplyParsed, Request,
+    Response, StoreOp, Value, base64_encode, encode_conn_request, encode_request, encode_response,
+    parse_reply, parse_request,
 };
 use proptest::prelude::*;
 
@@ -104,6 +105,84 @@ fn request() -> impl Strategy<Value = Incoming> {
     ]
 }
 
+/// Valid flags of each meta command, one per first character.
+fn meta_flags(cmd: &str) -> &'static [&'static str] {
+    match cmd {
+        "mg" => &[
+            "c", "f", "h", "k", "l", "Oop1", "q", "s", "t", "u", "v", "N30", "R10", "T-1",
+        ],
+        "ms" => &["c", "C12", "F7", "I", "k", "Oop2", "q", "T100", "MA", "s"],
+        "md" => &["C5", "I", "k", "Oop3", "q", "T5"],
+        "ma" => &[
+            "c",
+            "C0",
+            "N0",
+            "J7",
+            "D18446744073709551615",
+            "T9",
+            "M-",
+            "q",
+            "t",
+            "v",
+            "k",
+        ],
+        _ => &[],
+    }
+}
+
+/// A valid meta request line (with its data block for `ms`), its key
+/// sent as is or base64-encoded.
+fn meta_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let cmd = prop::sample::select(&["mg", "ms", "md", "ma", "me", "mn"][..]);
+    (
+        cmd,
+        key().prop_map(|k| k.slice(..k.len().min(180))),
+        any::<bool>(),
+        proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
+        data(),
+    )
+        .prop_map(|(cmd, key, b64, picks, data)| {
+            let mut line = cmd.as_bytes().to_vec();
+            if cmd == "mn" {
+                line.extend_from_slice(b"\r\n");
+                return line;
+            }
+            line.push(b' ');
+            if b64 {
+                line.extend_from_slice(base64_encode(&key).as_bytes());
+            } else {
+                line.extend_from_slice(&key);
+            }
+            if cmd == "ms" {
+                line.extend_from_slice(format!(" {}", data.len()).as_bytes());
+            }
+            if cmd == "me" {
+                if b64 {
+                    line.extend_from_slice(b" b");
+                }
+            } else {
+                let table = meta_flags(cmd);
+                let mut chosen: Vec<&str> = picks.iter().map(|i| *i.get(table)).collect();
+                chosen.dedup();
+                chosen.sort_unstable();
+                chosen.dedup();
+                if b64 {
+                    chosen.push("b");
+                }
+                for f in chosen {
+                    line.push(b' ');
+                    line.extend_from_slice(f.as_bytes());
+                }
+            }
+            line.extend_from_slice(b"\r\n");
+            if cmd == "ms" {
+                line.extend_from_slice(&data);
+                line.extend_from_slice(b"\r\n");
+            }
+            line
+        })
+}
+
 fn encoded(r: &Incoming) -> Vec<u8> {
     let mut b = BytesMut::new();
     match r {
@@ -145,7 +224,95 @@ fn response() -> impl Strategy<Value = (Request, Response)> {
     ]
 }
 
+fn meta_response() -> impl Strategy<Value = (Request, Response)> {
+    let request = |quiet: bool| {
+        let line: &[u8] = if quiet {
+            b"mg k v q\r\n"
+        } else {
+            b"mg k v\r\n"
+        };
+        match parse_request(line, &Limits::default()) {
+            Parsed::Request {
+                request: Incoming::Data(r),
+                ..
+            } => r,
+            other => panic!("{other:?}"),
+        }
+    };
+    let code = prop::sample::select(
+        &[
+            MetaCode::Hd,
+            MetaCode::En,
+            MetaCode::Nf,
+            MetaCode::Ns,
+            MetaCode::Ex,
+        ][..],
+    );
+    prop_oneof![
+        (code, any::<bool>(), any::<bool>()).prop_map(move |(code, flags, quiet)| {
+            let rest = if flags { " c5 Oop k+/= b" } else { "" };
+            (request(quiet), Response::Meta(MetaReply::new(code, rest)))
+        }),
+        (data(), any::<bool>()).prop_map(move |(data, quiet)| {
+            let reply = MetaReply {
+                code: MetaCode::Va,
+                rest: Bytes::from_static(b" f1 t-1"),
+                value: Some(data),
+            };
+            (request(quiet), Response::Meta(reply))
+        }),
+    ]
+}
+
 proptest! {
+    #[test]
+    fn meta_requests_split_at_any_byte_parse_the_same(
+        bytes in meta_bytes(),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let whole = parse_request(&bytes, &Limits::default());
+        let Parsed::Request { request, consumed, skip: 0 } = &whole else {
+            return Err(TestCaseError::fail(format!("{:?}: {:?}", String::from_utf8_lossy(&bytes), whole)));
+        };
+        prop_assert_eq!(*consumed, bytes.len());
+        let cut = cut.index(bytes.len());
+        let prefix = parse_request(&bytes[..cut], &Limits::default());
+        prop_assert_eq!(prefix, Parsed::Incomplete);
+        // Re-encoded (`q` kept), it parses to the same request.
+        let again = encoded(request);
+        match parse_request(&again, &Limits::default()) {
+            Parsed::Request { request: r, consumed, .. } => {
+                prop_assert_eq!(&r, request);
+                prop_assert_eq!(consumed, again.len());
+            }
+            other => prop_assert!(false, "{:?}", other),
+        }
+    }
+
+    #[test]
+    fn meta_replies_round_trip_through_the_reply_parser((req, resp) in meta_response()) {
+        // A quiet request is forwarded followed by `mn`: its reply ends in `MN`.
+        let quiet = matches!(&req, Request::Meta(m) if m.flags.quiet);
+        let mut b = BytesMut::new();
+        encode_response(&resp, &mut b);
+        if quiet {
+            b.extend_from_slice(b"MN\r\n");
+        }
+        prop_assert_eq!(
+            parse_reply(&req, &b),
+            ReplyParsed::Complete { response: resp, consumed: b.len() }
+        );
+        for cut in 0..b.len() {
+            prop_assert_eq!(parse_reply(&req, &b[..cut]), ReplyParsed::Incomplete);
+        }
+        if quiet {
+            prop_assert_eq!(
+                parse_reply(&req, b"MN\r\n"),
+                ReplyParsed::Complete { response: Response::Quiet, consumed: 4 }
+            );
+        }
+    }
+
     #[test]
     fn encode_then_parse_round_trips(r in request()) {
         let bytes = encoded(&r);
@@ -189,7 +356,7 @@ proptest! {
                 prop_assert!(consumed > 0 && consumed <= input.len());
             }
             Parsed::Incomplete => prop_assert!(input.len() <= limits.max_line_bytes + 1 + 2 + limits.item_size_max + 2),
-            Parsed::Fatal(_) => {}
+            Parsed::Fatal(_) | Parsed::Hangup => {}
         }
     }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need when it is missing
-# (memcached, libmemcached-tools and iproute2 from Debian; pymemcache and
-# prometheus-client from PyPI),
+# (memcached, libmemcached-tools and iproute2 from Debian; pymemcache,
+# meta-memcache and prometheus-client from PyPI),
 # then runs every test. Tests start their own memcached and memdial
 # processes on free ports.
 set -euo pipefail
@@ -21,6 +21,10 @@ fi
 if ! python3 -c 'import pymemcache' 2>/dev/null; then
   echo "installing pymemcache"
   python3 -m pip install -q pymemcache
+fi
+if ! python3 -c 'import meta_memcache' 2>/dev/null; then
+  echo "installing meta-memcache"
+  python3 -m pip install -q meta-memcache
 fi
 if ! python3 -c 'import prometheus_client' 2>/dev/null; then
   echo "installing prometheus-client"

@@ -135,10 +135,10 @@ fn connection_limit_refuses_the_extra_connection_until_one_closes() {
 fn overlong_line_without_newline_is_refused_and_closed() {
     let node = Memdial::embedded();
     let mut conn = Client::connect(node.port);
-    // Longer than max_line_bytes (2048) and no `\n`: memdial must not wait
-    // for the rest of the line.
+    // Longer than max_line_bytes (16,382) and no `\n`: memdial must not
+    // wait for the rest of the line.
     let mut line = b"set ".to_vec();
-    line.extend(std::iter::repeat_n(b'k', 2100));
+    line.extend(std::iter::repeat_n(b'k', 16_500));
     conn.send(&line);
     assert_eq!(text(&conn.read_to_eof()), "CLIENT_ERROR line too long\r\n");
     // Only that connection was closed.
@@ -439,6 +439,28 @@ fn stats_count_like_memcached_and_reset() {
     assert_eq!(stat_u64(&s, "cmd_get"), 1);
     assert_eq!(stat_u64(&s, "get_hits"), 1);
     assert_eq!(stat_u64(&s, "get_misses"), 0);
+}
+
+#[test]
+fn stats_count_meta_commands_as_memcached_does() {
+    // memcached 1.6.18: `mg` counts as a get, `ms` as a set, `md` as a
+    // delete, and `cmd_meta` counts only `me`.
+    let node = Memdial::embedded();
+    let mut conn = Client::connect(node.port);
+    conn.send(b"mg a\r\nms a 1\r\nx\r\nmg a v\r\nmg b q\r\nmd a\r\nmd a\r\nme a\r\nmn\r\n");
+    let reply = conn.read_until(b"MN\r\n");
+    assert_eq!(
+        text(&reply),
+        "EN\r\nHD\r\nVA 1\r\nx\r\nHD\r\nNF\r\nEN\r\nMN\r\n"
+    );
+    let s = stats(&mut conn, "");
+    assert_eq!(stat_u64(&s, "cmd_get"), 3, "{s:?}");
+    assert_eq!(stat_u64(&s, "get_hits"), 1);
+    assert_eq!(stat_u64(&s, "get_misses"), 2);
+    assert_eq!(stat_u64(&s, "cmd_set"), 1);
+    assert_eq!(stat_u64(&s, "delete_hits"), 1);
+    assert_eq!(stat_u64(&s, "delete_misses"), 1);
+    assert_eq!(stat_u64(&s, "cmd_meta"), 1);
 }
 
 #[test]

@@ -20,6 +20,8 @@
 //! Every request is handled synchronously under one shard's lock; no lock is
 //! held across an `.await`.
 
+mod meta;
+
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -66,6 +68,48 @@ struct Entry {
     item: rules::Item,
     /// Store-clock milliseconds of the last store, for delayed `flush_all`.
     stored_at: u64,
+    /// What only the meta protocol shows.
+    meta: EntryMeta,
+}
+
+/// Per-item metadata the meta protocol reads (`h`, `l`, `X`, `Z`, `W`, a
+/// base64 key); kept by this node alone.
+#[derive(Debug, Clone, Copy, Default)]
+struct EntryMeta {
+    marks: rules::meta::Marks,
+    /// Read before (memcached's `ITEM_FETCHED`).
+    fetched: bool,
+    /// Read twice (memcached's `ITEM_ACTIVE`).
+    active: bool,
+    /// Stored through a base64 (`b`) meta request.
+    key_binary: bool,
+    /// Store-clock milliseconds of the last access, as memcached's
+    /// segmented LRU keeps it: the store, then the second read.
+    accessed_at: u64,
+}
+
+impl EntryMeta {
+    fn new(now_ms: u64) -> EntryMeta {
+        EntryMeta {
+            accessed_at: now_ms,
+            ..EntryMeta::default()
+        }
+    }
+
+    /// A read that bumps the item, as memcached 1.6's segmented LRU does:
+    /// the first read marks it fetched, the second marks it active and
+    /// moves its access time, later ones change nothing.
+    fn bump(&mut self, now_ms: u64) {
+        if self.active {
+            return;
+        }
+        if self.fetched {
+            self.active = true;
+            self.accessed_at = now_ms;
+        } else {
+            self.fetched = true;
+        }
+    }
 }
 
 /// What is visible at one moment: the clock and the pending flush.
@@ -231,6 +275,11 @@ impl EmbeddedStore {
             Request::Touch { key, exptime, .. } => self.touch(key, *exptime),
             Request::FlushAll { delay, .. } => self.flush_all(*delay),
             Request::TooLarge { .. } => Response::Error(ErrorReply::Error),
+            Request::Meta(m) => self.meta(m),
+            Request::MetaNoop => Response::Meta(crate::protocol::MetaReply::new(
+                crate::protocol::MetaCode::Mn,
+                "",
+            )),
         }
     }
 
@@ -279,6 +328,7 @@ impl EmbeddedStore {
                         cas: self.next_cas(),
                     },
                     stored_at: view.clock.now_ms,
+                    meta: EntryMeta::new(view.clock.now_ms),
                 };
                 // Copy the key so the item does not pin the connection's
                 // read buffer.
@@ -306,6 +356,7 @@ impl EmbeddedStore {
             let Some(entry) = shard.live(key, view) else {
                 continue;
             };
+            entry.meta.bump(view.clock.now_ms);
             let item = &entry.item;
             values.push(Value {
                 key: key.clone(),
@@ -374,14 +425,29 @@ impl EmbeddedStore {
         let view = self.view();
         let mut shard = self.shard(key);
         let limit = shard.limit;
-        let current = shard.live(key, view).map(|entry| &entry.item);
+        let entry = shard.live(key, view);
+        let kept = entry.as_ref().map(|e| (e.meta, e.item.data.len()));
+        let current = entry.map(|entry| &entry.item);
         let rules::Outcome { reply, effect } = rules::arith(op, current, delta);
+        let in_place = match (&effect, kept) {
+            (Effect::Put(value), Some((meta, old_len))) if value.data.len() <= old_len => {
+                Some(meta)
+            }
+            _ => None,
+        };
         if let Effect::Put(value) = &effect
             && cost(key.len(), value.data.len()) > limit
         {
             return Response::server_error("out of memory");
         }
         self.apply(&mut shard, key, effect, view);
+        // memcached rewrites a number that fits in place, and the item keeps
+        // what the meta protocol shows of it; a longer one is a new item.
+        if let Some(meta) = in_place
+            && let Some(entry) = shard.items.peek_mut(key)
+        {
+            entry.meta = meta;
+        }
         reply
     }
 
@@ -397,7 +463,11 @@ impl EmbeddedStore {
     fn touch(&self, key: &[u8], exptime: Exptime) -> Response {
         let view = self.view();
         let mut shard = self.shard(key);
-        let current = shard.live(key, view).map(|entry| &entry.item);
+        // memcached's touch fetches the item with a bump.
+        let current = shard.live(key, view).map(|entry| {
+            entry.meta.bump(view.clock.now_ms);
+            &entry.item
+        });
         let rules::Outcome { reply, effect } = rules::touch(current, exptime, view.clock);
         self.apply(&mut shard, key, effect, view);
         reply

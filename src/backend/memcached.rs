@@ -368,7 +368,9 @@ fn forwarded(request: &Request) -> bool {
         | Request::Arith { .. }
         | Request::Delete { .. }
         | Request::Touch { .. }
-        | Request::FlushAll { .. } => true,
+        | Request::FlushAll { .. }
+        | Request::Meta(_)
+        | Request::MetaNoop => true,
         Request::TooLarge { .. } => false,
     }
 }

@@ -121,6 +121,18 @@ pub fn encode_request(request: &Request, with_noreply: bool, buf: &mut BytesMut)
             }
             noreply(buf, *nr);
         }
+        Request::Meta(m) => {
+            // Every byte of it, `\r\n` and data block included. Forwarded,
+            // a quiet request keeps its `q` (memcached's rules for what it
+            // hides are its own) and is followed by `mn`, so that it earns
+            // exactly one reply either way: its own then `MN`, or `MN`.
+            m.encode(true, buf);
+            if m.flags.quiet && !with_noreply {
+                buf.put_slice(b"mn\r\n");
+            }
+            return;
+        }
+        Request::MetaNoop => buf.put_slice(b"mn"),
     }
     buf.put_slice(b"\r\n");
 }
@@ -217,6 +229,8 @@ pub fn encode_response(response: &Response, buf: &mut BytesMut) {
             buf.put_slice(m.as_bytes());
             buf.put_slice(b"\r\n");
         }
+        Response::Meta(m) => m.encode(buf),
+        Response::Quiet => {}
     }
 }
 

@@ -31,6 +31,45 @@ pub enum ClientError {
     /// `stats detail` without a valid sub-command.
     #[error("CLIENT_ERROR usage: stats detail on|off|dump")]
     StatsDetailUsage,
+    /// `mg` with 20 or more tokens.
+    #[error("CLIENT_ERROR options flags are too long")]
+    MetaFlagsAreTooLong,
+    /// `ms`, `md`, `ma` with 20 or more tokens.
+    #[error("CLIENT_ERROR options flags too long")]
+    MetaFlagsTooLong,
+    /// A meta flag given twice (mg, ms).
+    #[error("CLIENT_ERROR duplicate flag")]
+    MetaDuplicateFlag,
+    /// An unknown meta flag (mg, ms).
+    #[error("CLIENT_ERROR invalid flag")]
+    MetaInvalidFlag,
+    /// Any bad flag of `md` or `ma`.
+    #[error("CLIENT_ERROR invalid or duplicate flag")]
+    MetaInvalidOrDuplicateFlag,
+    /// A bad number after `N`, `T`, `R` or `C`.
+    #[error("CLIENT_ERROR bad token in command line format")]
+    MetaBadToken,
+    /// A `b` key that is not base64.
+    #[error("CLIENT_ERROR error decoding key")]
+    MetaKeyDecode,
+    /// An `M` flag not of one character.
+    #[error("CLIENT_ERROR incorrect length for M token")]
+    MetaModeLength,
+    /// A bad `J` number.
+    #[error("CLIENT_ERROR invalid numeric initial value")]
+    MetaInitial,
+    /// A bad `D` number.
+    #[error("CLIENT_ERROR invalid numeric delta value")]
+    MetaDelta,
+    /// An `O` token over 32 bytes.
+    #[error("CLIENT_ERROR opaque token too long")]
+    MetaOpaqueTooLong,
+    /// An `ms` mode other than `E A P R S`.
+    #[error("CLIENT_ERROR invalid mode for ms M token")]
+    MetaInvalidSetMode,
+    /// An `ma` mode other than `I + D -`.
+    #[error("CLIENT_ERROR invalid mode for ma M token")]
+    MetaInvalidArithMode,
 }
 
 impl ClientError {
@@ -51,6 +90,19 @@ impl ClientError {
             ClientError::TooLarge => "SERVER_ERROR object too large for cache",
             ClientError::LineTooLong => "CLIENT_ERROR line too long",
             ClientError::StatsDetailUsage => "CLIENT_ERROR usage: stats detail on|off|dump",
+            ClientError::MetaFlagsAreTooLong => "CLIENT_ERROR options flags are too long",
+            ClientError::MetaFlagsTooLong => "CLIENT_ERROR options flags too long",
+            ClientError::MetaDuplicateFlag => "CLIENT_ERROR duplicate flag",
+            ClientError::MetaInvalidFlag => "CLIENT_ERROR invalid flag",
+            ClientError::MetaInvalidOrDuplicateFlag => "CLIENT_ERROR invalid or duplicate flag",
+            ClientError::MetaBadToken => "CLIENT_ERROR bad token in command line format",
+            ClientError::MetaKeyDecode => "CLIENT_ERROR error decoding key",
+            ClientError::MetaModeLength => "CLIENT_ERROR incorrect length for M token",
+            ClientError::MetaInitial => "CLIENT_ERROR invalid numeric initial value",
+            ClientError::MetaDelta => "CLIENT_ERROR invalid numeric delta value",
+            ClientError::MetaOpaqueTooLong => "CLIENT_ERROR opaque token too long",
+            ClientError::MetaInvalidSetMode => "CLIENT_ERROR invalid mode for ms M token",
+            ClientError::MetaInvalidArithMode => "CLIENT_ERROR invalid mode for ma M token",
         }
     }
 }
@@ -86,6 +138,19 @@ mod tests {
             ClientError::TooLarge,
             ClientError::LineTooLong,
             ClientError::StatsDetailUsage,
+            ClientError::MetaFlagsAreTooLong,
+            ClientError::MetaFlagsTooLong,
+            ClientError::MetaDuplicateFlag,
+            ClientError::MetaInvalidFlag,
+            ClientError::MetaInvalidOrDuplicateFlag,
+            ClientError::MetaBadToken,
+            ClientError::MetaKeyDecode,
+            ClientError::MetaModeLength,
+            ClientError::MetaInitial,
+            ClientError::MetaDelta,
+            ClientError::MetaOpaqueTooLong,
+            ClientError::MetaInvalidSetMode,
+            ClientError::MetaInvalidArithMode,
         ] {
             assert_eq!(e.to_string(), e.line());
         }

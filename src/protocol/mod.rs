@@ -8,6 +8,7 @@
 mod encode;
 mod error;
 mod limits;
+mod meta;
 mod parse;
 mod reply;
 
@@ -16,6 +17,10 @@ pub use encode::{
 };
 pub use error::ClientError;
 pub use limits::Limits;
+pub use meta::{
+    ItemView, MetaCmd, MetaCode, MetaFlags, MetaReply, MetaRequest, SetMode, TtlChanges,
+    base64_decode, base64_encode,
+};
 pub use parse::{Parsed, parse_request};
 pub use reply::{ReplyParsed, parse_reply};
 
@@ -147,6 +152,10 @@ pub enum Request {
         delay: Option<Exptime>,
         noreply: bool,
     },
+    /// `mg ms md ma me` (boxed: it is the largest request).
+    Meta(Box<MetaRequest>),
+    /// `mn`: answered `MN` in turn, after every request before it.
+    MetaNoop,
 }
 
 /// A request about the connection or the node, answered by the server
@@ -186,7 +195,11 @@ impl Request {
             | Request::Delete { noreply, .. }
             | Request::Touch { noreply, .. }
             | Request::FlushAll { noreply, .. } => *noreply,
-            Request::Get { .. } | Request::Gat { .. } => false,
+            // A meta request's `q` hides some replies and not others: the
+            // store answers [`Response::Quiet`] for those it hides.
+            Request::Get { .. } | Request::Gat { .. } | Request::Meta(_) | Request::MetaNoop => {
+                false
+            }
         }
     }
 
@@ -214,6 +227,14 @@ impl Request {
             Request::Delete { .. } => Command::Delete,
             Request::Touch { .. } => Command::Touch,
             Request::FlushAll { .. } => Command::FlushAll,
+            Request::Meta(m) => match m.cmd {
+                MetaCmd::Get => Command::MetaGet,
+                MetaCmd::Set => Command::MetaSet,
+                MetaCmd::Delete => Command::MetaDelete,
+                MetaCmd::Arith => Command::MetaArith,
+                MetaCmd::Debug => Command::MetaDebug,
+            },
+            Request::MetaNoop => Command::MetaNoop,
         }
     }
 }
@@ -240,11 +261,17 @@ pub enum Command {
     Verbosity,
     Stats,
     Quit,
+    MetaGet,
+    MetaSet,
+    MetaDelete,
+    MetaArith,
+    MetaNoop,
+    MetaDebug,
 }
 
 impl Command {
     /// Every command, in declaration order (so `ALL[c as usize] == c`).
-    pub const ALL: [Command; 19] = [
+    pub const ALL: [Command; 25] = [
         Command::Get,
         Command::Gets,
         Command::Gat,
@@ -264,6 +291,12 @@ impl Command {
         Command::Verbosity,
         Command::Stats,
         Command::Quit,
+        Command::MetaGet,
+        Command::MetaSet,
+        Command::MetaDelete,
+        Command::MetaArith,
+        Command::MetaNoop,
+        Command::MetaDebug,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -287,6 +320,12 @@ impl Command {
             Command::Verbosity => "verbosity",
             Command::Stats => "stats",
             Command::Quit => "quit",
+            Command::MetaGet => "mg",
+            Command::MetaSet => "ms",
+            Command::MetaDelete => "md",
+            Command::MetaArith => "ma",
+            Command::MetaNoop => "mn",
+            Command::MetaDebug => "me",
         }
     }
 }
@@ -321,6 +360,10 @@ pub enum Response {
     /// `STAT <name> <value>` lines, then `END`.
     Stats(Vec<(String, String)>),
     Error(ErrorReply),
+    /// A meta reply.
+    Meta(MetaReply),
+    /// Nothing: a meta request's `q` flag hid its reply.
+    Quiet,
 }
 
 /// The three error replies of the protocol.
@@ -360,6 +403,14 @@ impl Response {
             Response::Error(ErrorReply::Error) => "error",
             Response::Error(ErrorReply::Client(_)) => "client_error",
             Response::Error(ErrorReply::Server(_)) => "server_error",
+            Response::Meta(m) => match m.code {
+                MetaCode::En => "miss",
+                MetaCode::Nf => "not_found",
+                MetaCode::Ns => "not_stored",
+                MetaCode::Ex => "exists",
+                MetaCode::Hd | MetaCode::Va | MetaCode::Mn | MetaCode::Me => "ok",
+            },
+            Response::Quiet => "quiet",
         }
     }
 }

@@ -24,14 +24,21 @@ pub enum Parsed {
         skip: usize,
     },
     /// A bad request the connection survives: answer `error` unless
-    /// `noreply`, drop `consumed` bytes, and go on with the next request.
+    /// `noreply`, drop `consumed` bytes, then discard a further `skip` bytes
+    /// as they arrive (the data block of a refused `ms`), and go on with the
+    /// next request.
     Invalid {
         error: ClientError,
         consumed: usize,
         noreply: bool,
+        skip: usize,
     },
     /// A request that cannot be framed within limits: answer, then close.
     Fatal(ClientError),
+    /// A line memcached hangs up on without a word: an unknown command
+    /// whose last token starts with `HTTP/` (a browser or HTTP client
+    /// pointed at the port). Close at once.
+    Hangup,
 }
 
 /// The most tokens any command other than the `get` family and `stats`
@@ -67,6 +74,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Parsed {
         error,
         consumed,
         noreply,
+        skip: 0,
     };
     let conn = |request: ConnRequest| Parsed::Request {
         request: Incoming::Conn(request),
@@ -82,6 +90,15 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Parsed {
     let noreply_at = |i: usize| n == i + 1 && t[i] == b"noreply";
 
     match t.first().copied().unwrap_or_default() {
+        cmd if cmd.len() == 2 && cmd[0] == b'm' => {
+            let mut meta: [&[u8]; MEMCACHED_MAX_TOKENS] = [&[]; MEMCACHED_MAX_TOKENS];
+            let mut m = 0;
+            for tok in split_tokens(line).take(MEMCACHED_MAX_TOKENS) {
+                meta[m] = tok;
+                m += 1;
+            }
+            super::meta::parse_meta(buf, consumed, &meta[..m], limits)
+        }
         cmd @ (b"get" | b"gets") if n >= 2 => match keys(split_tokens(line).skip(1), limits) {
             Ok(keys) => done(Request::Get {
                 keys,
@@ -195,9 +212,49 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Parsed {
                 .map(Bytes::copy_from_slice)
                 .collect(),
         }),
+        cmd if is_http_request(cmd, line) => Parsed::Hangup,
         _ => invalid(ClientError::UnknownCommand, false),
     }
 }
+
+/// memcached's defence against cross-protocol requests: a line whose
+/// command it does not know and whose last token (of the first
+/// [`MEMCACHED_MAX_TOKENS`]) starts with `HTTP/` ends the connection.
+/// Only commands that fall through all of memcached's dispatch reach
+/// that check: a name of one character, a two-letter `m…` name, or a
+/// name whose first letter is one memcached dispatches on (`g s a c i d
+/// t`) is answered `ERROR` instead, as are known commands with the wrong
+/// number of tokens.
+fn is_http_request(cmd: &[u8], line: &[u8]) -> bool {
+    const DISPATCHED: &[&[u8]] = &[
+        b"replace",
+        b"prepend",
+        b"bget",
+        b"flush_all",
+        b"version",
+        b"quit",
+        b"lru_crawler",
+        b"watch",
+        b"verbosity",
+        b"lru",
+        b"extstore",
+    ];
+    let dispatched_by_letter = match cmd.first() {
+        Some(b'm') => cmd.len() == 2,
+        Some(c) => b"gsacidt".contains(c),
+        None => true,
+    };
+    let falls_through = cmd.len() >= 2 && !dispatched_by_letter && !DISPATCHED.contains(&cmd);
+    falls_through
+        && split_tokens(line)
+            .take(MEMCACHED_MAX_TOKENS)
+            .last()
+            .is_some_and(|t| t.starts_with(b"HTTP/"))
+}
+
+/// memcached tokenizes at most this many tokens of a line; the rest of
+/// the line is left unread.
+const MEMCACHED_MAX_TOKENS: usize = 23;
 
 /// The rest of a storage command: its numbers, then its data block.
 fn storage(
@@ -212,6 +269,7 @@ fn storage(
         error: ClientError::BadCommandLine,
         consumed,
         noreply,
+        skip: 0,
     };
     let Some(key) = key(t[1], limits) else {
         return bad;
@@ -253,6 +311,7 @@ fn storage(
             error: ClientError::BadDataChunk,
             consumed: end,
             noreply,
+            skip: 0,
         };
     }
     Parsed::Request {
@@ -347,7 +406,7 @@ fn magnitude(digits: &[u8]) -> Option<u64> {
 
 /// An unsigned number as memcached's `safe_strtoul`/`safe_strtoull` read
 /// it: a leading `+` is fine, a `-` or a value out of range is not.
-fn uint<T: TryFrom<u64>>(token: &[u8]) -> Option<T> {
+pub(super) fn uint<T: TryFrom<u64>>(token: &[u8]) -> Option<T> {
     match decimal(token)? {
         (false, digits) => T::try_from(magnitude(digits)?).ok(),
         (true, _) => None,
@@ -355,7 +414,7 @@ fn uint<T: TryFrom<u64>>(token: &[u8]) -> Option<T> {
 }
 
 /// A signed number as `safe_strtol` reads it.
-fn int<T: TryFrom<i64>>(token: &[u8]) -> Option<T> {
+pub(super) fn int<T: TryFrom<i64>>(token: &[u8]) -> Option<T> {
     let (negative, digits) = decimal(token)?;
     let m = i64::try_from(magnitude(digits)?).ok()?;
     T::try_from(if negative { -m } else { m }).ok()
@@ -403,6 +462,7 @@ mod tests {
                 error,
                 consumed,
                 noreply,
+                skip: 0,
             } => (error, consumed, noreply),
             other => panic!("{input:?}: expected an error, got {other:?}"),
         }
@@ -716,6 +776,71 @@ mod tests {
         assert_eq!(error(b"\r\n"), (ClientError::UnknownCommand, 2, false));
         assert_eq!(error(b"GET k\r\n").0, ClientError::UnknownCommand);
         assert_eq!(error(b"bogus\n").0, ClientError::UnknownCommand);
+    }
+
+    #[test]
+    fn http_request_lines_hang_up_as_memcached_does() {
+        // Checked against memcached 1.6.18: each of these closes the
+        // connection with no reply.
+        for line in [
+            &b"GET / HTTP/1.0\r\n"[..],
+            b"POST /x HTTP/1.1\r\n",
+            b"HTTP/1.1\r\n",
+            b"foo HTTP/1.0 \r\n",
+            b"mgx HTTP/1\r\n",
+            b"replacex a HTTP/1.1\r\n",
+        ] {
+            assert_eq!(parse(line), Parsed::Hangup, "{line:?}");
+        }
+        // ... and each of these is answered `ERROR` or served.
+        for line in [
+            &b"foo HTTP/x y\r\n"[..],
+            b"foo http/1.0\r\n",
+            b"foo HTTP\r\n",
+            b"x HTTP/1.0\r\n",
+            b"gx HTTP/1.0\r\n",
+            b"mx HTTP/1.0\r\n",
+            b"lru_crawler HTTP/1.1\r\n",
+            b"verbosity 1 2 HTTP/1.1\r\n",
+        ] {
+            assert_eq!(error(line).0, ClientError::UnknownCommand, "{line:?}");
+        }
+        assert!(matches!(
+            request(b"get a HTTP/1.1\r\n"),
+            Request::Get { .. }
+        ));
+        // Only the first 23 tokens are looked at.
+        let far = format!("foo {} HTTP/1.0\r\n", vec!["x"; 22].join(" "));
+        assert_eq!(error(far.as_bytes()).0, ClientError::UnknownCommand);
+        let near = format!("foo {} HTTP/1.0\r\n", vec!["x"; 21].join(" "));
+        assert_eq!(parse(near.as_bytes()), Parsed::Hangup);
+    }
+
+    #[test]
+    fn complete_lines_up_to_memcached_s_read_buffer_are_answered() {
+        // memcached 1.6.18 answers a 16,382-byte unknown command plus
+        // `\r\n` with ERROR and goes on; one byte more and it hangs up.
+        let mut line = vec![b'x'; 16_382];
+        line.extend_from_slice(b"\r\n");
+        assert_eq!(error(&line).0, ClientError::UnknownCommand);
+        let mut line = vec![b'x'; 4096];
+        line.extend_from_slice(b"\r\n");
+        assert_eq!(error(&line).0, ClientError::UnknownCommand);
+        let mut line = vec![b'x'; 16_383];
+        line.extend_from_slice(b"\r\n");
+        assert_eq!(parse(&line), Parsed::Fatal(ClientError::LineTooLong));
+    }
+
+    #[test]
+    fn a_get_takes_every_key_its_line_holds() {
+        // memcached answers an 18,725-key get line of 187 KB.
+        let keys: Vec<String> = (0..18_725).map(|i| format!("key-{i:05}")).collect();
+        let line = format!("get {}\r\n", keys.join(" "));
+        assert!(line.len() > 180_000);
+        let Request::Get { keys: got, .. } = request(line.as_bytes()) else {
+            panic!("not a get")
+        };
+        assert_eq!(got.len(), 18_725);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use super::{ErrorReply, Request, Response, Value};
+use super::{ErrorReply, MetaCode, MetaReply, Request, Response, Value};
 
 /// What the front of a backend connection's buffer holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +56,29 @@ pub fn parse_reply(request: &Request, buf: &[u8]) -> ReplyParsed {
         return ReplyParsed::Incomplete;
     };
     let done = |response, consumed| ReplyParsed::Complete { response, consumed };
+    match request {
+        Request::MetaNoop if line == b"MN" => {
+            return done(Response::Meta(MetaReply::new(MetaCode::Mn, "")), at);
+        }
+        Request::Meta(m) if m.flags.quiet => {
+            // Forwarded as the request then `mn`: `MN` alone means the
+            // reply was hidden.
+            if line == b"MN" {
+                return done(Response::Quiet, at);
+            }
+            let (response, end) = match meta_reply(request, buf, line, at) {
+                ReplyParsed::Complete { response, consumed } => (response, consumed),
+                other => return other,
+            };
+            return match line_at(buf, end) {
+                None => ReplyParsed::Incomplete,
+                Some((b"MN", next)) => done(response, next),
+                Some((other, _)) => invalid(request, other),
+            };
+        }
+        Request::Meta(_) => return meta_reply(request, buf, line, at),
+        _ => {}
+    }
     if let Some(e) = error_line(line) {
         return done(e, at);
     }
@@ -115,6 +138,53 @@ pub fn parse_reply(request: &Request, buf: &[u8]) -> ReplyParsed {
         }
         _ => invalid(request, line),
     }
+}
+
+/// One meta reply (or error line) whose first line is `line`, ending at
+/// `at`; a `VA` reply's value follows.
+fn meta_reply(request: &Request, buf: &[u8], line: &[u8], at: usize) -> ReplyParsed {
+    let done = |response, consumed| ReplyParsed::Complete { response, consumed };
+    if let Some(e) = error_line(line) {
+        return done(e, at);
+    }
+    let code = line.get(..2).and_then(MetaCode::parse);
+    let Some(code) = code.filter(|_| line.len() == 2 || line[2] == b' ') else {
+        return invalid(request, line);
+    };
+    if code != MetaCode::Va {
+        let rest = Bytes::copy_from_slice(&line[2..]);
+        return done(Response::Meta(MetaReply::new(code, rest)), at);
+    }
+    // `VA <size><flags>`
+    let after = &line[2..];
+    let digits_end = after
+        .iter()
+        .skip(1)
+        .position(|b| !b.is_ascii_digit())
+        .map_or(after.len(), |i| i + 1);
+    let size = std::str::from_utf8(&after[1.min(after.len())..digits_end])
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok());
+    let Some(size) = size else {
+        return invalid(request, line);
+    };
+    let Some(end) = at.checked_add(size).and_then(|e| e.checked_add(2)) else {
+        return invalid(request, line);
+    };
+    if buf.len() < end {
+        return ReplyParsed::Incomplete;
+    }
+    if &buf[end - 2..end] != b"\r\n" {
+        return invalid(request, line);
+    }
+    done(
+        Response::Meta(MetaReply {
+            code,
+            rest: Bytes::copy_from_slice(&after[digits_end..]),
+            value: Some(Bytes::copy_from_slice(&buf[at..end - 2])),
+        }),
+        end,
+    )
 }
 
 struct ValueHeader<'a> {

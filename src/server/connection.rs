@@ -219,12 +219,18 @@ impl<'a> Connection<'a> {
                     error,
                     consumed,
                     noreply,
+                    skip,
                 } => {
                     self.rbuf.advance(consumed);
+                    self.skip = skip;
                     self.count_client_error(error);
                     if !noreply {
                         slots.push(Slot::Ready(error.into()));
                     }
+                }
+                Parsed::Hangup => {
+                    tracing::info!("closing connection after an HTTP request line");
+                    return (slots, requests, Next::Close);
                 }
                 Parsed::Fatal(error) => {
                     self.count_client_error(error);
@@ -321,11 +327,15 @@ impl<'a> Connection<'a> {
         let (mut bytes, mut largest) = (0, 0);
         for r in &responses {
             bytes += MIN_REPLY_ESTIMATE;
-            if let Response::Values(values) = r {
-                for v in values {
-                    bytes += v.data.len() + v.key.len();
-                    largest = largest.max(v.data.len());
+            match r {
+                Response::Values(values) => {
+                    for v in values {
+                        bytes += v.data.len() + v.key.len();
+                        largest = largest.max(v.data.len());
+                    }
                 }
+                Response::Meta(m) => bytes += m.value.as_ref().map_or(0, |v| v.len()),
+                _ => {}
             }
         }
         if bytes.min(node_budget) > estimate {

@@ -53,8 +53,10 @@ fn counters(shared: &Shared) -> Vec<(&'static str, u64)> {
             .sum()
     };
     let keys = Counts::of(&m.get_keys);
-    let hits = keys.get(&[("result", "hit")]);
-    let misses = keys.get(&[("result", "miss")]);
+    // mg counts as a get, as memcached counts it; a hidden (`q`) mg reply
+    // is a miss.
+    let hits = keys.get(&[("result", "hit")]) + requests(Command::MetaGet, &["ok"]);
+    let misses = keys.get(&[("result", "miss")]) + requests(Command::MetaGet, &["miss", "quiet"]);
     let stores = [
         Command::Set,
         Command::Add,
@@ -72,7 +74,10 @@ fn counters(shared: &Shared) -> Vec<(&'static str, u64)> {
         "client_error",
         "error",
     ];
-    let cmd_set: u64 = stores.iter().map(|&c| requests(c, &all)).sum();
+    let meta_set = ["ok", "not_stored", "exists", "not_found", "quiet"];
+    let cmd_set: u64 = stores.iter().map(|&c| requests(c, &all)).sum::<u64>()
+        + requests(Command::MetaSet, &meta_set);
+    let md = |o: &[&str]| requests(Command::MetaDelete, o);
     let touch = |o: &[&str]| requests(Command::Touch, o);
     let gat_keys =
         requests(Command::Gat, &["hit", "miss"]) + requests(Command::Gats, &["hit", "miss"]);
@@ -83,10 +88,18 @@ fn counters(shared: &Shared) -> Vec<(&'static str, u64)> {
         ("cmd_set", cmd_set),
         ("cmd_flush", requests(Command::FlushAll, &["ok"])),
         ("cmd_touch", touch(&["touched", "not_found"]) + gat_keys),
+        // memcached 1.6.18 counts only `me` here.
+        ("cmd_meta", requests(Command::MetaDebug, &["ok", "miss"])),
         ("get_hits", hits),
         ("get_misses", misses),
-        ("delete_misses", requests(Command::Delete, &["not_found"])),
-        ("delete_hits", requests(Command::Delete, &["deleted"])),
+        (
+            "delete_misses",
+            requests(Command::Delete, &["not_found"]) + md(&["not_found", "exists"]),
+        ),
+        (
+            "delete_hits",
+            requests(Command::Delete, &["deleted"]) + md(&["ok", "quiet"]),
+        ),
         ("incr_misses", requests(Command::Incr, &["not_found"])),
         ("incr_hits", requests(Command::Incr, &["ok"])),
         ("decr_misses", requests(Command::Decr, &["not_found"])),

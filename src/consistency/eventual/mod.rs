@@ -20,11 +20,13 @@
 //! | `peers.rs` | cursors and counts per peer; eventual's metrics |
 //! | `digest.rs` | replica digests for anti-entropy |
 //! | `record.rs`, `hlc.rs` | the stored header; versions |
+//! | `meta.rs` | meta commands, carried out like their text twins |
 
 mod backlog;
 mod digest;
 mod hlc;
 pub mod messages;
+mod meta;
 mod peers;
 mod push;
 mod receive;
@@ -560,23 +562,49 @@ impl Eventual {
                 self.carry_out(&key, cur, out, None).await
             }
             Request::Gat { exptime, keys, cas } => {
+                let mut values = Vec::with_capacity(keys.len());
                 for key in &keys {
                     let _g = self.stripe(key).lock().await;
-                    let cur = self.live(key, false).await?;
+                    let cur = self.live(key, cas).await?;
                     let item = cur.as_ref().map(Current::item);
                     let effect = rules::gat(item.as_ref(), exptime, clock());
+                    // A deadline already passed still returns the value,
+                    // this once (memcached reads, then unlinks).
+                    let gone = cur
+                        .as_ref()
+                        .filter(|_| effect == Effect::Remove)
+                        .map(|c| Value {
+                            key: key.clone(),
+                            flags: c.flags,
+                            data: c.record.data.clone(),
+                            cas: if cas { c.cas } else { None },
+                        });
+                    let hit = cur.is_some();
                     let out = rules::Outcome {
                         reply: Response::Touched,
                         effect,
                     };
                     self.carry_out(key, cur, out, None).await?;
+                    if let Some(v) = gone {
+                        values.push(v);
+                    } else if hit && let Some(c) = self.live(key, cas).await? {
+                        // Read back: the CAS is the one just written.
+                        values.push(Value {
+                            key: key.clone(),
+                            flags: c.flags,
+                            data: c.record.data,
+                            cas: if cas { c.cas } else { None },
+                        });
+                    }
                 }
-                // Read back: the values carry the versions just written.
-                let mut r = self.gets(&[Request::Get { keys, cas }]).await;
-                Ok(r.pop()
-                    .unwrap_or_else(|| Response::server_error("no reply")))
+                Ok(Response::Values(values))
             }
             Request::FlushAll { delay, .. } => self.flush_all(delay).await,
+            Request::MetaNoop => Ok(Response::Meta(crate::protocol::MetaReply::new(
+                crate::protocol::MetaCode::Mn,
+                "",
+            ))),
+            Request::Meta(m) => self.meta(*m).await,
             Request::Get { .. } => {
                 let mut r = self.gets(std::slice::from_ref(&request)).await;
                 Ok(r.pop()
@@ -1147,5 +1175,84 @@ mod tests {
         let (e, backend) = node();
         backend.call(&[set("plain", "p")]).await.unwrap();
         assert_eq!(read(&e, "plain").await.as_deref(), Some("p"));
+    }
+
+    #[tokio::test]
+    async fn gat_with_a_past_exptime_returns_the_value_then_expires_it() {
+        let (e, _) = node();
+        let gat = |exptime, keys: &[&str], cas| Request::Gat {
+            exptime,
+            keys: keys.iter().map(|k| b(k)).collect(),
+            cas,
+        };
+        let mut session = Session::new(0);
+        e.execute(&mut session, vec![set("k", "v"), set("j", "w")])
+            .await;
+        // As memcached 1.6.18: `gat -1 k` -> VALUE k ..., then `get k` -> END.
+        let got = e
+            .execute(&mut session, vec![gat(-1, &["k", "nope"], true)])
+            .await;
+        let Some(Response::Values(v)) = got.first() else {
+            panic!("{got:?}")
+        };
+        assert_eq!(v.len(), 1);
+        assert_eq!(
+            (&v[0].key[..], &v[0].data[..], v[0].flags),
+            (&b"k"[..], &b"v"[..], 5)
+        );
+        assert!(v[0].cas.is_some(), "gats returns a CAS");
+        assert_eq!(read(&e, "k").await, None);
+        // A future exptime keeps it, and the CAS returned is the current one.
+        let got = e.execute(&mut session, vec![gat(100, &["j"], true)]).await;
+        let Some(Response::Values(v)) = got.first() else {
+            panic!("{got:?}")
+        };
+        let cas = v[0].cas;
+        let again = e.execute(&mut session, vec![gat(100, &["j"], true)]).await;
+        assert!(matches!(&again[0], Response::Values(w) if w.len() == 1 && w[0].cas != cas));
+        assert_eq!(read(&e, "j").await.as_deref(), Some("w"));
+        // `gat <exptime>` with no keys: a bare END, as memcached answers.
+        assert_eq!(
+            e.execute(&mut session, vec![gat(0, &[], false)]).await,
+            vec![Response::Values(vec![])]
+        );
+    }
+
+    #[tokio::test]
+    async fn meta_writes_are_logged_like_their_text_twins() {
+        use crate::protocol::{Incoming, Limits, Parsed, encode_response, parse_request};
+        let (e, _) = node();
+        let mut session = Session::new(0);
+        let mut run = async |line: &str| {
+            let Parsed::Request {
+                request: Incoming::Data(r),
+                ..
+            } = parse_request(line.as_bytes(), &Limits::default())
+            else {
+                panic!("{line:?}")
+            };
+            let mut out = bytes::BytesMut::new();
+            for resp in e.execute(&mut session, vec![r]).await {
+                encode_response(&resp, &mut out);
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        assert_eq!(run("ms mk 2 F5 T100 q\r\nab\r\n").await, "");
+        assert_eq!(run("mg mk v f t s\r\n").await, "VA 2 f5 t100 s2\r\nab\r\n");
+        assert_eq!(run("ms mk 1 ME\r\nx\r\n").await, "NS\r\n");
+        assert_eq!(run("ms mk 1 MA\r\nc\r\n").await, "HD\r\n");
+        assert_eq!(run("ms mk 1 C1\r\nz\r\n").await, "EX\r\n");
+        assert_eq!(run("mg mk v k Oo\r\n").await, "VA 3 kmk Oo\r\nabc\r\n");
+        assert_eq!(run("ma mn N0 J5 v\r\n").await, "VA 1\r\n5\r\n");
+        assert_eq!(run("ma mn D10 v\r\n").await, "VA 2\r\n15\r\n");
+        assert_eq!(run("ma mn q\r\n").await, "");
+        assert_eq!(run("md mk q\r\n").await, "");
+        assert_eq!(run("md mk\r\n").await, "NF\r\n");
+        assert_eq!(run("mg mk v\r\n").await, "EN\r\n");
+        assert_eq!(run("mg mk v q\r\n").await, "");
+        assert_eq!(read(&e, "mn").await.as_deref(), Some("16"));
+        // Every write went to the log: the ms, the append, the vivify, two
+        // increments, the delete.
+        assert_eq!(e.backlog().head(), 6);
     }
 }

@@ -770,7 +770,10 @@ pub async fn log_lines(dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
                 | Request::Arith { key, .. }
                 | Request::Delete { key, .. }
                 | Request::Touch { key, .. } => (key, b""),
-                Request::Gat { .. } | Request::FlushAll { .. } => (b"", b""),
+                Request::Gat { .. }
+                | Request::FlushAll { .. }
+                | Request::Meta(_)
+                | Request::MetaNoop => (b"", b""),
             };
             lines.push(format!(
                 "{}\t{}\t{}\t{}",

@@ -578,7 +578,8 @@ fn write_keys(w: &Request) -> &[Bytes] {
         | Request::Delete { key, .. }
         | Request::Touch { key, .. } => std::slice::from_ref(key),
         Request::Gat { keys, .. } | Request::Get { keys, .. } => keys,
-        Request::FlushAll { .. } => &[],
+        Request::Meta(m) => std::slice::from_ref(&m.key),
+        Request::FlushAll { .. } | Request::MetaNoop => &[],
     }
 }
 
@@ -715,6 +716,15 @@ impl Batch<'_> {
                 }
                 Response::Values(values)
             }
+            // Not yet decided by the state machine: the same answer on
+            // every replica, and no effect.
+            Request::Meta(_) => {
+                Response::server_error("meta commands are not supported in this mode yet")
+            }
+            Request::MetaNoop => Response::Meta(crate::protocol::MetaReply::new(
+                crate::protocol::MetaCode::Mn,
+                "",
+            )),
             Request::FlushAll { delay, .. } => {
                 let at = rules::flush_at(delay, clock);
                 self.flush.apply(self.index, at, clock.now_ms);
