@@ -224,23 +224,6 @@ enum Nemesis {
     Partition,
 }
 
-fn leader(c: &TestCluster, among: &[usize], within: Duration) -> usize {
-    let start = Instant::now();
-    loop {
-        for &i in among {
-            let role = c
-                .stats_cluster(i)
-                .ok()
-                .and_then(|s| s.get("raft_role").cloned());
-            if role.as_deref() == Some("leader") {
-                return i;
-            }
-        }
-        assert!(start.elapsed() < within, "no leader among {among:?}");
-        poll_pause();
-    }
-}
-
 fn run(nemesis: Nemesis) {
     run_mode("linearizable", nemesis);
 }
@@ -248,15 +231,23 @@ fn run(nemesis: Nemesis) {
 fn run_mode(consistency: &'static str, nemesis: Nemesis) {
     let _s = serial();
     let sequential = consistency == "sequential";
+    // The sequential check reads every node's whole log afterwards: no
+    // snapshot may compact it away during the run.
+    let cluster_yaml = if sequential {
+        "  snapshot_after_entries: 100000000\n".to_string()
+    } else {
+        String::new()
+    };
     let mut c = TestCluster::start(
         3,
         ClusterOpts {
             consistency: Some(consistency),
             relays: true,
+            cluster_yaml,
             ..ClusterOpts::default()
         },
     );
-    let first = leader(&c, &[1, 2, 3], Duration::from_secs(15));
+    let first = c.wait_leader(&[1, 2, 3], Duration::from_secs(15));
     let run_id = rand::random::<u32>();
     let keys: Arc<Vec<String>> = Arc::new((0..KEYS).map(|k| format!("j{run_id}-{k}")).collect());
     let rec = Arc::new(Recorder::new());
@@ -301,7 +292,7 @@ fn run_mode(consistency: &'static str, nemesis: Nemesis) {
     for t in threads {
         t.join().expect("a client thread panicked");
     }
-    let after = leader(&c, &[1, 2, 3], Duration::from_secs(15));
+    let after = c.wait_leader(&[1, 2, 3], Duration::from_secs(15));
 
     let history = rec.history();
     let ok = history
@@ -423,7 +414,17 @@ fn check_replica_logs(c: &mut TestCluster, history: &History) {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let applied = String::from_utf8_lossy(&out.stdout)
+        let text = String::from_utf8_lossy(&out.stdout);
+        let first_index: u64 = text
+            .lines()
+            .next()
+            .and_then(|l| l.split('\t').next()?.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            first_index < 10,
+            "node {node}'s log starts at {first_index}: compacted, so the check would be blind"
+        );
+        let applied = text
             .lines()
             .map(|line| {
                 let f: Vec<&str> = line.split('\t').collect();

@@ -36,27 +36,6 @@ fn mode(consistency: &'static str, relays: bool) -> ClusterOpts {
     }
 }
 
-/// The node among `candidates` that says it leads, once one does.
-fn wait_leader(c: &TestCluster, candidates: &[usize], within: Duration) -> usize {
-    let start = Instant::now();
-    loop {
-        for &i in candidates {
-            let role = c
-                .stats_cluster(i)
-                .ok()
-                .and_then(|s| s.get("raft_role").cloned());
-            if role.as_deref() == Some("leader") {
-                return i;
-            }
-        }
-        assert!(
-            start.elapsed() < within,
-            "no leader among {candidates:?} within {within:?}"
-        );
-        poll_pause();
-    }
-}
-
 /// Sends `request` to node `i` until it is answered without a
 /// `SERVER_ERROR` (the cluster may still be electing), and returns it.
 fn call_until_served(c: &TestCluster, i: usize, request: &[u8], within: Duration) -> String {
@@ -89,7 +68,7 @@ fn cas_token(gets_reply: &str) -> u64 {
 fn every_node_answers_as_one_memcached() {
     let _s = serial();
     let c = TestCluster::start(3, mode("linearizable", false));
-    wait_leader(&c, &[1, 2, 3], ELECTION_WAIT);
+    c.wait_leader(&[1, 2, 3], ELECTION_WAIT);
     assert_eq!(
         call_until_served(&c, 2, b"set k 5 0 2\r\nhi\r\n", ANSWER_WAIT),
         "STORED\r\n"
@@ -171,7 +150,7 @@ fn every_node_answers_as_one_memcached() {
 fn a_killed_leader_is_replaced_and_catches_up_when_back() {
     let _s = serial();
     let mut c = TestCluster::start(3, mode("linearizable", false));
-    let leader = wait_leader(&c, &[1, 2, 3], ELECTION_WAIT);
+    let leader = c.wait_leader(&[1, 2, 3], ELECTION_WAIT);
     let others: Vec<usize> = (1..=3).filter(|&i| i != leader).collect();
     assert_eq!(
         call_until_served(&c, leader, b"set before 0 0 1\r\nb\r\n", ANSWER_WAIT),
@@ -179,7 +158,7 @@ fn a_killed_leader_is_replaced_and_catches_up_when_back() {
     );
     c.kill9(leader);
     let killed = Instant::now();
-    let next = wait_leader(&c, &others, ELECTION_WAIT);
+    let next = c.wait_leader(&others, ELECTION_WAIT);
     let elected = killed.elapsed();
     assert_ne!(next, leader);
     // Writes resume on both survivors, and nothing acknowledged is lost.
@@ -204,7 +183,7 @@ fn a_killed_leader_is_replaced_and_catches_up_when_back() {
 fn a_cut_off_node_never_serves_stale_data_and_rejoins() {
     let _s = serial();
     let c = TestCluster::start(3, mode("linearizable", true));
-    let leader = wait_leader(&c, &[1, 2, 3], ELECTION_WAIT);
+    let leader = c.wait_leader(&[1, 2, 3], ELECTION_WAIT);
     assert_eq!(
         call_until_served(&c, 1, b"set k 0 0 3\r\nold\r\n", ANSWER_WAIT),
         "STORED\r\n"
@@ -244,7 +223,7 @@ fn a_cut_off_node_never_serves_stale_data_and_rejoins() {
 fn sequential_reads_stay_local_and_see_the_sessions_own_writes() {
     let _s = serial();
     let c = TestCluster::start(3, mode("sequential", true));
-    let leader = wait_leader(&c, &[1, 2, 3], ELECTION_WAIT);
+    let leader = c.wait_leader(&[1, 2, 3], ELECTION_WAIT);
     let follower = (1..=3).find(|&i| i != leader).unwrap();
     assert_eq!(
         call_until_served(&c, follower, b"set k 0 0 1\r\n1\r\n", ANSWER_WAIT),
@@ -276,7 +255,7 @@ fn a_memcached_that_restarts_empty_is_rebuilt_from_the_log() {
             ..mode("linearizable", false)
         },
     );
-    let leader = wait_leader(&c, &[1, 2, 3], ELECTION_WAIT);
+    let leader = c.wait_leader(&[1, 2, 3], ELECTION_WAIT);
     let victim = (1..=3).find(|&i| i != leader).unwrap();
     let mut writer = Client::connect(c.ports(leader).client);
     assert_eq!(
@@ -339,7 +318,7 @@ fn a_node_too_far_behind_gets_a_snapshot() {
             ..mode("linearizable", false)
         },
     );
-    let leader = wait_leader(&c, &[1, 2, 3], ELECTION_WAIT);
+    let leader = c.wait_leader(&[1, 2, 3], ELECTION_WAIT);
     let behind = (1..=3).find(|&i| i != leader).unwrap();
     assert_eq!(
         call_until_served(&c, leader, b"set first 0 0 1\r\n1\r\n", ANSWER_WAIT),
@@ -362,9 +341,11 @@ fn a_node_too_far_behind_gets_a_snapshot() {
         call_until_served(&c, behind, b"get first k0 k19\r\n", ANSWER_WAIT * 2),
         expected
     );
-    let installed = c.stats_cluster(behind).unwrap()["raft_snapshots_installed"].clone();
-    assert_eq!(
-        installed, "1",
+    let installed = c.stats_cluster(behind).unwrap()["raft_snapshots_installed"]
+        .parse::<u64>()
+        .unwrap();
+    assert!(
+        installed >= 1,
         "the node caught up without the leader's snapshot"
     );
 }

@@ -490,6 +490,28 @@ impl TestCluster {
         self.data.path().join(format!("node-{i}")).join("log")
     }
 
+    /// The node among `candidates` that says it leads (`raft_role` in
+    /// `stats cluster`), once one does within `within`.
+    pub fn wait_leader(&self, candidates: &[usize], within: Duration) -> usize {
+        let start = Instant::now();
+        loop {
+            for &i in candidates {
+                let role = self
+                    .stats_cluster(i)
+                    .ok()
+                    .and_then(|s| s.get("raft_role").cloned());
+                if role.as_deref() == Some("leader") {
+                    return i;
+                }
+            }
+            assert!(
+                start.elapsed() < within,
+                "no leader among {candidates:?} within {within:?}"
+            );
+            poll_pause();
+        }
+    }
+
     pub fn client(&self, i: usize) -> Client {
         Client::connect(self.ports(i).client)
     }

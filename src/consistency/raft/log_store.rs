@@ -287,7 +287,7 @@ impl<C: RaftTypeConfig> Clone for LogReader<C> {
 
 /// The durable Raft log, vote, committed id and purge point of one node.
 ///
-/// ```ignore
+/// ```text
 /// // At start-up (blocking I/O: replay, torn-tail repair):
 /// let log_store = LogStore::<TypeConfig>::open(data_dir.join("raft-log"))?;
 /// let log_stats = log_store.reader(); // kept for metrics: `log_stats.stats()`
