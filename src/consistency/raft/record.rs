@@ -8,8 +8,9 @@
 //! wrote the key: an entry applied again (a replay after a crash, or after
 //! a snapshot taken while entries were applied) is skipped for a key whose
 //! index is already at or past it, so applying is idempotent. `cas` is the
-//! CAS token clients see: the log index of the last write that changed the
-//! value (`touch` keeps it, as memcached does), the same on every node.
+//! CAS token clients see, naming the last write that changed the value
+//! (`state::cas_token`: its log index and its place in the entry; `touch`
+//! keeps it, as memcached does), the same on every node.
 //! `written_ms` is the proposer's clock at that write, for `flush_all` with
 //! a delay. A value without the magic was not written by this mode: it is
 //! not visible.

@@ -138,6 +138,9 @@ pub struct StateMachine {
     /// Held while entries are applied, and while a store that lost its
     /// data is rebuilt, so the two never interleave.
     applying: tokio::sync::Mutex<()>,
+    /// Set while the store is rebuilt, and left set if a rebuild failed
+    /// half way: reads fail and entries wait until a rebuild succeeds.
+    broken: std::sync::atomic::AtomicBool,
     snapshot_seq: AtomicU64,
     pub counts: SmCounts,
 }
@@ -176,6 +179,7 @@ impl StateMachine {
             persisted: Mutex::new(Instant::now()),
             install: tokio::sync::RwLock::new(()),
             applying: tokio::sync::Mutex::new(()),
+            broken: std::sync::atomic::AtomicBool::new(false),
             snapshot_seq: AtomicU64::new(0),
             counts: SmCounts::default(),
         });
@@ -281,6 +285,11 @@ impl StateMachine {
     /// answers `get`/`gets`.
     pub async fn read(&self, keys: &[Bytes], cas: bool) -> Result<Response, BackendError> {
         let _reading = self.install.read().await;
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(BackendError::Unavailable(
+                "the store is being rebuilt".into(),
+            ));
+        }
         let found = self.fetch(keys).await?;
         let flush = lock(&self.meta).flush;
         let now = unix_ms();
@@ -304,8 +313,15 @@ impl StateMachine {
         &self,
         entries: Vec<Entry<TypeConfig>>,
     ) -> Result<Vec<Applied>, StorageError<u64>> {
-        let _applying = self.applying.lock().await;
-        self.apply_unlocked(entries).await
+        loop {
+            let applying = self.applying.lock().await;
+            if !self.broken.load(Ordering::SeqCst) {
+                return self.apply_unlocked(entries).await;
+            }
+            // A rebuild failed half way: wait for the next one to succeed.
+            drop(applying);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn apply_unlocked(
@@ -339,6 +355,7 @@ impl StateMachine {
         let mut meta = lock(&self.meta).clone();
         for e in entries {
             let index = e.log_id.index;
+            let mut written = 0;
             match e.payload {
                 EntryPayload::Blank => answers.push(Applied::default()),
                 EntryPayload::Membership(m) => {
@@ -348,6 +365,7 @@ impl StateMachine {
                 EntryPayload::Normal(cmd) => {
                     let mut batch = Batch {
                         index,
+                        written: &mut written,
                         clock: Clock::unix(cmd.now_ms),
                         flush: &mut meta.flush,
                         state: &mut state,
@@ -474,6 +492,9 @@ impl StateMachine {
         }
         let _applying = self.applying.lock().await;
         let _writing = self.install.write().await;
+        // Until the rebuild below completes, the store is not the state
+        // machine's: set first, cleared only on success.
+        self.broken.store(true, Ordering::SeqCst);
         let applied = lock(&self.meta).last_applied;
         tracing::warn!(
             applied = applied.map_or(0, |l| l.index),
@@ -513,6 +534,7 @@ impl StateMachine {
         }
         lock(&self.meta).instance = instance;
         self.persist(true)?;
+        self.broken.store(false, Ordering::SeqCst);
         self.counts.store_rebuilds.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             applied = self.applied_index(),
@@ -524,6 +546,9 @@ impl StateMachine {
     /// Reads the whole store into a snapshot body, naming the applied log
     /// id at its start (entries applied meanwhile are replayed on top).
     async fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+        // Never while the store is being replaced (a snapshot installed or
+        // a rebuild): the store would be half filled under the old index.
+        let _reading = self.install.read().await;
         let meta = lock(&self.meta).clone();
         let keys = self.backend.keys().await.map_err(io_error)?;
         let mut items = Vec::with_capacity(keys.len());
@@ -569,6 +594,13 @@ impl StateMachine {
     }
 }
 
+/// The CAS token of the `n`th value written by the entry at `index`: the
+/// same on every replica, and never shared by two values (an entry holds
+/// far fewer than 2^20 writes; `batch.rs` caps it near 1,200).
+pub fn cas_token(index: u64, n: u64) -> u64 {
+    (index << 20) | (n & 0xF_FFFF)
+}
+
 /// The keys a write touches.
 fn write_keys(w: &Request) -> &[Bytes] {
     match w {
@@ -586,6 +618,9 @@ fn write_keys(w: &Request) -> &[Bytes] {
 /// One entry being applied over the batch's view of the keys.
 struct Batch<'a> {
     index: u64,
+    /// Values written so far in this entry: with the index, the CAS token
+    /// of the next one, so two writes of one entry never share a token.
+    written: &'a mut u64,
     clock: Clock,
     flush: &'a mut Flush,
     state: &'a mut HashMap<Bytes, Option<Current>>,
@@ -594,6 +629,12 @@ struct Batch<'a> {
 }
 
 impl Batch<'_> {
+    fn next_value(&mut self) -> u64 {
+        let n = *self.written;
+        *self.written += 1;
+        n
+    }
+
     /// The key's live value as the rules see it, or `Err` when this entry
     /// was already applied to it.
     fn item(&self, key: &Bytes) -> Result<Option<Item>, ()> {
@@ -624,7 +665,7 @@ impl Batch<'_> {
                 flags: v.flags,
                 record: Record {
                     index: self.index,
-                    cas: self.index,
+                    cas: cas_token(self.index, self.next_value()),
                     written_ms: now,
                     deadline_ms: v.deadline.unwrap_or(0),
                     data: v.data,
@@ -997,15 +1038,60 @@ mod tests {
             &sm,
             vec![
                 entry(1, now, vec![set("n", "5"), incr("n", 10)]),
-                entry(2, now, vec![cas("n", "x", 7), cas("n", "y", 1)]),
+                entry(
+                    2,
+                    now,
+                    vec![
+                        // The token of the set: the incr after it in the
+                        // same entry made a new one.
+                        cas("n", "x", cas_token(1, 0)),
+                        cas("n", "y", cas_token(1, 1)),
+                    ],
+                ),
             ],
         )
         .await;
-        // One entry is one step: both its writes leave CAS 1.
         assert_eq!(replies[0], vec![Response::Stored, Response::Number(15)]);
         assert_eq!(replies[1], vec![Response::Exists, Response::Stored]);
-        assert_eq!(get(&sm, "n").await, Some((Bytes::from_static(b"y"), 2)));
+        assert_eq!(
+            get(&sm, "n").await,
+            Some((Bytes::from_static(b"y"), cas_token(2, 0)))
+        );
         assert_eq!(sm.applied_index(), 2);
+    }
+
+    #[tokio::test]
+    async fn two_writes_in_one_entry_never_share_a_cas_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::new(1 << 20));
+        let sm = open(&store, dir.path()).await;
+        let now = unix_ms();
+        let gets = Request::Get {
+            keys: vec![Bytes::from_static(b"k")],
+            cas: true,
+        };
+        let append = Request::Store {
+            op: StoreOp::Append,
+            key: Bytes::from_static(b"k"),
+            flags: 0,
+            exptime: 0,
+            data: Bytes::from_static(b"!"),
+            cas_unique: 0,
+            noreply: false,
+        };
+        // One client's set and gets, and another's append, grouped in one
+        // entry: the token the first client saw is stale after the append.
+        let replies = apply(&sm, vec![entry(1, now, vec![set("k", "v"), gets, append])]).await;
+        let Response::Values(seen) = &replies[0][1] else {
+            panic!("{:?}", replies[0]);
+        };
+        let token = seen[0].cas.unwrap();
+        let replies = apply(&sm, vec![entry(2, now, vec![cas("k", "x", token)])]).await;
+        assert_eq!(replies[0], vec![Response::Exists]);
+        assert_eq!(
+            get(&sm, "k").await.map(|(d, _)| d),
+            Some(Bytes::from_static(b"v!"))
+        );
     }
 
     #[tokio::test]
@@ -1055,7 +1141,10 @@ mod tests {
         .await;
         assert_eq!(replies[1], vec![Response::Ok, Response::Stored]);
         assert_eq!(get(&sm, "a").await, None);
-        assert_eq!(get(&sm, "b").await, Some((Bytes::from_static(b"2"), 2)));
+        assert_eq!(
+            get(&sm, "b").await,
+            Some((Bytes::from_static(b"2"), cas_token(2, 0)))
+        );
         assert_eq!(
             store.keys().await.unwrap().len(),
             1,
@@ -1097,7 +1186,7 @@ mod tests {
         );
         assert_eq!(
             get(&rebuilt, "b").await,
-            Some((Bytes::from_static(b"2"), 1))
+            Some((Bytes::from_static(b"2"), cas_token(1, 1)))
         );
         apply(&rebuilt, vec![entry(2, now, vec![incr("a", 5)])]).await;
         assert_eq!(
