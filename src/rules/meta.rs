@@ -8,7 +8,9 @@
 use bytes::Bytes;
 
 use super::{Clock, Item, NewValue, apply_delta, store};
-use crate::protocol::{ArithOp, ClientError, MetaCode, MetaRequest, Response, SetMode, StoreOp};
+use crate::protocol::{
+    ArithOp, ClientError, MetaCode, MetaRequest, Response, SetMode, StoreOp, TtlChanges,
+};
 
 /// The bytes memcached 1.6.18 charges an item (`me`'s `size=`): its
 /// 48-byte header, the key and a NUL, the value and its `\r\n`, the CAS,
@@ -357,6 +359,30 @@ pub fn arith(req: &MetaRequest, current: Option<Current<'_>>, clock: Clock) -> M
     out.deadline_before = old.deadline;
     out.number = Some(n);
     out
+}
+
+/// Whole seconds left until `deadline` (rounded up, as memcached's
+/// once-a-second clock shows it right after a store); `None` never.
+pub fn secs_left(deadline: Option<u64>, now_ms: u64) -> Option<i64> {
+    deadline.map(|d| {
+        let ms = i128::from(d) - i128::from(now_ms);
+        let secs = if ms > 0 { (ms + 999) / 1000 } else { ms / 1000 };
+        i64::try_from(secs).unwrap_or(i64::MAX)
+    })
+}
+
+/// The TTLs `T` and (on a created item) `N` set, in seconds, for a `t`
+/// written after them.
+pub fn ttl_changes(req: &MetaRequest, clock: Clock, created: bool) -> TtlChanges {
+    let secs = |e| secs_left(clock.deadline(e), clock.now_ms);
+    TtlChanges {
+        on_t: req.flags.ttl.map(secs),
+        on_n: if created {
+            req.flags.vivify.map(secs)
+        } else {
+            None
+        },
+    }
 }
 
 #[cfg(test)]

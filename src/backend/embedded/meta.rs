@@ -7,20 +7,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{EmbeddedStore, Entry, EntryMeta, Shard, View, cost, out_of_memory};
 use crate::protocol::{
-    ItemView, MetaCmd, MetaCode, MetaReply, MetaRequest, Response, TtlChanges, base64_encode,
+    ItemView, MetaCmd, MetaCode, MetaReply, MetaRequest, Response, base64_encode,
 };
+use crate::rules::Item;
 use crate::rules::meta::{self as rules, Current, MetaEffect};
-use crate::rules::{Clock, Item};
-
-/// Whole seconds left until `deadline` (rounded up, as memcached's
-/// once-a-second clock shows it right after a store); `None` never.
-fn secs_left(deadline: Option<u64>, now_ms: u64) -> Option<i64> {
-    deadline.map(|d| {
-        let ms = i128::from(d) - i128::from(now_ms);
-        let secs = if ms > 0 { (ms + 999) / 1000 } else { ms / 1000 };
-        i64::try_from(secs).unwrap_or(i64::MAX)
-    })
-}
 
 fn reply(code: MetaCode, rest: BytesMut, value: Option<Bytes>) -> Response {
     Response::Meta(MetaReply {
@@ -164,14 +154,14 @@ impl EmbeddedStore {
         {
             entry.meta.bump(now);
         }
-        let changes = ttl_changes(req, view.clock, created);
+        let changes = rules::ttl_changes(req, view.clock, created);
         let item_view = ItemView {
             key: &req.key,
             key_binary: meta.key_binary,
             cas: item.cas,
             client_flags: item.flags,
             size: item.data.len(),
-            ttl: secs_left(item.deadline, now),
+            ttl: rules::secs_left(item.deadline, now),
             last_access: now.saturating_sub(meta.accessed_at) / 1000,
             fetched: meta.fetched,
         };
@@ -292,14 +282,14 @@ impl EmbeddedStore {
         if out.hidden {
             return Response::Quiet;
         }
-        let changes = ttl_changes(req, view.clock, out.created);
+        let changes = rules::ttl_changes(req, view.clock, out.created);
         let item_view = ItemView {
             key: &req.key,
             key_binary: req.flags.base64,
             cas,
             client_flags: 0,
             size: 0,
-            ttl: secs_left(out.deadline_before, now),
+            ttl: rules::secs_left(out.deadline_before, now),
             last_access: 0,
             fetched: false,
         };
@@ -326,7 +316,7 @@ impl EmbeddedStore {
         } else {
             rest.put_slice(&req.key);
         }
-        let exp = secs_left(item.deadline, now).map_or(-1, |s| -s);
+        let exp = rules::secs_left(item.deadline, now).map_or(-1, |s| -s);
         let size = rules::memcached_item_size(req.key.len(), item.data.len(), item.flags);
         let line = format!(
             " exp={exp} la={} cas={} fetch={} cls={} size={size}",
@@ -337,20 +327,6 @@ impl EmbeddedStore {
         );
         rest.put_slice(line.as_bytes());
         reply(MetaCode::Me, rest, None)
-    }
-}
-
-/// The TTLs `T` and (on a created item) `N` set, in seconds, for a `t`
-/// written after them.
-fn ttl_changes(req: &MetaRequest, clock: Clock, created: bool) -> TtlChanges {
-    let secs = |e| secs_left(clock.deadline(e), clock.now_ms);
-    TtlChanges {
-        on_t: req.flags.ttl.map(secs),
-        on_n: if created {
-            req.flags.vivify.map(secs)
-        } else {
-            None
-        },
     }
 }
 

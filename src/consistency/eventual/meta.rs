@@ -17,8 +17,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::{Current, Eventual};
 use crate::backend::BackendError;
 use crate::protocol::{
-    ClientError, ItemView, MetaCmd, MetaCode, MetaReply, MetaRequest, Response, TtlChanges,
-    base64_encode,
+    ClientError, ItemView, MetaCmd, MetaCode, MetaReply, MetaRequest, Response, base64_encode,
 };
 use crate::rules::meta::{self as rules, Marks, MetaEffect, MetaOutcome};
 use crate::rules::{Clock, Effect, Item};
@@ -30,27 +29,6 @@ fn reply(code: MetaCode, rest: BytesMut, value: Option<Bytes>) -> Response {
         rest: rest.freeze(),
         value,
     })
-}
-
-/// Whole seconds from `now_ms` to `deadline` (rounded up); `None` never.
-fn secs_left(deadline: Option<u64>, now_ms: u64) -> Option<i64> {
-    deadline.map(|d| {
-        let ms = i128::from(d) - i128::from(now_ms);
-        let secs = if ms > 0 { (ms + 999) / 1000 } else { ms / 1000 };
-        i64::try_from(secs).unwrap_or(i64::MAX)
-    })
-}
-
-fn ttl_changes(req: &MetaRequest, clock: Clock, created: bool) -> TtlChanges {
-    let secs = |e| secs_left(clock.deadline(e), clock.now_ms);
-    TtlChanges {
-        on_t: req.flags.ttl.map(secs),
-        on_n: if created {
-            req.flags.vivify.map(secs)
-        } else {
-            None
-        },
-    }
 }
 
 /// The text rules' effect for a meta effect: the value and its deadline
@@ -155,11 +133,11 @@ impl Eventual {
                     cas: item.cas,
                     client_flags: item.flags,
                     size: item.data.len(),
-                    ttl: secs_left(item.deadline, now),
+                    ttl: rules::secs_left(item.deadline, now),
                     last_access: 0,
                     fetched: false,
                 };
-                let mut rest = req.hit_flags(&view, ttl_changes(req, clock, out.created));
+                let mut rest = req.hit_flags(&view, rules::ttl_changes(req, clock, out.created));
                 if out.won {
                     rest.put_slice(b" W");
                 }
@@ -174,11 +152,11 @@ impl Eventual {
                     cas: new_cas,
                     client_flags: 0,
                     size: 0,
-                    ttl: secs_left(out.deadline_before, now),
+                    ttl: rules::secs_left(out.deadline_before, now),
                     last_access: 0,
                     fetched: false,
                 };
-                let rest = req.hit_flags(&view, ttl_changes(req, clock, out.created));
+                let rest = req.hit_flags(&view, rules::ttl_changes(req, clock, out.created));
                 let value = (code == MetaCode::Va)
                     .then(|| Bytes::copy_from_slice(itoa::Buffer::new().format(n).as_bytes()));
                 reply(code, rest, value)
@@ -201,7 +179,7 @@ fn debug(req: &MetaRequest, item: Option<&Item>, clock: Clock) -> Response {
     } else {
         req.key.to_vec()
     };
-    let exp = secs_left(item.deadline, clock.now_ms).map_or(-1, |s| -s);
+    let exp = rules::secs_left(item.deadline, clock.now_ms).map_or(-1, |s| -s);
     let size = rules::memcached_item_size(req.key.len(), item.data.len(), item.flags);
     let mut rest = BytesMut::new();
     rest.put_u8(b' ');
