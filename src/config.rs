@@ -97,6 +97,11 @@ pub struct ClusterConfig {
     pub snapshot_after_entries: u64,
     /// Ordered modes: log entries kept behind the last snapshot.
     pub log_kept_after_snapshot: u64,
+    /// Ordered modes: how long the store keeps a value past its deadline,
+    /// so that a replica a little behind still decides by it. A replica
+    /// more than half of this behind decides in memory until it catches
+    /// up (docs/consistency.md).
+    pub expired_kept_ms: u64,
 }
 
 /// A TCP address as `host:port`, the host an IP address or a name:
@@ -337,6 +342,7 @@ impl Default for ClusterConfig {
             request_timeout_ms: 3000,
             snapshot_after_entries: 50_000,
             log_kept_after_snapshot: 5_000,
+            expired_kept_ms: 60_000,
         }
     }
 }
@@ -607,6 +613,12 @@ impl Config {
             if v == 0 {
                 return Err(invalid(field, "must be greater than 0"));
             }
+        }
+        if c.expired_kept_ms < 10_000 {
+            return Err(invalid(
+                "cluster.expired_kept_ms",
+                "must be at least 10000 (10 s)",
+            ));
         }
         if c.election_timeout_min_ms < 2 * c.raft_heartbeat_interval_ms {
             return Err(invalid(

@@ -302,6 +302,7 @@ async fn cluster_pipeline(
                 snapshot_after: c.snapshot_after_entries,
                 keep_after_snapshot: c.log_kept_after_snapshot,
                 store_check_interval: ms(c.store_check_interval_ms),
+                expired_kept: ms(c.expired_kept_ms),
             };
             let mode = RaftMode::start(
                 backend.clone(),

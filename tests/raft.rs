@@ -287,6 +287,14 @@ fn a_memcached_that_restarts_empty_is_rebuilt_from_the_log() {
         if seen.as_ref().is_ok_and(|s| *s == expected) && rebuilt.as_deref() == Some("1") {
             break;
         }
+        // Before the rebuild the store is empty: a read that was served
+        // must not have been served from it.
+        if let Ok(s) = &seen {
+            assert!(
+                s == &expected || s.starts_with("SERVER_ERROR"),
+                "node {victim} answered from its emptied store: {s:?}"
+            );
+        }
         assert!(
             start.elapsed() < ANSWER_WAIT * 2,
             "node {victim} not rebuilt: rebuilds {rebuilt:?}, reads {seen:?}"
@@ -348,4 +356,35 @@ fn a_node_too_far_behind_gets_a_snapshot() {
         installed >= 1,
         "the node caught up without the leader's snapshot"
     );
+}
+
+#[test]
+fn values_expire_on_every_node_while_nothing_is_written() {
+    let _s = serial();
+    let c = TestCluster::start(3, mode("linearizable", false));
+    let leader = c.wait_leader(&[1, 2, 3], ELECTION_WAIT);
+    assert_eq!(
+        call_until_served(&c, leader, b"set long 0 0 1\r\ny\r\n", ANSWER_WAIT),
+        "STORED\r\n"
+    );
+    assert_eq!(
+        Client::connect(c.ports(leader).client).call(b"set short 0 1 1\r\nx\r\n"),
+        b"STORED\r\n"
+    );
+    // Reads judge expiry by the log's clock; with no writes, the leader's
+    // clock entries keep it moving, so the 1 s value goes on every node.
+    let start = Instant::now();
+    let mut gone = [false; 3];
+    while !gone.iter().all(|&g| g) {
+        for i in 1..=3 {
+            let seen = text(&Client::connect(c.ports(i).client).call(b"get short long\r\n"));
+            assert!(seen.contains("VALUE long"), "node {i}: {seen:?}");
+            gone[i - 1] = !seen.contains("VALUE short");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "the 1 s value did not expire everywhere: gone {gone:?}"
+        );
+        poll_pause();
+    }
 }

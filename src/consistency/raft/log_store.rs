@@ -823,6 +823,17 @@ where
     }
 
     /// The directory this store keeps its files in.
+    /// Appends `entries` and waits for them to be durable, outside Raft
+    /// (for tests of what reads the log).
+    #[cfg(test)]
+    pub(crate) async fn append_durable(
+        &mut self,
+        entries: Vec<C::Entry>,
+    ) -> Result<(), LogStoreError> {
+        self.append_entries(entries)?;
+        self.flush().await
+    }
+
     pub fn dir(&self) -> &Path {
         &self.shared.dir
     }

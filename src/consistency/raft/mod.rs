@@ -87,6 +87,10 @@ pub const READ_FAILED: &str = "no quorum; read not served";
 /// How long to wait before asking again when no leader is known.
 const LEADER_POLL: Duration = Duration::from_millis(20);
 
+/// The longest the log's clock lags the leader's while nothing is written
+/// (`RaftMode::keep_time`). memcached's own clock moves once a second.
+const QUIET: Duration = Duration::from_millis(500);
+
 #[derive(Debug, Clone)]
 pub struct RaftSettings {
     /// `true` for `sequential`, `false` for `linearizable`.
@@ -108,6 +112,8 @@ pub struct RaftSettings {
     pub keep_after_snapshot: u64,
     /// How often the store is checked for a restart that lost its data.
     pub store_check_interval: Duration,
+    /// How long the store keeps a value past its deadline (`state.rs`).
+    pub expired_kept: Duration,
 }
 
 /// Why a write or a read failed.
@@ -215,8 +221,6 @@ pub struct RaftMode {
     /// Read-index rounds started, and the last one's number and answer.
     rounds_started: AtomicU64,
     last_round: tokio::sync::Mutex<Option<(u64, Result<u64, String>)>>,
-    /// Reads the log beside Raft, to rebuild a store that lost its data.
-    log: tokio::sync::Mutex<log_store::LogReader<TypeConfig>>,
     backend: Arc<dyn Backend>,
     cluster: Arc<Cluster>,
     settings: RaftSettings,
@@ -234,9 +238,14 @@ impl RaftMode {
     ) -> anyhow::Result<Arc<RaftMode>> {
         let metrics = RaftMetrics::register(registry)?;
         let id = u64::from(cluster.node_id());
-        let sm = StateMachine::open(backend.clone(), &settings.data_dir.join("state")).await?;
         let log = LogStore::<TypeConfig>::open(settings.data_dir.join("log"))?;
-        let reader = log.reader();
+        let sm = StateMachine::open(
+            backend.clone(),
+            &settings.data_dir.join("state"),
+            log.reader(),
+            settings.expired_kept,
+        )
+        .await?;
         let ms = |d: Duration| d.as_millis() as u64;
         let config = openraft::Config {
             cluster_name: settings.cluster_name.clone(),
@@ -265,7 +274,6 @@ impl RaftMode {
             batcher,
             rounds_started: AtomicU64::new(0),
             last_round: tokio::sync::Mutex::new(None),
-            log: tokio::sync::Mutex::new(reader),
             backend,
             cluster,
             settings,
@@ -283,6 +291,7 @@ impl RaftMode {
                 self.watch_store().await
             } => {}
             _ = self.refresh_metrics() => {}
+            _ = self.keep_time() => {}
         }
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not stop cleanly");
@@ -383,16 +392,38 @@ impl RaftMode {
         }
     }
 
-    /// Checks the store every `store_check_interval`, and rebuilds it when
-    /// it lost its data (memcached restarted).
+    /// Checks the store every `store_check_interval`, and at once when a
+    /// read or an apply found it without its mark, and rebuilds it when it
+    /// lost its data (memcached restarted).
     async fn watch_store(&self) {
         let mut tick = tokio::time::interval(self.settings.store_check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
-            let mut log = self.log.lock().await;
-            if let Err(e) = self.sm.check_store(&mut log).await {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.sm.lost.notified() => {}
+            }
+            if let Err(e) = self.sm.check_store().await {
                 tracing::debug!(error = %e, "cannot check the store yet");
+                // Not at once again: the store may be down.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// On the leader: proposes an empty entry whenever the log's clock
+    /// (the state machine's, which reads judge expiry by) has fallen
+    /// [`QUIET`] behind, so values expire while nothing is written.
+    async fn keep_time(&self) {
+        loop {
+            tokio::time::sleep(QUIET / 4).await;
+            let behind = unix_ms().saturating_sub(self.sm.clock_ms());
+            if behind < QUIET.as_millis() as u64 || self.leader().await != Some(self.id) {
+                continue;
+            }
+            let deadline = Instant::now() + self.settings.request_timeout;
+            if let Forwarded::Unknown(e) = self.batcher.propose(Vec::new(), deadline).await {
+                tracing::debug!(error = %e, "a clock entry was not committed");
             }
         }
     }

@@ -3,27 +3,47 @@
 //! the shared command rules, and answers reads from it.
 //!
 //! Every outcome is decided from replicated state only: a key's current
-//! value is its [`Record`] (CAS token and deadline included), the clock is
-//! the one the proposer wrote into the entry, and `flush_all` is a
-//! [`Flush`] in the state, so every node gives every write the same answer.
+//! value is its [`Record`] (CAS token and deadline included), `flush_all`
+//! is a [`Flush`] in the state, and the clock is the log's own: each entry
+//! carries its proposer's clock, and the state's clock is the highest
+//! applied so far ([`Meta::clock_ms`]), so it never goes back when the
+//! leader changes. Reads judge expiry by that clock too, so a replica at
+//! a given index answers exactly what the log says; the leader proposes
+//! an empty entry when the log has been quiet for a while
+//! (`mod.rs`, [`super::RaftMode`]), so time moves on while nothing is
+//! written.
 //!
 //! Applying is idempotent: an entry is skipped for a key whose record
-//! already carries its index or a later one. That makes three things safe:
+//! already carries its index or a later one. That makes two things safe:
 //! a restart that replays entries the store already has (the applied index
-//! on disk lags the store by up to [`PERSIST_EVERY`]); a snapshot taken
-//! while entries are applied (it names the applied index at its start, and
-//! entries after it are replayed on top); and a store that restarted empty,
-//! rebuilt from the last snapshot and the log.
+//! on disk lags the store by up to [`PERSIST_EVERY`]), and a snapshot taken
+//! while entries are applied (it names the applied index at its start,
+//! and entries after it are replayed on top).
+//!
+//! The store drops a value on its own clock, not the log's. So a value is
+//! stored to live [`StateMachine::kept`] past its deadline, and an entry
+//! is decided from the store only while it is fresh (proposed less than
+//! half of that ago). A replica further behind (down, cut off, or
+//! catching up) keeps its whole state in memory, rebuilt from its last
+//! snapshot and its log, and decides there until it has caught up, so no
+//! value the store dropped early can change an outcome. A store that lost
+//! its data is rebuilt the same way.
+//!
+//! A store that lost its data (memcached restarted, or flushed behind
+//! memdial's back) is found by its mark: the key [`MARK_KEY`], written
+//! when the state machine last filled the store, read with every read and
+//! every apply. Without it nothing is read from the store or applied to
+//! it until it is rebuilt.
 //!
 //! What is kept in the data directory: `state` (the applied log id, the
-//! membership, the flush state, and the store lifetime they belong to) and
-//! `snapshot` (the last snapshot, meta and body). Both are written to a
-//! temporary file and renamed; the snapshot is fsynced first.
+//! membership, the flush state, the clock, and the mark of the store they
+//! belong to) and `snapshot` (the last snapshot, meta and body). Both are
+//! written to a temporary file and renamed; the snapshot is fsynced first.
 
 use std::collections::HashMap;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -42,7 +62,7 @@ use super::log_store::LogReader;
 use super::record::Record;
 use crate::backend::{Backend, BackendError};
 use crate::consistency::store_exptime;
-use crate::protocol::{Request, Response, StoreOp, Value};
+use crate::protocol::{ErrorReply, Request, Response, StoreOp, Value};
 use crate::rules::{self, Clock, Effect, Item};
 use crate::time::unix_ms;
 
@@ -57,11 +77,18 @@ const CHUNK: usize = 128;
 /// waits for it: replays happen at start and while rebuilding a store.
 const REPLAYED: &str = "outcome unknown (entry replayed)";
 
+/// The key that marks the store as the one this state machine filled. Its
+/// value is [`Meta::mark`]. Clients cannot write it in these modes.
+pub const MARK_KEY: &[u8] = b"memdial:raft:mark";
+
+/// The answer to a client write of [`MARK_KEY`].
+const RESERVED: &str = "key reserved by memdial";
+
 /// `flush_all` as replicated state. A record written at a log index below
 /// `floor_index` is gone (a flush at once); so is one written, by the
-/// proposer's clock, before `floor_ms`, or before `delayed_ms` once that
-/// time has come (a flush with a delay, which memcached applies to
-/// everything stored before that moment).
+/// log's clock, before `floor_ms`, or before `delayed_ms` once that time
+/// has come (a flush with a delay, which memcached applies to everything
+/// stored before that moment).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flush {
     pub floor_index: u64,
@@ -100,14 +127,18 @@ struct Meta {
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
     flush: Flush,
-    /// The store's lifetime ([`Backend::instance`]) this state describes.
-    instance: String,
+    /// The log's clock: the highest proposer clock applied (unix ms).
+    clock_ms: u64,
+    /// The mark ([`MARK_KEY`]) of the store this state describes.
+    mark: String,
 }
 
-/// A snapshot's body: the flush state and every record, as stored.
+/// A snapshot's body: the flush state, the clock and every record, as
+/// stored.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Body {
     flush: Flush,
+    clock_ms: u64,
     /// (key, client flags, the stored bytes: record header and data)
     items: Vec<(Bytes, u32, Bytes)>,
 }
@@ -125,13 +156,25 @@ pub struct SmCounts {
     pub snapshots_built: AtomicU64,
     pub snapshots_installed: AtomicU64,
     pub store_rebuilds: AtomicU64,
+    /// Times this replica fell behind and began deciding in memory.
+    pub behind: AtomicU64,
 }
+
+/// Every key's state, absent keys as `None`.
+type State = HashMap<Bytes, Option<Current>>;
 
 pub struct StateMachine {
     backend: Arc<dyn Backend>,
     dir: PathBuf,
+    /// The log beside Raft, to rebuild the state from.
+    log: tokio::sync::Mutex<LogReader<TypeConfig>>,
+    /// How long the store keeps a value past its deadline.
+    kept: Duration,
     meta: Mutex<Meta>,
     persisted: Mutex<Instant>,
+    /// The whole state, while this replica is behind (see the module
+    /// doc); `None` otherwise.
+    memory: Mutex<Option<State>>,
     /// Taken for reading by client reads, for writing while the store is
     /// replaced by a snapshot, so no read sees it half written.
     install: tokio::sync::RwLock<()>,
@@ -140,7 +183,9 @@ pub struct StateMachine {
     applying: tokio::sync::Mutex<()>,
     /// Set while the store is rebuilt, and left set if a rebuild failed
     /// half way: reads fail and entries wait until a rebuild succeeds.
-    broken: std::sync::atomic::AtomicBool,
+    broken: AtomicBool,
+    /// Woken when a read or an apply found the store without its mark.
+    pub lost: tokio::sync::Notify,
     snapshot_seq: AtomicU64,
     pub counts: SmCounts,
 }
@@ -153,7 +198,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A key's state while a batch of entries is applied.
+/// A key's state while entries are applied.
 #[derive(Debug, Clone)]
 struct Current {
     flags: u32,
@@ -163,30 +208,64 @@ struct Current {
     fresh: bool,
 }
 
+/// Why entries could not be applied.
+enum NotApplied {
+    /// The store lost its mark: wait for the rebuild, then try again.
+    Lost,
+    Failed(Box<StorageError<u64>>),
+}
+
+/// A state with the records of a snapshot body.
+fn state_of(body: Body) -> State {
+    body.items
+        .into_iter()
+        .filter_map(|(key, flags, stored)| {
+            let record = Record::decode(&stored)?;
+            Some((
+                key,
+                Some(Current {
+                    flags,
+                    record,
+                    fresh: false,
+                }),
+            ))
+        })
+        .collect()
+}
+
 impl StateMachine {
     /// Opens the state machine of the store `backend`, with its files in
-    /// `dir`. When the store is not the one the files describe (a first
-    /// start, or memcached restarted and lost its data), the store is
-    /// emptied and refilled from the last snapshot, if any; the log replays
-    /// the rest.
-    pub async fn open(backend: Arc<dyn Backend>, dir: &Path) -> anyhow::Result<Arc<StateMachine>> {
+    /// `dir` and the node's log in `log`, each value kept in the store
+    /// `kept` past its deadline. When the store is not the one the files
+    /// describe (a first start, or memcached restarted and lost its data),
+    /// it is rebuilt from the last snapshot and the log.
+    pub async fn open(
+        backend: Arc<dyn Backend>,
+        dir: &Path,
+        log: LogReader<TypeConfig>,
+        kept: Duration,
+    ) -> anyhow::Result<Arc<StateMachine>> {
         std::fs::create_dir_all(dir)?;
-        let instance = backend.instance().await?;
         let sm = Arc::new(StateMachine {
             backend,
             dir: dir.to_path_buf(),
+            log: tokio::sync::Mutex::new(log),
+            kept,
             meta: Mutex::new(Meta::default()),
             persisted: Mutex::new(Instant::now()),
+            memory: Mutex::new(None),
             install: tokio::sync::RwLock::new(()),
             applying: tokio::sync::Mutex::new(()),
-            broken: std::sync::atomic::AtomicBool::new(false),
+            broken: AtomicBool::new(false),
+            lost: tokio::sync::Notify::new(),
             snapshot_seq: AtomicU64::new(0),
             counts: SmCounts::default(),
         });
         let saved: Option<Meta> = read_file(&dir.join("state"))?;
         let snapshot: Option<SnapshotFile> = read_file(&dir.join("snapshot"))?;
+        let mark = sm.store_mark().await?;
         match saved {
-            Some(saved) if saved.instance == instance => {
+            Some(saved) if Some(&saved.mark) == mark.as_ref() => {
                 let mut meta = saved;
                 // The store holds at least what any snapshot taken from it
                 // holds, so the log need not go back further than that.
@@ -197,6 +276,7 @@ impl StateMachine {
                     meta.last_applied = s.meta.last_log_id;
                     meta.membership = s.meta.last_membership.clone();
                     meta.flush = body.flush;
+                    meta.clock_ms = meta.clock_ms.max(body.clock_ms);
                 }
                 *lock(&sm.meta) = meta;
             }
@@ -208,24 +288,41 @@ impl StateMachine {
                     );
                     sm.counts.store_rebuilds.fetch_add(1, Ordering::Relaxed);
                 }
-                sm.call(&[Request::FlushAll {
-                    delay: None,
-                    noreply: false,
-                }])
-                .await?;
-                if let Some(s) = snapshot {
-                    sm.fill(&s.meta, decode(&s.body)?).await?;
-                }
-                lock(&sm.meta).instance = instance;
-                sm.persist(true)?;
+                let upto = saved.and_then(|m| m.last_applied);
+                let _applying = sm.applying.lock().await;
+                let _writing = sm.install.write().await;
+                sm.rebuild(upto).await?;
             }
         }
         Ok(sm)
     }
 
+    /// Decides from `state` in memory from now on, until this replica has
+    /// caught up with the log's clock (at `clock_ms` now).
+    fn keep_in_memory(&self, state: State, clock_ms: u64) {
+        tracing::warn!(
+            behind_ms = unix_ms().saturating_sub(clock_ms),
+            "this replica is behind the log's clock: deciding in memory until it catches up"
+        );
+        self.counts.behind.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.memory) = Some(state);
+    }
+
     /// The log index applied so far (0 before any).
     pub fn applied_index(&self) -> u64 {
         lock(&self.meta).last_applied.map_or(0, |l| l.index)
+    }
+
+    /// The log's clock (unix ms): the latest proposer clock applied.
+    pub fn clock_ms(&self) -> u64 {
+        lock(&self.meta).clock_ms
+    }
+
+    /// An entry proposed at `clock_ms` is decided from the store only if it
+    /// is this fresh: a value is kept `kept` past its deadline, so every
+    /// value still live at its clock is still in the store.
+    fn fresh(&self, clock_ms: u64) -> bool {
+        unix_ms() < clock_ms.saturating_add(self.kept.as_millis() as u64 / 2)
     }
 
     async fn call(&self, requests: &[Request]) -> Result<Vec<Response>, BackendError> {
@@ -248,17 +345,29 @@ impl StateMachine {
         Ok(())
     }
 
+    /// The store's mark, if it has one.
+    async fn store_mark(&self) -> Result<Option<String>, BackendError> {
+        let (_, mark) = self.fetch(&[]).await?;
+        Ok(mark)
+    }
+
     /// The records of `keys` as stored, with their flags (absent keys and
-    /// values this mode did not write are left out).
-    async fn fetch(&self, keys: &[Bytes]) -> Result<HashMap<Bytes, Current>, BackendError> {
-        let requests: Vec<Request> = keys
-            .chunks(CHUNK)
-            .map(|c| Request::Get {
-                keys: c.to_vec(),
-                cas: false,
-            })
-            .collect();
+    /// values this mode did not write are left out), and the store's mark.
+    async fn fetch(
+        &self,
+        keys: &[Bytes],
+    ) -> Result<(HashMap<Bytes, Current>, Option<String>), BackendError> {
+        let mark_key = Bytes::from_static(MARK_KEY);
+        let mut requests: Vec<Request> = vec![Request::Get {
+            keys: vec![mark_key.clone()],
+            cas: false,
+        }];
+        requests.extend(keys.chunks(CHUNK).map(|c| Request::Get {
+            keys: c.to_vec(),
+            cas: false,
+        }));
         let mut found = HashMap::new();
+        let mut mark = None;
         for response in self.call(&requests).await? {
             let Response::Values(values) = response else {
                 return Err(BackendError::Protocol(format!(
@@ -266,7 +375,9 @@ impl StateMachine {
                 )));
             };
             for v in values {
-                if let Some(record) = Record::decode(&v.data) {
+                if v.key == mark_key {
+                    mark = Some(String::from_utf8_lossy(&v.data).into_owned());
+                } else if let Some(record) = Record::decode(&v.data) {
                     found.insert(
                         v.key,
                         Current {
@@ -278,11 +389,23 @@ impl StateMachine {
                 }
             }
         }
+        Ok((found, mark))
+    }
+
+    /// [`Self::fetch`], for a store that must carry this state's mark.
+    async fn fetch_marked(&self, keys: &[Bytes]) -> Result<HashMap<Bytes, Current>, BackendError> {
+        let (found, mark) = self.fetch(keys).await?;
+        if mark.as_deref() != Some(lock(&self.meta).mark.as_str()) {
+            self.lost.notify_one();
+            return Err(BackendError::Unavailable(
+                "the store lost its data; it is being rebuilt".into(),
+            ));
+        }
         Ok(found)
     }
 
     /// A client read: the live values of `keys`, in order, as memcached
-    /// answers `get`/`gets`.
+    /// answers `get`/`gets`, by the log's clock.
     pub async fn read(&self, keys: &[Bytes], cas: bool) -> Result<Response, BackendError> {
         let _reading = self.install.read().await;
         if self.broken.load(Ordering::SeqCst) {
@@ -290,9 +413,19 @@ impl StateMachine {
                 "the store is being rebuilt".into(),
             ));
         }
-        let found = self.fetch(keys).await?;
-        let flush = lock(&self.meta).flush;
-        let now = unix_ms();
+        let in_memory: Option<HashMap<Bytes, Current>> = lock(&self.memory).as_ref().map(|m| {
+            keys.iter()
+                .filter_map(|k| Some((k.clone(), m.get(k)?.clone()?)))
+                .collect()
+        });
+        let found = match in_memory {
+            Some(found) => found,
+            None => self.fetch_marked(keys).await?,
+        };
+        let (flush, now) = {
+            let m = lock(&self.meta);
+            (m.flush, m.clock_ms)
+        };
         let values = keys
             .iter()
             .filter_map(|k| {
@@ -316,9 +449,14 @@ impl StateMachine {
         loop {
             let applying = self.applying.lock().await;
             if !self.broken.load(Ordering::SeqCst) {
-                return self.apply_unlocked(entries).await;
+                match self.apply_unlocked(&entries).await {
+                    Ok(answers) => return Ok(answers),
+                    Err(NotApplied::Failed(e)) => return Err(*e),
+                    Err(NotApplied::Lost) => {}
+                }
             }
-            // A rebuild failed half way: wait for the next one to succeed.
+            // The store lost its data, or a rebuild failed half way: wait
+            // for a rebuild to succeed.
             drop(applying);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -326,60 +464,98 @@ impl StateMachine {
 
     async fn apply_unlocked(
         &self,
-        entries: Vec<Entry<TypeConfig>>,
-    ) -> Result<Vec<Applied>, StorageError<u64>> {
+        entries: &[Entry<TypeConfig>],
+    ) -> Result<Vec<Applied>, NotApplied> {
         let Some(last) = entries.last().map(|e| e.log_id) else {
             return Ok(Vec::new());
         };
-        let mut keys: Vec<Bytes> = Vec::new();
-        for e in &entries {
-            if let EntryPayload::Normal(cmd) = &e.payload {
-                for w in &cmd.writes {
-                    keys.extend(write_keys(w).iter().cloned());
-                }
-            }
-        }
-        keys.sort_unstable();
-        keys.dedup();
-        let mut state: HashMap<Bytes, Option<Current>> = self
-            .fetch(&keys)
-            .await
-            .map_err(io_error)?
-            .into_iter()
-            .map(|(k, c)| (k, Some(c)))
-            .collect();
-        // Keys changed since the last flush at once in this batch.
-        let mut dirty: Vec<Bytes> = Vec::new();
-        let mut flush_store = false;
-        let mut answers = Vec::with_capacity(entries.len());
         let mut meta = lock(&self.meta).clone();
-        for e in entries {
-            let index = e.log_id.index;
-            let mut written = 0;
-            match e.payload {
-                EntryPayload::Blank => answers.push(Applied::default()),
-                EntryPayload::Membership(m) => {
-                    meta.membership = StoredMembership::new(Some(e.log_id), m);
-                    answers.push(Applied::default());
-                }
-                EntryPayload::Normal(cmd) => {
-                    let mut batch = Batch {
-                        index,
-                        written: &mut written,
-                        clock: Clock::unix(cmd.now_ms),
-                        flush: &mut meta.flush,
-                        state: &mut state,
-                        dirty: &mut dirty,
-                        flushed_at_once: false,
-                    };
-                    let replies = cmd.writes.into_iter().map(|w| batch.apply(w)).collect();
-                    if batch.flushed_at_once {
-                        flush_store = true;
-                    }
-                    answers.push(Applied { replies });
-                }
+        // The clock the first write is decided at (entries without writes
+        // decide nothing by it).
+        let first_clock = entries.iter().find_map(|e| match &e.payload {
+            EntryPayload::Normal(cmd) if !cmd.writes.is_empty() => {
+                Some(cmd.now_ms.max(meta.clock_ms))
             }
+            _ => None,
+        });
+        let behind = lock(&self.memory).is_some();
+        match first_clock.map(|c| (c, self.fresh(c))) {
+            Some((clock, false)) if !behind => {
+                let (state, _) = self
+                    .replay(meta.last_applied)
+                    .await
+                    .map_err(|e| NotApplied::Failed(Box::new(io_error(e))))?;
+                self.keep_in_memory(state, clock);
+            }
+            Some((_, true)) if behind => {
+                tracing::info!(
+                    "this replica caught up with the log's clock; deciding from the store"
+                );
+                *lock(&self.memory) = None;
+            }
+            _ => {}
         }
+        let answers = self.apply_on(entries, &mut meta).await?;
+        meta.last_applied = Some(last);
+        *lock(&self.meta) = meta;
+        self.persist(false)
+            .map_err(|e| NotApplied::Failed(Box::new(io_error(e))))?;
+        Ok(answers)
+    }
+
+    /// Decides `entries` over the state in memory, if this replica keeps
+    /// it, or else over the store's records, and writes what changed to
+    /// the store.
+    async fn apply_on(
+        &self,
+        entries: &[Entry<TypeConfig>],
+        meta: &mut Meta,
+    ) -> Result<Vec<Applied>, NotApplied> {
+        let marked = |e| match e {
+            BackendError::Unavailable(_) => NotApplied::Lost,
+            e => NotApplied::Failed(Box::new(io_error(e))),
+        };
+        let in_memory = lock(&self.memory).is_some();
+        let (decided, changed) = if in_memory {
+            // Decided in memory; the store must still be ours.
+            self.fetch_marked(&[]).await.map_err(marked)?;
+            let mut memory = lock(&self.memory);
+            let Some(state) = memory.as_mut() else {
+                return Err(NotApplied::Failed(Box::new(io_error(
+                    "the state in memory vanished",
+                ))));
+            };
+            let decided = decide(entries, state, meta);
+            let changed: State = decided
+                .dirty
+                .iter()
+                .map(|k| (k.clone(), state.get(k).cloned().flatten()))
+                .collect();
+            (decided, changed)
+        } else {
+            let mut state: State = self
+                .fetch_marked(&entries_keys(entries))
+                .await
+                .map_err(marked)?
+                .into_iter()
+                .map(|(k, c)| (k, Some(c)))
+                .collect();
+            (decide(entries, &mut state, meta), state)
+        };
+        self.write_back(&changed, decided.flush_store, decided.dirty)
+            .await
+            .map_err(|e| NotApplied::Failed(Box::new(e)))?;
+        Ok(decided.answers)
+    }
+
+    /// Writes the keys `dirty` from `state` to the store, after a flush
+    /// of everything if `flush_store`.
+    async fn write_back(
+        &self,
+        state: &State,
+        flush_store: bool,
+        mut dirty: Vec<Bytes>,
+    ) -> Result<(), StorageError<u64>> {
         let mut requests = Vec::new();
         if flush_store {
             requests.push(Request::FlushAll {
@@ -391,20 +567,16 @@ impl StateMachine {
         dirty.dedup();
         for key in dirty {
             requests.push(match state.get(&key).cloned().flatten() {
-                Some(c) => Request::Store {
-                    op: StoreOp::Set,
-                    exptime: store_exptime(c.record.deadline_ms),
-                    flags: c.flags,
-                    data: c.record.encode(),
-                    key,
-                    cas_unique: 0,
-                    noreply: false,
-                },
+                Some(c) => self.store_request(key, &c),
                 None => Request::Delete {
                     key,
                     noreply: false,
                 },
             });
+        }
+        if flush_store {
+            // The flush took the mark with everything else.
+            requests.push(self.mark_request(&lock(&self.meta).mark));
         }
         for chunk in requests.chunks(CHUNK) {
             let replies = self.call(chunk).await.map_err(io_error)?;
@@ -416,125 +588,161 @@ impl StateMachine {
             }) {
                 // The store refused a write every other replica made: this
                 // replica can no longer follow the log (memcached out of
-                // memory, or evicting). Raft stops on this node.
+                // memory). Raft stops on this node.
                 tracing::error!(reply = ?bad, "the store refused a replicated write; this node stops applying the log");
                 return Err(io_error(format!("store refused a write: {bad:?}")));
             }
         }
-        meta.last_applied = Some(last);
-        *lock(&self.meta) = meta;
-        self.persist(false).map_err(io_error)?;
-        Ok(answers)
+        Ok(())
     }
 
-    /// Empties the store and fills it from a snapshot.
-    async fn fill(
-        &self,
-        meta: &SnapshotMeta<u64, BasicNode>,
-        body: Body,
-    ) -> Result<(), BackendError> {
-        let _writing = self.install.write().await;
-        self.fill_unlocked(meta, body).await
+    /// The store write of a key's record: kept [`Self::kept`] past its
+    /// deadline, for entries decided from the store later.
+    fn store_request(&self, key: Bytes, c: &Current) -> Request {
+        let deadline = c.record.deadline_ms;
+        let keep_until = if deadline == 0 {
+            0
+        } else {
+            deadline.saturating_add(self.kept.as_millis() as u64)
+        };
+        Request::Store {
+            op: StoreOp::Set,
+            exptime: store_exptime(keep_until),
+            flags: c.flags,
+            data: c.record.encode(),
+            key,
+            cas_unique: 0,
+            noreply: false,
+        }
     }
 
-    /// [`Self::fill`], for a caller that holds the install lock.
-    async fn fill_unlocked(
-        &self,
-        meta: &SnapshotMeta<u64, BasicNode>,
-        body: Body,
-    ) -> Result<(), BackendError> {
+    fn mark_request(&self, mark: &str) -> Request {
+        Request::Store {
+            op: StoreOp::Set,
+            key: Bytes::from_static(MARK_KEY),
+            flags: 0,
+            exptime: 0,
+            data: Bytes::from(mark.to_string()),
+            cas_unique: 0,
+            noreply: false,
+        }
+    }
+
+    /// The state after the entries up to `upto`, in memory: the last
+    /// snapshot, then the log after it. Also the meta it belongs to.
+    async fn replay(&self, upto: Option<LogId<u64>>) -> anyhow::Result<(State, Meta)> {
+        let snapshot: Option<SnapshotFile> = read_file(&self.dir.join("snapshot"))?;
+        let mut meta = lock(&self.meta).clone();
+        meta.flush = Flush::default();
+        meta.clock_ms = 0;
+        meta.last_applied = None;
+        let mut state = State::new();
+        if let Some(s) = snapshot {
+            let body: Body = decode(&s.body)?;
+            meta.last_applied = s.meta.last_log_id;
+            meta.membership = s.meta.last_membership.clone();
+            meta.flush = body.flush;
+            meta.clock_ms = body.clock_ms;
+            state = state_of(body);
+        }
+        let end = upto.map_or(0, |l| l.index + 1);
+        let mut next = meta.last_applied.map_or(0, |l| l.index + 1);
+        let mut log = self.log.lock().await;
+        while next < end {
+            let chunk_end = (next + CHUNK as u64).min(end);
+            let entries = log.try_get_log_entries(next..chunk_end).await?;
+            let Some(last) = entries.last().map(|e| e.log_id) else {
+                anyhow::bail!("the log no longer holds entries {next}..{chunk_end} to replay");
+            };
+            decide(&entries, &mut state, &mut meta);
+            meta.last_applied = Some(last);
+            next = last.index + 1;
+        }
+        Ok((state, meta))
+    }
+
+    /// Empties the store, writes `state` to it and marks it anew. Values
+    /// past their deadline by more than [`Self::kept`] are left out: the
+    /// store would drop them at once.
+    async fn write_all(&self, state: &State) -> Result<String, BackendError> {
         self.call(&[Request::FlushAll {
             delay: None,
             noreply: false,
         }])
         .await?;
         let now = unix_ms();
-        let stores: Vec<Request> = body
-            .items
-            .into_iter()
-            .filter_map(|(key, flags, stored)| {
-                let r = Record::decode(&stored)?;
-                (!r.expired(now)).then(|| Request::Store {
-                    op: StoreOp::Set,
-                    key,
-                    flags,
-                    exptime: store_exptime(r.deadline_ms),
-                    data: stored,
-                    cas_unique: 0,
-                    noreply: false,
-                })
+        let kept = self.kept.as_millis() as u64;
+        let stores: Vec<Request> = state
+            .iter()
+            .filter_map(|(key, c)| {
+                let c = c.as_ref()?;
+                let d = c.record.deadline_ms;
+                (d == 0 || d.saturating_add(kept) > now).then(|| self.store_request(key.clone(), c))
             })
             .collect();
         for chunk in stores.chunks(CHUNK) {
             for reply in self.call(chunk).await? {
                 if reply != Response::Stored {
                     return Err(BackendError::Protocol(format!(
-                        "the store refused a snapshot value: {reply:?}"
+                        "the store refused a value: {reply:?}"
                     )));
                 }
             }
         }
-        let mut m = lock(&self.meta);
-        m.last_applied = meta.last_log_id;
-        m.membership = meta.last_membership.clone();
-        m.flush = body.flush;
+        // Marked last: a rebuild cut short leaves the store unmarked.
+        let mark = format!("{:016x}", rand::random::<u64>());
+        self.call(&[self.mark_request(&mark)]).await?;
+        Ok(mark)
+    }
+
+    /// Rebuilds the store from the last snapshot and the log up to `upto`
+    /// (at least the snapshot), for a caller holding the applying and
+    /// install locks. Until it succeeds, reads fail and entries wait.
+    async fn rebuild(&self, upto: Option<LogId<u64>>) -> anyhow::Result<()> {
+        self.broken.store(true, Ordering::SeqCst);
+        let (state, mut meta) = match self.replay(upto).await {
+            Ok(replayed) => replayed,
+            Err(e) => {
+                // The log lost entries (it should not): the snapshot is
+                // the most that can be trusted; Raft replays the rest.
+                tracing::warn!(error = %e, "rebuilding from the snapshot only");
+                self.replay(None).await?
+            }
+        };
+        meta.mark = self.write_all(&state).await?;
+        let clock_ms = meta.clock_ms;
+        *lock(&self.meta) = meta;
+        // (A clock of 0: nothing applied yet, nothing to be behind on.)
+        if clock_ms != 0 && !self.fresh(clock_ms) {
+            self.keep_in_memory(state, clock_ms);
+        } else {
+            *lock(&self.memory) = None;
+        }
+        self.persist(true)?;
+        self.broken.store(false, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Checks that the store is still the one this state machine applied
-    /// the log to; if it restarted (and so lost its data), rebuilds it from
-    /// the last snapshot and the log in `log`, with reads and applies held
-    /// meanwhile. Returns whether it rebuilt.
-    pub async fn check_store(&self, log: &mut LogReader<TypeConfig>) -> anyhow::Result<bool> {
-        let instance = self.backend.instance().await?;
-        if instance == lock(&self.meta).instance {
+    /// Checks that the store still carries this state's mark; if it lost
+    /// it (memcached restarted, or was flushed behind memdial's back),
+    /// rebuilds it from the last snapshot and the log, with reads and
+    /// applies held meanwhile. Returns whether it rebuilt.
+    pub async fn check_store(&self) -> anyhow::Result<bool> {
+        let marked = |mark: Option<String>| mark.as_deref() == Some(lock(&self.meta).mark.as_str());
+        if marked(self.store_mark().await?) && !self.broken.load(Ordering::SeqCst) {
             return Ok(false);
         }
         let _applying = self.applying.lock().await;
         let _writing = self.install.write().await;
-        // Until the rebuild below completes, the store is not the state
-        // machine's: set first, cleared only on success.
-        self.broken.store(true, Ordering::SeqCst);
+        if marked(self.store_mark().await?) && !self.broken.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
         let applied = lock(&self.meta).last_applied;
         tracing::warn!(
             applied = applied.map_or(0, |l| l.index),
-            "the store restarted and lost its data: rebuilding it from the last snapshot and the log; reads wait"
+            "the store lost its data: rebuilding it from the last snapshot and the log; reads wait"
         );
-        let snapshot: Option<SnapshotFile> = read_file(&self.dir.join("snapshot"))?;
-        let from = match snapshot {
-            Some(s) => {
-                let index = s.meta.last_log_id.map_or(0, |l| l.index);
-                self.fill_unlocked(&s.meta, decode(&s.body)?).await?;
-                index + 1
-            }
-            None => {
-                self.call(&[Request::FlushAll {
-                    delay: None,
-                    noreply: false,
-                }])
-                .await?;
-                let mut m = lock(&self.meta);
-                m.flush = Flush::default();
-                0
-            }
-        };
-        if let Some(applied) = applied {
-            let mut next = from;
-            while next <= applied.index {
-                let end = (next + CHUNK as u64).min(applied.index + 1);
-                let entries = log.try_get_log_entries(next..end).await?;
-                if entries.is_empty() {
-                    anyhow::bail!(
-                        "the log no longer holds entries {next}..{end} to rebuild the store"
-                    );
-                }
-                next = entries.last().map_or(end, |e| e.log_id.index + 1);
-                self.apply_unlocked(entries).await?;
-            }
-        }
-        lock(&self.meta).instance = instance;
-        self.persist(true)?;
-        self.broken.store(false, Ordering::SeqCst);
+        self.rebuild(applied).await?;
         self.counts.store_rebuilds.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             applied = self.applied_index(),
@@ -543,23 +751,45 @@ impl StateMachine {
         Ok(true)
     }
 
-    /// Reads the whole store into a snapshot body, naming the applied log
+    /// Reads the whole state into a snapshot body, naming the applied log
     /// id at its start (entries applied meanwhile are replayed on top).
     async fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
-        // Never while the store is being replaced (a snapshot installed or
-        // a rebuild): the store would be half filled under the old index.
-        let _reading = self.install.read().await;
-        let meta = lock(&self.meta).clone();
-        let keys = self.backend.keys().await.map_err(io_error)?;
-        let mut items = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(CHUNK) {
-            let found = self.fetch(chunk).await.map_err(io_error)?;
-            for (key, c) in found {
-                items.push((key, c.flags, c.record.encode()));
+        let in_memory = {
+            // Taken with the meta it belongs to: entries are applied to
+            // the state in memory under the applying lock.
+            let _applying = self.applying.lock().await;
+            let items: Option<Vec<_>> = lock(&self.memory).as_ref().map(|m| {
+                m.iter()
+                    .filter_map(|(k, c)| {
+                        let c = c.as_ref()?;
+                        Some((k.clone(), c.flags, c.record.encode()))
+                    })
+                    .collect()
+            });
+            items.map(|items| (items, lock(&self.meta).clone()))
+        };
+        let (items, meta) = match in_memory {
+            Some(taken) => taken,
+            None => {
+                // Never while the store is being replaced (a snapshot
+                // installed or a rebuild): it would be half filled under
+                // the old index.
+                let _reading = self.install.read().await;
+                let meta = lock(&self.meta).clone();
+                let keys = self.backend.keys().await.map_err(io_error)?;
+                let mut items = Vec::with_capacity(keys.len());
+                for chunk in keys.chunks(CHUNK) {
+                    let found = self.fetch_marked(chunk).await.map_err(io_error)?;
+                    for (key, c) in found {
+                        items.push((key, c.flags, c.record.encode()));
+                    }
+                }
+                (items, meta)
             }
-        }
+        };
         let body = postcard::to_stdvec(&Body {
             flush: meta.flush,
+            clock_ms: meta.clock_ms,
             items,
         })
         .map_err(io_error)?;
@@ -578,6 +808,33 @@ impl StateMachine {
         })
     }
 
+    /// Replaces the store's content with a snapshot's (from the leader).
+    async fn install_body(
+        &self,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        body: Body,
+    ) -> Result<(), BackendError> {
+        let _applying = self.applying.lock().await;
+        let _writing = self.install.write().await;
+        let (flush, clock_ms) = (body.flush, body.clock_ms);
+        let state = state_of(body);
+        let mark = self.write_all(&state).await?;
+        {
+            let mut m = lock(&self.meta);
+            m.last_applied = meta.last_log_id;
+            m.membership = meta.last_membership.clone();
+            m.flush = flush;
+            m.clock_ms = m.clock_ms.max(clock_ms);
+            m.mark = mark;
+        }
+        if clock_ms != 0 && !self.fresh(clock_ms) {
+            self.keep_in_memory(state, clock_ms);
+        } else {
+            *lock(&self.memory) = None;
+        }
+        Ok(())
+    }
+
     fn save_snapshot(
         &self,
         meta: &SnapshotMeta<u64, BasicNode>,
@@ -591,6 +848,73 @@ impl StateMachine {
         // The state on disk is never behind the snapshot: the log before it
         // may be purged now.
         self.persist(true).map_err(io_error)
+    }
+}
+
+/// The keys the writes of `entries` touch, each once.
+fn entries_keys(entries: &[Entry<TypeConfig>]) -> Vec<Bytes> {
+    let mut keys: Vec<Bytes> = Vec::new();
+    for e in entries {
+        if let EntryPayload::Normal(cmd) = &e.payload {
+            for w in &cmd.writes {
+                keys.extend(write_keys(w).iter().cloned());
+            }
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// What deciding a run of entries gave.
+struct Decided {
+    /// One per entry.
+    answers: Vec<Applied>,
+    /// The keys whose state changed since the last flush at once.
+    dirty: Vec<Bytes>,
+    /// A flush at once emptied everything before `dirty`.
+    flush_store: bool,
+}
+
+/// Decides `entries` in order over `state` (which holds, for every key
+/// they write, its record or `None`; a key missing counts as absent) and
+/// `meta`'s flush state and clock, updating both.
+fn decide(entries: &[Entry<TypeConfig>], state: &mut State, meta: &mut Meta) -> Decided {
+    let mut dirty: Vec<Bytes> = Vec::new();
+    let mut flush_store = false;
+    let mut answers = Vec::with_capacity(entries.len());
+    for e in entries {
+        let index = e.log_id.index;
+        let mut written = 0;
+        match &e.payload {
+            EntryPayload::Blank => answers.push(Applied::default()),
+            EntryPayload::Membership(m) => {
+                meta.membership = StoredMembership::new(Some(e.log_id), m.clone());
+                answers.push(Applied::default());
+            }
+            EntryPayload::Normal(cmd) => {
+                meta.clock_ms = meta.clock_ms.max(cmd.now_ms);
+                let mut batch = Batch {
+                    index,
+                    written: &mut written,
+                    clock: Clock::unix(meta.clock_ms),
+                    flush: &mut meta.flush,
+                    state,
+                    dirty: &mut dirty,
+                    flushed_at_once: false,
+                };
+                let replies = cmd.writes.iter().map(|w| batch.apply(w.clone())).collect();
+                if batch.flushed_at_once {
+                    flush_store = true;
+                }
+                answers.push(Applied { replies });
+            }
+        }
+    }
+    Decided {
+        answers,
+        dirty,
+        flush_store,
     }
 }
 
@@ -623,7 +947,7 @@ struct Batch<'a> {
     written: &'a mut u64,
     clock: Clock,
     flush: &'a mut Flush,
-    state: &'a mut HashMap<Bytes, Option<Current>>,
+    state: &'a mut State,
     dirty: &'a mut Vec<Bytes>,
     flushed_at_once: bool,
 }
@@ -689,6 +1013,9 @@ impl Batch<'_> {
 
     fn apply(&mut self, w: Request) -> Response {
         let replayed = || Response::server_error(REPLAYED);
+        if !matches!(w, Request::Get { .. }) && write_keys(&w).iter().any(|k| k == MARK_KEY) {
+            return Response::Error(ErrorReply::Client(RESERVED.into()));
+        }
         let clock = self.clock;
         match w {
             Request::Store {
@@ -771,9 +1098,7 @@ impl Batch<'_> {
                 self.flush.apply(self.index, at, clock.now_ms);
                 if at.is_none() {
                     // Every record written so far is gone, in the store too.
-                    for v in self.state.values_mut() {
-                        *v = None;
-                    }
+                    self.state.clear();
                     self.dirty.clear();
                     self.flushed_at_once = true;
                 }
@@ -879,7 +1204,7 @@ impl RaftStateMachine<TypeConfig> for Arc<StateMachine> {
     ) -> Result<(), StorageError<u64>> {
         let bytes = snapshot.into_inner();
         let body: Body = decode(&bytes).map_err(io_error)?;
-        self.fill(meta, body).await.map_err(io_error)?;
+        self.install_body(meta, body).await.map_err(io_error)?;
         self.save_snapshot(meta, &bytes)?;
         self.counts
             .snapshots_installed
@@ -906,6 +1231,7 @@ mod tests {
     use super::*;
     use crate::backend::EmbeddedStore;
     use crate::consistency::raft::command::Command;
+    use crate::consistency::raft::log_store::LogStore;
     use crate::protocol::ArithOp;
 
     fn record(index: u64, written_ms: u64, deadline_ms: u64) -> Record {
@@ -1003,8 +1329,76 @@ mod tests {
         }
     }
 
+    /// How long the tests' stores keep a value past its deadline.
+    const KEPT: Duration = Duration::from_secs(60);
+
     async fn open(store: &Arc<EmbeddedStore>, dir: &Path) -> Arc<StateMachine> {
-        StateMachine::open(store.clone(), dir).await.unwrap()
+        let log = LogStore::<TypeConfig>::open(dir.join("log")).unwrap();
+        StateMachine::open(store.clone(), dir, log.reader(), KEPT)
+            .await
+            .unwrap()
+    }
+
+    /// A state machine whose log the test writes: `apply_logged` appends
+    /// entries to it before applying them, as Raft does.
+    async fn open_logged(
+        store: &Arc<EmbeddedStore>,
+        dir: &Path,
+    ) -> (Arc<StateMachine>, LogStore<TypeConfig>) {
+        let log = LogStore::<TypeConfig>::open(dir.join("log")).unwrap();
+        let sm = StateMachine::open(store.clone(), dir, log.reader(), KEPT)
+            .await
+            .unwrap();
+        (sm, log)
+    }
+
+    async fn apply_logged(
+        sm: &Arc<StateMachine>,
+        log: &mut LogStore<TypeConfig>,
+        entries: Vec<Entry<TypeConfig>>,
+    ) -> Vec<Vec<Response>> {
+        log.append_durable(entries.clone()).await.unwrap();
+        apply(sm, entries).await
+    }
+
+    fn with_ttl(r: Request, ttl: i64) -> Request {
+        match r {
+            Request::Store {
+                op,
+                key,
+                flags,
+                data,
+                cas_unique,
+                noreply,
+                ..
+            } => Request::Store {
+                op,
+                key,
+                flags,
+                exptime: ttl,
+                data,
+                cas_unique,
+                noreply,
+            },
+            other => other,
+        }
+    }
+
+    fn add(key: &str, data: &str) -> Request {
+        match set(key, data) {
+            Request::Store {
+                key, flags, data, ..
+            } => Request::Store {
+                op: StoreOp::Add,
+                key,
+                flags,
+                exptime: 0,
+                data,
+                cas_unique: 0,
+                noreply: false,
+            },
+            _ => unreachable!(),
+        }
     }
 
     async fn get(sm: &StateMachine, key: &str) -> Option<(Bytes, u64)> {
@@ -1145,9 +1539,11 @@ mod tests {
             get(&sm, "b").await,
             Some((Bytes::from_static(b"2"), cas_token(2, 0)))
         );
+        let mut keys = store.keys().await.unwrap();
+        keys.retain(|k| k != MARK_KEY);
         assert_eq!(
-            store.keys().await.unwrap().len(),
-            1,
+            keys,
+            vec![Bytes::from_static(b"b")],
             "the flushed key is gone from the store"
         );
     }
@@ -1220,5 +1616,135 @@ mod tests {
         assert_eq!(get(&follower, "stray").await, None);
         assert_eq!(follower.applied_index(), 1);
         assert!(follower.get_current_snapshot().await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn reads_judge_expiry_by_the_log_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::new(1 << 20));
+        let sm = open(&store, dir.path()).await;
+        let t0 = unix_ms() - 5_000;
+        apply(&sm, vec![entry(1, t0, vec![with_ttl(set("k", "v"), 2)])]).await;
+        // Past its deadline by this machine's clock, not by the log's.
+        assert!(get(&sm, "k").await.is_some());
+        // The leader's empty entry moves the log's clock on.
+        apply(&sm, vec![entry(2, unix_ms(), vec![])]).await;
+        assert_eq!(get(&sm, "k").await, None);
+    }
+
+    #[tokio::test]
+    async fn the_log_clock_never_goes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::new(1 << 20));
+        let sm = open(&store, dir.path()).await;
+        let now = unix_ms();
+        apply(&sm, vec![entry(1, now, vec![set("a", "1")])]).await;
+        // A new leader whose clock is 10 s behind: its 5 s value is not
+        // born expired, it lives 5 s from the log's clock.
+        apply(
+            &sm,
+            vec![entry(2, now - 10_000, vec![with_ttl(set("k", "v"), 5)])],
+        )
+        .await;
+        assert_eq!(sm.clock_ms(), now);
+        assert!(get(&sm, "k").await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_replica_far_behind_decides_by_what_the_store_already_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::new(1 << 20));
+        let (sm, mut log) = open_logged(&store, dir.path()).await;
+        // Entries proposed 10 minutes ago, applied only now: the 2 s value
+        // of entry 1 was live when entry 2 was proposed, though the store
+        // drops it (its deadline and the kept time are long past).
+        let t0 = unix_ms() - 600_000;
+        let replies = apply_logged(
+            &sm,
+            &mut log,
+            vec![entry(1, t0, vec![with_ttl(set("k", "short"), 2)])],
+        )
+        .await;
+        assert_eq!(replies[0], vec![Response::Stored]);
+        assert!(store.keys().await.unwrap().iter().all(|k| k != "k"));
+        let replies = apply_logged(
+            &sm,
+            &mut log,
+            vec![entry(2, t0 + 1_000, vec![add("k", "late")])],
+        )
+        .await;
+        assert_eq!(
+            replies[0],
+            vec![Response::NotStored],
+            "decided as the leader did"
+        );
+        assert_eq!(sm.counts.behind.load(Ordering::Relaxed), 1);
+        // Caught up: decided from the store again, and the value is gone.
+        apply_logged(
+            &sm,
+            &mut log,
+            vec![entry(3, unix_ms(), vec![set("a", "1")])],
+        )
+        .await;
+        assert!(lock(&sm.memory).is_none());
+        assert_eq!(get(&sm, "k").await, None);
+
+        // The store restarted empty: rebuilt from the log, the same
+        // decisions again (the add does not bring the key back).
+        sm.persist(true).unwrap();
+        drop(sm);
+        let fresh = Arc::new(EmbeddedStore::new(1 << 20));
+        let rebuilt = StateMachine::open(fresh.clone(), dir.path(), log.reader(), KEPT)
+            .await
+            .unwrap();
+        assert_eq!(rebuilt.applied_index(), 3);
+        assert_eq!(get(&rebuilt, "k").await, None);
+        assert!(fresh.keys().await.unwrap().iter().all(|k| k != "k"));
+        assert_eq!(
+            get(&rebuilt, "a").await.map(|(d, _)| d),
+            Some(Bytes::from_static(b"1"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_that_lost_its_mark_is_not_read_until_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::new(1 << 20));
+        let (sm, mut log) = open_logged(&store, dir.path()).await;
+        let now = unix_ms();
+        apply_logged(&sm, &mut log, vec![entry(1, now, vec![set("a", "1")])]).await;
+        // Flushed behind memdial's back, as a memcached restart would.
+        store
+            .call(&[Request::FlushAll {
+                delay: None,
+                noreply: false,
+            }])
+            .await
+            .unwrap();
+        assert!(matches!(
+            sm.read(&[Bytes::from_static(b"a")], false).await,
+            Err(BackendError::Unavailable(_))
+        ));
+        assert!(sm.check_store().await.unwrap());
+        assert_eq!(
+            get(&sm, "a").await.map(|(d, _)| d),
+            Some(Bytes::from_static(b"1"))
+        );
+        assert!(!sm.check_store().await.unwrap(), "once is enough");
+    }
+
+    #[tokio::test]
+    async fn clients_cannot_write_the_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::new(1 << 20));
+        let sm = open(&store, dir.path()).await;
+        let mark = std::str::from_utf8(MARK_KEY).unwrap();
+        let replies = apply(&sm, vec![entry(1, unix_ms(), vec![set(mark, "x")])]).await;
+        assert_eq!(
+            replies[0],
+            vec![Response::Error(ErrorReply::Client(RESERVED.into()))]
+        );
+        assert_eq!(get(&sm, mark).await, None);
+        assert!(!sm.check_store().await.unwrap());
     }
 }
