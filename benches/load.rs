@@ -1,4 +1,5 @@
-//! Load harness: drives memcached direct, memdial in front of memcached,
+//! Load harness: drives memcached direct, (with `--twemproxy`) twemproxy
+//! in front of memcached, memdial in front of memcached,
 //! memdial with its embedded store and (unless `--no-cluster`) node 1 of a
 //! 3-node cluster per consistency mode (`--modes`; eventual by default)
 //! with the same memtier-like workload, in one run,
@@ -20,6 +21,9 @@
 //!   --threads N [1]         load generator threads
 //!   --no-cluster            skip the 3-node clusters and replication delay
 //!   --modes LIST [eventual] the clusters' modes, e.g. eventual,linearizable,sequential
+//!   --twemproxy             also twemproxy (`nutcracker` on PATH) in front
+//!                           of its own memcached; skipped, saying so, when
+//!                           nutcracker is not installed
 //! Unknown arguments (cargo passes `--bench`) are ignored.
 //!
 //! Workload: 1 set : 10 gets (memtier's default; `--gets-per-set N`),
@@ -47,7 +51,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use procs::{Memcached, Memdial, MemdialCluster, proxy_yaml};
+use procs::{Memcached, Memdial, MemdialCluster, Twemproxy, proxy_yaml};
 
 /// Longest wait for any single read, write or connect before the
 /// connection counts as stalled.
@@ -70,6 +74,8 @@ struct Opts {
     lag: bool,
     /// The consistency modes of the 3-node clusters measured.
     modes: Vec<String>,
+    /// Also measure twemproxy in front of its own memcached.
+    twemproxy: bool,
 }
 
 fn list(name: &str, v: &str) -> Vec<usize> {
@@ -98,6 +104,7 @@ fn opts() -> Opts {
         gets_per_set: 10,
         lag: false,
         modes: vec!["eventual".into()],
+        twemproxy: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -122,6 +129,10 @@ fn opts() -> Opts {
         }
         if name == "--lag" {
             o.lag = true;
+            continue;
+        }
+        if name == "--twemproxy" {
+            o.twemproxy = true;
             continue;
         }
         if !takes_value.contains(&name.as_str()) {
@@ -812,6 +823,25 @@ fn main() {
     let mc = Memcached::start_with_memory_mb(256);
     let behind = Memcached::start_with_memory_mb(256);
     let over = Memdial::start(None, &["--backend", &behind.addr()], "error");
+    // twemproxy in front of a memcached of its own, when asked for and
+    // installed.
+    let twemproxy_version = if o.twemproxy {
+        let v = Twemproxy::version();
+        if v.is_none() {
+            println!(
+                "--twemproxy: skipped, `nutcracker` is not on PATH (Debian: apt-get install nutcracker)"
+            );
+        }
+        v
+    } else {
+        None
+    };
+    let twemproxy = twemproxy_version.as_ref().map(|_| {
+        let store = Memcached::start_with_memory_mb(256);
+        let proxy = Twemproxy::start(&store);
+        // The proxy first: it is killed before its memcached.
+        (proxy, store)
+    });
     let emb = Memdial::start(None, &["--backend", "embedded"], "error");
     // Three nodes, embedded stores, per mode asked for (eventual unless
     // `--modes` says otherwise).
@@ -840,11 +870,12 @@ fn main() {
         .map(|(mode, _)| format!("memdial {mode} x3, node 1"))
         .collect();
 
-    let mut targets = vec![
-        ("memcached direct", mc.port),
-        ("memdial -> memcached", over.port),
-        ("memdial embedded", emb.port),
-    ];
+    let mut targets = vec![("memcached direct", mc.port)];
+    if let Some((proxy, _)) = &twemproxy {
+        targets.push(("twemproxy -> memcached", proxy.port));
+    }
+    targets.push(("memdial -> memcached", over.port));
+    targets.push(("memdial embedded", emb.port));
     for (name, (_, c)) in cluster_names.iter().zip(&clusters) {
         targets.push((name.as_str(), c.ports(1).client));
     }
@@ -858,6 +889,9 @@ fn main() {
         o.warmup,
         o.threads
     );
+    if let Some(v) = &twemproxy_version {
+        println!("twemproxy: {v}, server_connections 1, preconnect");
+    }
     let mut failed = false;
     rt.block_on(async {
         for &value in &o.values {
