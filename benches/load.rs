@@ -833,12 +833,12 @@ async fn run_memtier(bin: &Path, args: &[String], limit: Duration) -> Result<(),
 ///
 /// Throughput is the requests answered in the per-second buckets
 /// `0..seconds` (`Time-Serie`, counted from each connection's own start)
-/// divided by `seconds`: memtier's own `Ops/sec` divides by a run time
-/// averaged over connections with whole seconds truncated, which in
-/// 2.3.0 is sometimes a second too long and so reads up to a third low
-/// in a short run. The bucket `seconds` holds the replies to requests
-/// still in flight at the deadline and is left out. Latencies are
-/// memtier's, over the whole run, in ms to 1 µs.
+/// divided by `seconds`. memtier 2.3.0's own `Ops/sec` divides by a run
+/// time from start and end times averaged over the connections and stored
+/// back as whole seconds, which can be a second off (3.001 s for a 2 s run,
+/// so a third low, in one check). The bucket `seconds` holds the replies
+/// to requests still in flight at the deadline and is left out. Latencies
+/// are memtier's, over the whole run, in ms to 1 µs.
 fn parse_memtier_json(text: &str, seconds: u64) -> Result<MemtierRun, String> {
     let v: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("memtier JSON: {e}"))?;
