@@ -1,4 +1,5 @@
-//! Load harness: drives memcached direct, memdial in front of memcached,
+//! Load harness: drives memcached direct, (with `--twemproxy`) twemproxy
+//! in front of memcached, memdial in front of memcached,
 //! memdial with its embedded store and (unless `--no-cluster`) node 1 of a
 //! 3-node cluster per consistency mode (`--modes`; eventual by default)
 //! with the same memtier-like workload, in one run,
@@ -20,7 +21,20 @@
 //!   --threads N [1]         load generator threads
 //!   --no-cluster            skip the 3-node clusters and replication delay
 //!   --modes LIST [eventual] the clusters' modes, e.g. eventual,linearizable,sequential
+//!   --twemproxy             also twemproxy (`nutcracker` on PATH) in front
+//!                           of its own memcached; skipped, saying so, when
+//!                           nutcracker is not installed
+//!   --memtier PATH          drive every target with that memtier_benchmark
+//!                           binary instead of the built-in generator
 //! Unknown arguments (cargo passes `--bench`) are ignored.
+//!
+//! With `--memtier`, each target is prefilled by memtier itself (`--ratio=1:0
+//! --key-pattern=P:P --requests=allkeys`), then, per depth, warmed up for
+//! `--warmup` s by a memtier run whose figures are dropped, then measured by
+//! one `--protocol=memcache_text --ratio=1:G --key-pattern R:R` run of
+//! `--seconds` s. Figures come from its `--json-out-file` (see
+//! [`parse_memtier_json`]). Every memtier run is killed if it outlives its
+//! deadline, and its `error` lines fail the target.
 //!
 //! Workload: 1 set : 10 gets (memtier's default; `--gets-per-set N`),
 //! uniformly random keys.
@@ -37,7 +51,8 @@
 #[path = "../tests/common/procs.rs"]
 mod procs;
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -47,7 +62,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use procs::{Memcached, Memdial, MemdialCluster, proxy_yaml};
+use procs::{Memcached, Memdial, MemdialCluster, Twemproxy, proxy_yaml};
 
 /// Longest wait for any single read, write or connect before the
 /// connection counts as stalled.
@@ -70,6 +85,10 @@ struct Opts {
     lag: bool,
     /// The consistency modes of the 3-node clusters measured.
     modes: Vec<String>,
+    /// Also measure twemproxy in front of its own memcached.
+    twemproxy: bool,
+    /// Drive the targets with this memtier_benchmark binary.
+    memtier: Option<PathBuf>,
 }
 
 fn list(name: &str, v: &str) -> Vec<usize> {
@@ -98,6 +117,8 @@ fn opts() -> Opts {
         gets_per_set: 10,
         lag: false,
         modes: vec!["eventual".into()],
+        twemproxy: false,
+        memtier: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -115,6 +136,7 @@ fn opts() -> Opts {
             "--threads",
             "--gets-per-set",
             "--modes",
+            "--memtier",
         ];
         if name == "--no-cluster" {
             o.cluster = false;
@@ -122,6 +144,10 @@ fn opts() -> Opts {
         }
         if name == "--lag" {
             o.lag = true;
+            continue;
+        }
+        if name == "--twemproxy" {
+            o.twemproxy = true;
             continue;
         }
         if !takes_value.contains(&name.as_str()) {
@@ -140,6 +166,7 @@ fn opts() -> Opts {
             "--threads" => o.threads = number(&name, &v),
             "--gets-per-set" => o.gets_per_set = v.parse().expect("--gets-per-set N"),
             "--modes" => o.modes = v.split(',').map(|m| m.trim().to_string()).collect(),
+            "--memtier" => o.memtier = Some(PathBuf::from(v)),
             _ => unreachable!(),
         }
     }
@@ -636,6 +663,325 @@ async fn replication_delays(
     Ok(delays)
 }
 
+/// Prefills every target, then runs every target at each depth back to
+/// back with the built-in generator and prints one table per value size and
+/// depth. Returns whether anything failed.
+async fn builtin_main(targets: &[(&str, u16)], o: &Opts) -> bool {
+    let mut failed = false;
+    for &value in &o.values {
+        let w = Arc::new(Workload::new(o.keys, value, o.gets_per_set));
+        for (name, port) in targets {
+            if let Err(e) = prefill(*port, &w).await {
+                panic!("prefill of {name} ({value}-byte values): {e}");
+            }
+        }
+        for &pipeline in &o.pipelines {
+            println!("\n{value}-byte values, pipeline depth {pipeline}");
+            println!(
+                "{:<32} {:>10} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9}",
+                "target", "ops/s", "p50", "p99", "hit %", "wrong", "ops ratio", "p99 ratio"
+            );
+            let mut direct: Option<(f64, u64)> = None;
+            for (name, port) in targets {
+                let m = measure(*port, &w, o, pipeline).await;
+                let s = &m.stats;
+                let (p50, p99) = (s.latency.percentile(0.50), s.latency.percentile(0.99));
+                let (d_ops, d_p99) = *direct.get_or_insert((m.ops_per_sec, p99));
+                let gets = s.hits + s.misses;
+                println!(
+                    "{:<32} {:>10.0} {:>8} {:>8} {:>8.2} {:>7} {:>9.2} {:>9.2}",
+                    name,
+                    m.ops_per_sec,
+                    p50,
+                    p99,
+                    100.0 * s.hits as f64 / gets.max(1) as f64,
+                    s.wrong,
+                    m.ops_per_sec / d_ops.max(1.0),
+                    p99 as f64 / d_p99.max(1) as f64,
+                );
+                for e in &s.examples {
+                    println!("    wrong reply: {e}");
+                }
+                if let Some(f) = &s.failure {
+                    println!("    connection failed: {f}");
+                    failed = true;
+                }
+                failed |= s.wrong > 0 || s.misses > 0;
+            }
+        }
+    }
+    failed
+}
+
+// ------------------------------------------------------ memtier_benchmark
+
+/// What one measured memtier_benchmark run saw. Latencies in µs.
+struct MemtierRun {
+    ops_per_sec: f64,
+    avg: u64,
+    p50: u64,
+    p99: u64,
+    p999: u64,
+    /// Gets that found their key, of all gets.
+    hit_ratio: f64,
+    connection_errors: u64,
+}
+
+/// memtier's first `--version` line, e.g. `memtier_benchmark v=2.3.0
+/// sha=1655c39a:0 ...`; panics, saying why, when it cannot be run.
+fn memtier_version(bin: &Path) -> String {
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("--memtier {}: {e}", bin.display()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().next().unwrap_or("").trim().to_string();
+    assert!(
+        out.status.success() && line.starts_with("memtier_benchmark"),
+        "--memtier {}: `--version` said {line:?} ({})",
+        bin.display(),
+        out.status
+    );
+    line
+}
+
+/// Arguments every memtier run takes: the target, the protocol, the key
+/// space `memtier-1` … `memtier-K` and the value size.
+fn memtier_common(port: u16, o: &Opts, value: usize) -> Vec<String> {
+    [
+        "--server=127.0.0.1".to_string(),
+        format!("--port={port}"),
+        "--protocol=memcache_text".into(),
+        format!("--data-size={value}"),
+        "--key-minimum=1".into(),
+        format!("--key-maximum={}", o.keys),
+        "--hide-histogram".into(),
+    ]
+    .into()
+}
+
+/// Sets every key once, in order, on one connection.
+fn memtier_prefill(port: u16, o: &Opts, value: usize) -> Vec<String> {
+    let mut a = memtier_common(port, o, value);
+    a.extend(
+        [
+            "--ratio=1:0",
+            "--key-pattern=P:P",
+            "--requests=allkeys",
+            "--threads=1",
+            "--clients=1",
+            "--pipeline=64",
+        ]
+        .map(String::from),
+    );
+    a
+}
+
+/// The measured mix: `o.conns` connections over `o.threads` threads, each
+/// with its own random key sequence, `seconds` long.
+fn memtier_load(port: u16, o: &Opts, value: usize, pipeline: usize, seconds: u64) -> Vec<String> {
+    let mut a = memtier_common(port, o, value);
+    a.extend([
+        format!("--ratio=1:{}", o.gets_per_set),
+        format!("--pipeline={pipeline}"),
+        format!("--threads={}", o.threads),
+        format!("--clients={}", o.conns / o.threads),
+        format!("--test-time={seconds}"),
+        "--key-pattern=R:R".into(),
+        "--distinct-client-seed".into(),
+        "--print-percentiles=50,99,99.9".into(),
+    ]);
+    a
+}
+
+/// Runs memtier with `args` until it exits, killing it after `limit`.
+/// Fails on a nonzero exit or any `error:` line it printed (memtier logs a
+/// reply it cannot parse and goes on).
+async fn run_memtier(bin: &Path, args: &[String], limit: Duration) -> Result<(), String> {
+    let child = tokio::process::Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
+    let out = match timeout(limit, child.wait_with_output()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => return Err(format!("memtier: {e}")),
+        Err(_) => return Err(format!("memtier still running after {limit:?}; killed")),
+    };
+    // Progress lines end in CR.
+    let said = String::from_utf8_lossy(&out.stderr).replace('\r', "\n");
+    let errors: Vec<&str> = said
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().contains("error:"))
+        .take(3)
+        .collect();
+    if !out.status.success() {
+        let tail: Vec<&str> = said.lines().rev().take(3).collect();
+        return Err(format!("memtier {}: {}", out.status, tail.join(" | ")));
+    }
+    if !errors.is_empty() {
+        return Err(format!("memtier said: {}", errors.join(" | ")));
+    }
+    Ok(())
+}
+
+/// Reads the figures of a `--test-time=seconds` run from memtier's JSON
+/// output (`ALL STATS` → `Totals`, `Gets`).
+///
+/// Throughput is the requests answered in the per-second buckets
+/// `0..seconds` (`Time-Serie`, counted from each connection's own start)
+/// divided by `seconds`. memtier 2.3.0's own `Ops/sec` divides by a run
+/// time from start and end times averaged over the connections and stored
+/// back as whole seconds, which can be a second off (3.001 s for a 2 s run,
+/// so a third low, in one check). The bucket `seconds` holds the replies
+/// to requests still in flight at the deadline and is left out. Latencies
+/// are memtier's, over the whole run, in ms to 1 µs.
+fn parse_memtier_json(text: &str, seconds: u64) -> Result<MemtierRun, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("memtier JSON: {e}"))?;
+    let totals = &v["ALL STATS"]["Totals"];
+    let series = totals["Time-Serie"]
+        .as_object()
+        .ok_or("memtier JSON: no ALL STATS/Totals/Time-Serie")?;
+    let answered: u64 = series
+        .iter()
+        .filter(|(second, _)| second.parse::<u64>().is_ok_and(|s| s < seconds))
+        .map(|(_, bucket)| bucket["Count"].as_u64().unwrap_or(0))
+        .sum();
+    let count = totals["Count"]
+        .as_u64()
+        .ok_or("memtier JSON: no Totals/Count")?;
+    let us = |ms: f64| (ms * 1000.0).round() as u64;
+    let percentile = |name: &str| {
+        totals["Percentile Latencies"][name]
+            .as_f64()
+            .map(us)
+            .ok_or_else(|| format!("memtier JSON: no Totals/Percentile Latencies/{name}"))
+    };
+    // Accumulated Latency is the sum of every request's latency, in ms.
+    let accumulated = totals["Accumulated Latency"].as_f64().unwrap_or(0.0);
+    let gets = &v["ALL STATS"]["Gets"];
+    let hits = gets["Hits/sec"].as_f64().unwrap_or(0.0);
+    let misses = gets["Misses/sec"].as_f64().unwrap_or(0.0);
+    Ok(MemtierRun {
+        ops_per_sec: answered as f64 / seconds as f64,
+        avg: us(accumulated / count.max(1) as f64),
+        p50: percentile("p50.00")?,
+        p99: percentile("p99.00")?,
+        p999: percentile("p99.90")?,
+        hit_ratio: if hits + misses > 0.0 {
+            hits / (hits + misses)
+        } else {
+            1.0
+        },
+        connection_errors: totals["Connection Errors"].as_u64().unwrap_or(0),
+    })
+}
+
+/// Warm-up (figures dropped), then the measured run of one target at one
+/// depth.
+async fn memtier_measure(
+    bin: &Path,
+    port: u16,
+    o: &Opts,
+    value: usize,
+    pipeline: usize,
+    json: &Path,
+) -> Result<MemtierRun, String> {
+    // memtier's own start-up and the in-flight tail, with room to spare.
+    let slack = Duration::from_secs(30);
+    if o.warmup > 0 {
+        let args = memtier_load(port, o, value, pipeline, o.warmup);
+        run_memtier(bin, &args, Duration::from_secs(o.warmup) + slack)
+            .await
+            .map_err(|e| format!("warm-up: {e}"))?;
+    }
+    let mut args = memtier_load(port, o, value, pipeline, o.seconds);
+    args.push(format!("--json-out-file={}", json.display()));
+    run_memtier(bin, &args, Duration::from_secs(o.seconds) + slack).await?;
+    let text = std::fs::read_to_string(json).map_err(|e| format!("{}: {e}", json.display()))?;
+    parse_memtier_json(&text, o.seconds)
+}
+
+/// Prefills every target with memtier, then runs every target at each depth
+/// back to back and prints one table per value size and depth. Returns
+/// whether anything failed.
+async fn memtier_main(bin: &Path, targets: &[(&str, u16)], o: &Opts) -> bool {
+    let dir = tempfile::tempdir().expect("a directory for memtier's JSON");
+    let mut failed = false;
+    let ratio = |x: f64, base: Option<f64>| match base {
+        Some(b) if b > 0.0 => format!("{:.2}", x / b),
+        _ => "-".into(),
+    };
+    for &value in &o.values {
+        for (name, port) in targets {
+            let args = memtier_prefill(*port, o, value);
+            // 10,000 keys take well under a second.
+            let limit = Duration::from_secs(30 + o.keys as u64 / 1000);
+            if let Err(e) = run_memtier(bin, &args, limit).await {
+                panic!("memtier prefill of {name} ({value}-byte values): {e}");
+            }
+        }
+        for &pipeline in &o.pipelines {
+            println!("\n{value}-byte values, pipeline depth {pipeline} (memtier_benchmark)");
+            println!(
+                "{:<32} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6}",
+                "target",
+                "ops/s",
+                "avg",
+                "p50",
+                "p99",
+                "p99.9",
+                "hit %",
+                "ops x",
+                "p50 x",
+                "p99 x",
+                "p99.9 x"
+            );
+            // memcached direct's figures, the ratios' base.
+            let mut direct: Option<[f64; 4]> = None;
+            for (i, (name, port)) in targets.iter().enumerate() {
+                let json = dir.path().join(format!("{value}-{pipeline}-{i}.json"));
+                let r = match memtier_measure(bin, *port, o, value, pipeline, &json).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        println!("{name:<32} failed: {e}");
+                        failed = true;
+                        continue;
+                    }
+                };
+                let figures = [r.ops_per_sec, r.p50 as f64, r.p99 as f64, r.p999 as f64];
+                if i == 0 {
+                    direct = Some(figures);
+                }
+                let base = |k: usize| direct.map(|d| d[k]);
+                println!(
+                    "{:<32} {:>10.0} {:>7} {:>7} {:>7} {:>7} {:>7.2} {:>6} {:>6} {:>6} {:>6}",
+                    name,
+                    r.ops_per_sec,
+                    r.avg,
+                    r.p50,
+                    r.p99,
+                    r.p999,
+                    100.0 * r.hit_ratio,
+                    ratio(figures[0], base(0)),
+                    ratio(figures[1], base(1)),
+                    ratio(figures[2], base(2)),
+                    ratio(figures[3], base(3)),
+                );
+                if r.connection_errors > 0 {
+                    println!("    connection errors: {}", r.connection_errors);
+                }
+                failed |= r.ops_per_sec <= 0.0 || r.connection_errors > 0 || r.hit_ratio < 1.0;
+            }
+        }
+    }
+    failed
+}
+
 // ---------------------------------------------------- replication lag
 
 /// Node `port`'s `stats cluster` lines `peer:N:lag`, as (peer, lag).
@@ -807,11 +1153,40 @@ fn main() {
     }
     .expect("tokio runtime");
 
+    // Checked before any process starts.
+    let memtier = o.memtier.as_deref().map(|bin| {
+        assert!(
+            o.conns.is_multiple_of(o.threads),
+            "--memtier: --conns {} is not a multiple of --threads {}",
+            o.conns,
+            o.threads
+        );
+        memtier_version(bin)
+    });
     // Declared before the runtime work so they outlive it, and are killed
     // on every exit path, panics included.
     let mc = Memcached::start_with_memory_mb(256);
     let behind = Memcached::start_with_memory_mb(256);
     let over = Memdial::start(None, &["--backend", &behind.addr()], "error");
+    // twemproxy in front of a memcached of its own, when asked for and
+    // installed.
+    let twemproxy_version = if o.twemproxy {
+        let v = Twemproxy::version();
+        if v.is_none() {
+            println!(
+                "--twemproxy: skipped, `nutcracker` is not on PATH (Debian: apt-get install nutcracker)"
+            );
+        }
+        v
+    } else {
+        None
+    };
+    let twemproxy = twemproxy_version.as_ref().map(|_| {
+        let store = Memcached::start_with_memory_mb(256);
+        let proxy = Twemproxy::start(&store);
+        // The proxy first: it is killed before its memcached.
+        (proxy, store)
+    });
     let emb = Memdial::start(None, &["--backend", "embedded"], "error");
     // Three nodes, embedded stores, per mode asked for (eventual unless
     // `--modes` says otherwise).
@@ -840,11 +1215,12 @@ fn main() {
         .map(|(mode, _)| format!("memdial {mode} x3, node 1"))
         .collect();
 
-    let mut targets = vec![
-        ("memcached direct", mc.port),
-        ("memdial -> memcached", over.port),
-        ("memdial embedded", emb.port),
-    ];
+    let mut targets = vec![("memcached direct", mc.port)];
+    if let Some((proxy, _)) = &twemproxy {
+        targets.push(("twemproxy -> memcached", proxy.port));
+    }
+    targets.push(("memdial -> memcached", over.port));
+    targets.push(("memdial embedded", emb.port));
     for (name, (_, c)) in cluster_names.iter().zip(&clusters) {
         targets.push((name.as_str(), c.ports(1).client));
     }
@@ -858,50 +1234,18 @@ fn main() {
         o.warmup,
         o.threads
     );
+    if let Some(v) = &memtier {
+        println!("load generator: {v}");
+    }
+    if let Some(v) = &twemproxy_version {
+        println!("twemproxy: {v}, server_connections 1, preconnect");
+    }
     let mut failed = false;
     rt.block_on(async {
-        for &value in &o.values {
-            let w = Arc::new(Workload::new(o.keys, value, o.gets_per_set));
-            for (name, port) in &targets {
-                if let Err(e) = prefill(*port, &w).await {
-                    panic!("prefill of {name} ({value}-byte values): {e}");
-                }
-            }
-            for &pipeline in &o.pipelines {
-                println!("\n{value}-byte values, pipeline depth {pipeline}");
-                println!(
-                    "{:<28} {:>10} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9}",
-                    "target", "ops/s", "p50", "p99", "hit %", "wrong", "ops ratio", "p99 ratio"
-                );
-                let mut direct: Option<(f64, u64)> = None;
-                for (name, port) in &targets {
-                    let m = measure(*port, &w, &o, pipeline).await;
-                    let s = &m.stats;
-                    let (p50, p99) = (s.latency.percentile(0.50), s.latency.percentile(0.99));
-                    let (d_ops, d_p99) = *direct.get_or_insert((m.ops_per_sec, p99));
-                    let gets = s.hits + s.misses;
-                    println!(
-                        "{:<28} {:>10.0} {:>8} {:>8} {:>8.2} {:>7} {:>9.2} {:>9.2}",
-                        name,
-                        m.ops_per_sec,
-                        p50,
-                        p99,
-                        100.0 * s.hits as f64 / gets.max(1) as f64,
-                        s.wrong,
-                        m.ops_per_sec / d_ops.max(1.0),
-                        p99 as f64 / d_p99.max(1) as f64,
-                    );
-                    for e in &s.examples {
-                        println!("    wrong reply: {e}");
-                    }
-                    if let Some(f) = &s.failure {
-                        println!("    connection failed: {f}");
-                        failed = true;
-                    }
-                    failed |= s.wrong > 0 || s.misses > 0;
-                }
-            }
-        }
+        failed |= match &o.memtier {
+            Some(bin) => memtier_main(bin, &targets, &o).await,
+            None => builtin_main(&targets, &o).await,
+        };
         // Replication delay: eventual mode's measure (the ordered modes
         // answer once the write is committed).
         let eventual = clusters

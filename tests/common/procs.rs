@@ -1,5 +1,6 @@
 //! Processes for tests and benches: free ports, temporary files, memcached,
-//! one memdial node, and a memdial cluster from a generated proxy.yaml.
+//! one memdial node, a memdial cluster from a generated proxy.yaml, and
+//! twemproxy (`nutcracker`) in front of one memcached, for the load bench.
 //! Every process is ready when it listens on all its ports (polled, never a
 //! fixed sleep) and is killed when dropped.
 //!
@@ -67,13 +68,19 @@ fn is_root() -> bool {
 pub struct TempFile(PathBuf);
 
 impl TempFile {
+    /// A `.yaml` file.
     pub fn new(prefix: &str, contents: &str) -> TempFile {
+        Self::with_suffix(prefix, ".yaml", contents)
+    }
+
+    /// A file whose name ends in `suffix` (`.yml`, `.log`).
+    pub fn with_suffix(prefix: &str, suffix: &str, contents: &str) -> TempFile {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let path = std::env::temp_dir().join(format!(
-            "memdial-{prefix}-{}-{}-{nanos}.yaml",
+            "memdial-{prefix}-{}-{}-{nanos}{suffix}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
@@ -315,6 +322,86 @@ impl Memcached {
 
     pub fn kill(&mut self) {
         self.proc.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// twemproxy
+
+/// twemproxy (`nutcracker`, the Debian package) in front of one memcached:
+/// one pool, memcache protocol, one connection to the server opened at
+/// start. Killed when dropped; its config and log are temp files.
+pub struct Twemproxy {
+    pub port: u16,
+    pub stats_port: u16,
+    proc: Proc,
+    config: TempFile,
+    log: TempFile,
+}
+
+impl Twemproxy {
+    /// `nutcracker --version` when it is on PATH.
+    pub fn version() -> Option<String> {
+        let out = Command::new("nutcracker").arg("--version").output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        // "This is nutcracker-0.5.0"
+        text.lines()
+            .find_map(|l| l.strip_prefix("This is "))
+            .map(str::to_string)
+    }
+
+    /// On fresh ports, in front of `memcached`.
+    pub fn start(memcached: &Memcached) -> Twemproxy {
+        start_with_retry("nutcracker", || {
+            Self::try_start(free_port(), free_port(), memcached)
+        })
+    }
+
+    /// The config: `server_connections: 1` and `preconnect: true`, so every
+    /// client connection shares one connection to memcached, opened before
+    /// the first request; hosts are never ejected.
+    pub fn config(port: u16, memcached: &Memcached) -> String {
+        format!(
+            "memdial_bench:\n  listen: 127.0.0.1:{port}\n  hash: fnv1a_64\n  \
+             distribution: ketama\n  redis: false\n  preconnect: true\n  \
+             server_connections: 1\n  auto_eject_hosts: false\n  servers:\n    \
+             - {}:1\n",
+            memcached.addr()
+        )
+    }
+
+    fn try_start(port: u16, stats_port: u16, memcached: &Memcached) -> Result<Twemproxy, NotReady> {
+        let config = TempFile::with_suffix("nutcracker", ".yml", &Self::config(port, memcached));
+        let log = TempFile::with_suffix("nutcracker", ".log", "");
+        let mut cmd = Command::new("nutcracker");
+        cmd.arg("--conf-file")
+            .arg(config.path())
+            .arg("--output")
+            .arg(log.path())
+            // Warnings and worse; the default (notice) logs every connection.
+            .args(["--verbose", "4"])
+            .args(["--stats-addr", "127.0.0.1"])
+            .args(["--stats-port", &stats_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let mut proc = Proc::spawn(format!("nutcracker :{port}"), &mut cmd);
+        if let Err(e) = proc.wait_ready(&[port, stats_port]) {
+            let said = std::fs::read_to_string(log.path()).unwrap_or_default();
+            eprintln!("nutcracker :{port} {e}; its log:\n{said}");
+            return Err(e);
+        }
+        Ok(Twemproxy {
+            port,
+            stats_port,
+            proc,
+            config,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 }
 
