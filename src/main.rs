@@ -190,9 +190,11 @@ async fn cluster(args: ClusterArgs, shutdown: CancellationToken) -> anyhow::Resu
     // Held until the cluster stops; dropping them stops the memcached.
     let mut _started = Vec::new();
     if args.memcached {
+        // The ordered modes need a memcached that never evicts (-M).
+        let never_evict = config.cluster.consistency != Consistency::Eventual;
         for n in &config.nodes {
             if let Some(addr) = &n.memcached {
-                _started.extend(ensure_memcached(addr).await?);
+                _started.extend(ensure_memcached(addr, never_evict).await?);
             }
         }
     } else {
@@ -276,8 +278,12 @@ fn fit_connections_to_fds(config: &mut Config, nodes: u64) {
     config.limits.max_connections = usize::try_from(fits).unwrap_or(usize::MAX);
 }
 
-/// Starts a memcached on `addr` unless one already answers there.
-async fn ensure_memcached(addr: &str) -> anyhow::Result<Option<tokio::process::Child>> {
+/// Starts a memcached on `addr` unless one already answers there, with
+/// `-M` if `never_evict`.
+async fn ensure_memcached(
+    addr: &str,
+    never_evict: bool,
+) -> anyhow::Result<Option<tokio::process::Child>> {
     use std::time::Duration;
     if tokio::net::TcpStream::connect(addr).await.is_ok() {
         tracing::info!(%addr, "using the memcached already running");
@@ -290,6 +296,9 @@ async fn ensure_memcached(addr: &str) -> anyhow::Result<Option<tokio::process::C
     cmd.args(["-l", host, "-p", port, "-U", "0", "-m", "64"])
         .kill_on_drop(true)
         .stdout(std::process::Stdio::null());
+    if never_evict {
+        cmd.arg("-M");
+    }
     if is_root() {
         cmd.args(["-u", "root"]);
     }

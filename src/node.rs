@@ -304,6 +304,12 @@ async fn cluster_pipeline(
                 store_check_interval: ms(c.store_check_interval_ms),
                 expired_kept: ms(c.expired_kept_ms),
             };
+            backend.never_evict().await.with_context(|| {
+                format!(
+                    "node {id}: {} needs a store that never evicts",
+                    c.consistency.as_str()
+                )
+            })?;
             let mode = RaftMode::start(
                 backend.clone(),
                 cluster.clone(),

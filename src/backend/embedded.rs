@@ -212,6 +212,9 @@ pub struct EmbeddedStore {
     /// Serialises `flush_all` commands.
     flush_lock: Mutex<()>,
     evictions: AtomicU64,
+    /// `false`: a store that does not fit is refused instead
+    /// ([`Backend::never_evict`]), as memcached `-M` refuses it.
+    evicts: std::sync::atomic::AtomicBool,
     total_items: AtomicU64,
     /// Random name of this store's lifetime.
     instance: u64,
@@ -250,6 +253,7 @@ impl EmbeddedStore {
             flush_at: AtomicU64::new(NO_FLUSH),
             flush_lock: Mutex::new(()),
             evictions: AtomicU64::new(0),
+            evicts: std::sync::atomic::AtomicBool::new(true),
             total_items: AtomicU64::new(0),
             instance: rand::random(),
         }
@@ -397,9 +401,21 @@ impl EmbeddedStore {
         let current = shard.live(key, view).map(|entry| &entry.item);
         let rules::Outcome { reply, mut effect } =
             rules::store(op, current, flags, exptime, data, cas_unique, view.clock);
+        let old_cost = current.map_or(0, |item| cost(key.len(), item.data.len()));
         match &mut effect {
             Effect::Put(value) => {
-                if cost(key.len(), value.data.len()) > limit {
+                let new_cost = cost(key.len(), value.data.len());
+                if new_cost > limit {
+                    return out_of_memory();
+                }
+                if !self.evicts.load(Ordering::Relaxed)
+                    && shard.used - old_cost.min(shard.used) + new_cost > limit
+                {
+                    // memcached -M: the write is refused, and a set does
+                    // not leave the old value readable.
+                    if op == StoreOp::Set {
+                        shard.remove(key);
+                    }
                     return out_of_memory();
                 }
                 if !joins {
@@ -540,6 +556,11 @@ impl Backend for EmbeddedStore {
             );
         }
         Box::pin(std::future::ready(Ok(keys)))
+    }
+
+    fn never_evict(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+        self.evicts.store(false, Ordering::Relaxed);
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn instance(&self) -> BoxFuture<'_, Result<String, BackendError>> {
@@ -1188,6 +1209,28 @@ mod tests {
         assert_eq!(stat(&s, "curr_items"), "2");
         assert!(data(&s, "e").await.is_some());
         assert!(data(&s, "a").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_store_that_never_evicts_refuses_what_does_not_fit() {
+        let item = cost(1, 10);
+        let s = EmbeddedStore::with_shards(3 * item, 1);
+        s.never_evict().await.unwrap();
+        for k in ["a", "b", "c"] {
+            assert_eq!(run(&s, set(k, "0123456789")).await, Response::Stored);
+        }
+        // Full: refused as memcached -M refuses it, and nothing evicted.
+        assert_eq!(run(&s, set("d", "0123456789")).await, out_of_memory());
+        assert_eq!(stat(&s, "evictions"), "0");
+        for k in ["a", "b", "c"] {
+            assert!(data(&s, k).await.is_some(), "{k}");
+        }
+        // Replacing a value with one of the same size still fits; a failed
+        // set of a key leaves no old value behind.
+        assert_eq!(run(&s, set("a", "9876543210")).await, Response::Stored);
+        assert_eq!(run(&s, set("b", "01234567890")).await, out_of_memory());
+        assert_eq!(data(&s, "b").await, None);
+        assert_eq!(run(&s, set("d", "0123456789")).await, Response::Stored);
     }
 
     #[tokio::test]

@@ -300,6 +300,27 @@ impl Backend for MemcachedBackend {
         })
     }
 
+    fn never_evict(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            let lines = self.admin_command(b"stats settings\r\n").await?;
+            match lines
+                .iter()
+                .find_map(|l| l.strip_prefix(b"STAT evictions "))
+            {
+                Some(b"off") => Ok(()),
+                Some(_) => Err(BackendError::Protocol(
+                    "memcached evicts items to make room (it was started without -M); \
+                     an eviction on one replica would make it differ from the others: \
+                     start it with -M"
+                        .into(),
+                )),
+                None => Err(BackendError::Protocol(
+                    "`stats settings` does not say whether memcached evicts".into(),
+                )),
+            }
+        })
+    }
+
     fn kind(&self) -> &'static str {
         "memcached"
     }
@@ -568,8 +589,13 @@ mod tests {
 
         /// Spawns memcached on `port` and waits until it accepts.
         async fn start_on(port: u16) -> Memcached {
+            Memcached::start_with(port, &[]).await
+        }
+
+        async fn start_with(port: u16, extra: &[&str]) -> Memcached {
             let child = Command::new("memcached")
                 .args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0"])
+                .args(extra)
                 // Required when the tests run as root; ignored otherwise.
                 .args(["-u", "root"])
                 .stdout(Stdio::null())
@@ -975,6 +1001,15 @@ mod tests {
         );
         assert!(metadump_line(b"key=k exp=soon").is_err());
         assert!(metadump_line(b"exp=5").is_err(), "no key");
+    }
+
+    #[tokio::test]
+    async fn never_evict_needs_memcached_started_with_big_m() {
+        let evicting = Memcached::start().await;
+        let err = evicting.backend().never_evict().await.unwrap_err();
+        assert!(err.to_string().contains("-M"), "{err}");
+        let refusing = Memcached::start_with(free_port(), &["-M"]).await;
+        refusing.backend().never_evict().await.unwrap();
     }
 
     #[tokio::test]

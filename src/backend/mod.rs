@@ -112,4 +112,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Names this store's lifetime: it changes when the store restarts (and
     /// so lost its data).
     fn instance(&self) -> BoxFuture<'_, Result<String, BackendError>>;
+
+    /// Makes sure the store never evicts a value to make room: a full
+    /// store refuses the write instead (`SERVER_ERROR out of memory`). The
+    /// ordered modes need it, since an eviction on one replica would make
+    /// it differ from the others. An error says why it cannot be made so.
+    fn never_evict(&self) -> BoxFuture<'_, Result<(), BackendError>>;
 }

@@ -376,6 +376,8 @@ pub struct TestCluster {
     /// the cluster.
     data: tempfile::TempDir,
     memcacheds: Vec<Option<Memcached>>,
+    /// The memcacheds run with `-M` (the ordered modes).
+    never_evict: bool,
     /// (from, to) → the relay `from` dials to reach `to`.
     relays: BTreeMap<(usize, usize), Relay>,
 }
@@ -456,8 +458,13 @@ impl TestCluster {
     /// Starts `n` nodes and waits only until each listens on its ports.
     pub fn start_unchecked(n: usize, opts: ClusterOpts) -> TestCluster {
         assert!(n >= 2, "a cluster has at least 2 nodes");
+        // The ordered modes refuse a memcached that evicts.
+        let never_evict = opts.consistency.is_some_and(|c| c != "eventual");
         let memcacheds: Vec<Option<Memcached>> = (0..n)
-            .map(|_| opts.memcached.then(Memcached::start))
+            .map(|_| {
+                opts.memcached
+                    .then(|| Memcached::start_evicting(never_evict))
+            })
             .collect();
         let mut relays = BTreeMap::new();
         let data = tempfile::tempdir().expect("a data directory");
@@ -477,6 +484,7 @@ impl TestCluster {
             nodes,
             data,
             memcacheds,
+            never_evict,
             relays,
         }
     }
@@ -551,7 +559,7 @@ impl TestCluster {
         let port = old.port;
         old.kill();
         drop(old);
-        self.memcacheds[i - 1] = Some(Memcached::start_on(port));
+        self.memcacheds[i - 1] = Some(Memcached::start_on_evicting(port, self.never_evict));
     }
 
     pub fn relay(&self, from: usize, to: usize) -> &Relay {

@@ -289,21 +289,41 @@ impl Memcached {
     }
 
     pub fn start_with_memory_mb(mb: u32) -> Memcached {
-        start_with_retry("memcached", || Self::try_start_on(free_port(), mb))
+        start_with_retry("memcached", || Self::try_start_on(free_port(), mb, false))
+    }
+
+    /// Started with `-M` if `never_evict` (a full memcached refuses a
+    /// write instead of evicting), as the ordered modes need it.
+    pub fn start_evicting(never_evict: bool) -> Memcached {
+        start_with_retry("memcached", || {
+            Self::try_start_on(free_port(), 64, never_evict)
+        })
     }
 
     /// On `port` exactly (a restart where memdial expects it); panics if
     /// the port is taken.
     pub fn start_on(port: u16) -> Memcached {
-        Self::try_start_on(port, 64).unwrap_or_else(|e| panic!("memcached on {port} {e}"))
+        Self::start_on_evicting(port, false)
     }
 
-    fn try_start_on(port: u16, mb: u32) -> Result<Memcached, NotReady> {
+    /// [`Self::start_on`], with `-M` if `never_evict`.
+    pub fn start_on_evicting(port: u16, never_evict: bool) -> Memcached {
+        Self::try_start_on(port, 64, never_evict)
+            .unwrap_or_else(|e| panic!("memcached on {port} {e}"))
+    }
+
+    fn try_start_on(port: u16, mb: u32, never_evict: bool) -> Result<Memcached, NotReady> {
         let mut cmd = Command::new("memcached");
-        cmd.args(["-l", "127.0.0.1", "-U", "0", "-t", "2"])
-            .args(["-m", &mb.to_string(), "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args(["-l", "127.0.0.1", "-U", "0", "-t", "2"]).args([
+            "-m",
+            &mb.to_string(),
+            "-p",
+            &port.to_string(),
+        ]);
+        if never_evict {
+            cmd.arg("-M");
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
         if is_root() {
             // memcached refuses to run as root without it.
             cmd.args(["-u", "root"]);
