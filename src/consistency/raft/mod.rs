@@ -156,6 +156,9 @@ struct RaftMetrics {
     snapshots_built: IntGauge,
     snapshots_installed: IntGauge,
     store_rebuilds: IntGauge,
+    behind: IntGauge,
+    /// How far the log's clock is behind this node's (ms).
+    clock_lag: IntGauge,
     /// From handing a log entry to Raft to its commit and apply.
     proposal_seconds: Histogram,
 }
@@ -198,6 +201,14 @@ impl RaftMetrics {
             store_rebuilds: gauge(
                 "raft_store_rebuilds",
                 "Times the store was found restarted and rebuilt since start",
+            )?,
+            behind: gauge(
+                "raft_behind",
+                "Times this replica fell behind the log's clock and decided in memory",
+            )?,
+            clock_lag: gauge(
+                "raft_clock_lag_ms",
+                "How far the log's clock (which decides expiry) is behind this node's",
             )?,
             proposal_seconds: reg(
                 r,
@@ -383,6 +394,9 @@ impl RaftMode {
                     .set(c.snapshots_installed.load(Ordering::Relaxed) as i64);
                 g.store_rebuilds
                     .set(c.store_rebuilds.load(Ordering::Relaxed) as i64);
+                g.behind.set(c.behind.load(Ordering::Relaxed) as i64);
+                g.clock_lag
+                    .set(unix_ms().saturating_sub(self.sm.clock_ms()) as i64);
             }
             // At most ten refreshes a second, however busy the log is.
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -729,6 +743,11 @@ impl Pipeline for RaftMode {
                 "raft_store_rebuilds".to_string(),
                 counts.store_rebuilds.load(Ordering::Relaxed).to_string(),
             ),
+            (
+                "raft_behind".to_string(),
+                counts.behind.load(Ordering::Relaxed).to_string(),
+            ),
+            ("raft_clock_ms".to_string(), self.sm.clock_ms().to_string()),
         ];
         let matched: BTreeMap<u64, Option<u64>> = m
             .replication
