@@ -143,6 +143,10 @@ type Held = Vec<Option<Arc<[u8]>>>;
 /// from there until the next segment's start).
 type Segments = Vec<(usize, Held)>;
 
+/// For one key, each value it may hold (`None`: missing) and the indexes
+/// of the segments that may hold it, in order.
+type Holders<'a> = HashMap<Option<&'a [u8]>, Vec<usize>>;
+
 /// Past this many possible states of a key, the replay forgets tokens and
 /// versions (keeping only the values), which can only make it more
 /// permissive.
@@ -235,6 +239,18 @@ pub fn check_sequential(history: &History, replicas: &[ReplicaLog]) -> SessionRe
             .push((index + 1, held));
     }
 
+    // For each key and value, the segments that may hold it, in order:
+    // a read looks its value up instead of scanning every segment.
+    let mut holding: HashMap<&[u8], Holders> = HashMap::new();
+    for (key, segments) in &values {
+        let by_value = holding.entry(key).or_default();
+        for (i, (_, held)) in segments.iter().enumerate() {
+            for v in held {
+                by_value.entry(v.as_deref()).or_default().push(i);
+            }
+        }
+    }
+
     // Rule 4.
     for ops in history.by_conn().values() {
         let mut floor = 0;
@@ -270,20 +286,23 @@ pub fn check_sequential(history: &History, replicas: &[ReplicaLog]) -> SessionRe
             let segments = values
                 .get(op.key.as_slice())
                 .map_or(&initial[..], Vec::as_slice);
-            let holds = |held: &[Option<Arc<[u8]>>]| held.iter().any(|v| v.as_deref() == returned);
+            let never: Vec<usize> = Vec::new();
+            let initial_holders = vec![0];
+            // The segments (in order) that may hold the value returned.
+            let holders = match holding.get(op.key.as_slice()) {
+                Some(by_value) => by_value.get(&returned).unwrap_or(&never),
+                None if returned.is_none() => &initial_holders,
+                None => &never,
+            };
             // Segment i covers prefixes [start_i, start_{i+1}).
             let end = |i: usize| segments.get(i + 1).map_or(usize::MAX, |s| s.0);
-            let seen = (0..segments.len())
-                .filter(|&i| end(i) > floor && holds(&segments[i].1))
-                .map(|i| segments[i].0.max(floor))
-                .next();
+            // The first holder that ends after the floor (ends grow with i).
+            let first = holders.partition_point(|&i| end(i) <= floor);
+            let seen = holders.get(first).map(|&i| segments[i].0.max(floor));
             match seen {
                 Some(q) => floor = q,
                 None => {
-                    let older = (0..segments.len())
-                        .rev()
-                        .find(|&i| holds(&segments[i].1))
-                        .map(|i| end(i).min(floor) - 1);
+                    let older = holders.last().map(|&i| end(i).min(floor) - 1);
                     report.violations.push(match older {
                         Some(newest) => SessionViolation::StaleRead {
                             op: op.id,
