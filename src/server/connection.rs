@@ -26,7 +26,7 @@ use super::Shared;
 use crate::consistency::Session;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    ClientError, Command, ConnRequest, Incoming, MetaCmd, Parsed, Request, Response,
+    AdminRequest, ClientError, Command, ConnRequest, Incoming, MetaCmd, Parsed, Request, Response,
     encode_response, encode_value, encode_value_header, parse_request,
 };
 
@@ -49,6 +49,9 @@ enum Slot {
     /// request before it has run, so that its counters include them (as
     /// memcached's do).
     Stats(Vec<Bytes>),
+    /// A request about the node's store, run on it in its turn (after
+    /// every request before it).
+    Admin(AdminRequest),
 }
 
 pub(super) struct Connection<'a> {
@@ -215,6 +218,7 @@ impl<'a> Connection<'a> {
                         Incoming::Conn(ConnRequest::Stats { args }) => {
                             slots.push(Slot::Stats(args));
                         }
+                        Incoming::Admin(request) => slots.push(Slot::Admin(request)),
                         Incoming::Conn(conn) => {
                             if let Some(reply) = self.answer_conn(conn) {
                                 slots.push(Slot::Ready(reply));
@@ -294,7 +298,7 @@ impl<'a> Connection<'a> {
                     seg_slots.push(slot);
                     continue;
                 }
-                Slot::Stats(args) => {
+                Slot::Stats(_) | Slot::Admin(_) => {
                     // Everything before it runs first.
                     let (slots, requests) = (
                         std::mem::take(&mut seg_slots),
@@ -302,8 +306,7 @@ impl<'a> Connection<'a> {
                     );
                     seg_keys = 0;
                     self.run_segment(slots, requests).await?;
-                    let reply = super::stats::answer(self.shared, &args);
-                    encode_response(&reply, &mut self.wbuf);
+                    self.answer_in_turn(slot).await;
                     continue;
                 }
             };
@@ -397,10 +400,8 @@ impl<'a> Connection<'a> {
         for slot in slots {
             match slot {
                 Slot::Ready(r) => encode_response(&r, &mut self.wbuf),
-                // `answer` never puts one in a segment.
-                Slot::Stats(args) => {
-                    encode_response(&super::stats::answer(self.shared, &args), &mut self.wbuf)
-                }
+                // `answer` never puts these in a segment.
+                slot @ (Slot::Stats(_) | Slot::Admin(_)) => self.answer_in_turn(slot).await,
                 Slot::Pipeline { noreply } => {
                     let r = responses
                         .next()
@@ -415,6 +416,22 @@ impl<'a> Connection<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Answers a `stats` or admin slot into the write buffer, once the
+    /// requests before it have run.
+    async fn answer_in_turn(&mut self, slot: Slot) {
+        let reply = match slot {
+            Slot::Stats(args) => Some(super::stats::answer(self.shared, &args)),
+            Slot::Admin(request) => {
+                let reply = self.shared.pipeline.admin(&request).await;
+                (!request.noreply()).then_some(reply)
+            }
+            Slot::Pipeline { .. } | Slot::Ready(_) => None,
+        };
+        if let Some(reply) = reply {
+            encode_response(&reply, &mut self.wbuf);
+        }
     }
 
     /// Adds `r` to the write buffer; a large value is written from where it

@@ -30,8 +30,10 @@ pub(super) fn answer(shared: &Shared, args: &[Bytes]) -> Response {
             }
             Response::Reset
         }
-        // memdial keeps no slabs; these groups are empty, as on an empty memcached.
-        Some(b"items" | b"slabs" | b"sizes" | b"conns") => Response::Stats(Vec::new()),
+        // `stats items|slabs|sizes|cachedump` are the store's: the parser
+        // sends them to it (`AdminRequest`). memdial does not list its
+        // connections.
+        Some(b"conns") => Response::Stats(Vec::new()),
         Some(b"detail") => match args.get(1).map(|a| &a[..]) {
             Some(b"on" | b"off") => Response::Ok,
             Some(b"dump") => Response::Stats(Vec::new()),
@@ -210,8 +212,16 @@ fn cluster(shared: &Shared) -> Vec<(String, String)> {
 fn settings(shared: &Shared) -> Vec<(String, String)> {
     let s = &shared.settings;
     let idle = s.idle_timeout.map(|d| d.as_secs()).unwrap_or(0);
+    // The store's limit as it is now (`cache_memlimit` changes it).
+    let maxbytes = shared
+        .pipeline
+        .store_status()
+        .stats
+        .into_iter()
+        .find(|(name, _)| name == "limit_maxbytes")
+        .map_or_else(|| s.embedded_memory_bytes.to_string(), |(_, v)| v);
     [
-        ("maxbytes", s.embedded_memory_bytes.to_string()),
+        ("maxbytes", maxbytes),
         ("maxconns", s.max_connections.to_string()),
         ("tcpport", shared.local_addr.port().to_string()),
         ("udpport", "0".into()),
