@@ -42,6 +42,11 @@ pub struct Metrics {
     pub batch_latency: Histogram,
     /// Keys looked up by the get family, by `hit` / `miss`.
     pub get_keys: IntCounterVec,
+    /// What memcached counts under another command's counters, by that
+    /// counter: `ma` as `incr_hits`, `incr_misses`, `decr_hits`,
+    /// `decr_misses`; an `mg` with `T` that hits, and each key of
+    /// `gat`/`gats`, as `touch_hits` or `touch_misses` (and not as a get).
+    pub counted_as: IntCounterVec,
     /// Requests refused by the parser, by error line kind.
     pub client_errors: IntCounterVec,
     /// Open client connections, exported as `memdial_connections_open`.
@@ -134,6 +139,15 @@ impl Metrics {
                     "get_keys_total",
                     "Keys looked up by get/gets/gat/gats",
                     &["result"],
+                )?,
+            )?,
+            counted_as: reg(
+                r,
+                counter_vec(
+                    "counted_as_total",
+                    "Requests memcached counts under another command's counters (ma as \
+                     incr/decr hits and misses; gat keys, and mg with T that hits, as touches)",
+                    &["counter"],
                 )?,
             )?,
             client_errors: reg(

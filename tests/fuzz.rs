@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use memdial::protocol::{
-    Incoming, Limits, Parsed, Request, encode_conn_request, encode_request, parse_request,
+    Incoming, Limits, Parsed, Request, encode_admin_request, encode_conn_request, encode_request,
+    parse_request,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -390,6 +391,7 @@ fn check_one(buf: &[u8], limits: &Limits) -> Result<Parsed, TestCaseError> {
                     match request {
                         Incoming::Data(r) => encode_request(r, true, &mut b),
                         Incoming::Conn(r) => encode_conn_request(r, &mut b),
+                        Incoming::Admin(r) => encode_admin_request(r, true, &mut b),
                     }
                     match parse_request(&b, limits) {
                         Parsed::Request {

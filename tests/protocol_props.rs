@@ -5,8 +5,8 @@
 use bytes::{Bytes, BytesMut};
 use memdial::protocol::{
     ArithOp, ConnRequest, Incoming, Limits, MetaCode, MetaReply, Parsed, ReplyParsed, Request,
-    Response, StoreOp, Value, base64_encode, encode_conn_request, encode_request, encode_response,
-    parse_reply, parse_request,
+    Response, StoreOp, Value, base64_encode, encode_admin_request, encode_conn_request,
+    encode_request, encode_response, parse_reply, parse_request,
 };
 use proptest::prelude::*;
 
@@ -188,6 +188,7 @@ fn encoded(r: &Incoming) -> Vec<u8> {
     match r {
         Incoming::Data(r) => encode_request(r, true, &mut b),
         Incoming::Conn(r) => encode_conn_request(r, &mut b),
+        Incoming::Admin(r) => encode_admin_request(r, true, &mut b),
     }
     b.to_vec()
 }

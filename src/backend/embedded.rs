@@ -10,6 +10,8 @@
 //! | expired items reclaimed lazily or by crawler| reclaimed lazily, when found or when evicting   |
 //! | `flush_all <delay>` via `oldest_live`       | a store-wide flush moment checked on every read |
 //! | CAS unique: global counter from 1           | the same                                        |
+//! | slab classes 1-63, `stats items/slabs`      | one class, 1: see [`EmbeddedStore::admin_reply`] |
+//! | `cache_memlimit` frees memory as it allocates| evicts down to the new limit at once           |
 //!
 //! What each command answers and does to its key is decided by
 //! [`crate::rules`], the rules the replicated modes use too; this store keeps
@@ -23,7 +25,7 @@
 mod meta;
 
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
@@ -31,7 +33,9 @@ use lru::LruCache;
 use tokio::time::Instant;
 
 use super::{Backend, BackendError, BoxFuture};
-use crate::protocol::{ArithOp, ErrorReply, Exptime, Request, Response, StoreOp, Value};
+use crate::protocol::{
+    AdminRequest, ArithOp, ErrorReply, Exptime, Request, Response, StoreOp, StoreStats, Value,
+};
 use crate::rules::{self, Clock, Effect};
 
 /// How many independently locked shards the store has.
@@ -40,6 +44,61 @@ pub const SHARDS: usize = 16;
 /// Bytes charged per item on top of its key and value, standing in for
 /// memcached's item header and hash-table slot.
 pub const ITEM_OVERHEAD: usize = 64;
+
+/// The slab class `stats items`, `stats slabs` and `stats cachedump` show
+/// the store as.
+const CLASS: u32 = 1;
+
+/// The most bytes of a `stats cachedump` reply, as memcached's.
+const CACHEDUMP_MAX_BYTES: usize = 2 * 1024 * 1024;
+
+/// What the store counts of its items' ends, for `stats items` (names as
+/// memcached's).
+#[derive(Debug, Default)]
+struct Tally {
+    /// Live items evicted to make room.
+    evicted: AtomicU64,
+    /// ... of which had an expiry.
+    evicted_nonzero: AtomicU64,
+    /// ... of which were never read.
+    evicted_unfetched: AtomicU64,
+    /// ... of which were read twice or more (memcached's active).
+    evicted_active: AtomicU64,
+    /// Seconds since the last access of the last item evicted.
+    evicted_time: AtomicU64,
+    /// Expired items dropped (when found, or when making room).
+    reclaimed: AtomicU64,
+    /// ... of which were never read.
+    expired_unfetched: AtomicU64,
+    /// Stores refused for want of memory.
+    outofmemory: AtomicU64,
+}
+
+impl Tally {
+    fn add(counter: &AtomicU64, n: u64) {
+        if n > 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// `entry`, dropped to make room or found dead, ends.
+    fn ended(&self, entry: &Entry, view: View) {
+        if view.visible(entry) {
+            Self::add(&self.evicted, 1);
+            Self::add(
+                &self.evicted_nonzero,
+                u64::from(entry.item.deadline.is_some()),
+            );
+            Self::add(&self.evicted_unfetched, u64::from(!entry.meta.fetched));
+            Self::add(&self.evicted_active, u64::from(entry.meta.active));
+            let idle = view.clock.now_ms.saturating_sub(entry.meta.accessed_at) / 1000;
+            self.evicted_time.store(idle, Ordering::Relaxed);
+        } else if view.clock.expired(entry.item.deadline) {
+            Self::add(&self.reclaimed, 1);
+            Self::add(&self.expired_unfetched, u64::from(!entry.meta.fetched));
+        }
+    }
+}
 
 /// `flush_at` when no delayed flush is pending.
 const NO_FLUSH: u64 = u64::MAX;
@@ -154,10 +213,12 @@ impl Shard {
 
     /// The live item under `key`, promoted in the LRU. A dead one (expired
     /// or flushed) is removed and reported missing.
-    fn live(&mut self, key: &[u8], view: View) -> Option<&mut Entry> {
+    fn live(&mut self, key: &[u8], view: View, tally: &Tally) -> Option<&mut Entry> {
         let visible = view.visible(self.items.peek(key)?);
         if !visible {
-            self.remove(key);
+            if let Some(dead) = self.remove(key) {
+                tally.ended(&dead, view);
+            }
             return None;
         }
         self.items.get_mut(key)
@@ -166,8 +227,8 @@ impl Shard {
     /// Stores `entry` (which must fit in `limit` and be live: the rules
     /// turn a store already expired into a removal), replacing any item
     /// under `key`, then evicts least-recently-used items until the shard is
-    /// within its budget. Returns how many live items were evicted.
-    fn insert(&mut self, key: Bytes, entry: Entry, view: View) -> u64 {
+    /// within its budget.
+    fn insert(&mut self, key: Bytes, entry: Entry, view: View, tally: &Tally) {
         let charged = cost(key.len(), entry.item.data.len());
         if let Some((old_key, old)) = self.items.push(key, entry) {
             self.used = self
@@ -175,19 +236,21 @@ impl Shard {
                 .saturating_sub(cost(old_key.len(), old.item.data.len()));
         }
         self.used = self.used.saturating_add(charged);
-        let mut evicted = 0;
         // The new item is the most recently used and fits on its own, so it
         // is never the one evicted.
+        self.evict_to_limit(view, tally);
+    }
+
+    /// Evicts least-recently-used items until the shard is within its
+    /// budget.
+    fn evict_to_limit(&mut self, view: View, tally: &Tally) {
         while self.used > self.limit {
             let Some((k, old)) = self.items.pop_lru() else {
                 break;
             };
             self.used = self.used.saturating_sub(cost(k.len(), old.item.data.len()));
-            if view.visible(&old) {
-                evicted += 1;
-            }
+            tally.ended(&old, view);
         }
-        evicted
     }
 
     fn clear(&mut self) {
@@ -200,7 +263,8 @@ impl Shard {
 pub struct EmbeddedStore {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
-    memory_limit: usize,
+    /// Bytes; `cache_memlimit` changes it.
+    memory_limit: AtomicUsize,
     /// The store clock's zero.
     start: Instant,
     /// Unix time in milliseconds at `start`, for absolute exptimes.
@@ -211,7 +275,7 @@ pub struct EmbeddedStore {
     flush_at: AtomicU64,
     /// Serialises `flush_all` commands.
     flush_lock: Mutex<()>,
-    evictions: AtomicU64,
+    tally: Tally,
     /// `false`: a store that does not fit is refused instead
     /// ([`Backend::never_evict`]), as memcached `-M` refuses it.
     evicts: std::sync::atomic::AtomicBool,
@@ -224,7 +288,7 @@ impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmbeddedStore")
             .field("shards", &self.shards.len())
-            .field("memory_limit", &self.memory_limit)
+            .field("memory_limit", &self.memory_limit.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -246,13 +310,13 @@ impl EmbeddedStore {
                 .map(|_| Mutex::new(Shard::new(per_shard)))
                 .collect(),
             hasher: RandomState::new(),
-            memory_limit: memory_limit_bytes,
+            memory_limit: AtomicUsize::new(memory_limit_bytes),
             start: Instant::now(),
             start_unix_ms,
             next_cas: AtomicU64::new(1),
             flush_at: AtomicU64::new(NO_FLUSH),
             flush_lock: Mutex::new(()),
-            evictions: AtomicU64::new(0),
+            tally: Tally::default(),
             evicts: std::sync::atomic::AtomicBool::new(true),
             total_items: AtomicU64::new(0),
             instance: rand::random(),
@@ -336,10 +400,7 @@ impl EmbeddedStore {
                 };
                 // Copy the key so the item does not pin the connection's
                 // read buffer.
-                let evicted = shard.insert(Bytes::copy_from_slice(key), entry, view);
-                if evicted > 0 {
-                    self.evictions.fetch_add(evicted, Ordering::Relaxed);
-                }
+                shard.insert(Bytes::copy_from_slice(key), entry, view, &self.tally);
             }
             Effect::Touch { deadline } => {
                 if let Some(entry) = shard.items.peek_mut(key) {
@@ -357,7 +418,7 @@ impl EmbeddedStore {
         let mut values = Vec::new();
         for key in keys {
             let mut shard = self.shard(key);
-            let Some(entry) = shard.live(key, view) else {
+            let Some(entry) = shard.live(key, view, &self.tally) else {
                 continue;
             };
             entry.meta.bump(view.clock.now_ms);
@@ -396,9 +457,10 @@ impl EmbeddedStore {
                 // value readable.
                 shard.remove(key);
             }
+            Tally::add(&self.tally.outofmemory, 1);
             return out_of_memory();
         }
-        let current = shard.live(key, view).map(|entry| &entry.item);
+        let current = shard.live(key, view, &self.tally).map(|entry| &entry.item);
         let rules::Outcome { reply, mut effect } =
             rules::store(op, current, flags, exptime, data, cas_unique, view.clock);
         let old_cost = current.map_or(0, |item| cost(key.len(), item.data.len()));
@@ -406,6 +468,7 @@ impl EmbeddedStore {
             Effect::Put(value) => {
                 let new_cost = cost(key.len(), value.data.len());
                 if new_cost > limit {
+                    Tally::add(&self.tally.outofmemory, 1);
                     return out_of_memory();
                 }
                 if !self.evicts.load(Ordering::Relaxed)
@@ -416,6 +479,7 @@ impl EmbeddedStore {
                     if op == StoreOp::Set {
                         shard.remove(key);
                     }
+                    Tally::add(&self.tally.outofmemory, 1);
                     return out_of_memory();
                 }
                 if !joins {
@@ -441,7 +505,7 @@ impl EmbeddedStore {
         let view = self.view();
         let mut shard = self.shard(key);
         let limit = shard.limit;
-        let entry = shard.live(key, view);
+        let entry = shard.live(key, view, &self.tally);
         let kept = entry.as_ref().map(|e| (e.meta, e.item.data.len()));
         let current = entry.map(|entry| &entry.item);
         let rules::Outcome { reply, effect } = rules::arith(op, current, delta);
@@ -454,6 +518,7 @@ impl EmbeddedStore {
         if let Effect::Put(value) = &effect
             && cost(key.len(), value.data.len()) > limit
         {
+            Tally::add(&self.tally.outofmemory, 1);
             return Response::server_error("out of memory");
         }
         self.apply(&mut shard, key, effect, view);
@@ -470,7 +535,7 @@ impl EmbeddedStore {
     fn delete(&self, key: &[u8]) -> Response {
         let view = self.view();
         let mut shard = self.shard(key);
-        let current = shard.live(key, view).map(|entry| &entry.item);
+        let current = shard.live(key, view, &self.tally).map(|entry| &entry.item);
         let rules::Outcome { reply, effect } = rules::delete(current);
         self.apply(&mut shard, key, effect, view);
         reply
@@ -480,7 +545,7 @@ impl EmbeddedStore {
         let view = self.view();
         let mut shard = self.shard(key);
         // memcached's touch fetches the item with a bump.
-        let current = shard.live(key, view).map(|entry| {
+        let current = shard.live(key, view, &self.tally).map(|entry| {
             entry.meta.bump(view.clock.now_ms);
             &entry.item
         });
@@ -512,6 +577,197 @@ impl EmbeddedStore {
         Response::Ok
     }
 
+    /// Sets the memory limit (`cache_memlimit`) and evicts least recently
+    /// used items until every shard is within its share of it; a store
+    /// that never evicts ([`Backend::never_evict`]) keeps them and refuses
+    /// writes until it is within it, as memcached `-M` does.
+    pub fn set_memory_limit(&self, bytes: usize) {
+        self.memory_limit.store(bytes, Ordering::Relaxed);
+        let per_shard = bytes / self.shards.len();
+        let view = self.view();
+        let evicts = self.evicts.load(Ordering::Relaxed);
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            shard.limit = per_shard;
+            if evicts {
+                shard.evict_to_limit(view, &self.tally);
+            }
+        }
+    }
+
+    /// memcached's answer to an admin request, for this store. The store
+    /// is shown as one slab class, [`CLASS`], holding every item:
+    ///
+    /// - `stats items`: `number` is every item held (as `curr_items`), all
+    ///   in the one LRU, shown as cold (the LRU memcached evicts from and
+    ///   `cachedump` lists); `age` is the idle time of the least recently
+    ///   used item; `mem_requested` is the bytes charged (as `bytes`); the
+    ///   `evicted*`, `reclaimed`, `expired_unfetched` and `outofmemory`
+    ///   counts are the store's own (an item is reclaimed when found
+    ///   expired or dropped expired to make room); what a single LRU has no
+    ///   counterpart for (hot and warm LRUs, LRU moves, crawler, tail
+    ///   repairs, per-LRU hits) is 0.
+    /// - `stats slabs`: a page is a shard and a chunk is a byte (the store
+    ///   allocates per item, not in chunks): `chunk_size` 1,
+    ///   `chunks_per_page` a shard's budget, `total_pages` the shards,
+    ///   `used_chunks` the bytes charged; `total_malloced` the bytes
+    ///   charged. The per-class command counts are not kept (0; `stats`
+    ///   has the node's).
+    /// - `stats sizes`: disabled, as memcached's default.
+    /// - `stats cachedump 1 <limit>`: every live item with a printable key
+    ///   (memcached leaves out binary keys too), shard by shard, most
+    ///   recently used first within a shard; other classes are empty.
+    /// - `cache_memlimit`: see [`EmbeddedStore::set_memory_limit`].
+    /// - `slabs automove`: accepted, and has no effect (there are no slabs
+    ///   to move).
+    pub fn admin_reply(&self, request: &AdminRequest) -> Response {
+        match request {
+            AdminRequest::Stats(StoreStats::Items) => Response::Stats(self.items_stats()),
+            AdminRequest::Stats(StoreStats::Slabs) => Response::Stats(self.slabs_stats()),
+            AdminRequest::Stats(StoreStats::Sizes) => {
+                Response::Stats(vec![("sizes_status".into(), "disabled".into())])
+            }
+            AdminRequest::CacheDump { class, limit } => {
+                Response::Raw(self.cachedump(*class, *limit))
+            }
+            AdminRequest::MemLimit { megabytes, .. } => {
+                let bytes = usize::try_from(*megabytes)
+                    .unwrap_or(usize::MAX)
+                    .saturating_mul(1024 * 1024);
+                self.set_memory_limit(bytes);
+                Response::Ok
+            }
+            AdminRequest::SlabsAutomove { .. } => Response::Ok,
+        }
+    }
+
+    /// (items held, bytes charged, seconds the least recently used item
+    /// has been idle).
+    fn occupancy(&self) -> (usize, usize, u64) {
+        let now = self.now_ms();
+        let (mut items, mut bytes, mut age) = (0, 0, 0);
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            items += shard.items.len();
+            bytes += shard.used;
+            if let Some((_, oldest)) = shard.items.peek_lru() {
+                age = age.max(now.saturating_sub(oldest.meta.accessed_at) / 1000);
+            }
+        }
+        (items, bytes, age)
+    }
+
+    fn items_stats(&self) -> Vec<(String, String)> {
+        let (items, bytes, age) = self.occupancy();
+        if items == 0 {
+            return Vec::new();
+        }
+        let t = &self.tally;
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed).to_string();
+        let values = [
+            ("number", items.to_string()),
+            ("number_hot", "0".into()),
+            ("number_warm", "0".into()),
+            ("number_cold", items.to_string()),
+            ("age_hot", "0".into()),
+            ("age_warm", "0".into()),
+            ("age", age.to_string()),
+            ("mem_requested", bytes.to_string()),
+            ("evicted", n(&t.evicted)),
+            ("evicted_nonzero", n(&t.evicted_nonzero)),
+            ("evicted_time", n(&t.evicted_time)),
+            ("outofmemory", n(&t.outofmemory)),
+            ("tailrepairs", "0".into()),
+            ("reclaimed", n(&t.reclaimed)),
+            ("expired_unfetched", n(&t.expired_unfetched)),
+            ("evicted_unfetched", n(&t.evicted_unfetched)),
+            ("evicted_active", n(&t.evicted_active)),
+            ("crawler_reclaimed", "0".into()),
+            ("crawler_items_checked", "0".into()),
+            ("lrutail_reflocked", "0".into()),
+            ("moves_to_cold", "0".into()),
+            ("moves_to_warm", "0".into()),
+            ("moves_within_lru", "0".into()),
+            ("direct_reclaims", "0".into()),
+            ("hits_to_hot", "0".into()),
+            ("hits_to_warm", "0".into()),
+            ("hits_to_cold", "0".into()),
+            ("hits_to_temp", "0".into()),
+        ];
+        values
+            .into_iter()
+            .map(|(name, v)| (format!("items:{CLASS}:{name}"), v))
+            .collect()
+    }
+
+    fn slabs_stats(&self) -> Vec<(String, String)> {
+        let (items, bytes, _) = self.occupancy();
+        let limit = self.memory_limit.load(Ordering::Relaxed);
+        let pages = self.shards.len();
+        let mut out = Vec::new();
+        if items > 0 {
+            let values = [
+                ("chunk_size", "1".to_string()),
+                ("chunks_per_page", (limit / pages).to_string()),
+                ("total_pages", pages.to_string()),
+                ("total_chunks", limit.to_string()),
+                ("used_chunks", bytes.to_string()),
+                ("free_chunks", limit.saturating_sub(bytes).to_string()),
+                ("free_chunks_end", "0".into()),
+                ("get_hits", "0".into()),
+                ("cmd_set", "0".into()),
+                ("delete_hits", "0".into()),
+                ("incr_hits", "0".into()),
+                ("decr_hits", "0".into()),
+                ("cas_hits", "0".into()),
+                ("cas_badval", "0".into()),
+                ("touch_hits", "0".into()),
+            ];
+            out.extend(
+                values
+                    .into_iter()
+                    .map(|(name, v)| (format!("{CLASS}:{name}"), v)),
+            );
+        }
+        out.push(("active_slabs".into(), u8::from(items > 0).to_string()));
+        out.push(("total_malloced".into(), bytes.to_string()));
+        out
+    }
+
+    /// `ITEM <key> [<bytes> b; <expiry unix seconds, 0 never> s]` lines
+    /// and `END`, at most [`CACHEDUMP_MAX_BYTES`] of them.
+    fn cachedump(&self, class: u32, limit: u32) -> Bytes {
+        let mut out = Vec::new();
+        let view = self.view();
+        let mut shown = 0u32;
+        'shards: for shard in self.shards.iter().filter(|_| class == CLASS) {
+            let shard = lock(shard);
+            for (key, entry) in shard.items.iter() {
+                if limit != 0 && shown >= limit {
+                    break 'shards;
+                }
+                if !view.visible(entry) || entry.meta.key_binary {
+                    continue;
+                }
+                let expiry = entry.item.deadline.map_or(0, |d| {
+                    view.clock.unix_ms_at_zero.saturating_add(d).div_ceil(1000)
+                });
+                let mut line = b"ITEM ".to_vec();
+                line.extend_from_slice(key);
+                line.extend_from_slice(
+                    format!(" [{} b; {expiry} s]\r\n", entry.item.data.len()).as_bytes(),
+                );
+                if out.len() + line.len() + 5 > CACHEDUMP_MAX_BYTES {
+                    break 'shards;
+                }
+                out.extend_from_slice(&line);
+                shown += 1;
+            }
+        }
+        out.extend_from_slice(b"END\r\n");
+        out.into()
+    }
+
     /// Removes every item stored before `flush_at`.
     fn sweep(&self, flush_at: u64) {
         for shard in self.shards.iter() {
@@ -536,6 +792,13 @@ impl Backend for EmbeddedStore {
     ) -> BoxFuture<'a, Result<Vec<Response>, BackendError>> {
         let responses = requests.iter().map(|r| self.execute(r)).collect();
         Box::pin(std::future::ready(Ok(responses)))
+    }
+
+    fn admin<'a>(
+        &'a self,
+        request: &'a AdminRequest,
+    ) -> BoxFuture<'a, Result<Response, BackendError>> {
+        Box::pin(std::future::ready(Ok(self.admin_reply(request))))
     }
 
     fn kind(&self) -> &'static str {
@@ -583,9 +846,12 @@ impl Backend for EmbeddedStore {
             line("bytes", bytes.to_string()),
             line(
                 "evictions",
-                self.evictions.load(Ordering::Relaxed).to_string(),
+                self.tally.evicted.load(Ordering::Relaxed).to_string(),
             ),
-            line("limit_maxbytes", self.memory_limit.to_string()),
+            line(
+                "limit_maxbytes",
+                self.memory_limit.load(Ordering::Relaxed).to_string(),
+            ),
             line(
                 "total_items",
                 self.total_items.load(Ordering::Relaxed).to_string(),
@@ -1222,6 +1488,11 @@ mod tests {
         // Full: refused as memcached -M refuses it, and nothing evicted.
         assert_eq!(run(&s, set("d", "0123456789")).await, out_of_memory());
         assert_eq!(stat(&s, "evictions"), "0");
+        // A lower limit evicts nothing either.
+        s.set_memory_limit(2 * item);
+        assert_eq!(stat(&s, "evictions"), "0");
+        assert_eq!(run(&s, set("d", "0123456789")).await, out_of_memory());
+        s.set_memory_limit(3 * item);
         for k in ["a", "b", "c"] {
             assert!(data(&s, k).await.is_some(), "{k}");
         }
@@ -1282,6 +1553,98 @@ mod tests {
         }] {
             assert_eq!(run(&s, r).await, Response::Error(ErrorReply::Error));
         }
+    }
+
+    fn admin_stat(s: &EmbeddedStore, group: StoreStats, name: &str) -> Option<String> {
+        let Response::Stats(lines) = s.admin_reply(&AdminRequest::Stats(group)) else {
+            panic!("not stats");
+        };
+        lines.into_iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    #[tokio::test]
+    async fn cache_memlimit_evicts_down_to_the_new_limit() {
+        let s = EmbeddedStore::with_shards(BIG, 1);
+        let value = "x".repeat(1000);
+        for i in 0..100 {
+            run(&s, set(&format!("k{i:02}"), &value)).await;
+        }
+        assert!(
+            data(&s, "k00").await.is_some(),
+            "k00 is now the most recent"
+        );
+        let limit = AdminRequest::MemLimit {
+            megabytes: 8,
+            noreply: false,
+        };
+        assert_eq!(s.admin_reply(&limit), Response::Ok);
+        assert_eq!(stat(&s, "limit_maxbytes"), (8 << 20).to_string());
+        assert_eq!(stat(&s, "curr_items"), "100", "all fit in 8 MB");
+        // Shrunk below what is held, the least recently used go first.
+        s.set_memory_limit(10 * cost(3, 1000));
+        assert_eq!(stat(&s, "curr_items"), "10");
+        assert_eq!(stat(&s, "evictions"), "90");
+        assert!(data(&s, "k00").await.is_some());
+        assert!(data(&s, "k01").await.is_none());
+        assert!(data(&s, "k99").await.is_some());
+        assert_eq!(
+            admin_stat(&s, StoreStats::Items, "items:1:evicted").as_deref(),
+            Some("90")
+        );
+        assert_eq!(
+            admin_stat(&s, StoreStats::Items, "items:1:evicted_unfetched").as_deref(),
+            Some("90"),
+            "none of them was read"
+        );
+    }
+
+    #[tokio::test]
+    async fn admin_stats_show_one_class() {
+        let s = EmbeddedStore::new(BIG);
+        assert_eq!(
+            s.admin_reply(&AdminRequest::Stats(StoreStats::Items)),
+            Response::Stats(vec![])
+        );
+        assert_eq!(
+            admin_stat(&s, StoreStats::Slabs, "active_slabs").as_deref(),
+            Some("0")
+        );
+        run(&s, set("a", "1")).await;
+        run(&s, store(StoreOp::Set, "b", 0, 100, "22")).await;
+        assert_eq!(
+            admin_stat(&s, StoreStats::Items, "items:1:number").as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            admin_stat(&s, StoreStats::Slabs, "1:used_chunks"),
+            Some((cost(1, 1) + cost(1, 2)).to_string())
+        );
+        assert_eq!(
+            admin_stat(&s, StoreStats::Sizes, "sizes_status").as_deref(),
+            Some("disabled")
+        );
+        let dump = |class, limit| match s.admin_reply(&AdminRequest::CacheDump { class, limit }) {
+            Response::Raw(b) => String::from_utf8(b.to_vec()).expect("text"),
+            other => panic!("{other:?}"),
+        };
+        let all = dump(1, 0);
+        assert!(all.contains("ITEM a [1 b; 0 s]\r\n"), "{all}");
+        // The expiry is in unix seconds, rounded up.
+        let expiry: u64 = all
+            .split("ITEM b [2 b; ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{all}"));
+        let start = s.start_unix_ms / 1000;
+        assert!((start + 100..=start + 101).contains(&expiry), "{all}");
+        assert!(
+            all.contains(&format!("ITEM b [2 b; {expiry} s]\r\n")),
+            "{all}"
+        );
+        assert!(all.ends_with("END\r\n"));
+        assert_eq!(dump(1, 1).matches("ITEM ").count(), 1);
+        assert_eq!(dump(2, 0), "END\r\n");
     }
 
     #[tokio::test]

@@ -34,7 +34,9 @@ use tokio::net::tcp::ReadHalf;
 
 use super::{Backend, BackendError, BoxFuture, KeyExpiry, PoolStatus};
 use crate::outage::Outage;
-use crate::protocol::{ErrorReply, ReplyParsed, Request, Response, encode_request, parse_reply};
+use crate::protocol::{
+    AdminRequest, ErrorReply, ReplyParsed, Request, Response, encode_request, parse_reply,
+};
 
 /// How much room is made in the read buffer before each read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -197,6 +199,25 @@ impl MemcachedBackend {
     /// pooled: its reply is not one the reply parser frames) and returns
     /// the reply's lines up to `END`.
     async fn admin_command(&self, command: &[u8]) -> Result<Vec<Vec<u8>>, BackendError> {
+        let buf = self
+            .exchange_raw(command, |buf| {
+                buf.ends_with(b"END\r\n") || buf.starts_with(b"BUSY") || buf.starts_with(b"ERROR")
+            })
+            .await?;
+        Ok(buf
+            .split(|&b| b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l).to_vec())
+            .filter(|l| !l.is_empty() && l != b"END")
+            .collect())
+    }
+
+    /// Sends `command` on a connection of its own and reads until
+    /// `complete` says the reply is whole; returns its bytes.
+    async fn exchange_raw(
+        &self,
+        command: &[u8],
+        complete: impl Fn(&[u8]) -> bool,
+    ) -> Result<Vec<u8>, BackendError> {
         let timeout = self
             .pool
             .manager()
@@ -219,23 +240,35 @@ impl MemcachedBackend {
                     return Err(BackendError::Io(io::ErrorKind::UnexpectedEof.into()));
                 }
                 buf.extend_from_slice(&chunk[..n]);
-                if buf.ends_with(b"END\r\n")
-                    || buf.starts_with(b"BUSY")
-                    || buf.starts_with(b"ERROR")
-                {
-                    break;
+                if complete(&buf) {
+                    return Ok(buf);
                 }
             }
-            Ok(buf
-                .split(|&b| b == b'\n')
-                .map(|l| l.strip_suffix(b"\r").unwrap_or(l).to_vec())
-                .filter(|l| !l.is_empty() && l != b"END")
-                .collect())
         };
         tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| BackendError::Timeout)?
     }
+}
+
+/// Whether `buf` holds memcached's whole answer to an admin request: one
+/// line, or for a listing (`stats …`, `stats cachedump`) lines up to `END`
+/// unless the first is an error line.
+fn admin_reply_complete(buf: &[u8], listing: bool) -> bool {
+    let Some(first_end) = buf.windows(2).position(|w| w == b"\r\n") else {
+        return false;
+    };
+    let first = &buf[..first_end];
+    let one_line = !listing
+        || first.starts_with(b"ERROR")
+        || first.starts_with(b"CLIENT_ERROR")
+        || first.starts_with(b"SERVER_ERROR");
+    if one_line {
+        return true;
+    }
+    // Every line of a listing starts `STAT ` or `ITEM `: `END` at a line
+    // start is the end.
+    buf == b"END\r\n" || buf.ends_with(b"\r\nEND\r\n")
 }
 
 /// Decodes the `%XX` escapes of `lru_crawler metadump` keys.
@@ -318,6 +351,24 @@ impl Backend for MemcachedBackend {
                     "`stats settings` does not say whether memcached evicts".into(),
                 )),
             }
+        })
+    }
+
+    fn admin<'a>(
+        &'a self,
+        request: &'a AdminRequest,
+    ) -> BoxFuture<'a, Result<Response, BackendError>> {
+        Box::pin(async move {
+            let listing = matches!(
+                request,
+                AdminRequest::Stats(_) | AdminRequest::CacheDump { .. }
+            );
+            let reply = self
+                .exchange_raw(request.line().as_bytes(), |buf| {
+                    admin_reply_complete(buf, listing)
+                })
+                .await?;
+            Ok(Response::Raw(reply.into()))
         })
     }
 

@@ -8,7 +8,7 @@
 pub mod embedded;
 pub mod memcached;
 
-use crate::protocol::{Request, Response};
+use crate::protocol::{AdminRequest, Request, Response};
 
 pub use embedded::EmbeddedStore;
 pub use memcached::{MemcachedBackend, MemcachedOptions};
@@ -81,6 +81,15 @@ pub trait Backend: Send + Sync + 'static {
         &'a self,
         requests: &'a [Request],
     ) -> BoxFuture<'a, Result<Vec<Response>, BackendError>>;
+
+    /// Answers an administrative request about the store itself (`stats
+    /// items|slabs|sizes|cachedump`, `cache_memlimit`, `slabs automove`)
+    /// as memcached 1.6.18 would, for this store: a memcached relays its
+    /// own answer, the embedded store answers from its own figures.
+    fn admin<'a>(
+        &'a self,
+        request: &'a AdminRequest,
+    ) -> BoxFuture<'a, Result<Response, BackendError>>;
 
     /// A short name for logs and `stats`: `embedded` or `memcached`.
     fn kind(&self) -> &'static str;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::BoxFuture;
 use crate::backend::{Backend, PoolStatus};
 use crate::metrics::{Metrics, Verdict};
-use crate::protocol::{ClientError, Exptime, Request, Response, StoreOp};
+use crate::protocol::{AdminRequest, ClientError, Exptime, Request, Response, StoreOp};
 
 /// What the pipeline keeps for one client connection, across its batches.
 /// A mode with per-client guarantees keeps them here (sequential mode: the
@@ -95,6 +95,10 @@ pub trait Pipeline: Send + Sync + 'static {
     /// The local store, for `stats`.
     fn store_status(&self) -> StoreStatus;
 
+    /// Runs an administrative request on this node's own store (see
+    /// [`AdminRequest`]): never replicated, in every mode.
+    fn admin<'a>(&'a self, request: &'a AdminRequest) -> BoxFuture<'a, Response>;
+
     /// `stats cluster` lines; empty for a single node.
     fn cluster_stats(&self) -> Vec<(String, String)> {
         Vec::new()
@@ -163,6 +167,24 @@ impl Pipeline for Local {
     fn store_status(&self) -> StoreStatus {
         StoreStatus::of(&*self.backend)
     }
+
+    fn admin<'a>(&'a self, request: &'a AdminRequest) -> BoxFuture<'a, Response> {
+        admin_on(&*self.backend, request)
+    }
+}
+
+/// Runs `request` on `backend`; a failure is answered as a data request's
+/// would be.
+pub fn admin_on<'a>(
+    backend: &'a dyn Backend,
+    request: &'a AdminRequest,
+) -> BoxFuture<'a, Response> {
+    Box::pin(async move {
+        backend.admin(request).await.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, command = request.command().as_str(), "admin request failed");
+            e.to_response()
+        })
+    })
 }
 
 /// A `set` whose value was too large removes the key (memcached does, so

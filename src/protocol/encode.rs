@@ -3,7 +3,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::{ArithOp, ConnRequest, ErrorReply, Request, Response, StoreOp, Value};
+use super::{AdminRequest, ArithOp, ConnRequest, ErrorReply, Request, Response, StoreOp, Value};
 
 fn num(buf: &mut BytesMut, n: impl itoa::Integer) {
     buf.put_slice(itoa::Buffer::new().format(n).as_bytes());
@@ -137,6 +137,18 @@ pub fn encode_request(request: &Request, with_noreply: bool, buf: &mut BytesMut)
     buf.put_slice(b"\r\n");
 }
 
+/// Writes an admin request as a client would send it, with its `noreply`
+/// when `with_noreply` (forwarded, it goes without: see
+/// [`AdminRequest::line`]).
+pub fn encode_admin_request(request: &AdminRequest, with_noreply: bool, buf: &mut BytesMut) {
+    let line = request.line();
+    buf.put_slice(line.trim_end_matches("\r\n").as_bytes());
+    if with_noreply && request.noreply() {
+        buf.put_slice(b" noreply");
+    }
+    buf.put_slice(b"\r\n");
+}
+
 /// Writes a connection request as a client would send it (for round-trip
 /// tests and clients; the server never forwards one).
 pub fn encode_conn_request(request: &ConnRequest, buf: &mut BytesMut) {
@@ -231,6 +243,7 @@ pub fn encode_response(response: &Response, buf: &mut BytesMut) {
         }
         Response::Meta(m) => m.encode(buf),
         Response::Quiet => {}
+        Response::Raw(bytes) => buf.put_slice(bytes),
     }
 }
 

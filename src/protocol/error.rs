@@ -31,6 +31,18 @@ pub enum ClientError {
     /// `stats detail` without a valid sub-command.
     #[error("CLIENT_ERROR usage: stats detail on|off|dump")]
     StatsDetailUsage,
+    /// `stats cachedump` with fewer than two numbers.
+    #[error("CLIENT_ERROR bad command line")]
+    StatsBadCommandLine,
+    /// `stats cachedump` of a class of 64 or more.
+    #[error("CLIENT_ERROR Illegal slab id")]
+    IllegalSlabId,
+    /// `cache_memlimit` below 8 (megabytes).
+    #[error("MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m")]
+    MemlimitTooSmall,
+    /// `cache_memlimit` above 1,000,000,000 (megabytes).
+    #[error("MEMLIMIT_ADJUST_FAILED input value is megabytes not bytes")]
+    MemlimitNotBytes,
     /// `mg` with 20 or more tokens.
     #[error("CLIENT_ERROR options flags are too long")]
     MetaFlagsAreTooLong,
@@ -90,6 +102,14 @@ impl ClientError {
             ClientError::TooLarge => "SERVER_ERROR object too large for cache",
             ClientError::LineTooLong => "CLIENT_ERROR line too long",
             ClientError::StatsDetailUsage => "CLIENT_ERROR usage: stats detail on|off|dump",
+            ClientError::StatsBadCommandLine => "CLIENT_ERROR bad command line",
+            ClientError::IllegalSlabId => "CLIENT_ERROR Illegal slab id",
+            ClientError::MemlimitTooSmall => {
+                "MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m"
+            }
+            ClientError::MemlimitNotBytes => {
+                "MEMLIMIT_ADJUST_FAILED input value is megabytes not bytes"
+            }
             ClientError::MetaFlagsAreTooLong => "CLIENT_ERROR options flags are too long",
             ClientError::MetaFlagsTooLong => "CLIENT_ERROR options flags too long",
             ClientError::MetaDuplicateFlag => "CLIENT_ERROR duplicate flag",
@@ -114,8 +134,11 @@ impl From<ClientError> for Response {
             ErrorReply::Client(m.to_string())
         } else if let Some(m) = line.strip_prefix("SERVER_ERROR ") {
             ErrorReply::Server(m.to_string())
-        } else {
+        } else if line == "ERROR" {
             ErrorReply::Error
+        } else {
+            // memcached's own one-line answers (`MEMLIMIT_TOO_SMALL …`).
+            return Response::Raw(format!("{line}\r\n").into());
         };
         Response::Error(reply)
     }
@@ -138,6 +161,10 @@ mod tests {
             ClientError::TooLarge,
             ClientError::LineTooLong,
             ClientError::StatsDetailUsage,
+            ClientError::StatsBadCommandLine,
+            ClientError::IllegalSlabId,
+            ClientError::MemlimitTooSmall,
+            ClientError::MemlimitNotBytes,
             ClientError::MetaFlagsAreTooLong,
             ClientError::MetaFlagsTooLong,
             ClientError::MetaDuplicateFlag,

@@ -13,7 +13,8 @@ mod parse;
 mod reply;
 
 pub use encode::{
-    encode_conn_request, encode_request, encode_response, encode_value, encode_value_header,
+    encode_admin_request, encode_conn_request, encode_request, encode_response, encode_value,
+    encode_value_header,
 };
 pub use error::ClientError;
 pub use limits::Limits;
@@ -73,6 +74,7 @@ pub const REALTIME_MAXDELTA: i64 = 60 * 60 * 24 * 30;
 pub enum Incoming {
     Data(Request),
     Conn(ConnRequest),
+    Admin(AdminRequest),
 }
 
 impl Incoming {
@@ -81,6 +83,7 @@ impl Incoming {
         match self {
             Incoming::Data(r) => r.command(),
             Incoming::Conn(r) => r.command(),
+            Incoming::Admin(r) => r.command(),
         }
     }
 }
@@ -172,6 +175,81 @@ pub enum ConnRequest {
         args: Vec<Bytes>,
     },
     Quit,
+}
+
+/// A request about the node's own store rather than its keys: memcached's
+/// slab and LRU introspection and tuning. Never replicated: through a
+/// cluster node it reads or changes that node's store alone. The parser
+/// lets through only arguments memcached accepts; its refusals are answered
+/// by the parser's error lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminRequest {
+    /// `stats items`, `stats slabs`, `stats sizes`.
+    Stats(StoreStats),
+    /// `stats cachedump <class> <limit>` (class below 64; limit 0 for all).
+    CacheDump { class: u32, limit: u32 },
+    /// `cache_memlimit <megabytes> [noreply]` (8 to 1,000,000,000).
+    MemLimit { megabytes: u32, noreply: bool },
+    /// `slabs automove <0|1|2> [noreply]` or `slabs automove ratio <r>`.
+    SlabsAutomove { setting: Automove, noreply: bool },
+}
+
+/// The `stats` groups about a store's slabs and items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreStats {
+    Items,
+    Slabs,
+    Sizes,
+}
+
+/// What `slabs automove` sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Automove {
+    /// 0 off, 1 or 2 on.
+    Level(u8),
+    /// `ratio <r>`, the number as sent (it parsed as a float).
+    Ratio(String),
+}
+
+impl AdminRequest {
+    /// True when the client asked for no reply.
+    pub fn noreply(&self) -> bool {
+        match self {
+            AdminRequest::MemLimit { noreply, .. }
+            | AdminRequest::SlabsAutomove { noreply, .. } => *noreply,
+            AdminRequest::Stats(_) | AdminRequest::CacheDump { .. } => false,
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        match self {
+            AdminRequest::Stats(_) | AdminRequest::CacheDump { .. } => Command::Stats,
+            AdminRequest::MemLimit { .. } => Command::CacheMemlimit,
+            AdminRequest::SlabsAutomove { .. } => Command::Slabs,
+        }
+    }
+
+    /// The request line as memcached reads it, `\r\n` included and
+    /// `noreply` left out (so that a forwarded request earns its reply).
+    pub fn line(&self) -> String {
+        match self {
+            AdminRequest::Stats(StoreStats::Items) => "stats items\r\n".into(),
+            AdminRequest::Stats(StoreStats::Slabs) => "stats slabs\r\n".into(),
+            AdminRequest::Stats(StoreStats::Sizes) => "stats sizes\r\n".into(),
+            AdminRequest::CacheDump { class, limit } => {
+                format!("stats cachedump {class} {limit}\r\n")
+            }
+            AdminRequest::MemLimit { megabytes, .. } => format!("cache_memlimit {megabytes}\r\n"),
+            AdminRequest::SlabsAutomove {
+                setting: Automove::Level(l),
+                ..
+            } => format!("slabs automove {l}\r\n"),
+            AdminRequest::SlabsAutomove {
+                setting: Automove::Ratio(r),
+                ..
+            } => format!("slabs automove ratio {r}\r\n"),
+        }
+    }
 }
 
 impl ConnRequest {
@@ -267,11 +345,13 @@ pub enum Command {
     MetaArith,
     MetaNoop,
     MetaDebug,
+    CacheMemlimit,
+    Slabs,
 }
 
 impl Command {
     /// Every command, in declaration order (so `ALL[c as usize] == c`).
-    pub const ALL: [Command; 25] = [
+    pub const ALL: [Command; 27] = [
         Command::Get,
         Command::Gets,
         Command::Gat,
@@ -297,6 +377,8 @@ impl Command {
         Command::MetaArith,
         Command::MetaNoop,
         Command::MetaDebug,
+        Command::CacheMemlimit,
+        Command::Slabs,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -326,6 +408,8 @@ impl Command {
             Command::MetaArith => "ma",
             Command::MetaNoop => "mn",
             Command::MetaDebug => "me",
+            Command::CacheMemlimit => "cache_memlimit",
+            Command::Slabs => "slabs",
         }
     }
 }
@@ -364,6 +448,11 @@ pub enum Response {
     Meta(MetaReply),
     /// Nothing: a meta request's `q` flag hid its reply.
     Quiet,
+    /// Reply bytes as they are, `\r\n`s included: a store's answer to an
+    /// [`AdminRequest`] relayed from memcached, a `stats cachedump`
+    /// listing, or one of memcached's own one-line answers
+    /// (`MEMLIMIT_TOO_SMALL …`).
+    Raw(Bytes),
 }
 
 /// The three error replies of the protocol.
@@ -411,6 +500,7 @@ impl Response {
                 MetaCode::Hd | MetaCode::Va | MetaCode::Mn | MetaCode::Me => "ok",
             },
             Response::Quiet => "quiet",
+            Response::Raw(_) => "other",
         }
     }
 }

@@ -9,7 +9,10 @@ use nom::bytes::streaming::take_until;
 use nom::character::complete::{digit1, one_of};
 use nom::combinator::{all_consuming, opt, recognize};
 
-use super::{ArithOp, ClientError, ConnRequest, Exptime, Incoming, Limits, Request, StoreOp};
+use super::{
+    AdminRequest, ArithOp, Automove, ClientError, ConnRequest, Exptime, Incoming, Limits, Request,
+    StoreOp, StoreStats,
+};
 
 /// What the bytes at the front of a connection's buffer hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +81,11 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Parsed {
     };
     let conn = |request: ConnRequest| Parsed::Request {
         request: Incoming::Conn(request),
+        consumed,
+        skip: 0,
+    };
+    let admin = |request: AdminRequest| Parsed::Request {
+        request: Incoming::Admin(request),
         consumed,
         skip: 0,
     };
@@ -206,6 +214,62 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Parsed {
             }
         }
         b"quit" => conn(ConnRequest::Quit),
+        b"stats" if n >= 2 && matches!(t[1], b"items" | b"slabs" | b"sizes") => {
+            admin(AdminRequest::Stats(match t[1] {
+                b"items" => StoreStats::Items,
+                b"slabs" => StoreStats::Slabs,
+                _ => StoreStats::Sizes,
+            }))
+        }
+        // memcached 1.6.18 looks at the two numbers and ignores the rest.
+        b"stats" if n >= 2 && t[1] == b"cachedump" => {
+            if n < 4 {
+                return invalid(ClientError::StatsBadCommandLine, false);
+            }
+            let (Some(class), Some(limit)) = (uint::<u32>(t[2]), uint::<u32>(t[3])) else {
+                return invalid(ClientError::BadCommandLine, false);
+            };
+            if class >= MAX_SLAB_CLASSES {
+                return invalid(ClientError::IllegalSlabId, false);
+            }
+            admin(AdminRequest::CacheDump { class, limit })
+        }
+        b"cache_memlimit" if n == 2 || n == 3 => {
+            let noreply = t[n - 1] == b"noreply";
+            match uint::<u32>(t[1]) {
+                None => invalid(ClientError::UnknownCommand, noreply),
+                Some(mb) if mb < 8 => invalid(ClientError::MemlimitTooSmall, noreply),
+                Some(mb) if mb > 1_000_000_000 => invalid(ClientError::MemlimitNotBytes, noreply),
+                Some(megabytes) => admin(AdminRequest::MemLimit { megabytes, noreply }),
+            }
+        }
+        b"slabs" if n >= 3 && t[1] == b"automove" => {
+            let noreply = split_tokens(line)
+                .take(MEMCACHED_MAX_TOKENS)
+                .last()
+                .is_some_and(|l| l == b"noreply");
+            if t[2] == b"ratio" {
+                let ratio = (n >= 4)
+                    .then(|| std::str::from_utf8(t[3]).ok())
+                    .flatten()
+                    .filter(|r| r.parse::<f64>().is_ok());
+                return match ratio {
+                    Some(r) => admin(AdminRequest::SlabsAutomove {
+                        setting: Automove::Ratio(r.to_string()),
+                        noreply,
+                    }),
+                    None => invalid(ClientError::UnknownCommand, noreply),
+                };
+            }
+            match uint::<u32>(t[2]) {
+                None => invalid(ClientError::BadCommandLine, noreply),
+                Some(level @ 0..=2) => admin(AdminRequest::SlabsAutomove {
+                    setting: Automove::Level(level as u8),
+                    noreply,
+                }),
+                Some(_) => invalid(ClientError::UnknownCommand, noreply),
+            }
+        }
         b"stats" => conn(ConnRequest::Stats {
             args: split_tokens(line)
                 .skip(1)
@@ -251,6 +315,9 @@ fn is_http_request(cmd: &[u8], line: &[u8]) -> bool {
             .last()
             .is_some_and(|t| t.starts_with(b"HTTP/"))
 }
+
+/// memcached's slab class ids are below this (`MAX_NUMBER_OF_SLAB_CLASSES`).
+const MAX_SLAB_CLASSES: u32 = 64;
 
 /// memcached tokenizes at most this many tokens of a line; the rest of
 /// the line is left unread.
@@ -768,6 +835,107 @@ mod tests {
             ConnRequest::Stats {
                 args: vec![b("settings")]
             }
+        );
+    }
+
+    fn admin(input: &[u8]) -> AdminRequest {
+        match incoming(input) {
+            Incoming::Admin(r) => r,
+            other => panic!("{input:?}: expected an admin request, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn store_admin_requests_as_memcached_1_6_18_reads_them() {
+        assert_eq!(
+            admin(b"stats items x\r\n"),
+            AdminRequest::Stats(StoreStats::Items)
+        );
+        assert_eq!(
+            admin(b"stats slabs\r\n"),
+            AdminRequest::Stats(StoreStats::Slabs)
+        );
+        assert_eq!(
+            admin(b"stats sizes\r\n"),
+            AdminRequest::Stats(StoreStats::Sizes)
+        );
+        assert_eq!(
+            admin(b"stats cachedump +1 0 extra\r\n"),
+            AdminRequest::CacheDump { class: 1, limit: 0 }
+        );
+        assert_eq!(
+            error(b"stats cachedump 1\r\n").0,
+            ClientError::StatsBadCommandLine
+        );
+        assert_eq!(
+            error(b"stats cachedump -1 0\r\n").0,
+            ClientError::BadCommandLine
+        );
+        assert_eq!(
+            error(b"stats cachedump 64 0\r\n").0,
+            ClientError::IllegalSlabId
+        );
+        assert_eq!(
+            admin(b"cache_memlimit 100 x\r\n"),
+            AdminRequest::MemLimit {
+                megabytes: 100,
+                noreply: false
+            }
+        );
+        assert!(admin(b"cache_memlimit 8 noreply\r\n").noreply());
+        assert_eq!(error(b"cache_memlimit\r\n").0, ClientError::UnknownCommand);
+        assert_eq!(
+            error(b"cache_memlimit 1 2 3\r\n").0,
+            ClientError::UnknownCommand
+        );
+        assert_eq!(
+            error(b"cache_memlimit x noreply\r\n"),
+            (ClientError::UnknownCommand, 26, true)
+        );
+        assert_eq!(
+            error(b"cache_memlimit 7\r\n").0,
+            ClientError::MemlimitTooSmall
+        );
+        assert_eq!(
+            error(b"cache_memlimit 1000000001\r\n").0,
+            ClientError::MemlimitNotBytes
+        );
+        // memcached wraps this to 0 (too small); memdial refuses it.
+        assert_eq!(
+            error(b"cache_memlimit 4294967296\r\n").0,
+            ClientError::UnknownCommand
+        );
+        assert_eq!(
+            admin(b"slabs automove 2 noreply\r\n"),
+            AdminRequest::SlabsAutomove {
+                setting: Automove::Level(2),
+                noreply: true
+            }
+        );
+        assert_eq!(
+            admin(b"slabs automove ratio 0.5\r\n"),
+            AdminRequest::SlabsAutomove {
+                setting: Automove::Ratio("0.5".into()),
+                noreply: false
+            }
+        );
+        assert_eq!(error(b"slabs automove\r\n").0, ClientError::UnknownCommand);
+        assert_eq!(
+            error(b"slabs automove 3\r\n").0,
+            ClientError::UnknownCommand
+        );
+        assert_eq!(
+            error(b"slabs automove ratio x\r\n").0,
+            ClientError::UnknownCommand
+        );
+        assert_eq!(
+            error(b"slabs automove x\r\n").0,
+            ClientError::BadCommandLine
+        );
+        assert!(error(b"slabs automove x noreply\r\n").2);
+        assert_eq!(
+            error(b"slabs reassign 1 2\r\n").0,
+            ClientError::UnknownCommand
         );
     }
 

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use prometheus::{Histogram, IntCounter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -26,8 +26,8 @@ use super::Shared;
 use crate::consistency::Session;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    ClientError, Command, ConnRequest, Incoming, Parsed, Request, Response, encode_response,
-    encode_value, encode_value_header, parse_request,
+    AdminRequest, ClientError, Command, ConnRequest, Incoming, MetaCmd, Parsed, Request, Response,
+    encode_response, encode_value, encode_value_header, parse_request,
 };
 
 /// What a connection does after answering a batch.
@@ -43,8 +43,15 @@ enum Next {
 enum Slot {
     /// Answered by the pipeline, in turn.
     Pipeline { noreply: bool },
-    /// Answered without the pipeline (errors, `version`, `stats`, …).
+    /// Answered without the pipeline (errors, `version`, …).
     Ready(Response),
+    /// `stats [group ...]`: answered when its turn comes, once every
+    /// request before it has run, so that its counters include them (as
+    /// memcached's do).
+    Stats(Vec<Bytes>),
+    /// A request about the node's store, run on it in its turn (after
+    /// every request before it).
+    Admin(AdminRequest),
 }
 
 pub(super) struct Connection<'a> {
@@ -208,6 +215,10 @@ impl<'a> Connection<'a> {
                         Incoming::Conn(ConnRequest::Quit) => {
                             return (slots, requests, Next::Close);
                         }
+                        Incoming::Conn(ConnRequest::Stats { args }) => {
+                            slots.push(Slot::Stats(args));
+                        }
+                        Incoming::Admin(request) => slots.push(Slot::Admin(request)),
                         Incoming::Conn(conn) => {
                             if let Some(reply) = self.answer_conn(conn) {
                                 slots.push(Slot::Ready(reply));
@@ -254,8 +265,8 @@ impl<'a> Connection<'a> {
                 self.shared.verbosity.store(level, Ordering::Relaxed);
                 (!noreply).then_some(Response::Ok)
             }
-            ConnRequest::Stats { args } => Some(super::stats::answer(self.shared, &args)),
-            ConnRequest::Quit => None,
+            // Deferred to their turn (see `Slot::Stats`).
+            ConnRequest::Stats { .. } | ConnRequest::Quit => None,
         }
     }
 
@@ -281,9 +292,23 @@ impl<'a> Connection<'a> {
         let mut requests = requests.into_iter();
         let (mut seg_slots, mut seg_requests, mut seg_keys) = (Vec::new(), Vec::new(), 0);
         for slot in slots {
-            let Slot::Pipeline { noreply } = slot else {
-                seg_slots.push(slot);
-                continue;
+            let noreply = match slot {
+                Slot::Pipeline { noreply } => noreply,
+                Slot::Ready(_) => {
+                    seg_slots.push(slot);
+                    continue;
+                }
+                Slot::Stats(_) | Slot::Admin(_) => {
+                    // Everything before it runs first.
+                    let (slots, requests) = (
+                        std::mem::take(&mut seg_slots),
+                        std::mem::take(&mut seg_requests),
+                    );
+                    seg_keys = 0;
+                    self.run_segment(slots, requests).await?;
+                    self.answer_in_turn(slot).await;
+                    continue;
+                }
             };
             let Some(request) = requests.next() else {
                 break;
@@ -361,7 +386,7 @@ impl<'a> Connection<'a> {
     ) -> std::io::Result<()> {
         let commands: Vec<_> = requests
             .iter()
-            .map(|r| (r.command(), key_count(r)))
+            .map(|r| (r.command(), key_count(r), CountedAs::of(r)))
             .collect();
         let (mut responses, _permit) = if requests.is_empty() {
             (Vec::new().into_iter(), None)
@@ -375,6 +400,8 @@ impl<'a> Connection<'a> {
         for slot in slots {
             match slot {
                 Slot::Ready(r) => encode_response(&r, &mut self.wbuf),
+                // `answer` never puts these in a segment.
+                slot @ (Slot::Stats(_) | Slot::Admin(_)) => self.answer_in_turn(slot).await,
                 Slot::Pipeline { noreply } => {
                     let r = responses
                         .next()
@@ -389,6 +416,22 @@ impl<'a> Connection<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Answers a `stats` or admin slot into the write buffer, once the
+    /// requests before it have run.
+    async fn answer_in_turn(&mut self, slot: Slot) {
+        let reply = match slot {
+            Slot::Stats(args) => Some(super::stats::answer(self.shared, &args)),
+            Slot::Admin(request) => {
+                let reply = self.shared.pipeline.admin(&request).await;
+                (!request.noreply()).then_some(reply)
+            }
+            Slot::Pipeline { .. } | Slot::Ready(_) => None,
+        };
+        if let Some(reply) = reply {
+            encode_response(&reply, &mut self.wbuf);
+        }
     }
 
     /// Adds `r` to the write buffer; a large value is written from where it
@@ -454,7 +497,7 @@ impl<'a> Connection<'a> {
                 other => {
                     let error = other.unwrap_or_else(|| Response::server_error("no reply"));
                     self.record(
-                        &[(command, None)],
+                        &[(command, None, CountedAs::Itself)],
                         std::slice::from_ref(&error),
                         started.elapsed().as_secs_f64(),
                     );
@@ -512,7 +555,7 @@ impl<'a> Connection<'a> {
     /// the time of each request in it is not known (see `metrics`).
     fn record(
         &mut self,
-        commands: &[(Command, Option<usize>)],
+        commands: &[(Command, Option<usize>, CountedAs)],
         responses: &[Response],
         elapsed: f64,
     ) {
@@ -520,15 +563,61 @@ impl<'a> Connection<'a> {
         if !alone {
             self.handles.batch(elapsed);
         }
-        for ((command, keys), response) in commands.iter().zip(responses) {
+        for ((command, keys, counted_as), response) in commands.iter().zip(responses) {
             let keys = match (keys, response) {
                 (Some(keys), Response::Values(values)) => {
                     Some((values.len(), keys.saturating_sub(values.len())))
                 }
                 _ => None,
             };
+            let outcome = response.outcome();
             self.handles
-                .record(*command, response.outcome(), alone.then_some(elapsed), keys);
+                .record(*command, outcome, alone.then_some(elapsed), keys);
+            if let Some(counter) = counted_as.counter(outcome) {
+                self.handles.count_as(counter, 1);
+            }
+        }
+    }
+}
+
+/// How memcached 1.6.18 counts a request beyond its own command (see
+/// `Metrics::counted_as`).
+#[derive(Debug, Clone, Copy)]
+enum CountedAs {
+    Itself,
+    /// `mg` with `T`: a hit counts as a touch (`cmd_touch`, `touch_hits`)
+    /// and not as a get; a miss stays a get miss.
+    Touch,
+    /// `ma`: a hit counts in `incr_hits` or `decr_hits`, a miss in
+    /// `incr_misses` or `decr_misses`. memcached counts an `ma` whose `N`
+    /// created the item as neither; memdial cannot tell a creation from a
+    /// hit by the reply, and counts it as a hit.
+    Arith {
+        incr: bool,
+    },
+}
+
+impl CountedAs {
+    fn of(r: &Request) -> CountedAs {
+        match r {
+            Request::Meta(m) if m.cmd == MetaCmd::Get && m.flags.ttl.is_some() => CountedAs::Touch,
+            Request::Meta(m) if m.cmd == MetaCmd::Arith => CountedAs::Arith {
+                incr: m.increments().unwrap_or(true),
+            },
+            _ => CountedAs::Itself,
+        }
+    }
+
+    /// The counter a request of this kind with `outcome` also moves.
+    fn counter(self, outcome: &str) -> Option<&'static str> {
+        match (self, outcome) {
+            (CountedAs::Touch, "ok") => Some("touch_hits"),
+            // A hidden (`q`) `ma` reply is a success.
+            (CountedAs::Arith { incr: true }, "ok" | "quiet") => Some("incr_hits"),
+            (CountedAs::Arith { incr: false }, "ok" | "quiet") => Some("decr_hits"),
+            (CountedAs::Arith { incr: true }, "not_found") => Some("incr_misses"),
+            (CountedAs::Arith { incr: false }, "not_found") => Some("decr_misses"),
+            _ => None,
         }
     }
 }
@@ -543,6 +632,7 @@ struct Handles {
     requests: HashMap<(Command, &'static str), IntCounter>,
     hit: Option<IntCounter>,
     miss: Option<IntCounter>,
+    counted_as: HashMap<&'static str, IntCounter>,
 }
 
 impl Handles {
@@ -552,6 +642,7 @@ impl Handles {
             requests: HashMap::new(),
             hit: None,
             miss: None,
+            counted_as: HashMap::new(),
             metrics: metrics.clone(),
         }
     }
@@ -580,6 +671,12 @@ impl Handles {
             })
             .inc();
         if let Some((hits, misses)) = keys {
+            // memcached counts each key of a gat as a touch, not a get.
+            if matches!(command, Command::Gat | Command::Gats) {
+                self.count_as("touch_hits", hits as u64);
+                self.count_as("touch_misses", misses as u64);
+            }
+            let metrics = &self.metrics;
             let keys = &metrics.get_keys;
             if hits > 0 {
                 self.hit
@@ -592,6 +689,18 @@ impl Handles {
                     .inc_by(misses as u64);
             }
         }
+    }
+
+    /// Counts `n` under another command's counter as well.
+    fn count_as(&mut self, counter: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let metrics = &self.metrics;
+        self.counted_as
+            .entry(counter)
+            .or_insert_with(|| metrics.counted_as.with_label_values(&[counter]))
+            .inc_by(n);
     }
 
     /// Times one batch of several requests.

@@ -30,8 +30,10 @@ pub(super) fn answer(shared: &Shared, args: &[Bytes]) -> Response {
             }
             Response::Reset
         }
-        // memdial keeps no slabs; these groups are empty, as on an empty memcached.
-        Some(b"items" | b"slabs" | b"sizes" | b"conns") => Response::Stats(Vec::new()),
+        // `stats items|slabs|sizes|cachedump` are the store's: the parser
+        // sends them to it (`AdminRequest`). memdial does not list its
+        // connections.
+        Some(b"conns") => Response::Stats(Vec::new()),
         Some(b"detail") => match args.get(1).map(|a| &a[..]) {
             Some(b"on" | b"off") => Response::Ok,
             Some(b"dump") => Response::Stats(Vec::new()),
@@ -53,10 +55,17 @@ fn counters(shared: &Shared) -> Vec<(&'static str, u64)> {
             .sum()
     };
     let keys = Counts::of(&m.get_keys);
+    let also = Counts::of(&m.counted_as);
+    let counted_as = |counter: &str| also.get(&[("counter", counter)]);
+    // Each key of a gat, and an `mg` with `T` that hits, is a touch and
+    // not a get (the get counts above include them).
+    let (touch_hits, touch_misses) = (counted_as("touch_hits"), counted_as("touch_misses"));
     // mg counts as a get, as memcached counts it; a hidden (`q`) mg reply
     // is a miss.
-    let hits = keys.get(&[("result", "hit")]) + requests(Command::MetaGet, &["ok"]);
-    let misses = keys.get(&[("result", "miss")]) + requests(Command::MetaGet, &["miss", "quiet"]);
+    let hits = (keys.get(&[("result", "hit")]) + requests(Command::MetaGet, &["ok"]))
+        .saturating_sub(touch_hits);
+    let misses = (keys.get(&[("result", "miss")]) + requests(Command::MetaGet, &["miss", "quiet"]))
+        .saturating_sub(touch_misses);
     let stores = [
         Command::Set,
         Command::Add,
@@ -79,15 +88,16 @@ fn counters(shared: &Shared) -> Vec<(&'static str, u64)> {
         + requests(Command::MetaSet, &meta_set);
     let md = |o: &[&str]| requests(Command::MetaDelete, o);
     let touch = |o: &[&str]| requests(Command::Touch, o);
-    let gat_keys =
-        requests(Command::Gat, &["hit", "miss"]) + requests(Command::Gats, &["hit", "miss"]);
     vec![
         ("total_connections", m.connections_total.get()),
         ("rejected_connections", m.connections_rejected.get()),
         ("cmd_get", hits + misses),
         ("cmd_set", cmd_set),
         ("cmd_flush", requests(Command::FlushAll, &["ok"])),
-        ("cmd_touch", touch(&["touched", "not_found"]) + gat_keys),
+        (
+            "cmd_touch",
+            touch(&["touched", "not_found"]) + touch_hits + touch_misses,
+        ),
         // memcached 1.6.18 counts only `me` here.
         ("cmd_meta", requests(Command::MetaDebug, &["ok", "miss"])),
         ("get_hits", hits),
@@ -100,15 +110,27 @@ fn counters(shared: &Shared) -> Vec<(&'static str, u64)> {
             "delete_hits",
             requests(Command::Delete, &["deleted"]) + md(&["ok", "quiet"]),
         ),
-        ("incr_misses", requests(Command::Incr, &["not_found"])),
-        ("incr_hits", requests(Command::Incr, &["ok"])),
-        ("decr_misses", requests(Command::Decr, &["not_found"])),
-        ("decr_hits", requests(Command::Decr, &["ok"])),
+        (
+            "incr_misses",
+            requests(Command::Incr, &["not_found"]) + counted_as("incr_misses"),
+        ),
+        (
+            "incr_hits",
+            requests(Command::Incr, &["ok"]) + counted_as("incr_hits"),
+        ),
+        (
+            "decr_misses",
+            requests(Command::Decr, &["not_found"]) + counted_as("decr_misses"),
+        ),
+        (
+            "decr_hits",
+            requests(Command::Decr, &["ok"]) + counted_as("decr_hits"),
+        ),
         ("cas_misses", requests(Command::Cas, &["not_found"])),
         ("cas_hits", requests(Command::Cas, &["stored"])),
         ("cas_badval", requests(Command::Cas, &["exists"])),
-        ("touch_hits", touch(&["touched"])),
-        ("touch_misses", touch(&["not_found"])),
+        ("touch_hits", touch(&["touched"]) + touch_hits),
+        ("touch_misses", touch(&["not_found"]) + touch_misses),
         ("bytes_read", m.bytes_read.get()),
         ("bytes_written", m.bytes_written.get()),
     ]
@@ -190,8 +212,16 @@ fn cluster(shared: &Shared) -> Vec<(String, String)> {
 fn settings(shared: &Shared) -> Vec<(String, String)> {
     let s = &shared.settings;
     let idle = s.idle_timeout.map(|d| d.as_secs()).unwrap_or(0);
+    // The store's limit as it is now (`cache_memlimit` changes it).
+    let maxbytes = shared
+        .pipeline
+        .store_status()
+        .stats
+        .into_iter()
+        .find(|(name, _)| name == "limit_maxbytes")
+        .map_or_else(|| s.embedded_memory_bytes.to_string(), |(_, v)| v);
     [
-        ("maxbytes", s.embedded_memory_bytes.to_string()),
+        ("maxbytes", maxbytes),
         ("maxconns", s.max_connections.to_string()),
         ("tcpport", shared.local_addr.port().to_string()),
         ("udpport", "0".into()),

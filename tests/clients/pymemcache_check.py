@@ -79,6 +79,14 @@ def check(port: int) -> None:
     settings = c.stats("settings")
     assert settings[b"item_size_max"] == 1048576, settings
 
+    # the store's own stats (with arguments) and cache_memlimit
+    items = c.stats("items")
+    assert items[b"items:1:number"] >= 1, items
+    slabs = c.stats("slabs")
+    assert slabs[b"active_slabs"] >= 1, slabs
+    assert c.stats("sizes") == {b"sizes_status": b"disabled"}
+    assert c.cache_memlimit(64) is True
+
     # limits: key length enforced by the client, value size by the server
     try:
         c.set("k" * 251, b"x", noreply=False)

@@ -5,7 +5,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::{EmbeddedStore, Entry, EntryMeta, Shard, View, cost, out_of_memory};
+use super::{EmbeddedStore, Entry, EntryMeta, Shard, Tally, View, cost, out_of_memory};
 use crate::protocol::{
     ItemView, MetaCmd, MetaCode, MetaReply, MetaRequest, Response, base64_encode,
 };
@@ -32,9 +32,9 @@ impl EmbeddedStore {
     }
 
     /// The live item under the request's key, copied with its metadata.
-    fn meta_current(shard: &mut Shard, key: &[u8], view: View) -> Option<(Item, EntryMeta)> {
+    fn meta_current(&self, shard: &mut Shard, key: &[u8], view: View) -> Option<(Item, EntryMeta)> {
         shard
-            .live(key, view)
+            .live(key, view, &self.tally)
             .map(|entry| (entry.item.clone(), entry.meta))
     }
 
@@ -78,11 +78,7 @@ impl EmbeddedStore {
                     stored_at: now,
                     meta,
                 };
-                let evicted = shard.insert(Bytes::copy_from_slice(&req.key), entry, view);
-                if evicted > 0 {
-                    self.evictions
-                        .fetch_add(evicted, std::sync::atomic::Ordering::Relaxed);
-                }
+                shard.insert(Bytes::copy_from_slice(&req.key), entry, view, &self.tally);
                 cas
             }
             MetaEffect::Mark { deadline, marks } => {
@@ -113,7 +109,7 @@ impl EmbeddedStore {
         let view = self.view();
         let now = view.clock.now_ms;
         let mut shard = self.shard(&req.key);
-        let current = Self::meta_current(&mut shard, &req.key, view);
+        let current = self.meta_current(&mut shard, &req.key, view);
         let out = rules::get(
             req,
             current.as_ref().map(|(item, meta)| Current {
@@ -185,9 +181,10 @@ impl EmbeddedStore {
         if cost(req.key.len(), req.data.len()) > shard.limit {
             // As memcached: the failed write takes the old value with it.
             shard.remove(&req.key);
+            Tally::add(&self.tally.outofmemory, 1);
             return out_of_memory();
         }
-        let current = Self::meta_current(&mut shard, &req.key, view);
+        let current = self.meta_current(&mut shard, &req.key, view);
         let out = rules::set(
             req,
             current.as_ref().map(|(item, meta)| Current {
@@ -224,7 +221,7 @@ impl EmbeddedStore {
     fn meta_delete(&self, req: &MetaRequest) -> Response {
         let view = self.view();
         let mut shard = self.shard(&req.key);
-        let current = Self::meta_current(&mut shard, &req.key, view);
+        let current = self.meta_current(&mut shard, &req.key, view);
         let out = rules::delete(
             req,
             current.as_ref().map(|(item, meta)| Current {
@@ -245,7 +242,7 @@ impl EmbeddedStore {
         let view = self.view();
         let now = view.clock.now_ms;
         let mut shard = self.shard(&req.key);
-        let current = Self::meta_current(&mut shard, &req.key, view);
+        let current = self.meta_current(&mut shard, &req.key, view);
         let out = rules::arith(
             req,
             current.as_ref().map(|(item, meta)| Current {
@@ -261,6 +258,7 @@ impl EmbeddedStore {
         if let MetaEffect::Put { value, .. } = &out.effect
             && cost(req.key.len(), value.data.len()) > shard.limit
         {
+            Tally::add(&self.tally.outofmemory, 1);
             return Response::server_error("out of memory");
         }
         let Some(n) = out.number else {
@@ -306,7 +304,7 @@ impl EmbeddedStore {
         let view = self.view();
         let now = view.clock.now_ms;
         let mut shard = self.shard(&req.key);
-        let Some((item, meta)) = Self::meta_current(&mut shard, &req.key, view) else {
+        let Some((item, meta)) = self.meta_current(&mut shard, &req.key, view) else {
             return reply(MetaCode::En, BytesMut::new(), None);
         };
         let mut rest = BytesMut::new();

@@ -810,6 +810,11 @@ impl Pipeline for Eventual {
         StoreStatus::of(&*self.backend)
     }
 
+    /// This node's own store alone.
+    fn admin<'a>(&'a self, request: &'a crate::protocol::AdminRequest) -> BoxFuture<'a, Response> {
+        super::admin_on(&*self.backend, request)
+    }
+
     /// Ready with the local replica alone: writes are accepted whatever
     /// the peers do. Peers not up are notes, not reasons.
     fn readiness(&self) -> Verdict {

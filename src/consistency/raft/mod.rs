@@ -694,6 +694,11 @@ impl Pipeline for RaftMode {
         StoreStatus::of(&*self.backend)
     }
 
+    /// This node's own store alone.
+    fn admin<'a>(&'a self, request: &'a crate::protocol::AdminRequest) -> BoxFuture<'a, Response> {
+        super::admin_on(&*self.backend, request)
+    }
+
     /// Ready while a leader is known; peers not up are notes.
     fn readiness(&self) -> Verdict {
         let m = self.raft.metrics().borrow().clone();
