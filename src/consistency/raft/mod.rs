@@ -27,6 +27,7 @@
 //! | `batch.rs` | group commit: the writes of many connections in one entry |
 //! | `command.rs` | the log's payload and the messages between nodes |
 //! | `state.rs` | the state machine over the store; snapshots |
+//! | `meta.rs` | meta commands: decided from a key's record, answered |
 //! | `record.rs` | the stored header (log index, CAS, deadline) |
 //! | `log_store.rs` | the durable Raft log and vote |
 //! | `network.rs` | Raft's RPCs over the cluster transport |
@@ -37,6 +38,7 @@
 mod batch;
 pub mod command;
 pub mod log_store;
+mod meta;
 mod network;
 pub mod record;
 pub mod state;
@@ -58,7 +60,7 @@ use crate::BoxFuture;
 use crate::backend::Backend;
 use crate::cluster::{Cluster, Handler, Liveness};
 use crate::metrics::{Verdict, reg};
-use crate::protocol::{Request, Response};
+use crate::protocol::{MetaCmd, MetaCode, MetaReply, Request, Response};
 use crate::time::unix_ms;
 use command::{Applied, Command, Forwarded, Rpc, RpcReply, decode, encode};
 use log_store::LogStore;
@@ -572,35 +574,43 @@ impl RaftMode {
         }
     }
 
+    /// Serves a batch of reads from this replica. `None` when one of them
+    /// (an `mg` that wins a recache token, say) would change state: then
+    /// the batch must go through the log instead, and nothing was seen.
     async fn reads(
         &self,
         session: &mut Session,
         reads: &[Request],
         deadline: Instant,
-        out: &mut Vec<Response>,
-    ) {
+    ) -> Option<Vec<Response>> {
         if let Err(f) = self.before_read(session, deadline).await {
             tracing::debug!(reason = f.reason(), "read not served");
-            out.extend(reads.iter().map(|_| f.response()));
-            return;
+            return Some(reads.iter().map(|_| f.response()).collect());
         }
         // Everything applied now is what these reads may see.
         let seen = self.sm.applied_index();
+        let mut out = Vec::with_capacity(reads.len());
         for r in reads {
-            let Request::Get { keys, cas } = r else {
-                out.push(Response::server_error("not a read"));
-                continue;
+            let answer = match r {
+                Request::Get { keys, cas } => {
+                    tokio::time::timeout_at(deadline, self.sm.read(keys, *cas))
+                        .await
+                        .map(|r| r.map(Some))
+                }
+                Request::Meta(m) => tokio::time::timeout_at(deadline, self.sm.read_meta(m)).await,
+                Request::MetaNoop => Ok(Ok(Some(Response::Meta(MetaReply::new(MetaCode::Mn, ""))))),
+                _ => Ok(Ok(Some(Response::server_error("not a read")))),
             };
-            out.push(
-                match tokio::time::timeout_at(deadline, self.sm.read(keys, *cas)).await {
-                    Ok(Ok(values)) => values,
-                    Ok(Err(e)) => e.to_response(),
-                    // The store is being rebuilt.
-                    Err(_) => Response::server_error(READ_FAILED),
-                },
-            );
+            out.push(match answer {
+                Ok(Ok(Some(response))) => response,
+                Ok(Ok(None)) => return None,
+                Ok(Err(e)) => e.to_response(),
+                // The store is being rebuilt.
+                Err(_) => Response::server_error(READ_FAILED),
+            });
         }
         session.saw(seen);
+        Some(out)
     }
 
     /// Runs a batch that writes as one command in the log.
@@ -653,8 +663,19 @@ impl RaftMode {
     }
 }
 
+/// A request that may be served without the log: `get`/`gets`, `mn`, `me`,
+/// and an `mg` that sets no TTL and vivifies nothing (one that would win a
+/// recache token is found out when it is read, and goes through the log).
 fn is_read(r: &Request) -> bool {
-    matches!(r, Request::Get { .. })
+    match r {
+        Request::Get { .. } | Request::MetaNoop => true,
+        Request::Meta(m) => match m.cmd {
+            MetaCmd::Debug => true,
+            MetaCmd::Get => m.flags.ttl.is_none() && m.flags.vivify.is_none(),
+            MetaCmd::Set | MetaCmd::Delete | MetaCmd::Arith => false,
+        },
+        _ => false,
+    }
 }
 
 impl Pipeline for RaftMode {
@@ -665,13 +686,14 @@ impl Pipeline for RaftMode {
     ) -> BoxFuture<'a, Vec<Response>> {
         Box::pin(async move {
             let deadline = Instant::now() + self.settings.request_timeout;
-            let mut out = Vec::with_capacity(requests.len());
-            if requests.iter().all(is_read) {
-                self.reads(session, &requests, deadline, &mut out).await;
-            } else {
-                self.through_log(session, requests, deadline, &mut out)
-                    .await;
+            if requests.iter().all(is_read)
+                && let Some(out) = self.reads(session, &requests, deadline).await
+            {
+                return out;
             }
+            let mut out = Vec::with_capacity(requests.len());
+            self.through_log(session, requests, deadline, &mut out)
+                .await;
             out
         })
     }
@@ -801,6 +823,7 @@ pub async fn log_lines(dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
                 | Request::Arith { key, .. }
                 | Request::Delete { key, .. }
                 | Request::Touch { key, .. } => (key, b""),
+                Request::Meta(m) if m.cmd != MetaCmd::Debug => (&m.key, &m.data),
                 Request::Gat { .. }
                 | Request::FlushAll { .. }
                 | Request::Meta(_)

@@ -59,10 +59,13 @@ use serde::{Deserialize, Serialize};
 use super::TypeConfig;
 use super::command::Applied;
 use super::log_store::LogReader;
-use super::record::Record;
+use super::meta::{self, Change, Stored};
+use super::record::{MetaMarks, Record};
 use crate::backend::{Backend, BackendError};
 use crate::consistency::store_exptime;
-use crate::protocol::{ErrorReply, Request, Response, StoreOp, Value};
+use crate::protocol::{
+    ClientError, ErrorReply, MetaCmd, MetaRequest, Request, Response, StoreOp, Value,
+};
 use crate::rules::{self, Clock, Effect, Item};
 use crate::time::unix_ms;
 
@@ -206,6 +209,36 @@ struct Current {
     /// Written by this batch (not read from the store): an entry that
     /// writes a key twice sees its own first write, not a replay.
     fresh: bool,
+}
+
+impl Current {
+    /// The value as the meta rules see it.
+    fn stored(&self) -> Stored {
+        Stored {
+            item: self.record.item(self.flags),
+            meta: self.record.meta,
+        }
+    }
+}
+
+/// The answer to a meta request refused whatever the state: a key the
+/// store cannot hold, or the reserved mark.
+fn refuse_meta(req: &MetaRequest) -> Option<Response> {
+    if !meta::storable_key(&req.key) {
+        return Some(ClientError::BadCommandLine.into());
+    }
+    // The parser lets no bad mode through; a request from the log is
+    // answered as memcached would all the same.
+    match req.cmd {
+        MetaCmd::Set if req.set_mode().is_none() => {
+            return Some(ClientError::MetaInvalidSetMode.into());
+        }
+        MetaCmd::Arith if req.increments().is_none() => {
+            return Some(ClientError::MetaInvalidArithMode.into());
+        }
+        _ => {}
+    }
+    (req.key == MARK_KEY).then(|| Response::Error(ErrorReply::Client(RESERVED.into())))
 }
 
 /// Why entries could not be applied.
@@ -407,6 +440,49 @@ impl StateMachine {
     /// A client read: the live values of `keys`, in order, as memcached
     /// answers `get`/`gets`, by the log's clock.
     pub async fn read(&self, keys: &[Bytes], cas: bool) -> Result<Response, BackendError> {
+        let (found, flush, now) = self.lookup(keys).await?;
+        let values = keys
+            .iter()
+            .filter_map(|k| {
+                let c = found.get(k)?;
+                flush.visible(&c.record, now).then(|| Value {
+                    key: k.clone(),
+                    flags: c.flags,
+                    data: c.record.data.clone(),
+                    cas: cas.then_some(c.record.cas),
+                })
+            })
+            .collect();
+        Ok(Response::Values(values))
+    }
+
+    /// A client's meta read (`mg`, `me`) from this replica, by the log's
+    /// clock: its answer, or `None` when answering it changes the key (a
+    /// recache token won, a deadline moved): then it must go through the
+    /// log, where the state machine decides it again.
+    pub async fn read_meta(&self, req: &MetaRequest) -> Result<Option<Response>, BackendError> {
+        if let Some(refused) = refuse_meta(req) {
+            return Ok(Some(refused));
+        }
+        let (found, flush, now) = self.lookup(std::slice::from_ref(&req.key)).await?;
+        let stored = found
+            .get(&req.key)
+            .filter(|c| flush.visible(&c.record, now))
+            .map(Current::stored);
+        let clock = Clock::unix(now);
+        let decided = meta::decide(req, stored.as_ref(), clock);
+        Ok(decided
+            .reads_only()
+            .then(|| meta::answer(req, &decided, stored.as_ref(), 0, clock)))
+    }
+
+    /// The records of `keys` (from memory while this replica is behind,
+    /// else from the store), with the flush state and the log's clock to
+    /// judge them by.
+    async fn lookup(
+        &self,
+        keys: &[Bytes],
+    ) -> Result<(HashMap<Bytes, Current>, Flush, u64), BackendError> {
         let _reading = self.install.read().await;
         if self.broken.load(Ordering::SeqCst) {
             return Err(BackendError::Unavailable(
@@ -426,19 +502,7 @@ impl StateMachine {
             let m = lock(&self.meta);
             (m.flush, m.clock_ms)
         };
-        let values = keys
-            .iter()
-            .filter_map(|k| {
-                let c = found.get(k)?;
-                flush.visible(&c.record, now).then(|| Value {
-                    key: k.clone(),
-                    flags: c.flags,
-                    data: c.record.data.clone(),
-                    cas: cas.then_some(c.record.cas),
-                })
-            })
-            .collect();
-        Ok(Response::Values(values))
+        Ok((found, flush, now))
     }
 
     /// Applies a batch of committed entries, in order; one answer each.
@@ -971,15 +1035,24 @@ impl Batch<'_> {
         Ok(self
             .flush
             .visible(&c.record, self.clock.now_ms)
-            .then(|| Item {
-                flags: c.flags,
-                data: c.record.data.clone(),
-                deadline: (c.record.deadline_ms != 0).then_some(c.record.deadline_ms),
-                cas: c.record.cas,
-            }))
+            .then(|| c.record.item(c.flags)))
+    }
+
+    /// [`Self::item`] with the marks the meta protocol shows.
+    fn stored(&self, key: &Bytes) -> Result<Option<Stored>, ()> {
+        let marks = match self.state.get(key) {
+            Some(Some(c)) => c.record.meta,
+            _ => MetaMarks::default(),
+        };
+        Ok(self.item(key)?.map(|item| Stored { item, meta: marks }))
     }
 
     fn effect(&mut self, key: &Bytes, effect: Effect) {
+        self.effect_marked(key, effect, MetaMarks::default());
+    }
+
+    /// [`Self::effect`], a new value carrying `marks`.
+    fn effect_marked(&mut self, key: &Bytes, effect: Effect, marks: MetaMarks) {
         let now = self.clock.now_ms;
         let next = match effect {
             Effect::Keep => return,
@@ -992,6 +1065,7 @@ impl Batch<'_> {
                     cas: cas_token(self.index, self.next_value()),
                     written_ms: now,
                     deadline_ms: v.deadline.unwrap_or(0),
+                    meta: marks,
                     data: v.data,
                 },
             }),
@@ -1011,9 +1085,78 @@ impl Batch<'_> {
         self.dirty.push(key.clone());
     }
 
+    /// Carries out a meta command's change; returns the CAS of the value
+    /// it leaves under the key (0 when it leaves none). A value stored
+    /// already expired still takes a CAS, as memcached links it under one.
+    fn change(&mut self, key: &Bytes, change: Change, stored: bool) -> u64 {
+        let now = self.clock.now_ms;
+        let (next, cas) = match change {
+            Change::Keep => return 0,
+            Change::Remove => {
+                let cas = if stored {
+                    cas_token(self.index, self.next_value())
+                } else {
+                    0
+                };
+                (None, cas)
+            }
+            Change::Put { value, meta } => {
+                let cas = cas_token(self.index, self.next_value());
+                let c = Current {
+                    fresh: true,
+                    flags: value.flags,
+                    record: Record {
+                        index: self.index,
+                        cas,
+                        written_ms: now,
+                        deadline_ms: value.deadline.unwrap_or(0),
+                        meta,
+                        data: value.data,
+                    },
+                };
+                (Some(c), cas)
+            }
+            Change::Mark { deadline, meta } | Change::Invalidate { deadline, meta } => {
+                let new_cas = matches!(change, Change::Invalidate { .. });
+                let Some(Some(c)) = self.state.get(key) else {
+                    return 0;
+                };
+                let mut c = c.clone();
+                if new_cas {
+                    c.record.cas = cas_token(self.index, self.next_value());
+                }
+                c.fresh = true;
+                c.record.index = self.index;
+                c.record.written_ms = now;
+                c.record.deadline_ms = deadline.unwrap_or(0);
+                c.record.meta = meta;
+                let cas = c.record.cas;
+                (Some(c), cas)
+            }
+        };
+        self.state.insert(key.clone(), next);
+        self.dirty.push(key.clone());
+        cas
+    }
+
+    /// A meta command at its place in the log.
+    fn meta(&mut self, req: MetaRequest) -> Response {
+        if let Some(refused) = refuse_meta(&req) {
+            return refused;
+        }
+        let Ok(current) = self.stored(&req.key) else {
+            return Response::server_error(REPLAYED);
+        };
+        let decided = meta::decide(&req, current.as_ref(), self.clock);
+        let stored = req.cmd == MetaCmd::Set && decided.stored();
+        let new_cas = self.change(&req.key, decided.change.clone(), stored);
+        meta::answer(&req, &decided, current.as_ref(), new_cas, self.clock)
+    }
+
     fn apply(&mut self, w: Request) -> Response {
         let replayed = || Response::server_error(REPLAYED);
-        if !matches!(w, Request::Get { .. }) && write_keys(&w).iter().any(|k| k == MARK_KEY) {
+        let reads = matches!(w, Request::Get { .. } | Request::Meta(_));
+        if !reads && write_keys(&w).iter().any(|k| k == MARK_KEY) {
             return Response::Error(ErrorReply::Client(RESERVED.into()));
         }
         let clock = self.clock;
@@ -1043,11 +1186,18 @@ impl Batch<'_> {
                 out.reply
             }
             Request::Arith { op, key, delta, .. } => {
-                let Ok(item) = self.item(&key) else {
+                let Ok(current) = self.stored(&key) else {
                     return replayed();
                 };
-                let out = rules::arith(op, item.as_ref(), delta);
-                self.effect(&key, out.effect);
+                let out = rules::arith(op, current.as_ref().map(|s| &s.item), delta);
+                // memcached rewrites a number that fits in place, and the
+                // item keeps what the meta protocol shows of it; a longer
+                // one is a new item.
+                let marks = match (&out.effect, &current) {
+                    (Effect::Put(v), Some(s)) if v.data.len() <= s.item.data.len() => s.meta,
+                    _ => MetaMarks::default(),
+                };
+                self.effect_marked(&key, out.effect, marks);
                 out.reply
             }
             Request::Delete { key, .. } => {
@@ -1084,11 +1234,7 @@ impl Batch<'_> {
                 }
                 Response::Values(values)
             }
-            // Not yet decided by the state machine: the same answer on
-            // every replica, and no effect.
-            Request::Meta(_) => {
-                Response::server_error("meta commands are not supported in this mode yet")
-            }
+            Request::Meta(m) => self.meta(*m),
             Request::MetaNoop => Response::Meta(crate::protocol::MetaReply::new(
                 crate::protocol::MetaCode::Mn,
                 "",
@@ -1240,6 +1386,7 @@ mod tests {
             cas: index,
             written_ms,
             deadline_ms,
+            meta: MetaMarks::default(),
             data: Bytes::new(),
         }
     }
@@ -1731,6 +1878,257 @@ mod tests {
             Some(Bytes::from_static(b"1"))
         );
         assert!(!sm.check_store().await.unwrap(), "once is enough");
+    }
+
+    /// A request as a client sends it, parsed.
+    fn wire(line: &str) -> Request {
+        use crate::protocol::{Incoming, Limits, Parsed, parse_request};
+        match parse_request(line.as_bytes(), &Limits::default()) {
+            Parsed::Request {
+                request: Incoming::Data(r),
+                ..
+            } => r,
+            other => panic!("{line:?}: {other:?}"),
+        }
+    }
+
+    /// Replies as a client reads them.
+    fn text(replies: &[Response]) -> Vec<String> {
+        replies
+            .iter()
+            .map(|r| {
+                let mut b = bytes::BytesMut::new();
+                crate::protocol::encode_response(r, &mut b);
+                String::from_utf8_lossy(&b).into_owned()
+            })
+            .collect()
+    }
+
+    /// Applies one entry of client lines at `index`; the replies as text.
+    async fn run(sm: &Arc<StateMachine>, index: u64, lines: &[&str]) -> Vec<String> {
+        let writes = lines.iter().map(|l| wire(l)).collect();
+        let replies = apply(sm, vec![entry(index, unix_ms(), writes)]).await;
+        text(&replies[0])
+    }
+
+    /// A meta read from the replica, as the read path serves it: `None`
+    /// when it must go through the log.
+    async fn read_meta(sm: &StateMachine, line: &str) -> Option<String> {
+        let Request::Meta(m) = wire(line) else {
+            panic!("{line:?}")
+        };
+        sm.read_meta(&m)
+            .await
+            .unwrap()
+            .map(|r| text(&[r]).remove(0))
+    }
+
+    #[tokio::test]
+    async fn meta_and_text_cas_tokens_are_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = open(&Arc::new(EmbeddedStore::new(1 << 20)), dir.path()).await;
+        assert_eq!(run(&sm, 1, &["set k 0 0 1\r\na\r\n"]).await, ["STORED\r\n"]);
+        let (_, token) = get(&sm, "k").await.unwrap();
+        // The `gets` token is the one `mg c` shows, and `ms C` honours it.
+        assert_eq!(
+            read_meta(&sm, "mg k c v\r\n").await.unwrap(),
+            format!("VA 1 c{token}\r\na\r\n")
+        );
+        let replies = run(
+            &sm,
+            2,
+            &[
+                &format!("ms k 1 C{} c\r\nx\r\n", token + 1),
+                &format!("ms k 1 C{token} c\r\nb\r\n"),
+            ],
+        )
+        .await;
+        let meta_token = cas_token(2, 0);
+        assert_eq!(
+            replies,
+            ["EX c0\r\n".to_string(), format!("HD c{meta_token}\r\n")]
+        );
+        // The token `ms` handed back is the one `gets` shows, and `cas`
+        // honours it; the old one is refused by both.
+        assert_eq!(
+            get(&sm, "k").await,
+            Some((Bytes::from_static(b"b"), meta_token))
+        );
+        let replies = run(
+            &sm,
+            3,
+            &[
+                &format!("cas k 0 0 1 {token}\r\nc\r\n"),
+                &format!("cas k 0 0 1 {meta_token}\r\nd\r\n"),
+                &format!("md k C{meta_token}\r\n"),
+                "mg k c v\r\n",
+            ],
+        )
+        .await;
+        let after = cas_token(3, 0);
+        assert_eq!(
+            replies,
+            [
+                "EXISTS\r\n".to_string(),
+                "STORED\r\n".to_string(),
+                "EX\r\n".to_string(),
+                format!("VA 1 c{after}\r\nd\r\n"),
+            ]
+        );
+        assert_eq!(
+            run(&sm, 4, &[&format!("md k C{after} q\r\n"), "mn\r\n"]).await,
+            ["", "MN\r\n"]
+        );
+        assert_eq!(get(&sm, "k").await, None);
+    }
+
+    #[tokio::test]
+    async fn ma_on_a_missing_key_creates_it_only_with_n() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = open(&Arc::new(EmbeddedStore::new(1 << 20)), dir.path()).await;
+        let replies = run(
+            &sm,
+            1,
+            &[
+                "ma c v\r\n",
+                "ma c q\r\n",
+                "ma c N0 J5 v c\r\n",
+                "ma c v D10\r\n",
+                "ma c MD D100 v\r\n",
+                "incr c 7\r\n",
+            ],
+        )
+        .await;
+        let created = cas_token(1, 0);
+        assert_eq!(
+            replies,
+            [
+                "NF\r\n".to_string(),
+                "NF\r\n".to_string(),
+                format!("VA 1 c{created}\r\n5\r\n"),
+                "VA 2\r\n15\r\n".to_string(),
+                "VA 1\r\n0\r\n".to_string(),
+                "7\r\n".to_string(),
+            ]
+        );
+        // `N` with a TTL gives the counter a deadline by the log's clock.
+        run(&sm, 2, &["ma t N100 J1\r\n"]).await;
+        assert_eq!(
+            read_meta(&sm, "mg t t v\r\n").await.unwrap(),
+            "VA 1 t100\r\n1\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_invalidated_item_hands_its_recache_token_out_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = open(&Arc::new(EmbeddedStore::new(1 << 20)), dir.path()).await;
+        run(&sm, 1, &["ms k 1 T100\r\nv\r\n"]).await;
+        let replies = run(&sm, 2, &["md k I T30\r\n", "mg k c v t\r\n"]).await;
+        // `md I` kept the value under a new CAS; the first `mg` wins.
+        assert_eq!(
+            replies,
+            [
+                "HD\r\n".to_string(),
+                format!("VA 1 c{} t30 X W\r\nv\r\n", cas_token(2, 0)),
+            ]
+        );
+        // From any replica's read path: it changes nothing, so no log.
+        assert_eq!(
+            read_meta(&sm, "mg k v\r\n").await.unwrap(),
+            "VA 1 Z X\r\nv\r\n"
+        );
+        // Replicated with the value: it survives a snapshot and a rebuild
+        // into a store that lost its data.
+        let mut builder = sm.clone();
+        builder.build_snapshot().await.unwrap();
+        let fresh = Arc::new(EmbeddedStore::new(1 << 20));
+        let rebuilt = open(&fresh, dir.path()).await;
+        assert_eq!(
+            read_meta(&rebuilt, "mg k v\r\n").await.unwrap(),
+            "VA 1 Z X\r\nv\r\n"
+        );
+        // A stale item not yet handed out: the read path cannot answer it.
+        run(&rebuilt, 3, &["ms s 1\r\ns\r\n", "md s I\r\n"]).await;
+        assert_eq!(read_meta(&rebuilt, "mg s v\r\n").await, None);
+        // `ms I` with an older CAS stores, stale; a fresh `ms` clears it.
+        let replies = run(
+            &rebuilt,
+            4,
+            &[
+                &format!("ms s 1 I C{}\r\nt\r\n", cas_token(1, 0)),
+                "mg s v\r\n",
+                "mg s v\r\n",
+                "ms s 1\r\nu\r\n",
+                "mg s v\r\n",
+            ],
+        )
+        .await;
+        assert_eq!(
+            replies,
+            [
+                "HD\r\n",
+                "VA 1 X W\r\nt\r\n",
+                "VA 1 Z X\r\nt\r\n",
+                "HD\r\n",
+                "VA 1\r\nu\r\n"
+            ]
+        );
+        // `N` on a miss wins once too.
+        let replies = run(&rebuilt, 5, &["mg viv N30 v\r\n", "mg viv v\r\n"]).await;
+        assert_eq!(replies, ["VA 0 W\r\n\r\n", "VA 0 Z\r\n\r\n"]);
+    }
+
+    #[tokio::test]
+    async fn ms_modes_answer_as_memcached() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = open(&Arc::new(EmbeddedStore::new(1 << 20)), dir.path()).await;
+        let replies = run(
+            &sm,
+            1,
+            &[
+                "ms k 1 ME\r\na\r\n",
+                "ms k 1 ME\r\nb\r\n",
+                "ms k 1 MA\r\nc\r\n",
+                "ms k 1 MP\r\nd\r\n",
+                "ms nope 1 MA\r\nz\r\n",
+                "ms nope 1 MR\r\nz\r\n",
+                "ms k 1 MR q\r\nr\r\n",
+                "ms k 1 MS k Oo\r\ns\r\n",
+                "get k nope\r\n",
+            ],
+        )
+        .await;
+        assert_eq!(
+            replies,
+            [
+                "HD\r\n",
+                "NS\r\n",
+                "HD\r\n",
+                "HD\r\n",
+                "NS\r\n",
+                "NS\r\n",
+                "",
+                "HD kk Oo\r\n",
+                "VALUE k 0 1\r\ns\r\nEND\r\n",
+            ]
+        );
+        // An invalid mode never passes the parser; one that came through
+        // the log anyway earns memcached's line and changes nothing.
+        let mut bad = match wire("ms k 1 MS\r\nx\r\n") {
+            Request::Meta(m) => m,
+            other => panic!("{other:?}"),
+        };
+        bad.flags.mode = Some(b'X');
+        let replies = apply(&sm, vec![entry(2, unix_ms(), vec![Request::Meta(bad)])]).await;
+        assert_eq!(
+            text(&replies[0]),
+            ["CLIENT_ERROR invalid mode for ms M token\r\n"]
+        );
+        assert_eq!(
+            get(&sm, "k").await.map(|(d, _)| d),
+            Some(Bytes::from_static(b"s"))
+        );
     }
 
     #[tokio::test]
