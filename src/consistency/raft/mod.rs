@@ -16,6 +16,12 @@
 //! its own store once it has applied everything the client's connection
 //! has already seen ([`Session::seen`]).
 //!
+//! Meta commands follow their text twins (`meta.rs`): `ms md ma` write;
+//! `me`, `mn` and an `mg` that changes nothing read. An `mg` with `T` or `N`
+//! writes; any other `mg` is tried as a read, and when the replica shows it
+//! would change the item (win a recache token) the batch goes through the
+//! log instead, where the state machine decides it again.
+//!
 //! Failures are honest: a write that was never proposed answers
 //! [`NOT_APPLIED`]; one proposed whose outcome could not be learnt in time
 //! answers [`OUTCOME_UNKNOWN`]; a read that cannot be served answers
@@ -805,7 +811,8 @@ impl Handler for RaftMode {
 
 /// The writes in the Raft log at `dir` (a stopped node's), one line each:
 /// `index<TAB>command<TAB>key<TAB>data`, data as text (lossy) for storage
-/// commands and empty otherwise. Reads in the log are left out. For tests
+/// commands and empty otherwise. Reads in the log are left out (`get`,
+/// `me`; an `mg` there may have changed its key, so it is listed). For tests
 /// that check every replica applied the same writes in the same order.
 pub async fn log_lines(dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
     use openraft::{EntryPayload, RaftLogReader};

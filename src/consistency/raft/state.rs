@@ -3,7 +3,8 @@
 //! the shared command rules, and answers reads from it.
 //!
 //! Every outcome is decided from replicated state only: a key's current
-//! value is its [`Record`] (CAS token and deadline included), `flush_all`
+//! value is its [`Record`] (CAS token, deadline and the meta protocol's
+//! marks included; meta commands in `meta.rs`), `flush_all`
 //! is a [`Flush`] in the state, and the clock is the log's own: each entry
 //! carries its proposer's clock, and the state's clock is the highest
 //! applied so far ([`Meta::clock_ms`]), so it never goes back when the
