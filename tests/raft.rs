@@ -213,6 +213,15 @@ fn a_cut_off_node_never_serves_stale_data_and_rejoins() {
         write.starts_with("SERVER_ERROR"),
         "a minority write: {write:?}"
     );
+    // Meta reads and writes too; `mn` reads nothing and answers.
+    for request in ["mg k v\r\n", "ms k 1\r\nz\r\n", "md k\r\n"] {
+        let answer = text(&isolated.call(request.as_bytes()));
+        assert!(
+            answer.starts_with("SERVER_ERROR"),
+            "{request:?} on a minority: {answer:?}"
+        );
+    }
+    assert_eq!(isolated.call(b"mn\r\n"), b"MN\r\n");
     // Healed, it serves the majority's value.
     c.heal_all();
     assert_eq!(

@@ -589,6 +589,11 @@ impl RaftMode {
         reads: &[Request],
         deadline: Instant,
     ) -> Option<Vec<Response>> {
+        let noop = || Response::Meta(MetaReply::new(MetaCode::Mn, ""));
+        if reads.iter().all(|r| matches!(r, Request::MetaNoop)) {
+            // Nothing to read: `mn` answers on a minority too, as memcached.
+            return Some(reads.iter().map(|_| noop()).collect());
+        }
         if let Err(f) = self.before_read(session, deadline).await {
             tracing::debug!(reason = f.reason(), "read not served");
             return Some(reads.iter().map(|_| f.response()).collect());
@@ -604,7 +609,7 @@ impl RaftMode {
                         .map(|r| r.map(Some))
                 }
                 Request::Meta(m) => tokio::time::timeout_at(deadline, self.sm.read_meta(m)).await,
-                Request::MetaNoop => Ok(Ok(Some(Response::Meta(MetaReply::new(MetaCode::Mn, ""))))),
+                Request::MetaNoop => Ok(Ok(Some(noop()))),
                 _ => Ok(Ok(Some(Response::server_error("not a read")))),
             };
             out.push(match answer {
