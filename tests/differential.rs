@@ -125,6 +125,9 @@ fn corpus() -> Vec<Case> {
         case("cas cask 0 0 1 {cas}\r\nd\r\nget cask\r\n"),
         case("cas cask 0 0 1 999999999\r\ne\r\ncas nokey 0 0 1 1\r\ne\r\n"),
         case("cas cask 0 0 1 {cas} noreply\r\nf\r\nget cask\r\n"),
+        // A `gets` token is a meta CAS too.
+        case("ms cask 1 C{cas}\r\nm\r\nms cask 1 C1 MA\r\nx\r\nmg cask v\r\n"),
+        case("md cask C1\r\nmd cask C{cas} q\r\nmg cask v\r\nmn\r\n"),
         // incr / decr
         case("set n 0 0 2\r\n10\r\nincr n 5\r\ndecr n 100\r\nget n\r\n"),
         case("incr n 18446744073709551615\r\nincr n 2\r\nget n\r\n"),
