@@ -244,6 +244,14 @@ fn sequential_reads_stay_local_and_see_the_sessions_own_writes() {
     let mut session = Client::connect(c.ports(follower).client);
     assert_eq!(session.call(b"set k 0 0 1\r\n2\r\n"), b"STORED\r\n");
     assert_eq!(session.call(b"get k\r\n"), b"VALUE k 0 1\r\n2\r\nEND\r\n");
+    // The same for meta writes and reads.
+    let token = meta_cas(&meta(&mut session, "ms m 1 c\r\nx\r\n"));
+    assert_eq!(
+        meta(&mut session, "mg m v c\r\n"),
+        format!("VA 1 c{token}\r\nx\r\n")
+    );
+    assert_eq!(meta(&mut session, "ms s 1\r\ny\r\n"), "HD\r\n");
+    assert_eq!(meta(&mut session, "md s I\r\n"), "HD\r\n");
     // Cut off, the follower still serves reads from its replica; writes
     // need the majority.
     c.partition(follower);
@@ -253,7 +261,20 @@ fn sequential_reads_stay_local_and_see_the_sessions_own_writes() {
         write.starts_with("SERVER_ERROR"),
         "a minority write: {write:?}"
     );
+    // Meta reads too, unless the read would win a recache token: that
+    // changes the item, so it is a write and needs the majority.
+    assert_eq!(meta(&mut session, "mg m v\r\n"), "VA 1\r\nx\r\n");
+    assert!(meta(&mut session, "me m\r\n").starts_with("ME m exp=-1 la=0 "));
+    let win = meta(&mut session, "mg s v\r\n");
+    assert!(
+        win.starts_with("SERVER_ERROR"),
+        "a token won on a minority: {win:?}"
+    );
     c.heal_all();
+    assert_eq!(
+        call_until_served(&c, follower, b"mg s v\r\n", ANSWER_WAIT),
+        "VA 1 X W\r\n"
+    );
 }
 
 #[test]
