@@ -589,37 +589,33 @@ impl RaftMode {
         reads: &[Request],
         deadline: Instant,
     ) -> Option<Vec<Response>> {
-        let noop = || Response::Meta(MetaReply::new(MetaCode::Mn, ""));
+        let mn = || Response::Meta(MetaReply::new(MetaCode::Mn, ""));
         if reads.iter().all(|r| matches!(r, Request::MetaNoop)) {
-            // Nothing to read: `mn` answers on a minority too, as memcached.
-            return Some(reads.iter().map(|_| noop()).collect());
+            // Nothing to read: on a minority too, as memcached answers.
+            return Some(reads.iter().map(|_| mn()).collect());
         }
+        // `mn` reads nothing: it answers whatever became of the reads.
+        let failed = |e: Response| -> Vec<Response> {
+            reads
+                .iter()
+                .map(|r| match r {
+                    Request::MetaNoop => mn(),
+                    _ => e.clone(),
+                })
+                .collect()
+        };
         if let Err(f) = self.before_read(session, deadline).await {
             tracing::debug!(reason = f.reason(), "read not served");
-            return Some(reads.iter().map(|_| f.response()).collect());
+            return Some(failed(f.response()));
         }
         // Everything applied now is what these reads may see.
         let seen = self.sm.applied_index();
-        let mut out = Vec::with_capacity(reads.len());
-        for r in reads {
-            let answer = match r {
-                Request::Get { keys, cas } => {
-                    tokio::time::timeout_at(deadline, self.sm.read(keys, *cas))
-                        .await
-                        .map(|r| r.map(Some))
-                }
-                Request::Meta(m) => tokio::time::timeout_at(deadline, self.sm.read_meta(m)).await,
-                Request::MetaNoop => Ok(Ok(Some(noop()))),
-                _ => Ok(Ok(Some(Response::server_error("not a read")))),
-            };
-            out.push(match answer {
-                Ok(Ok(Some(response))) => response,
-                Ok(Ok(None)) => return None,
-                Ok(Err(e)) => e.to_response(),
-                // The store is being rebuilt.
-                Err(_) => Response::server_error(READ_FAILED),
-            });
-        }
+        let out = match tokio::time::timeout_at(deadline, self.sm.reads(reads)).await {
+            Ok(Ok(answers)) => answers.into_iter().collect::<Option<Vec<_>>>()?,
+            Ok(Err(e)) => failed(e.to_response()),
+            // The store is being rebuilt.
+            Err(_) => failed(Response::server_error(READ_FAILED)),
+        };
         session.saw(seen);
         Some(out)
     }

@@ -65,7 +65,8 @@ use super::record::{MetaMarks, Record};
 use crate::backend::{Backend, BackendError};
 use crate::consistency::store_exptime;
 use crate::protocol::{
-    ClientError, ErrorReply, MetaCmd, MetaRequest, Request, Response, StoreOp, Value,
+    ClientError, ErrorReply, MetaCmd, MetaCode, MetaReply, MetaRequest, Request, Response, StoreOp,
+    Value,
 };
 use crate::rules::{self, Clock, Effect, Item};
 use crate::time::unix_ms;
@@ -441,40 +442,72 @@ impl StateMachine {
     /// A client read: the live values of `keys`, in order, as memcached
     /// answers `get`/`gets`, by the log's clock.
     pub async fn read(&self, keys: &[Bytes], cas: bool) -> Result<Response, BackendError> {
-        let (found, flush, now) = self.lookup(keys).await?;
-        let values = keys
-            .iter()
-            .filter_map(|k| {
-                let c = found.get(k)?;
-                flush.visible(&c.record, now).then(|| Value {
-                    key: k.clone(),
-                    flags: c.flags,
-                    data: c.record.data.clone(),
-                    cas: cas.then_some(c.record.cas),
-                })
-            })
-            .collect();
-        Ok(Response::Values(values))
+        let get = Request::Get {
+            keys: keys.to_vec(),
+            cas,
+        };
+        let answer = self
+            .reads(std::slice::from_ref(&get))
+            .await?
+            .pop()
+            .flatten();
+        Ok(answer.unwrap_or_else(|| Response::server_error("not a read")))
     }
 
-    /// A client's meta read (`mg`, `me`) from this replica, by the log's
-    /// clock: its answer, or `None` when answering it changes the key (a
-    /// recache token won, a deadline moved): then it must go through the
-    /// log, where the state machine decides it again.
+    /// A client's meta read (`mg`, `me`) from this replica: its answer, or
+    /// `None` when it must go through the log ([`Self::reads`]).
     pub async fn read_meta(&self, req: &MetaRequest) -> Result<Option<Response>, BackendError> {
-        if let Some(refused) = refuse_meta(req) {
-            return Ok(Some(refused));
+        let r = Request::Meta(Box::new(req.clone()));
+        Ok(self.reads(std::slice::from_ref(&r)).await?.pop().flatten())
+    }
+
+    /// A client's batch of reads (`get`/`gets`, `mg`, `me`, `mn`) from this
+    /// replica, in one look at the store (a meta client's multi-get is many
+    /// `mg`s), by the log's clock: each answer, in order, or `None` for an
+    /// `mg` whose answer changes the key (a recache token won): it must go
+    /// through the log, where the state machine decides it again.
+    pub async fn reads(&self, reads: &[Request]) -> Result<Vec<Option<Response>>, BackendError> {
+        let mut keys: Vec<Bytes> = Vec::new();
+        for r in reads {
+            match r {
+                Request::Get { keys: k, .. } => keys.extend(k.iter().cloned()),
+                Request::Meta(m) => keys.push(m.key.clone()),
+                _ => {}
+            }
         }
-        let (found, flush, now) = self.lookup(std::slice::from_ref(&req.key)).await?;
-        let stored = found
-            .get(&req.key)
-            .filter(|c| flush.visible(&c.record, now))
-            .map(Current::stored);
+        keys.sort_unstable();
+        keys.dedup();
+        let (found, flush, now) = self.lookup(&keys).await?;
+        let live = |k: &Bytes| found.get(k).filter(|c| flush.visible(&c.record, now));
         let clock = Clock::unix(now);
-        let decided = meta::decide(req, stored.as_ref(), clock);
-        Ok(decided
-            .reads_only()
-            .then(|| meta::answer(req, &decided, stored.as_ref(), 0, clock)))
+        let answer = |r: &Request| match r {
+            Request::Get { keys, cas } => Some(Response::Values(
+                keys.iter()
+                    .filter_map(|k| {
+                        let c = live(k)?;
+                        Some(Value {
+                            key: k.clone(),
+                            flags: c.flags,
+                            data: c.record.data.clone(),
+                            cas: cas.then_some(c.record.cas),
+                        })
+                    })
+                    .collect(),
+            )),
+            Request::Meta(m) => {
+                if let Some(refused) = refuse_meta(m) {
+                    return Some(refused);
+                }
+                let stored = live(&m.key).map(Current::stored);
+                let decided = meta::decide(m, stored.as_ref(), clock);
+                decided
+                    .reads_only()
+                    .then(|| meta::answer(m, &decided, stored.as_ref(), 0, clock))
+            }
+            Request::MetaNoop => Some(Response::Meta(MetaReply::new(MetaCode::Mn, ""))),
+            _ => Some(Response::server_error("not a read")),
+        };
+        Ok(reads.iter().map(answer).collect())
     }
 
     /// The records of `keys` (from memory while this replica is behind,
@@ -2078,6 +2111,52 @@ mod tests {
         // `N` on a miss wins once too.
         let replies = run(&rebuilt, 5, &["mg viv N30 v\r\n", "mg viv v\r\n"]).await;
         assert_eq!(replies, ["VA 0 W\r\n\r\n", "VA 0 Z\r\n\r\n"]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_reads_is_answered_from_one_look_unless_it_would_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = open(&Arc::new(EmbeddedStore::new(1 << 20)), dir.path()).await;
+        run(
+            &sm,
+            1,
+            &["ms a 1 F2\r\nx\r\n", "ms s 1\r\ny\r\n", "md s I\r\n"],
+        )
+        .await;
+        let batch: Vec<Request> = [
+            "get a b\r\n",
+            "mg a v f\r\n",
+            "mg b q\r\n",
+            "me a\r\n",
+            "mn\r\n",
+        ]
+        .iter()
+        .map(|l| wire(l))
+        .collect();
+        let answers: Vec<Response> = sm
+            .reads(&batch)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(Option::unwrap)
+            .collect();
+        assert_eq!(
+            text(&answers),
+            [
+                "VALUE a 2 1\r\nx\r\nEND\r\n".to_string(),
+                "VA 1 f2\r\nx\r\n".to_string(),
+                String::new(),
+                format!(
+                    "ME a exp=-1 la=0 cas={} fetch=no cls=1 size=65\r\n",
+                    cas_token(1, 0)
+                ),
+                "MN\r\n".to_string(),
+            ]
+        );
+        // The first read of the invalidated item wins its token: not a read.
+        let with_win = vec![wire("get a\r\n"), wire("mg s v\r\n")];
+        let answers = sm.reads(&with_win).await.unwrap();
+        assert!(answers[0].is_some() && answers[1].is_none());
     }
 
     #[tokio::test]
