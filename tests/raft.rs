@@ -222,10 +222,12 @@ fn a_cut_off_node_never_serves_stale_data_and_rejoins() {
         );
     }
     assert_eq!(isolated.call(b"mn\r\n"), b"MN\r\n");
-    isolated.send(b"mg k v q\r\nmn\r\n");
-    let failed = text(&isolated.read_reply().unwrap());
-    assert!(failed.starts_with("SERVER_ERROR"), "{failed:?}");
-    assert_eq!(isolated.read_reply().unwrap(), b"MN\r\n");
+    for batch in ["mg k v q\r\nmn\r\n", "ms k 1 q\r\nz\r\nmn\r\n"] {
+        isolated.send(batch.as_bytes());
+        let failed = text(&isolated.read_reply().unwrap());
+        assert!(failed.starts_with("SERVER_ERROR"), "{batch:?}: {failed:?}");
+        assert_eq!(isolated.read_reply().unwrap(), b"MN\r\n", "{batch:?}");
+    }
     // Healed, it serves the majority's value.
     c.heal_all();
     assert_eq!(

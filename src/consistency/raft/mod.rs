@@ -629,6 +629,20 @@ impl RaftMode {
         out: &mut Vec<Response>,
     ) {
         let n = writes.len();
+        // `mn` changes nothing: it answers `MN` whatever became of the rest.
+        let noops: Vec<bool> = writes
+            .iter()
+            .map(|w| matches!(w, Request::MetaNoop))
+            .collect();
+        let failed = |e: Response| {
+            noops.iter().map(move |&noop| {
+                if noop {
+                    Response::Meta(MetaReply::new(MetaCode::Mn, ""))
+                } else {
+                    e.clone()
+                }
+            })
+        };
         let cmd = Command {
             now_ms: unix_ms(),
             writes,
@@ -650,11 +664,11 @@ impl RaftMode {
                     got = applied.replies.len(),
                     "applying a command answered the wrong number of replies"
                 );
-                out.extend((0..n).map(|_| Response::server_error(OUTCOME_UNKNOWN)));
+                out.extend(failed(Response::server_error(OUTCOME_UNKNOWN)));
             }
             Err(f) => {
                 tracing::debug!(reason = f.reason(), "write failed");
-                out.extend((0..n).map(|_| f.response()));
+                out.extend(failed(f.response()));
             }
         }
     }
