@@ -1189,8 +1189,10 @@ impl Batch<'_> {
 
     fn apply(&mut self, w: Request) -> Response {
         let replayed = || Response::server_error(REPLAYED);
-        let reads = matches!(w, Request::Get { .. } | Request::Meta(_));
-        if !reads && write_keys(&w).iter().any(|k| k == MARK_KEY) {
+        // A `get` of the mark finds no value; a meta request checks it
+        // itself (`refuse_meta`).
+        let checked = matches!(w, Request::Get { .. } | Request::Meta(_));
+        if !checked && write_keys(&w).iter().any(|k| k == MARK_KEY) {
             return Response::Error(ErrorReply::Client(RESERVED.into()));
         }
         let clock = self.clock;
@@ -1269,10 +1271,7 @@ impl Batch<'_> {
                 Response::Values(values)
             }
             Request::Meta(m) => self.meta(*m),
-            Request::MetaNoop => Response::Meta(crate::protocol::MetaReply::new(
-                crate::protocol::MetaCode::Mn,
-                "",
-            )),
+            Request::MetaNoop => Response::Meta(MetaReply::new(MetaCode::Mn, "")),
             Request::FlushAll { delay, .. } => {
                 let at = rules::flush_at(delay, clock);
                 self.flush.apply(self.index, at, clock.now_ms);
@@ -2223,6 +2222,20 @@ mod tests {
             vec![Response::Error(ErrorReply::Client(RESERVED.into()))]
         );
         assert_eq!(get(&sm, mark).await, None);
+        // Nor through the meta protocol, which does not read it either.
+        let reserved = format!("CLIENT_ERROR {RESERVED}\r\n");
+        let lines = [
+            format!("ms {mark} 1\r\nx\r\n"),
+            format!("mg {mark} N30 v\r\n"),
+            format!("ma {mark} N0\r\n"),
+            format!("md {mark}\r\n"),
+        ];
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        assert!(run(&sm, 2, &lines).await.iter().all(|r| *r == reserved));
+        assert_eq!(
+            read_meta(&sm, &format!("mg {mark} v\r\n")).await,
+            Some(reserved)
+        );
         assert!(!sm.check_store().await.unwrap());
     }
 }
