@@ -239,6 +239,8 @@ fn corpus() -> Vec<Case> {
         ),
         case("mg\r\nms\r\nmd\r\nma\r\nme\r\nmz k\r\nms mk\r\nms mk x\r\nms mk -1\r\nmn x y\r\n"),
         case("ms mk 2 Z\r\nab\r\nmn\r\n"),
+        // `E` (set the CAS) came with 1.6.27: 1.6.18 refuses it.
+        case("ms ek 1 E5\r\nx\r\nmg ek E5 v\r\nmd ek E5\r\nma ek E5\r\nmn\r\n"),
         case(
             "md mk Z\r\nma mk Z\r\nmd mk MX\r\nma mk MX\r\nma mk MSS\r\nma mk Jx\r\nma mk Dx\r\nma mk N1 Jx\r\n",
         ),
