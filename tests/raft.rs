@@ -3,7 +3,9 @@
 //! as one memcached would; a killed leader is replaced and the node rejoins
 //! and catches up; a node cut off from the majority answers `SERVER_ERROR`
 //! (linearizable) and never stale data, or keeps serving reads from its
-//! replica (sequential); `gets` tokens are honoured by `cas` on any node.
+//! replica (sequential); `gets` tokens are honoured by `cas` on any node,
+//! and meta CAS tokens (`mg c`, `ms C`) by text and meta writes alike; a
+//! recache token (`W`) is handed out once across the cluster.
 //!
 //! The tests run one at a time (a lock), as the eventual cluster tests do.
 
@@ -211,6 +213,21 @@ fn a_cut_off_node_never_serves_stale_data_and_rejoins() {
         write.starts_with("SERVER_ERROR"),
         "a minority write: {write:?}"
     );
+    // Meta reads and writes too; `mn` reads nothing and answers.
+    for request in ["mg k v\r\n", "ms k 1\r\nz\r\n", "md k\r\n"] {
+        let answer = text(&isolated.call(request.as_bytes()));
+        assert!(
+            answer.starts_with("SERVER_ERROR"),
+            "{request:?} on a minority: {answer:?}"
+        );
+    }
+    assert_eq!(isolated.call(b"mn\r\n"), b"MN\r\n");
+    for batch in ["mg k v q\r\nmn\r\n", "ms k 1 q\r\nz\r\nmn\r\n"] {
+        isolated.send(batch.as_bytes());
+        let failed = text(&isolated.read_reply().unwrap());
+        assert!(failed.starts_with("SERVER_ERROR"), "{batch:?}: {failed:?}");
+        assert_eq!(isolated.read_reply().unwrap(), b"MN\r\n", "{batch:?}");
+    }
     // Healed, it serves the majority's value.
     c.heal_all();
     assert_eq!(
@@ -233,6 +250,14 @@ fn sequential_reads_stay_local_and_see_the_sessions_own_writes() {
     let mut session = Client::connect(c.ports(follower).client);
     assert_eq!(session.call(b"set k 0 0 1\r\n2\r\n"), b"STORED\r\n");
     assert_eq!(session.call(b"get k\r\n"), b"VALUE k 0 1\r\n2\r\nEND\r\n");
+    // The same for meta writes and reads.
+    let token = meta_cas(&meta(&mut session, "ms m 1 c\r\nx\r\n"));
+    assert_eq!(
+        meta(&mut session, "mg m v c\r\n"),
+        format!("VA 1 c{token}\r\nx\r\n")
+    );
+    assert_eq!(meta(&mut session, "ms s 1\r\ny\r\n"), "HD\r\n");
+    assert_eq!(meta(&mut session, "md s I\r\n"), "HD\r\n");
     // Cut off, the follower still serves reads from its replica; writes
     // need the majority.
     c.partition(follower);
@@ -242,7 +267,20 @@ fn sequential_reads_stay_local_and_see_the_sessions_own_writes() {
         write.starts_with("SERVER_ERROR"),
         "a minority write: {write:?}"
     );
+    // Meta reads too, unless the read would win a recache token: that
+    // changes the item, so it is a write and needs the majority.
+    assert_eq!(meta(&mut session, "mg m v\r\n"), "VA 1\r\nx\r\n");
+    assert!(meta(&mut session, "me m\r\n").starts_with("ME m exp=-1 la=0 "));
+    let win = meta(&mut session, "mg s v\r\n");
+    assert!(
+        win.starts_with("SERVER_ERROR"),
+        "a token won on a minority: {win:?}"
+    );
     c.heal_all();
+    assert_eq!(
+        call_until_served(&c, follower, b"mg s v\r\n", ANSWER_WAIT),
+        "VA 1 X W\r\n"
+    );
 }
 
 #[test]
@@ -387,4 +425,93 @@ fn values_expire_on_every_node_while_nothing_is_written() {
         );
         poll_pause();
     }
+}
+
+/// Sends a meta request and reads its reply, the value block of a `VA`
+/// included.
+fn meta(c: &mut Client, request: &str) -> String {
+    let mut reply = text(&c.call(request.as_bytes()));
+    if let Some(rest) = reply.strip_prefix("VA ") {
+        let len: usize = rest
+            .split([' ', '\r'])
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("bad VA line {reply:?}"));
+        reply.push_str(&text(&c.read_exact_len(len + 2)));
+    }
+    reply
+}
+
+/// The number after ` c` in a meta reply line.
+fn meta_cas(reply: &str) -> u64 {
+    reply
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split(' ')
+        .find_map(|f| f.strip_prefix('c').and_then(|n| n.parse().ok()))
+        .unwrap_or_else(|| panic!("no c flag in {reply:?}"))
+}
+
+#[test]
+fn meta_commands_on_one_node_are_seen_and_honoured_on_the_others() {
+    let _s = serial();
+    let c = TestCluster::start(3, mode("linearizable", false));
+    c.wait_leader(&[1, 2, 3], ELECTION_WAIT);
+    let stored = call_until_served(&c, 1, b"ms mk 2 F5 c\r\nhi\r\n", ANSWER_WAIT);
+    let token = meta_cas(&stored);
+    let (mut n1, mut n2, mut n3) = (c.client(1), c.client(2), c.client(3));
+    // Meta writes on node 1, meta and text reads on the others.
+    assert_eq!(
+        meta(&mut n2, "mg mk v f c t s\r\n"),
+        format!("VA 2 f5 c{token} t-1 s2\r\nhi\r\n")
+    );
+    assert_eq!(
+        text(&n3.call(b"gets mk\r\n")),
+        format!("VALUE mk 5 2 {token}\r\nhi\r\nEND\r\n")
+    );
+    // A `mg c` token from node 2 is honoured by `ms C` on node 3, once.
+    let seen = meta_cas(&meta(&mut n2, "mg mk c\r\n"));
+    assert_eq!(seen, token);
+    assert_eq!(
+        meta(&mut n3, &format!("ms mk 2 C{} c\r\nno\r\n", seen + 1)),
+        "EX c0\r\n"
+    );
+    let after = meta_cas(&meta(&mut n3, &format!("ms mk 2 C{seen} c\r\nok\r\n")));
+    assert_ne!(after, seen);
+    assert_eq!(
+        meta(&mut n2, &format!("ms mk 2 C{seen}\r\nno\r\n")),
+        "EX\r\n",
+        "a CAS token is good for one write only"
+    );
+    // ...and the token `ms` handed back is the one `gets` and `cas` know.
+    assert_eq!(
+        text(&n1.call(b"gets mk\r\n")),
+        format!("VALUE mk 0 2 {after}\r\nok\r\nEND\r\n")
+    );
+    assert_eq!(
+        text(&n2.call(format!("cas mk 0 0 1 {after}\r\nz\r\n").as_bytes())),
+        "STORED\r\n"
+    );
+    assert_eq!(meta(&mut n3, &format!("md mk C{after}\r\n")), "EX\r\n");
+    // Counters: created by `ma N` on one node, counted on the others.
+    assert_eq!(meta(&mut n1, "ma cnt N0 J10 v\r\n"), "VA 2\r\n10\r\n");
+    assert_eq!(meta(&mut n2, "ma cnt v\r\n"), "VA 2\r\n11\r\n");
+    assert_eq!(text(&n3.call(b"incr cnt 1\r\n")), "12\r\n");
+    assert_eq!(meta(&mut n1, "mg cnt v\r\n"), "VA 2\r\n12\r\n");
+    // An invalidated item: the first `mg` anywhere wins the recache token,
+    // every later one, on any node, sees it taken.
+    assert_eq!(meta(&mut n1, "md mk I\r\n"), "HD\r\n");
+    assert_eq!(meta(&mut n2, "mg mk v\r\n"), "VA 1 X W\r\nz\r\n");
+    assert_eq!(meta(&mut n3, "mg mk v\r\n"), "VA 1 Z X\r\nz\r\n");
+    assert_eq!(meta(&mut n1, "mg mk v\r\n"), "VA 1 Z X\r\nz\r\n");
+    // Vivified on a miss: one winner too.
+    assert_eq!(meta(&mut n3, "mg viv N30 v\r\n"), "VA 0 W\r\n\r\n");
+    assert_eq!(meta(&mut n1, "mg viv N30 v\r\n"), "VA 0 Z\r\n\r\n");
+    // Deleted on one node: gone on the others; quiet mode flushes at `mn`.
+    assert_eq!(meta(&mut n2, "md mk q\r\nmn\r\n"), "MN\r\n");
+    assert_eq!(meta(&mut n3, "mg mk v\r\n"), "EN\r\n");
+    assert_eq!(meta(&mut n1, "mg mk v q\r\nmn\r\n"), "MN\r\n");
+    assert_eq!(text(&n2.call(b"get mk\r\n")), "END\r\n");
+    assert_eq!(meta(&mut n2, "me mk\r\n"), "EN\r\n");
 }

@@ -25,14 +25,22 @@ use crate::protocol::{Request, Response};
 /// Tags the messages of each ordered mode: both speak the same messages,
 /// but a cluster whose nodes disagree on the mode is misconfigured, so each
 /// refuses the other's.
+///
+/// Version 2: the state machine decides meta commands (version 1 answered
+/// them `SERVER_ERROR` and changed nothing) and stores marked records
+/// (`MDr2`) version 1 cannot read. The messages have the same shape, but a
+/// version 1 follower would apply the same log differently, so the two
+/// never share a cluster: during a rolling upgrade the upgraded nodes and
+/// the others each refuse the other side, and the side holding a majority
+/// goes on.
 pub const LINEARIZABLE_TAG: ModeTag = ModeTag {
     name: "linearizable",
-    version: 1,
+    version: 2,
 };
 
 pub const SEQUENTIAL_TAG: ModeTag = ModeTag {
     name: "sequential",
-    version: 1,
+    version: 2,
 };
 
 /// A log entry's payload: client writes, in the order the client sent them.

@@ -16,6 +16,12 @@
 //! its own store once it has applied everything the client's connection
 //! has already seen ([`Session::seen`]).
 //!
+//! Meta commands follow their text twins (`meta.rs`): `ms md ma` write;
+//! `me`, `mn` and an `mg` that changes nothing read. An `mg` with `T` or `N`
+//! writes; any other `mg` is tried as a read, and when the replica shows it
+//! would change the item (win a recache token) the batch goes through the
+//! log instead, where the state machine decides it again.
+//!
 //! Failures are honest: a write that was never proposed answers
 //! [`NOT_APPLIED`]; one proposed whose outcome could not be learnt in time
 //! answers [`OUTCOME_UNKNOWN`]; a read that cannot be served answers
@@ -27,6 +33,7 @@
 //! | `batch.rs` | group commit: the writes of many connections in one entry |
 //! | `command.rs` | the log's payload and the messages between nodes |
 //! | `state.rs` | the state machine over the store; snapshots |
+//! | `meta.rs` | meta commands: decided from a key's record, answered |
 //! | `record.rs` | the stored header (log index, CAS, deadline) |
 //! | `log_store.rs` | the durable Raft log and vote |
 //! | `network.rs` | Raft's RPCs over the cluster transport |
@@ -37,6 +44,7 @@
 mod batch;
 pub mod command;
 pub mod log_store;
+mod meta;
 mod network;
 pub mod record;
 pub mod state;
@@ -58,7 +66,7 @@ use crate::BoxFuture;
 use crate::backend::Backend;
 use crate::cluster::{Cluster, Handler, Liveness};
 use crate::metrics::{Verdict, reg};
-use crate::protocol::{Request, Response};
+use crate::protocol::{MetaCmd, MetaCode, MetaReply, Request, Response};
 use crate::time::unix_ms;
 use command::{Applied, Command, Forwarded, Rpc, RpcReply, decode, encode};
 use log_store::LogStore;
@@ -586,35 +594,44 @@ impl RaftMode {
         }
     }
 
+    /// Serves a batch of reads from this replica. `None` when one of them
+    /// (an `mg` that wins a recache token, say) would change state: then
+    /// the batch must go through the log instead, and nothing was seen.
     async fn reads(
         &self,
         session: &mut Session,
         reads: &[Request],
         deadline: Instant,
-        out: &mut Vec<Response>,
-    ) {
+    ) -> Option<Vec<Response>> {
+        let mn = || Response::Meta(MetaReply::new(MetaCode::Mn, ""));
+        if reads.iter().all(|r| matches!(r, Request::MetaNoop)) {
+            // Nothing to read: on a minority too, as memcached answers.
+            return Some(reads.iter().map(|_| mn()).collect());
+        }
+        // `mn` reads nothing: it answers whatever became of the reads.
+        let failed = |e: Response| -> Vec<Response> {
+            reads
+                .iter()
+                .map(|r| match r {
+                    Request::MetaNoop => mn(),
+                    _ => e.clone(),
+                })
+                .collect()
+        };
         if let Err(f) = self.before_read(session, deadline).await {
             tracing::debug!(reason = f.reason(), "read not served");
-            out.extend(reads.iter().map(|_| f.response()));
-            return;
+            return Some(failed(f.response()));
         }
         // Everything applied now is what these reads may see.
         let seen = self.sm.applied_index();
-        for r in reads {
-            let Request::Get { keys, cas } = r else {
-                out.push(Response::server_error("not a read"));
-                continue;
-            };
-            out.push(
-                match tokio::time::timeout_at(deadline, self.sm.read(keys, *cas)).await {
-                    Ok(Ok(values)) => values,
-                    Ok(Err(e)) => e.to_response(),
-                    // The store is being rebuilt.
-                    Err(_) => Response::server_error(READ_FAILED),
-                },
-            );
-        }
+        let out = match tokio::time::timeout_at(deadline, self.sm.reads(reads)).await {
+            Ok(Ok(answers)) => answers.into_iter().collect::<Option<Vec<_>>>()?,
+            Ok(Err(e)) => failed(e.to_response()),
+            // The store is being rebuilt.
+            Err(_) => failed(Response::server_error(READ_FAILED)),
+        };
         session.saw(seen);
+        Some(out)
     }
 
     /// Runs a batch that writes as one command in the log.
@@ -626,6 +643,20 @@ impl RaftMode {
         out: &mut Vec<Response>,
     ) {
         let n = writes.len();
+        // `mn` changes nothing: it answers `MN` whatever became of the rest.
+        let noops: Vec<bool> = writes
+            .iter()
+            .map(|w| matches!(w, Request::MetaNoop))
+            .collect();
+        let failed = |e: Response| {
+            noops.iter().map(move |&noop| {
+                if noop {
+                    Response::Meta(MetaReply::new(MetaCode::Mn, ""))
+                } else {
+                    e.clone()
+                }
+            })
+        };
         let cmd = Command {
             now_ms: unix_ms(),
             writes,
@@ -647,11 +678,11 @@ impl RaftMode {
                     got = applied.replies.len(),
                     "applying a command answered the wrong number of replies"
                 );
-                out.extend((0..n).map(|_| Response::server_error(OUTCOME_UNKNOWN)));
+                out.extend(failed(Response::server_error(OUTCOME_UNKNOWN)));
             }
             Err(f) => {
                 tracing::debug!(reason = f.reason(), "write failed");
-                out.extend((0..n).map(|_| f.response()));
+                out.extend(failed(f.response()));
             }
         }
     }
@@ -667,8 +698,19 @@ impl RaftMode {
     }
 }
 
+/// A request that may be served without the log: `get`/`gets`, `mn`, `me`,
+/// and an `mg` that sets no TTL and vivifies nothing (one that would win a
+/// recache token is found out when it is read, and goes through the log).
 fn is_read(r: &Request) -> bool {
-    matches!(r, Request::Get { .. })
+    match r {
+        Request::Get { .. } | Request::MetaNoop => true,
+        Request::Meta(m) => match m.cmd {
+            MetaCmd::Debug => true,
+            MetaCmd::Get => m.flags.ttl.is_none() && m.flags.vivify.is_none(),
+            MetaCmd::Set | MetaCmd::Delete | MetaCmd::Arith => false,
+        },
+        _ => false,
+    }
 }
 
 impl Pipeline for RaftMode {
@@ -679,13 +721,14 @@ impl Pipeline for RaftMode {
     ) -> BoxFuture<'a, Vec<Response>> {
         Box::pin(async move {
             let deadline = Instant::now() + self.settings.request_timeout;
-            let mut out = Vec::with_capacity(requests.len());
-            if requests.iter().all(is_read) {
-                self.reads(session, &requests, deadline, &mut out).await;
-            } else {
-                self.through_log(session, requests, deadline, &mut out)
-                    .await;
+            if requests.iter().all(is_read)
+                && let Some(out) = self.reads(session, &requests, deadline).await
+            {
+                return out;
             }
+            let mut out = Vec::with_capacity(requests.len());
+            self.through_log(session, requests, deadline, &mut out)
+                .await;
             out
         })
     }
@@ -807,7 +850,8 @@ impl Handler for RaftMode {
 
 /// The writes in the Raft log at `dir` (a stopped node's), one line each:
 /// `index<TAB>command<TAB>key<TAB>data`, data as text (lossy) for storage
-/// commands and empty otherwise. Reads in the log are left out. For tests
+/// commands and empty otherwise. Reads in the log are left out (`get`,
+/// `me`; an `mg` there may have changed its key, so it is listed). For tests
 /// that check every replica applied the same writes in the same order.
 pub async fn log_lines(dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
     use openraft::{EntryPayload, RaftLogReader};
@@ -825,6 +869,7 @@ pub async fn log_lines(dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
                 | Request::Arith { key, .. }
                 | Request::Delete { key, .. }
                 | Request::Touch { key, .. } => (key, b""),
+                Request::Meta(m) if m.cmd != MetaCmd::Debug => (&m.key, &m.data),
                 Request::Gat { .. }
                 | Request::FlushAll { .. }
                 | Request::Meta(_)
