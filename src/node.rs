@@ -303,6 +303,7 @@ async fn cluster_pipeline(
                 keep_after_snapshot: c.log_kept_after_snapshot,
                 store_check_interval: ms(c.store_check_interval_ms),
                 expired_kept: ms(c.expired_kept_ms),
+                item_size_max: config.limits.item_size_max,
             };
             backend.never_evict().await.with_context(|| {
                 format!(

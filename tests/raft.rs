@@ -515,3 +515,40 @@ fn meta_commands_on_one_node_are_seen_and_honoured_on_the_others() {
     assert_eq!(text(&n2.call(b"get mk\r\n")), "END\r\n");
     assert_eq!(meta(&mut n2, "me mk\r\n"), "EN\r\n");
 }
+
+#[test]
+fn a_value_too_large_once_stored_is_refused_and_the_cluster_goes_on() {
+    let _s = serial();
+    let c = TestCluster::start(
+        3,
+        ClusterOpts {
+            memcached: true,
+            ..mode("linearizable", false)
+        },
+    );
+    let leader = c.wait_leader(&[1, 2, 3], ELECTION_WAIT);
+    call_until_served(&c, leader, b"set small 0 0 1\r\n1\r\n", ANSWER_WAIT);
+    // Within memdial's value limit, but memcached would refuse the stored
+    // record (value and header): every replica refuses it alike.
+    let len = 1_048_566;
+    let mut set = format!("set big 0 0 {len}\r\n").into_bytes();
+    set.extend(std::iter::repeat_n(b'x', len));
+    set.extend_from_slice(b"\r\n");
+    assert_eq!(
+        Client::connect(c.ports(leader).client).call(&set),
+        b"SERVER_ERROR object too large for cache\r\n"
+    );
+    for i in 1..=3 {
+        let mut cl = Client::connect(c.ports(i).client);
+        let key = format!("after{i}");
+        assert_eq!(
+            cl.call(format!("set {key} 0 0 1\r\n{i}\r\n").as_bytes()),
+            b"STORED\r\n",
+            "node {i} stopped taking writes"
+        );
+        assert_eq!(
+            cl.call(b"get big small\r\n"),
+            b"VALUE small 0 1\r\n1\r\nEND\r\n"
+        );
+    }
+}

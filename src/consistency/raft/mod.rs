@@ -122,6 +122,8 @@ pub struct RaftSettings {
     pub store_check_interval: Duration,
     /// How long the store keeps a value past its deadline (`state.rs`).
     pub expired_kept: Duration,
+    /// The largest item the store takes (`limits.item_size_max`).
+    pub item_size_max: usize,
 }
 
 /// Why a write or a read failed.
@@ -263,6 +265,7 @@ impl RaftMode {
             &settings.data_dir.join("state"),
             log.reader(),
             settings.expired_kept,
+            settings.item_size_max,
         )
         .await?;
         let ms = |d: Duration| d.as_millis() as u64;

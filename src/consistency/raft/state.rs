@@ -61,7 +61,7 @@ use super::TypeConfig;
 use super::command::Applied;
 use super::log_store::LogReader;
 use super::meta::{self, Change, Stored};
-use super::record::{MetaMarks, Record};
+use super::record::{HEADER_BYTES, MetaMarks, Record};
 use crate::backend::{Backend, BackendError};
 use crate::consistency::store_exptime;
 use crate::protocol::{
@@ -175,6 +175,9 @@ pub struct StateMachine {
     log: tokio::sync::Mutex<LogReader<TypeConfig>>,
     /// How long the store keeps a value past its deadline.
     kept: Duration,
+    /// The largest item the store takes (memcached's `-I`, as
+    /// `limits.item_size_max`), header and key included.
+    item_size_max: usize,
     meta: Mutex<Meta>,
     persisted: Mutex<Instant>,
     /// The whole state, while this replica is behind (see the module
@@ -279,6 +282,7 @@ impl StateMachine {
         dir: &Path,
         log: LogReader<TypeConfig>,
         kept: Duration,
+        item_size_max: usize,
     ) -> anyhow::Result<Arc<StateMachine>> {
         std::fs::create_dir_all(dir)?;
         let sm = Arc::new(StateMachine {
@@ -286,6 +290,7 @@ impl StateMachine {
             dir: dir.to_path_buf(),
             log: tokio::sync::Mutex::new(log),
             kept,
+            item_size_max,
             meta: Mutex::new(Meta::default()),
             persisted: Mutex::new(Instant::now()),
             memory: Mutex::new(None),
@@ -623,7 +628,7 @@ impl StateMachine {
                     "the state in memory vanished",
                 ))));
             };
-            let decided = decide(entries, state, meta);
+            let decided = decide(entries, state, meta, self.item_size_max);
             let changed: State = decided
                 .dirty
                 .iter()
@@ -638,7 +643,7 @@ impl StateMachine {
                 .into_iter()
                 .map(|(k, c)| (k, Some(c)))
                 .collect();
-            (decide(entries, &mut state, meta), state)
+            (decide(entries, &mut state, meta, self.item_size_max), state)
         };
         self.write_back(&changed, decided.flush_store, decided.dirty)
             .await
@@ -752,7 +757,7 @@ impl StateMachine {
             let Some(last) = entries.last().map(|e| e.log_id) else {
                 anyhow::bail!("the log no longer holds entries {next}..{chunk_end} to replay");
             };
-            decide(&entries, &mut state, &mut meta);
+            decide(&entries, &mut state, &mut meta, self.item_size_max);
             meta.last_applied = Some(last);
             next = last.index + 1;
         }
@@ -977,7 +982,12 @@ struct Decided {
 /// Decides `entries` in order over `state` (which holds, for every key
 /// they write, its record or `None`; a key missing counts as absent) and
 /// `meta`'s flush state and clock, updating both.
-fn decide(entries: &[Entry<TypeConfig>], state: &mut State, meta: &mut Meta) -> Decided {
+fn decide(
+    entries: &[Entry<TypeConfig>],
+    state: &mut State,
+    meta: &mut Meta,
+    item_size_max: usize,
+) -> Decided {
     let mut dirty: Vec<Bytes> = Vec::new();
     let mut flush_store = false;
     let mut answers = Vec::with_capacity(entries.len());
@@ -994,6 +1004,7 @@ fn decide(entries: &[Entry<TypeConfig>], state: &mut State, meta: &mut Meta) -> 
                 meta.clock_ms = meta.clock_ms.max(cmd.now_ms);
                 let mut batch = Batch {
                     index,
+                    item_size_max,
                     written: &mut written,
                     clock: Clock::unix(meta.clock_ms),
                     flush: &mut meta.flush,
@@ -1040,6 +1051,9 @@ fn write_keys(w: &Request) -> &[Bytes] {
 /// One entry being applied over the batch's view of the keys.
 struct Batch<'a> {
     index: u64,
+    /// The store's item limit: a value whose record would not fit is
+    /// refused here, the same on every replica, not by the store.
+    item_size_max: usize,
     /// Values written so far in this entry: with the index, the CAS token
     /// of the next one, so two writes of one entry never share a token.
     written: &'a mut u64,
@@ -1174,9 +1188,26 @@ impl Batch<'_> {
     }
 
     /// A meta command at its place in the log.
+    /// Whether a value of `len` bytes under `key` fits in the store once
+    /// its record header is added (memcached's item size rule).
+    fn fits(&self, key: &[u8], len: usize, flags: u32) -> bool {
+        let stored = len + HEADER_BYTES + 1;
+        rules::meta::memcached_item_size(key.len(), stored, flags) <= self.item_size_max
+    }
+
     fn meta(&mut self, req: MetaRequest) -> Response {
         if let Some(refused) = refuse_meta(&req) {
             return refused;
+        }
+        if req.cmd == MetaCmd::Set
+            && !self.fits(
+                &req.key,
+                req.data.len(),
+                req.flags.client_flags.unwrap_or(0),
+            )
+        {
+            // Refused before any change, as the store would refuse it.
+            return ClientError::TooLarge.into();
         }
         let Ok(current) = self.stored(&req.key) else {
             return Response::server_error(REPLAYED);
@@ -1209,7 +1240,20 @@ impl Batch<'_> {
                 let Ok(item) = self.item(&key) else {
                     return replayed();
                 };
-                let out = rules::store(op, item.as_ref(), flags, exptime, data, cas_unique, clock);
+                let mut out =
+                    rules::store(op, item.as_ref(), flags, exptime, data, cas_unique, clock);
+                if let Effect::Put(v) = &out.effect
+                    && !self.fits(&key, v.data.len(), v.flags)
+                {
+                    out = if matches!(op, StoreOp::Append | StoreOp::Prepend) {
+                        rules::Outcome {
+                            reply: Response::server_error("out of memory storing object"),
+                            effect: Effect::Keep,
+                        }
+                    } else {
+                        rules::too_large(op, item.as_ref())
+                    };
+                }
                 self.effect(&key, out.effect);
                 out.reply
             }
@@ -1514,7 +1558,7 @@ mod tests {
 
     async fn open(store: &Arc<EmbeddedStore>, dir: &Path) -> Arc<StateMachine> {
         let log = LogStore::<TypeConfig>::open(dir.join("log")).unwrap();
-        StateMachine::open(store.clone(), dir, log.reader(), KEPT)
+        StateMachine::open(store.clone(), dir, log.reader(), KEPT, 1 << 20)
             .await
             .unwrap()
     }
@@ -1526,7 +1570,7 @@ mod tests {
         dir: &Path,
     ) -> (Arc<StateMachine>, LogStore<TypeConfig>) {
         let log = LogStore::<TypeConfig>::open(dir.join("log")).unwrap();
-        let sm = StateMachine::open(store.clone(), dir, log.reader(), KEPT)
+        let sm = StateMachine::open(store.clone(), dir, log.reader(), KEPT, 1 << 20)
             .await
             .unwrap();
         (sm, log)
@@ -1874,7 +1918,7 @@ mod tests {
         sm.persist(true).unwrap();
         drop(sm);
         let fresh = Arc::new(EmbeddedStore::new(1 << 20));
-        let rebuilt = StateMachine::open(fresh.clone(), dir.path(), log.reader(), KEPT)
+        let rebuilt = StateMachine::open(fresh.clone(), dir.path(), log.reader(), KEPT, 1 << 20)
             .await
             .unwrap();
         assert_eq!(rebuilt.applied_index(), 3);
@@ -2237,5 +2281,54 @@ mod tests {
             Some(reserved)
         );
         assert!(!sm.check_store().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_value_whose_record_would_not_fit_is_refused_on_every_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::new(64 << 20));
+        let sm = open(&store, dir.path()).await;
+        // memcached alone would take this value (item size under 1 MiB),
+        // but not with the record header in front of it.
+        let len = (1 << 20) - rules::meta::memcached_item_size(1, 0, 3) - 10;
+        let big = set("k", &"x".repeat(len));
+        let replies = apply(
+            &sm,
+            vec![entry(
+                1,
+                unix_ms(),
+                vec![set("k", "old"), big, set("a", "12345")],
+            )],
+        )
+        .await;
+        assert_eq!(
+            replies[0],
+            vec![
+                Response::Stored,
+                ClientError::TooLarge.into(),
+                Response::Stored
+            ]
+        );
+        // A failed set leaves no old value behind, as in memcached.
+        assert_eq!(get(&sm, "k").await, None);
+        // An append that would grow past the limit changes nothing.
+        let grow = Request::Store {
+            op: StoreOp::Append,
+            key: Bytes::from_static(b"a"),
+            flags: 3,
+            exptime: 0,
+            data: Bytes::from("y".repeat(len)),
+            cas_unique: 0,
+            noreply: false,
+        };
+        let replies = apply(&sm, vec![entry(2, unix_ms(), vec![grow])]).await;
+        assert_eq!(
+            replies[0],
+            vec![Response::server_error("out of memory storing object")]
+        );
+        assert_eq!(
+            get(&sm, "a").await.map(|(d, _)| d),
+            Some(Bytes::from_static(b"12345"))
+        );
     }
 }
