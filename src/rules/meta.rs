@@ -5,11 +5,11 @@
 //! [`MetaEffect`], assigning CAS values and keeping hit / last-access
 //! metadata itself.
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{Clock, Item, NewValue, apply_delta, store};
 use crate::protocol::{
-    ArithOp, ClientError, MetaCode, MetaRequest, Response, SetMode, StoreOp, TtlChanges,
+    ArithOp, ClientError, ItemView, MetaCode, MetaRequest, Response, SetMode, StoreOp, TtlChanges,
 };
 
 /// The bytes memcached 1.6.18 charges an item (`me`'s `size=`): its
@@ -382,6 +382,46 @@ pub fn ttl_changes(req: &MetaRequest, clock: Clock, created: bool) -> TtlChanges
         } else {
             None
         },
+    }
+}
+
+/// The return flags and value of an `ma` that answered `code` (`HD` or
+/// `VA`) with the number `n`: the item's new CAS `cas`, its TTL before
+/// (`deadline_before`), whether the request `created` it. Every store and
+/// mode answers it the same way.
+pub fn arith_reply(
+    req: &MetaRequest,
+    code: MetaCode,
+    n: u64,
+    cas: u64,
+    deadline_before: Option<u64>,
+    created: bool,
+    clock: Clock,
+) -> (BytesMut, Option<Bytes>) {
+    let view = ItemView {
+        key: &req.key,
+        key_binary: req.flags.base64,
+        cas,
+        client_flags: 0,
+        size: 0,
+        ttl: secs_left(deadline_before, clock.now_ms),
+        last_access: 0,
+        fetched: false,
+    };
+    let rest = req.hit_flags(&view, ttl_changes(req, clock, created));
+    let value = (code == MetaCode::Va)
+        .then(|| Bytes::copy_from_slice(itoa::Buffer::new().format(n).as_bytes()));
+    (rest, value)
+}
+
+/// Appends an `mg` hit's marks after its other flags, in memcached's
+/// order: `Z` (a recache token was already sent), `X` (stale), `W` (this
+/// client won the token).
+pub fn put_marks(rest: &mut BytesMut, token_was_sent: bool, stale: bool, won: bool) {
+    for (set, flag) in [(token_was_sent, b" Z"), (stale, b" X"), (won, b" W")] {
+        if set {
+            rest.put_slice(flag);
+        }
     }
 }
 

@@ -162,15 +162,7 @@ impl EmbeddedStore {
             fetched: meta.fetched,
         };
         let mut rest = req.hit_flags(&item_view, changes);
-        if out.token_was_sent {
-            rest.put_slice(b" Z");
-        }
-        if out.stale {
-            rest.put_slice(b" X");
-        }
-        if out.won {
-            rest.put_slice(b" W");
-        }
+        rules::put_marks(&mut rest, out.token_was_sent, out.stale, out.won);
         let value = req.flags.value.then(|| item.data.clone());
         reply(code, rest, value)
     }
@@ -240,7 +232,6 @@ impl EmbeddedStore {
 
     fn meta_arith(&self, req: &MetaRequest) -> Response {
         let view = self.view();
-        let now = view.clock.now_ms;
         let mut shard = self.shard(&req.key);
         let current = self.meta_current(&mut shard, &req.key, view);
         let out = rules::arith(
@@ -280,20 +271,15 @@ impl EmbeddedStore {
         if out.hidden {
             return Response::Quiet;
         }
-        let changes = rules::ttl_changes(req, view.clock, out.created);
-        let item_view = ItemView {
-            key: &req.key,
-            key_binary: req.flags.base64,
+        let (rest, value) = rules::arith_reply(
+            req,
+            code,
+            n,
             cas,
-            client_flags: 0,
-            size: 0,
-            ttl: rules::secs_left(out.deadline_before, now),
-            last_access: 0,
-            fetched: false,
-        };
-        let rest = req.hit_flags(&item_view, changes);
-        let value = (code == MetaCode::Va)
-            .then(|| Bytes::copy_from_slice(itoa::Buffer::new().format(n).as_bytes()));
+            out.deadline_before,
+            out.created,
+            view.clock,
+        );
         reply(code, rest, value)
     }
 

@@ -146,19 +146,15 @@ impl Eventual {
             }
             (MetaCmd::Arith, MetaCode::Hd | MetaCode::Va) => {
                 let n = out.number.unwrap_or(0);
-                let view = ItemView {
-                    key: &req.key,
-                    key_binary: req.flags.base64,
-                    cas: new_cas,
-                    client_flags: 0,
-                    size: 0,
-                    ttl: rules::secs_left(out.deadline_before, now),
-                    last_access: 0,
-                    fetched: false,
-                };
-                let rest = req.hit_flags(&view, rules::ttl_changes(req, clock, out.created));
-                let value = (code == MetaCode::Va)
-                    .then(|| Bytes::copy_from_slice(itoa::Buffer::new().format(n).as_bytes()));
+                let (rest, value) = rules::arith_reply(
+                    req,
+                    code,
+                    n,
+                    new_cas,
+                    out.deadline_before,
+                    out.created,
+                    clock,
+                );
                 reply(code, rest, value)
             }
             (MetaCmd::Set, MetaCode::Hd) => reply(code, req.status_flags(new_cas), None),

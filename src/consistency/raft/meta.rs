@@ -200,15 +200,7 @@ pub fn answer(
                 fetched: false,
             };
             let mut rest = req.hit_flags(&view, rules::ttl_changes(req, clock, out.created));
-            if out.token_was_sent {
-                rest.put_slice(b" Z");
-            }
-            if out.stale {
-                rest.put_slice(b" X");
-            }
-            if out.won {
-                rest.put_slice(b" W");
-            }
+            rules::put_marks(&mut rest, out.token_was_sent, out.stale, out.won);
             let value = req.flags.value.then(|| item.data.clone());
             reply(code, rest, value)
         }
@@ -232,19 +224,15 @@ pub fn answer(
             if out.hidden {
                 return Response::Quiet;
             }
-            let view = ItemView {
-                key: &req.key,
-                key_binary: req.flags.base64,
-                cas: new_cas,
-                client_flags: 0,
-                size: 0,
-                ttl: rules::secs_left(out.deadline_before, now),
-                last_access: 0,
-                fetched: false,
-            };
-            let rest = req.hit_flags(&view, rules::ttl_changes(req, clock, out.created));
-            let value = (code == MetaCode::Va)
-                .then(|| Bytes::copy_from_slice(itoa::Buffer::new().format(n).as_bytes()));
+            let (rest, value) = rules::arith_reply(
+                req,
+                code,
+                n,
+                new_cas,
+                out.deadline_before,
+                out.created,
+                clock,
+            );
             reply(code, rest, value)
         }
         MetaCmd::Debug => debug(req, current, clock),
