@@ -873,22 +873,18 @@ impl StateMachine {
         };
         let (items, meta) = match in_memory {
             Some(taken) => taken,
-            None => {
-                // Never while the store is being replaced (a snapshot
-                // installed or a rebuild): it would be half filled under
-                // the old index.
-                let _reading = self.install.read().await;
-                let meta = lock(&self.meta).clone();
-                let keys = self.backend.keys().await.map_err(io_error)?;
-                let mut items = Vec::with_capacity(keys.len());
-                for chunk in keys.chunks(CHUNK) {
-                    let found = self.fetch_marked(chunk).await.map_err(io_error)?;
-                    for (key, c) in found {
-                        items.push((key, c.flags, c.record.encode()));
+            None => loop {
+                match self.scan_store().await {
+                    Ok(scanned) => break scanned,
+                    // The store lost its data: wait for its rebuild (the
+                    // install lock is not held meanwhile), then scan again.
+                    Err(BackendError::Unavailable(e)) => {
+                        tracing::info!(error = %e, "snapshot waits for the store's rebuild");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
+                    Err(e) => return Err(io_error(e)),
                 }
-                (items, meta)
-            }
+            },
         };
         let body = postcard::to_stdvec(&Body {
             flush: meta.flush,
@@ -909,6 +905,26 @@ impl StateMachine {
             meta: snapshot_meta,
             snapshot: Box::new(Cursor::new(body)),
         })
+    }
+
+    /// Every record in the store, with the meta it belongs to (the applied
+    /// index at the scan's start: entries applied meanwhile are replayed
+    /// on top of a snapshot of it).
+    async fn scan_store(&self) -> Result<(Vec<(Bytes, u32, Bytes)>, Meta), BackendError> {
+        // Never while the store is being replaced (a snapshot installed or
+        // a rebuild): it would be half filled under the old index.
+        let _reading = self.install.read().await;
+        let meta = lock(&self.meta).clone();
+        let keys = self.backend.keys().await?;
+        // Marked after the listing: an empty listing is of this store too.
+        self.fetch_marked(&[]).await?;
+        let mut items = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(CHUNK) {
+            for (key, c) in self.fetch_marked(chunk).await? {
+                items.push((key, c.flags, c.record.encode()));
+            }
+        }
+        Ok((items, meta))
     }
 
     /// Replaces the store's content with a snapshot's (from the leader).
@@ -2330,5 +2346,34 @@ mod tests {
             get(&sm, "a").await.map(|(d, _)| d),
             Some(Bytes::from_static(b"12345"))
         );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_waits_for_the_rebuild_of_a_store_that_lost_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::new(1 << 20));
+        let (sm, mut log) = open_logged(&store, dir.path()).await;
+        apply_logged(
+            &sm,
+            &mut log,
+            vec![entry(1, unix_ms(), vec![set("a", "1")])],
+        )
+        .await;
+        store
+            .call(&[Request::FlushAll {
+                delay: None,
+                noreply: false,
+            }])
+            .await
+            .unwrap();
+        let mut builder = sm.clone();
+        let building = tokio::spawn(async move { builder.build_snapshot().await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!building.is_finished(), "a snapshot of the emptied store");
+        assert!(sm.check_store().await.unwrap());
+        let snapshot = building.await.unwrap().unwrap();
+        let body: Body = decode(&snapshot.snapshot.into_inner()).unwrap();
+        assert_eq!(body.items.len(), 1);
+        assert_eq!(body.items[0].0, Bytes::from_static(b"a"));
     }
 }
