@@ -402,6 +402,7 @@ fn check_replica_logs(c: &mut TestCluster, history: &History) {
         poll_pause();
     }
     let mut logs = Vec::new();
+    let writers = history.writers();
     for node in 1..=3 {
         c.kill9(node);
         let out = std::process::Command::new(memdial_bin())
@@ -429,8 +430,8 @@ fn check_replica_logs(c: &mut TestCluster, history: &History) {
             .map(|line| {
                 let f: Vec<&str> = line.split('\t').collect();
                 assert_eq!(f.len(), 4, "a log line: {line:?}");
-                history
-                    .writer_of(f[2].as_bytes(), f[3].as_bytes())
+                writers
+                    .get(f[2].as_bytes(), f[3].as_bytes())
                     .unwrap_or_else(|| panic!("node {node}: no operation wrote {line:?}"))
             })
             .collect();

@@ -266,17 +266,34 @@ impl History {
     /// that writes unique values maps a replica's log entry back to an
     /// operation. `None` when no such operation, or more than one.
     pub fn writer_of(&self, key: &[u8], data: &[u8]) -> Option<OpId> {
-        let mut found = self.ops.iter().filter(|op| {
-            op.key == key
-                && match &op.call {
-                    Call::Set(d) | Call::Add(d) | Call::Replace(d) | Call::Cas { data: d, .. } => {
-                        d == data
-                    }
-                    _ => false,
-                }
-        });
-        let first = found.next()?;
-        found.next().is_none().then_some(first.id)
+        self.writers().get(key, data)
+    }
+
+    /// [`Self::writer_of`] for many lookups: every storage command indexed
+    /// once by key and data.
+    pub fn writers(&self) -> Writers<'_> {
+        let mut by: std::collections::HashMap<(&[u8], &[u8]), Option<OpId>> =
+            std::collections::HashMap::new();
+        for op in &self.ops {
+            if let Call::Set(d) | Call::Add(d) | Call::Replace(d) | Call::Cas { data: d, .. } =
+                &op.call
+            {
+                by.entry((op.key.as_slice(), d.as_slice()))
+                    .and_modify(|w| *w = None)
+                    .or_insert(Some(op.id));
+            }
+        }
+        Writers(by)
+    }
+}
+
+/// Storage commands by key and data ([`History::writers`]); a pair that
+/// more than one wrote maps to `None`.
+pub struct Writers<'a>(std::collections::HashMap<(&'a [u8], &'a [u8]), Option<OpId>>);
+
+impl Writers<'_> {
+    pub fn get(&self, key: &[u8], data: &[u8]) -> Option<OpId> {
+        self.0.get(&(key, data)).copied().flatten()
     }
 }
 
