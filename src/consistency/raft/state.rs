@@ -398,14 +398,17 @@ impl StateMachine {
         keys: &[Bytes],
     ) -> Result<(HashMap<Bytes, Current>, Option<String>), BackendError> {
         let mark_key = Bytes::from_static(MARK_KEY);
-        let mut requests: Vec<Request> = vec![Request::Get {
-            keys: vec![mark_key.clone()],
-            cas: false,
-        }];
-        requests.extend(keys.chunks(CHUNK).map(|c| Request::Get {
-            keys: c.to_vec(),
-            cas: false,
-        }));
+        // The mark rides in the first `get`: no extra request per read.
+        let mut all = Vec::with_capacity(keys.len() + 1);
+        all.push(mark_key.clone());
+        all.extend_from_slice(keys);
+        let requests: Vec<Request> = all
+            .chunks(CHUNK)
+            .map(|c| Request::Get {
+                keys: c.to_vec(),
+                cas: false,
+            })
+            .collect();
         let mut found = HashMap::new();
         let mut mark = None;
         for response in self.call(&requests).await? {
