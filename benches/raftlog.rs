@@ -20,6 +20,7 @@ fn entry(index: u64) -> Entry<TypeConfig> {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
         payload: EntryPayload::Normal(Command {
             now_ms: 0,
+            ticket: 0,
             writes: vec![Request::Store {
                 op: StoreOp::Set,
                 key: Bytes::from(format!("key:{index}")),

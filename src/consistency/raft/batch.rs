@@ -14,7 +14,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::TypeConfig;
-use super::command::{Applied, Command, Forwarded};
+use super::command::{Applied, Command, Forwarded, held_back};
+use super::state::Held;
 use crate::protocol::Request;
 use crate::time::unix_ms;
 use openraft::error::{ClientWriteError, RaftError};
@@ -42,11 +43,12 @@ impl Batcher {
     /// Starts proposing through `raft`; each entry gets `timeout` to commit.
     pub fn start(
         raft: openraft::Raft<TypeConfig>,
+        held: Arc<Held>,
         timeout: Duration,
         latency: prometheus::Histogram,
     ) -> Batcher {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(raft, rx, timeout, latency));
+        tokio::spawn(run(raft, held, rx, timeout, latency));
         Batcher { queue }
     }
 
@@ -70,6 +72,7 @@ impl Batcher {
 
 async fn run(
     raft: openraft::Raft<TypeConfig>,
+    held: Arc<Held>,
     mut rx: mpsc::Receiver<Waiting>,
     timeout: Duration,
     latency: prometheus::Histogram,
@@ -91,28 +94,38 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let (raft, latency) = (raft.clone(), latency.clone());
+        let (raft, held, latency) = (raft.clone(), held.clone(), latency.clone());
         tokio::spawn(async move {
             let timer = latency.start_timer();
-            propose(&raft, group, timeout).await;
+            propose(&raft, &held, group, timeout).await;
             timer.observe_duration();
             drop(permit);
         });
     }
 }
 
-/// Proposes the group's writes as one entry and hands each its replies.
-async fn propose(raft: &openraft::Raft<TypeConfig>, group: Vec<Waiting>, timeout: Duration) {
+/// Proposes the group's writes as one entry and hands each batch its
+/// replies.
+async fn propose(
+    raft: &openraft::Raft<TypeConfig>,
+    held: &Arc<Held>,
+    group: Vec<Waiting>,
+    timeout: Duration,
+) {
     let lens: Vec<usize> = group.iter().map(|w| w.writes.len()).collect();
     let total: usize = lens.iter().sum();
-    let mut writes = Vec::with_capacity(total);
+    let mut all = Vec::with_capacity(total);
     let mut replies = Vec::with_capacity(group.len());
     for w in group {
-        writes.extend(w.writes);
+        all.extend(w.writes);
         replies.push(w.reply);
     }
+    let writes: Vec<Request> = all.iter().filter(|r| !held_back(r)).cloned().collect();
+    // Held until the proposal ends, however it ends.
+    let ticket = (writes.len() < all.len()).then(|| held.hold(all.into()));
     let cmd = Command {
         now_ms: unix_ms(),
+        ticket: ticket.as_ref().map_or(0, |t| t.id),
         writes,
     };
     let outcome = match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
@@ -141,6 +154,7 @@ async fn propose(raft: &openraft::Raft<TypeConfig>, group: Vec<Waiting>, timeout
         Ok(Err(e)) => Forwarded::Unknown(e.to_string()),
         Err(_) => Forwarded::Unknown("not committed within the deadline".into()),
     };
+    drop(ticket);
     for reply in replies {
         let _ = reply.send(outcome.clone());
     }

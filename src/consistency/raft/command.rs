@@ -1,10 +1,15 @@
 //! What the Raft log carries and what the ordered modes send each other.
 //!
-//! A log entry's payload is a [`Command`]: the writes of one batch from
-//! one client connection, with the proposer's clock reading, so every
+//! A log entry's payload is a [`Command`]: the writes of the client
+//! batches proposed together, with the proposer's clock reading, so every
 //! replica decides every outcome (and every deadline) from the same inputs,
-//! whenever it applies the entry. Applying it answers [`Applied`], one reply
-//! per write.
+//! whenever it applies the entry. The reads of those batches (`get`, `mn`,
+//! `me`, which change nothing) stay on the proposer, held under the
+//! command's ticket: only the proposer answers them, at their place among
+//! the writes, so they are never written to disk, sent or applied
+//! elsewhere. Applying a command answers [`Applied`]: on the proposer one
+//! reply per request of its batches, elsewhere one per write (nobody waits
+//! for those).
 //!
 //! Between nodes, every message is a request ([`Rpc`], answered by
 //! [`RpcReply`]): Raft's own three RPCs, a write forwarded to the leader,
@@ -28,31 +33,45 @@ use crate::protocol::{Request, Response};
 ///
 /// Version 2: the state machine decides meta commands (version 1 answered
 /// them `SERVER_ERROR` and changed nothing) and stores marked records
-/// (`MDr2`) version 1 cannot read. The messages have the same shape, but a
-/// version 1 follower would apply the same log differently, so the two
+/// (`MDr2`) version 1 cannot read. Version 3: a [`Command`] carries a
+/// ticket and only writes; a forward carries a batch's requests. Versions
 /// never share a cluster: during a rolling upgrade the upgraded nodes and
 /// the others each refuse the other side, and the side holding a majority
 /// goes on.
 pub const LINEARIZABLE_TAG: ModeTag = ModeTag {
     name: "linearizable",
-    version: 2,
+    version: 3,
 };
 
 pub const SEQUENTIAL_TAG: ModeTag = ModeTag {
     name: "sequential",
-    version: 2,
+    version: 3,
 };
 
-/// A log entry's payload: client writes, in the order the client sent them.
+/// A log entry's payload: client writes, in the order the clients sent
+/// them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {
     /// The proposer's clock (unix ms) when it proposed: the time every
     /// replica applies the writes at, so an exptime becomes the same
     /// absolute deadline everywhere and a replay never extends a lifetime.
     pub now_ms: u64,
-    /// A client's requests, in order: writes, and the reads of a batch
-    /// that also writes (each reads the state at its place in the log).
+    /// Names the proposer's batches these writes came from, whose reads it
+    /// holds back ([`super::state::Held`]); 0 when they had none.
+    pub ticket: u64,
+    /// The writes (every request but the reads held back), in order.
     pub writes: Vec<Request>,
+}
+
+/// Requests of a batch that also writes that stay on the proposer instead
+/// of going into the log: they change nothing on any replica, and only the
+/// proposer answers them. An `mg` is not one (it may win a recache token).
+pub fn held_back(r: &Request) -> bool {
+    match r {
+        Request::Get { .. } | Request::MetaNoop => true,
+        Request::Meta(m) => m.cmd == crate::protocol::MetaCmd::Debug,
+        _ => false,
+    }
 }
 
 /// What applying a [`Command`] answered, one reply per write. A membership
@@ -68,8 +87,9 @@ pub enum Rpc {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<u64>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
-    /// A client's writes, for the leader to propose.
-    Forward(Command),
+    /// A client batch (writes, and reads among them), for the leader to
+    /// propose.
+    Forward(Vec<Request>),
     /// The leader's read index, after it has confirmed its leadership.
     ReadIndex,
     /// Has the answering node joined a cluster (its log is not empty)?
@@ -123,6 +143,7 @@ mod tests {
     fn commands_and_replies_round_trip() {
         let cmd = Command {
             now_ms: 1_700_000_000_000,
+            ticket: 7,
             writes: vec![Request::Store {
                 op: StoreOp::Cas,
                 key: Bytes::from_static(b"k"),
@@ -138,8 +159,8 @@ mod tests {
             replies: vec![Response::Stored, Response::Number(u64::MAX)],
         };
         assert_eq!(decode::<Applied>(&encode(&applied)), Ok(applied));
-        match decode::<Rpc>(&encode(&Rpc::Forward(cmd.clone()))) {
-            Ok(Rpc::Forward(c)) => assert_eq!(c, cmd),
+        match decode::<Rpc>(&encode(&Rpc::Forward(cmd.writes.clone()))) {
+            Ok(Rpc::Forward(c)) => assert_eq!(c, cmd.writes),
             other => panic!("{other:?}"),
         }
         assert!(decode::<Rpc>(b"\xff\xff\xff").is_err());

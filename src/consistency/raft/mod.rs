@@ -286,6 +286,7 @@ impl RaftMode {
         let raft = openraft::Raft::new(id, Arc::new(config), network, log, sm.clone()).await?;
         let batcher = batch::Batcher::start(
             raft.clone(),
+            sm.held.clone(),
             settings.request_timeout,
             metrics.proposal_seconds.clone(),
         );
@@ -455,17 +456,21 @@ impl RaftMode {
 
     /// Proposes `cmd`'s writes on this node (grouped with others waiting;
     /// `batch.rs`), waiting until `deadline` for the outcome.
-    async fn propose_here(&self, cmd: Command, deadline: Instant) -> Forwarded {
-        self.batcher.propose(cmd.writes, deadline).await
+    async fn propose_here(&self, batch: Vec<Request>, deadline: Instant) -> Forwarded {
+        self.batcher.propose(batch, deadline).await
     }
 
-    /// Proposes `cmd` through the leader, wherever it is. Returns the log
-    /// index of the write and its replies.
-    async fn propose(&self, cmd: Command, deadline: Instant) -> Result<(u64, Applied), Failure> {
+    /// Proposes a client batch through the leader, wherever it is. Returns
+    /// the log index of its writes and its replies.
+    async fn propose(
+        &self,
+        batch: Vec<Request>,
+        deadline: Instant,
+    ) -> Result<(u64, Applied), Failure> {
         loop {
             let outcome = match self.leader().await {
-                Some(l) if l == self.id => self.propose_here(cmd.clone(), deadline).await,
-                Some(l) => self.forward(l, &cmd, deadline).await,
+                Some(l) if l == self.id => self.propose_here(batch.clone(), deadline).await,
+                Some(l) => self.forward(l, &batch, deadline).await,
                 None => Forwarded::NotLeader { leader: None },
             };
             match outcome {
@@ -482,14 +487,14 @@ impl RaftMode {
         }
     }
 
-    /// Sends `cmd` to the leader `leader` to propose. Anything but its
+    /// Sends `batch` to the leader `leader` to propose. Anything but its
     /// answer leaves the outcome unknown: the request may have reached it.
-    async fn forward(&self, leader: u64, cmd: &Command, deadline: Instant) -> Forwarded {
+    async fn forward(&self, leader: u64, batch: &[Request], deadline: Instant) -> Forwarded {
         let Ok(peer) = u32::try_from(leader) else {
             return Forwarded::NotLeader { leader: None };
         };
         let wait = deadline.saturating_duration_since(Instant::now());
-        let body = encode(&Rpc::Forward(cmd.clone()));
+        let body = encode(&Rpc::Forward(batch.to_vec()));
         match self.cluster.request(peer, body, wait).await {
             Ok(answer) => match decode::<RpcReply>(&answer) {
                 Ok(RpcReply::Forward(f)) => f,
@@ -660,11 +665,7 @@ impl RaftMode {
                 }
             })
         };
-        let cmd = Command {
-            now_ms: unix_ms(),
-            writes,
-        };
-        match self.propose(cmd, deadline).await {
+        match self.propose(writes, deadline).await {
             Ok((index, applied)) if applied.replies.len() == n => {
                 if self.settings.sequential {
                     // Answer once applied here too; if that takes too long
@@ -833,9 +834,9 @@ impl Handler for RaftMode {
                 Rpc::Append(r) => RpcReply::Append(self.raft.append_entries(r).await),
                 Rpc::Vote(r) => RpcReply::Vote(self.raft.vote(r).await),
                 Rpc::Snapshot(r) => RpcReply::Snapshot(self.raft.install_snapshot(r).await),
-                Rpc::Forward(cmd) => {
+                Rpc::Forward(batch) => {
                     let deadline = Instant::now() + self.settings.request_timeout;
-                    RpcReply::Forward(self.propose_here(cmd, deadline).await)
+                    RpcReply::Forward(self.propose_here(batch, deadline).await)
                 }
                 // Followers' reads share rounds with this node's own.
                 Rpc::ReadIndex => RpcReply::ReadIndex(match self.leader().await {

@@ -58,7 +58,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 
 use super::TypeConfig;
-use super::command::Applied;
+use super::command::{Applied, Command, held_back};
 use super::log_store::LogReader;
 use super::meta::{self, Change, Stored};
 use super::record::{HEADER_BYTES, MetaMarks, Record};
@@ -74,6 +74,12 @@ use crate::time::unix_ms;
 /// The applied log id is written to disk at most this often (and at every
 /// snapshot); a restart replays what it lags by.
 const PERSIST_EVERY: Duration = Duration::from_millis(100);
+
+/// The data directory's format, kept in its `state` file: a directory
+/// written in another one (its log's entries are shaped differently) is
+/// refused, never half read. 3: a [`Command`] carries a ticket and its
+/// batches' writes alone.
+const DATA_FORMAT: u32 = 3;
 
 /// Keys per `get` or per write batch sent to the store.
 const CHUNK: usize = 128;
@@ -136,6 +142,9 @@ struct Meta {
     clock_ms: u64,
     /// The mark ([`MARK_KEY`]) of the store this state describes.
     mark: String,
+    /// [`DATA_FORMAT`] when written (last: a `state` file written before
+    /// there was one ends early and does not decode).
+    format: u32,
 }
 
 /// A snapshot's body: the flush state, the clock and every record, as
@@ -168,6 +177,60 @@ pub struct SmCounts {
 /// Every key's state, absent keys as `None`.
 type State = HashMap<Bytes, Option<Current>>;
 
+/// The batches this node proposed whose reads it held back from the log
+/// (`command.rs`), by ticket, until their proposal ends: applying the
+/// entry here answers those reads at their place among the writes.
+#[derive(Debug, Default)]
+pub struct Held {
+    batches: Mutex<HashMap<u64, Arc<[Request]>>>,
+}
+
+/// A ticket of [`Held`]: the batch is let go when it is dropped.
+pub struct Ticket {
+    pub id: u64,
+    held: Arc<Held>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        lock(&self.held.batches).remove(&self.id);
+    }
+}
+
+impl Held {
+    /// Holds `requests` (the proposal's batches, reads and writes) until
+    /// the ticket is dropped.
+    pub fn hold(self: &Arc<Self>, requests: Arc<[Request]>) -> Ticket {
+        let mut batches = lock(&self.batches);
+        let id = loop {
+            // Random, so no other node's ticket, nor one of this node's
+            // from before a restart, names a batch held here.
+            let id = rand::random::<u64>();
+            if id != 0 && !batches.contains_key(&id) {
+                break id;
+            }
+        };
+        batches.insert(id, requests);
+        Ticket {
+            id,
+            held: self.clone(),
+        }
+    }
+
+    /// What applying `cmd` here runs: the batches held under its ticket if
+    /// this node proposed it (and still waits for it), else its writes.
+    fn requests(&self, cmd: &Command) -> Option<Arc<[Request]>> {
+        if cmd.ticket == 0 {
+            return None;
+        }
+        let all = lock(&self.batches).get(&cmd.ticket).cloned()?;
+        // Checked, though a ticket is random: a batch whose writes are
+        // not the entry's is not this entry's.
+        let same = all.iter().filter(|r| !held_back(r)).eq(cmd.writes.iter());
+        same.then_some(all)
+    }
+}
+
 pub struct StateMachine {
     backend: Arc<dyn Backend>,
     dir: PathBuf,
@@ -196,6 +259,8 @@ pub struct StateMachine {
     pub lost: tokio::sync::Notify,
     snapshot_seq: AtomicU64,
     pub counts: SmCounts,
+    /// Reads of this node's proposals, held back from the log.
+    pub held: Arc<Held>,
 }
 
 fn io_error(e: impl std::fmt::Display) -> StorageError<u64> {
@@ -300,8 +365,19 @@ impl StateMachine {
             lost: tokio::sync::Notify::new(),
             snapshot_seq: AtomicU64::new(0),
             counts: SmCounts::default(),
+            held: Arc::default(),
         });
         let saved: Option<Meta> = read_file(&dir.join("state"))?;
+        if let Some(m) = &saved
+            && m.format != DATA_FORMAT
+        {
+            anyhow::bail!(
+                "{}: written in data format {}, this build reads {DATA_FORMAT}; \
+                 move the directory away to start over",
+                dir.display(),
+                m.format
+            );
+        }
         let snapshot: Option<SnapshotFile> = read_file(&dir.join("snapshot"))?;
         let mark = sm.store_mark().await?;
         match saved {
@@ -379,7 +455,8 @@ impl StateMachine {
         if !now && last.elapsed() < PERSIST_EVERY {
             return Ok(());
         }
-        let meta = lock(&self.meta).clone();
+        let mut meta = lock(&self.meta).clone();
+        meta.format = DATA_FORMAT;
         write_file(&self.dir.join("state"), &meta, false)?;
         *last = Instant::now();
         Ok(())
@@ -621,6 +698,14 @@ impl StateMachine {
             BackendError::Unavailable(_) => NotApplied::Lost,
             e => NotApplied::Failed(Box::new(io_error(e))),
         };
+        // This node's own proposals run with their reads held back.
+        let runs: Vec<Option<Arc<[Request]>>> = entries
+            .iter()
+            .map(|e| match &e.payload {
+                EntryPayload::Normal(cmd) => self.held.requests(cmd),
+                _ => None,
+            })
+            .collect();
         let in_memory = lock(&self.memory).is_some();
         let (decided, changed) = if in_memory {
             // Decided in memory; the store must still be ours.
@@ -631,7 +716,7 @@ impl StateMachine {
                     "the state in memory vanished",
                 ))));
             };
-            let decided = decide(entries, state, meta, self.item_size_max);
+            let decided = decide(entries, &runs, state, meta, self.item_size_max);
             let changed: State = decided
                 .dirty
                 .iter()
@@ -640,13 +725,14 @@ impl StateMachine {
             (decided, changed)
         } else {
             let mut state: State = self
-                .fetch_marked(&entries_keys(entries))
+                .fetch_marked(&entries_keys(entries, &runs))
                 .await
                 .map_err(marked)?
                 .into_iter()
                 .map(|(k, c)| (k, Some(c)))
                 .collect();
-            (decide(entries, &mut state, meta, self.item_size_max), state)
+            let decided = decide(entries, &runs, &mut state, meta, self.item_size_max);
+            (decided, state)
         };
         self.write_back(&changed, decided.flush_store, decided.dirty)
             .await
@@ -760,7 +846,7 @@ impl StateMachine {
             let Some(last) = entries.last().map(|e| e.log_id) else {
                 anyhow::bail!("the log no longer holds entries {next}..{chunk_end} to replay");
             };
-            decide(&entries, &mut state, &mut meta, self.item_size_max);
+            decide(&entries, &[], &mut state, &mut meta, self.item_size_max);
             meta.last_applied = Some(last);
             next = last.index + 1;
         }
@@ -974,11 +1060,12 @@ impl StateMachine {
 }
 
 /// The keys the writes of `entries` touch, each once.
-fn entries_keys(entries: &[Entry<TypeConfig>]) -> Vec<Bytes> {
+fn entries_keys(entries: &[Entry<TypeConfig>], runs: &[Option<Arc<[Request]>>]) -> Vec<Bytes> {
     let mut keys: Vec<Bytes> = Vec::new();
-    for e in entries {
+    for (i, e) in entries.iter().enumerate() {
         if let EntryPayload::Normal(cmd) = &e.payload {
-            for w in &cmd.writes {
+            let held = runs.get(i).and_then(Option::as_deref);
+            for w in held.unwrap_or(&cmd.writes) {
                 keys.extend(write_keys(w).iter().cloned());
             }
         }
@@ -1000,9 +1087,13 @@ struct Decided {
 
 /// Decides `entries` in order over `state` (which holds, for every key
 /// they write, its record or `None`; a key missing counts as absent) and
-/// `meta`'s flush state and clock, updating both.
+/// `meta`'s flush state and clock, updating both. An entry with a run in
+/// `runs` (its requests with the reads held back, on the node that
+/// proposed it) runs that instead of its writes: the same changes, and an
+/// answer for every request.
 fn decide(
     entries: &[Entry<TypeConfig>],
+    runs: &[Option<Arc<[Request]>>],
     state: &mut State,
     meta: &mut Meta,
     item_size_max: usize,
@@ -1010,7 +1101,7 @@ fn decide(
     let mut dirty: Vec<Bytes> = Vec::new();
     let mut flush_store = false;
     let mut answers = Vec::with_capacity(entries.len());
-    for e in entries {
+    for (i, e) in entries.iter().enumerate() {
         let index = e.log_id.index;
         let mut written = 0;
         match &e.payload {
@@ -1031,7 +1122,12 @@ fn decide(
                     dirty: &mut dirty,
                     flushed_at_once: false,
                 };
-                let replies = cmd.writes.iter().map(|w| batch.apply(w.clone())).collect();
+                let held = runs.get(i).and_then(Option::as_deref);
+                let replies = held
+                    .unwrap_or(&cmd.writes)
+                    .iter()
+                    .map(|w| batch.apply(w.clone()))
+                    .collect();
                 if batch.flushed_at_once {
                     flush_store = true;
                 }
@@ -1472,7 +1568,6 @@ mod tests {
 
     use super::*;
     use crate::backend::EmbeddedStore;
-    use crate::consistency::raft::command::Command;
     use crate::consistency::raft::log_store::LogStore;
     use crate::protocol::ArithOp;
 
@@ -1530,7 +1625,11 @@ mod tests {
     fn entry(index: u64, now_ms: u64, writes: Vec<Request>) -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(Command { now_ms, writes }),
+            payload: EntryPayload::Normal(Command {
+                now_ms,
+                ticket: 0,
+                writes,
+            }),
         }
     }
 
@@ -1695,6 +1794,139 @@ mod tests {
             Some((Bytes::from_static(b"y"), cas_token(2, 0)))
         );
         assert_eq!(sm.applied_index(), 2);
+    }
+
+    /// The reads of a proposal stay on the proposer: applying the entry
+    /// there answers every request at its place among the writes; another
+    /// replica applies the writes alone, to the same state.
+    #[tokio::test]
+    async fn reads_held_back_are_answered_at_their_place_on_the_proposer_only() {
+        let read = || Request::Get {
+            keys: vec![Bytes::from_static(b"k")],
+            cas: false,
+        };
+        let batch: Vec<Request> = vec![
+            read(),
+            set("k", "one"),
+            read(),
+            Request::MetaNoop,
+            set("k", "two"),
+            read(),
+        ];
+        let writes: Vec<Request> = batch.iter().filter(|r| !held_back(r)).cloned().collect();
+        assert_eq!(writes, vec![set("k", "one"), set("k", "two")]);
+        let now = unix_ms();
+        let mut replies = Vec::new();
+        let mut stores = Vec::new();
+        for proposer in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(EmbeddedStore::new(1 << 20));
+            let sm = open(&store, dir.path()).await;
+            let ticket = sm.held.hold(batch.clone().into());
+            // On another replica the ticket names nothing held there.
+            let id = if proposer { ticket.id } else { ticket.id ^ 1 };
+            let e = Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+                payload: EntryPayload::Normal(Command {
+                    now_ms: now,
+                    ticket: id,
+                    writes: writes.clone(),
+                }),
+            };
+            replies.push(apply(&sm, vec![e]).await.remove(0));
+            drop(ticket);
+            assert!(lock(&sm.held.batches).is_empty(), "let go with its ticket");
+            stores.push(get(&sm, "k").await);
+            drop(dir);
+        }
+        let value = |d: &str| {
+            Response::Values(vec![Value {
+                key: Bytes::from_static(b"k"),
+                flags: 3,
+                data: Bytes::from(d.to_string()),
+                cas: None,
+            }])
+        };
+        assert_eq!(
+            replies[0],
+            vec![
+                Response::Values(Vec::new()),
+                Response::Stored,
+                value("one"),
+                Response::Meta(MetaReply::new(MetaCode::Mn, "")),
+                Response::Stored,
+                value("two"),
+            ]
+        );
+        assert_eq!(replies[1], vec![Response::Stored, Response::Stored]);
+        assert_eq!(stores[0], stores[1]);
+        assert_eq!(
+            stores[0],
+            Some((Bytes::from_static(b"two"), cas_token(1, 1)))
+        );
+    }
+
+    /// A data directory written in another format is refused at open,
+    /// naming what to do; one of this format opens.
+    #[tokio::test]
+    async fn a_data_dir_of_another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::new(1 << 20));
+        let sm = open(&store, dir.path()).await;
+        sm.persist(true).unwrap();
+        drop(sm);
+        let log = || LogStore::<TypeConfig>::open(dir.path().join("log")).unwrap();
+        let reopened = StateMachine::open(store.clone(), dir.path(), log().reader(), KEPT, 1 << 20);
+        assert!(reopened.await.is_ok());
+        let mut meta: Meta = read_file(&dir.path().join("state")).unwrap().unwrap();
+        assert_eq!(meta.format, DATA_FORMAT);
+        meta.format = DATA_FORMAT - 1;
+        write_file(&dir.path().join("state"), &meta, true).unwrap();
+        let refused = StateMachine::open(store.clone(), dir.path(), log().reader(), KEPT, 1 << 20)
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            refused.to_string().contains("move the directory away"),
+            "{refused}"
+        );
+        // A state file from before the format was kept ends early.
+        let old = postcard::to_stdvec(&meta).unwrap();
+        std::fs::write(dir.path().join("state"), &old[..old.len() - 1]).unwrap();
+        let refused = StateMachine::open(store, dir.path(), log().reader(), KEPT, 1 << 20)
+            .await
+            .err()
+            .expect("refused");
+        assert!(refused.to_string().contains("unreadable"), "{refused}");
+    }
+
+    /// A ticket held here whose writes are not the entry's is not used.
+    #[tokio::test]
+    async fn a_held_batch_whose_writes_differ_is_not_the_entrys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::new(1 << 20));
+        let sm = open(&store, dir.path()).await;
+        let held = vec![
+            Request::Get {
+                keys: vec![Bytes::from_static(b"k")],
+                cas: false,
+            },
+            set("k", "held"),
+        ];
+        let ticket = sm.held.hold(held.into());
+        let e = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(Command {
+                now_ms: unix_ms(),
+                ticket: ticket.id,
+                writes: vec![set("k", "logged")],
+            }),
+        };
+        assert_eq!(apply(&sm, vec![e]).await[0], vec![Response::Stored]);
+        assert_eq!(
+            get(&sm, "k").await.map(|(v, _)| v),
+            Some(Bytes::from_static(b"logged"))
+        );
     }
 
     #[tokio::test]
