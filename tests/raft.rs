@@ -107,8 +107,8 @@ fn every_node_answers_as_one_memcached() {
     assert_eq!(n1.call(b"incr nothing 1\r\n"), b"NOT_FOUND\r\n");
     assert_eq!(n3.call(b"flush_all\r\n"), b"OK\r\n");
     assert_eq!(n1.call(b"get n\r\n"), b"END\r\n");
-    // /metrics: one leader, the same term everywhere, and proposals timed
-    // on the leader.
+    // /metrics: one leader, the same term everywhere, proposals timed on
+    // the leader, and the stages of a proposal timed where they run.
     let start = Instant::now();
     loop {
         let texts: Vec<String> = (1..=3).map(|i| c.metrics(i).unwrap_or_default()).collect();
@@ -124,13 +124,32 @@ fn every_node_answers_as_one_memcached() {
             .iter()
             .filter_map(|t| metric(t, "memdial_raft_proposal_duration_seconds_count"))
             .sum();
-        if leaders == 1.0 && terms.iter().all(|t| t.is_some() && *t == terms[0]) && proposals > 0.0
+        // The stages: every node synced its log and applied entries; the
+        // followers took AppendEntries from the leader (a node that led
+        // before an election may have too).
+        let on_every = |name: &str| {
+            texts
+                .iter()
+                .filter(|t| metric(t, name).is_some_and(|v| v > 0.0))
+                .count()
+        };
+        let stages = [
+            on_every("memdial_raft_log_sync_duration_seconds_count"),
+            on_every("memdial_raft_apply_duration_seconds_count"),
+            on_every("memdial_raft_append_rpc_duration_seconds_count"),
+        ];
+        if leaders == 1.0
+            && terms.iter().all(|t| t.is_some() && *t == terms[0])
+            && proposals > 0.0
+            && stages[..2] == [3, 3]
+            && stages[2] >= 2
         {
             break;
         }
         assert!(
             start.elapsed() < ANSWER_WAIT,
-            "raft metrics: {leaders} leaders, terms {terms:?}, {proposals} proposals"
+            "raft metrics: {leaders} leaders, terms {terms:?}, {proposals} proposals, \
+             nodes with syncs, applies, append RPCs: {stages:?}"
         );
         poll_pause();
     }

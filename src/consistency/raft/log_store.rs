@@ -250,6 +250,8 @@ struct Shared<NID: openraft::NodeId> {
     /// votes, truncates, purges) they completed.
     syncs: AtomicU64,
     synced_requests: AtomicU64,
+    /// Observes how long each `fdatasync` took, once set.
+    sync_seconds: std::sync::OnceLock<prometheus::Histogram>,
     /// Held by a test to hold back the next sync.
     #[cfg(test)]
     sync_gate: std::sync::Mutex<()>,
@@ -265,7 +267,12 @@ impl<NID: openraft::NodeId> Shared<NID> {
         if self.fail_next_sync.swap(false, Ordering::SeqCst) {
             return Err(io::Error::other("injected fdatasync failure"));
         }
-        file.sync_data()
+        let started = std::time::Instant::now();
+        let result = file.sync_data();
+        if let Some(h) = self.sync_seconds.get() {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        result
     }
 }
 
@@ -787,6 +794,7 @@ where
             max_read_bytes: opts.max_read_bytes,
             syncs: AtomicU64::new(0),
             synced_requests: AtomicU64::new(0),
+            sync_seconds: std::sync::OnceLock::new(),
             #[cfg(test)]
             sync_gate: std::sync::Mutex::new(()),
             #[cfg(test)]
@@ -1051,6 +1059,12 @@ impl<C: RaftTypeConfig> Drop for LogStore<C> {
 }
 
 impl<C: RaftTypeConfig> LogReader<C> {
+    /// From now on, observes the time of every `fdatasync` of the log in
+    /// `h` (the first histogram given stays).
+    pub fn observe_syncs(&self, h: prometheus::Histogram) {
+        let _ = self.shared.sync_seconds.set(h);
+    }
+
     /// The store's counters; a reader can be kept for this after the store
     /// itself has been handed to `Raft::new`.
     pub fn stats(&self) -> LogStoreStats {

@@ -171,11 +171,26 @@ struct RaftMetrics {
     clock_lag: IntGauge,
     /// From handing a log entry to Raft to its commit and apply.
     proposal_seconds: Histogram,
+    /// The stages of a proposal, for reading where it waits: each sync of
+    /// this node's log, each apply of committed entries to the store, and
+    /// (on a follower) each AppendEntries from the leader, its sync
+    /// included.
+    log_sync_seconds: Histogram,
+    apply_seconds: Histogram,
+    append_rpc_seconds: Histogram,
 }
 
 impl RaftMetrics {
     fn register(r: &Registry) -> prometheus::Result<RaftMetrics> {
         let gauge = |name: &str, help: &str| reg(r, IntGauge::new(name, help)?);
+        // 100 µs to about 3 s.
+        let histogram = |name: &str, help: &str| {
+            let buckets = prometheus::exponential_buckets(0.0001, 2.0, 16)?;
+            reg(
+                r,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?,
+            )
+        };
         Ok(RaftMetrics {
             term: gauge("raft_term", "The Raft term this node is in")?,
             leader: gauge("raft_leader", "The leader this node knows (0: none)")?,
@@ -220,15 +235,21 @@ impl RaftMetrics {
                 "raft_clock_lag_ms",
                 "How far the log's clock (which decides expiry) is behind this node's",
             )?,
-            proposal_seconds: reg(
-                r,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "raft_proposal_duration_seconds",
-                        "One log entry (many clients' writes) from proposal to commit and apply",
-                    )
-                    .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
-                )?,
+            proposal_seconds: histogram(
+                "raft_proposal_duration_seconds",
+                "One log entry (many clients' writes) from proposal to commit and apply",
+            )?,
+            log_sync_seconds: histogram(
+                "raft_log_sync_duration_seconds",
+                "One fdatasync of this node's Raft log",
+            )?,
+            apply_seconds: histogram(
+                "raft_apply_duration_seconds",
+                "One apply of committed entries to this node's store",
+            )?,
+            append_rpc_seconds: histogram(
+                "raft_append_rpc_duration_seconds",
+                "On a follower: one AppendEntries from the leader, its log sync included",
             )?,
         })
     }
@@ -260,6 +281,7 @@ impl RaftMode {
         let metrics = RaftMetrics::register(registry)?;
         let id = u64::from(cluster.node_id());
         let log = LogStore::<TypeConfig>::open(settings.data_dir.join("log"))?;
+        log.reader().observe_syncs(metrics.log_sync_seconds.clone());
         let sm = StateMachine::open(
             backend.clone(),
             &settings.data_dir.join("state"),
@@ -268,6 +290,7 @@ impl RaftMode {
             settings.item_size_max,
         )
         .await?;
+        let _ = sm.apply_seconds.set(metrics.apply_seconds.clone());
         let ms = |d: Duration| d.as_millis() as u64;
         let config = openraft::Config {
             cluster_name: settings.cluster_name.clone(),
@@ -831,7 +854,10 @@ impl Handler for RaftMode {
     fn on_request(&self, _peer: u32, body: Bytes) -> BoxFuture<'_, Result<Bytes, String>> {
         Box::pin(async move {
             let reply = match decode::<Rpc>(&body)? {
-                Rpc::Append(r) => RpcReply::Append(self.raft.append_entries(r).await),
+                Rpc::Append(r) => {
+                    let _timer = self.metrics.append_rpc_seconds.start_timer();
+                    RpcReply::Append(self.raft.append_entries(r).await)
+                }
                 Rpc::Vote(r) => RpcReply::Vote(self.raft.vote(r).await),
                 Rpc::Snapshot(r) => RpcReply::Snapshot(self.raft.install_snapshot(r).await),
                 Rpc::Forward(batch) => {

@@ -261,6 +261,8 @@ pub struct StateMachine {
     pub counts: SmCounts,
     /// Reads of this node's proposals, held back from the log.
     pub held: Arc<Held>,
+    /// Observes how long each apply of committed entries took, once set.
+    pub apply_seconds: std::sync::OnceLock<prometheus::Histogram>,
 }
 
 fn io_error(e: impl std::fmt::Display) -> StorageError<u64> {
@@ -366,6 +368,7 @@ impl StateMachine {
             snapshot_seq: AtomicU64::new(0),
             counts: SmCounts::default(),
             held: Arc::default(),
+            apply_seconds: std::sync::OnceLock::new(),
         });
         let saved: Option<Meta> = read_file(&dir.join("state"))?;
         if let Some(m) = &saved
@@ -1522,6 +1525,7 @@ impl RaftStateMachine<TypeConfig> for Arc<StateMachine> {
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
     {
+        let _timer = self.apply_seconds.get().map(|h| h.start_timer());
         self.apply_entries(entries.into_iter().collect()).await
     }
 
