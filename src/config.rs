@@ -314,7 +314,12 @@ pub struct TimeoutsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackendConfig {
-    /// Pooled connections to each node's memcached.
+    /// Connections to each node's memcached that carry every client's
+    /// requests, multiplexed; 0 sends each client batch alone on a pooled
+    /// connection instead (`pool_size` of them).
+    pub multiplexed_connections: usize,
+    /// Pooled connections to each node's memcached, when
+    /// `multiplexed_connections` is 0.
     pub pool_size: usize,
 }
 
@@ -413,7 +418,10 @@ impl Default for TimeoutsConfig {
 
 impl Default for BackendConfig {
     fn default() -> Self {
-        BackendConfig { pool_size: 16 }
+        BackendConfig {
+            multiplexed_connections: 2,
+            pool_size: 16,
+        }
     }
 }
 
@@ -687,7 +695,11 @@ impl Config {
     /// listeners, backend pool, peer links, admin requests, refusals in
     /// flight and the runtime's own.
     pub fn fds_besides_clients(&self) -> u64 {
-        64 + self.backend.pool_size as u64 + 4 * self.nodes.len() as u64
+        64 + self
+            .backend
+            .pool_size
+            .max(self.backend.multiplexed_connections) as u64
+            + 4 * self.nodes.len() as u64
     }
 
     pub fn protocol_limits(&self) -> Limits {
