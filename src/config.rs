@@ -49,6 +49,17 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub timeouts: TimeoutsConfig,
     pub backend: BackendConfig,
+    pub runtime: RuntimeConfig,
+}
+
+/// How the node's tasks are scheduled.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads that run the node: 1 runs every task on one thread (no
+    /// cross-thread wake-ups), more share the tasks out (work-stealing);
+    /// 0 picks 1 for a config of one node and one per core for a cluster.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -382,6 +393,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
             backend: BackendConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }
