@@ -34,7 +34,11 @@
 //! one `--protocol=memcache_text --ratio=1:G --key-pattern R:R` run of
 //! `--seconds` s. Figures come from its `--json-out-file` (see
 //! [`parse_memtier_json`]). Every memtier run is killed if it outlives its
-//! deadline, and its `error` lines fail the target.
+//! deadline, and its `error` lines fail the target. Each row also gives
+//! the CPU time (user + system, from `/proc/PID/stat`) that the process
+//! serving the target used during the measured run, and the requests it
+//! answered per CPU-second (for a proxy, its own CPU only: the memcached
+//! behind it is not counted).
 //!
 //! Workload: 1 set : 10 gets (memtier's default; `--gets-per-set N`),
 //! uniformly random keys.

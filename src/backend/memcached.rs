@@ -198,6 +198,11 @@ impl MemcachedBackend {
         if let Some(mux) = &self.mux {
             return mux.call(requests).await;
         }
+        // Boxed so that its large future is not part of every call's.
+        Box::pin(self.pooled_exchange(requests)).await
+    }
+
+    async fn pooled_exchange(&self, requests: &[Request]) -> Result<Vec<Response>, BackendError> {
         let mut conn = self.pool.get().await.map_err(|e| self.checkout_error(e))?;
         match conn.call(requests).await {
             Ok(responses) => Ok(responses),

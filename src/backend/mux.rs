@@ -319,7 +319,8 @@ impl Mux {
         for _ in 0..2 {
             let conn = match slot.live() {
                 Some(conn) => conn,
-                None => self.connect(slot).await?,
+                // Boxed: rare, and its future is large.
+                None => Box::pin(self.connect(slot)).await?,
             };
             let Some(rx) = conn.submit(requests) else {
                 continue;
