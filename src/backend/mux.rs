@@ -347,7 +347,15 @@ impl Mux {
 
     /// The slot's connection, made now if it has none (or a failed one).
     async fn connect(&self, slot: &Slot) -> Result<Arc<Conn>, BackendError> {
-        let _connecting = slot.connecting.lock().await;
+        // Callers queued behind a connect that hangs give up in time too.
+        let Ok(_connecting) =
+            tokio::time::timeout(self.options.connect_timeout, slot.connecting.lock()).await
+        else {
+            return Err(BackendError::Unavailable(format!(
+                "{}: connect timed out",
+                self.addr
+            )));
+        };
         if let Some(conn) = slot.live() {
             return Ok(conn);
         }
