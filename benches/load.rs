@@ -34,7 +34,11 @@
 //! one `--protocol=memcache_text --ratio=1:G --key-pattern R:R` run of
 //! `--seconds` s. Figures come from its `--json-out-file` (see
 //! [`parse_memtier_json`]). Every memtier run is killed if it outlives its
-//! deadline, and its `error` lines fail the target.
+//! deadline, and its `error` lines fail the target. Each row also gives
+//! the CPU time (user + system, from `/proc/PID/stat`) that the process
+//! serving the target used during the measured run, and the requests it
+//! answered per CPU-second (for a proxy, its own CPU only: the memcached
+//! behind it is not counted).
 //!
 //! Workload: 1 set : 10 gets (memtier's default; `--gets-per-set N`),
 //! uniformly random keys.
@@ -725,6 +729,33 @@ struct MemtierRun {
     /// Gets that found their key, of all gets.
     hit_ratio: f64,
     connection_errors: u64,
+    /// Requests answered in the whole run (the tail included).
+    count: u64,
+}
+
+/// CPU time (user + system) a process has used so far, in seconds, from
+/// `/proc/PID/stat`; `None` where there is no /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is the
+    // first, utime the 12th and stime the 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / clock_ticks())
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`, 100 on Linux).
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// memtier's first `--version` line, e.g. `memtier_benchmark v=2.3.0
@@ -878,6 +909,7 @@ fn parse_memtier_json(text: &str, seconds: u64) -> Result<MemtierRun, String> {
             1.0
         },
         connection_errors: totals["Connection Errors"].as_u64().unwrap_or(0),
+        count,
     })
 }
 
@@ -890,7 +922,8 @@ async fn memtier_measure(
     value: usize,
     pipeline: usize,
     json: &Path,
-) -> Result<MemtierRun, String> {
+    pid: Option<u32>,
+) -> Result<(MemtierRun, Option<f64>), String> {
     // memtier's own start-up and the in-flight tail, with room to spare.
     let slack = Duration::from_secs(30);
     if o.warmup > 0 {
@@ -901,15 +934,22 @@ async fn memtier_measure(
     }
     let mut args = memtier_load(port, o, value, pipeline, o.seconds);
     args.push(format!("--json-out-file={}", json.display()));
+    let cpu_before = pid.and_then(cpu_seconds);
     run_memtier(bin, &args, Duration::from_secs(o.seconds) + slack).await?;
+    let cpu = match (cpu_before, pid.and_then(cpu_seconds)) {
+        (Some(before), Some(after)) => Some(after - before),
+        _ => None,
+    };
     let text = std::fs::read_to_string(json).map_err(|e| format!("{}: {e}", json.display()))?;
-    parse_memtier_json(&text, o.seconds)
+    Ok((parse_memtier_json(&text, o.seconds)?, cpu))
 }
 
 /// Prefills every target with memtier, then runs every target at each depth
-/// back to back and prints one table per value size and depth. Returns
-/// whether anything failed.
-async fn memtier_main(bin: &Path, targets: &[(&str, u16)], o: &Opts) -> bool {
+/// back to back and prints one table per value size and depth, with the
+/// CPU time the process serving each target (`pids`, in the order of
+/// `targets`) used in the measured run and its requests per CPU-second.
+/// Returns whether anything failed.
+async fn memtier_main(bin: &Path, targets: &[(&str, u16)], pids: &[u32], o: &Opts) -> bool {
     let dir = tempfile::tempdir().expect("a directory for memtier's JSON");
     let mut failed = false;
     let ratio = |x: f64, base: Option<f64>| match base {
@@ -928,7 +968,7 @@ async fn memtier_main(bin: &Path, targets: &[(&str, u16)], o: &Opts) -> bool {
         for &pipeline in &o.pipelines {
             println!("\n{value}-byte values, pipeline depth {pipeline} (memtier_benchmark)");
             println!(
-                "{:<32} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6}",
+                "{:<32} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9}",
                 "target",
                 "ops/s",
                 "avg",
@@ -939,27 +979,35 @@ async fn memtier_main(bin: &Path, targets: &[(&str, u16)], o: &Opts) -> bool {
                 "ops x",
                 "p50 x",
                 "p99 x",
-                "p99.9 x"
+                "p99.9 x",
+                "cpu s",
+                "ops/cpu-s"
             );
             // memcached direct's figures, the ratios' base.
             let mut direct: Option<[f64; 4]> = None;
             for (i, (name, port)) in targets.iter().enumerate() {
                 let json = dir.path().join(format!("{value}-{pipeline}-{i}.json"));
-                let r = match memtier_measure(bin, *port, o, value, pipeline, &json).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        println!("{name:<32} failed: {e}");
-                        failed = true;
-                        continue;
-                    }
-                };
+                let pid = pids.get(i).copied();
+                let (r, cpu) =
+                    match memtier_measure(bin, *port, o, value, pipeline, &json, pid).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            println!("{name:<32} failed: {e}");
+                            failed = true;
+                            continue;
+                        }
+                    };
                 let figures = [r.ops_per_sec, r.p50 as f64, r.p99 as f64, r.p999 as f64];
                 if i == 0 {
                     direct = Some(figures);
                 }
                 let base = |k: usize| direct.map(|d| d[k]);
+                let (cpu_s, per_cpu) = match cpu {
+                    Some(c) if c > 0.0 => (format!("{c:.2}"), format!("{:.0}", r.count as f64 / c)),
+                    _ => ("-".into(), "-".into()),
+                };
                 println!(
-                    "{:<32} {:>10.0} {:>7} {:>7} {:>7} {:>7} {:>7.2} {:>6} {:>6} {:>6} {:>6}",
+                    "{:<32} {:>10.0} {:>7} {:>7} {:>7} {:>7} {:>7.2} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9}",
                     name,
                     r.ops_per_sec,
                     r.avg,
@@ -971,6 +1019,8 @@ async fn memtier_main(bin: &Path, targets: &[(&str, u16)], o: &Opts) -> bool {
                     ratio(figures[1], base(1)),
                     ratio(figures[2], base(2)),
                     ratio(figures[3], base(3)),
+                    cpu_s,
+                    per_cpu,
                 );
                 if r.connection_errors > 0 {
                     println!("    connection errors: {}", r.connection_errors);
@@ -1216,13 +1266,18 @@ fn main() {
         .collect();
 
     let mut targets = vec![("memcached direct", mc.port)];
+    let mut pids = vec![mc.pid()];
     if let Some((proxy, _)) = &twemproxy {
         targets.push(("twemproxy -> memcached", proxy.port));
+        pids.push(proxy.pid());
     }
     targets.push(("memdial -> memcached", over.port));
+    pids.push(over.pid());
     targets.push(("memdial embedded", emb.port));
+    pids.push(emb.pid());
     for (name, (_, c)) in cluster_names.iter().zip(&clusters) {
         targets.push((name.as_str(), c.ports(1).client));
+        pids.push(c.pid(1).expect("node 1 runs"));
     }
     println!(
         "memdial load, commit {}: {} connections, 1 set : {} gets, {} keys, {} s measured after {} s warm-up, {} generator thread(s); latency per request, µs",
@@ -1243,7 +1298,7 @@ fn main() {
     let mut failed = false;
     rt.block_on(async {
         failed |= match &o.memtier {
-            Some(bin) => memtier_main(bin, &targets, &o).await,
+            Some(bin) => memtier_main(bin, &targets, &pids, &o).await,
             None => builtin_main(&targets, &o).await,
         };
         // Replication delay: eventual mode's measure (the ordered modes

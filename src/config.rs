@@ -49,6 +49,17 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub timeouts: TimeoutsConfig,
     pub backend: BackendConfig,
+    pub runtime: RuntimeConfig,
+}
+
+/// How the node's tasks are scheduled.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads that run the node: 1 runs every task on one thread (no
+    /// cross-thread wake-ups), more share the tasks out (work-stealing);
+    /// 0 picks 1 for a config of one node and one per core for a cluster.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -314,7 +325,12 @@ pub struct TimeoutsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackendConfig {
-    /// Pooled connections to each node's memcached.
+    /// Connections to each node's memcached that carry every client's
+    /// requests, multiplexed; 0 sends each client batch alone on a pooled
+    /// connection instead (`pool_size` of them).
+    pub multiplexed_connections: usize,
+    /// Pooled connections to each node's memcached, when
+    /// `multiplexed_connections` is 0.
     pub pool_size: usize,
 }
 
@@ -377,6 +393,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
             backend: BackendConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }
@@ -413,7 +430,10 @@ impl Default for TimeoutsConfig {
 
 impl Default for BackendConfig {
     fn default() -> Self {
-        BackendConfig { pool_size: 16 }
+        BackendConfig {
+            multiplexed_connections: 2,
+            pool_size: 16,
+        }
     }
 }
 
@@ -687,7 +707,11 @@ impl Config {
     /// listeners, backend pool, peer links, admin requests, refusals in
     /// flight and the runtime's own.
     pub fn fds_besides_clients(&self) -> u64 {
-        64 + self.backend.pool_size as u64 + 4 * self.nodes.len() as u64
+        64 + self
+            .backend
+            .pool_size
+            .max(self.backend.multiplexed_connections) as u64
+            + 4 * self.nodes.len() as u64
     }
 
     pub fn protocol_limits(&self) -> Limits {

@@ -131,14 +131,25 @@ fn run() -> anyhow::Result<()> {
         }
         other => other,
     };
-    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    // The config is read first: it says how the runtime is built.
+    let (config, start) = match command {
+        Command::Serve(args) => {
+            let node = args.node;
+            (serve_config(args)?, Start::Serve(node))
+        }
+        Command::Cluster(args) => {
+            let memcached = args.memcached;
+            (cluster_config(&args)?, Start::Cluster { memcached })
+        }
+        Command::Cli(_) | Command::Probe(_) | Command::RaftLog(_) => return Ok(()),
+    };
+    let runtime = build_runtime(&config).context("starting the tokio runtime")?;
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signals(shutdown.clone()));
-        match command {
-            Command::Serve(args) => serve(args, shutdown).await,
-            Command::Cluster(args) => cluster(args, shutdown).await,
-            Command::Cli(_) | Command::Probe(_) | Command::RaftLog(_) => Ok(()),
+        match start {
+            Start::Serve(node) => serve(config, node, shutdown).await,
+            Start::Cluster { memcached } => cluster(config, memcached, shutdown).await,
         }
     });
     // Connections still open past the grace period are dropped here.
@@ -146,7 +157,38 @@ fn run() -> anyhow::Result<()> {
     result
 }
 
-async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// What `run` starts once the runtime is built.
+enum Start {
+    Serve(u32),
+    Cluster { memcached: bool },
+}
+
+/// The runtime `runtime.worker_threads` asks for: 1 is a current-thread
+/// runtime (every task on the thread that runs the node, so waking a task
+/// never wakes another thread), more is tokio's work-stealing scheduler on
+/// that many threads; 0 is one thread for a config of one node and one
+/// per core for a cluster (see `docs/BENCHMARKS.md`, issue 9).
+fn build_runtime(config: &Config) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = match config.runtime.worker_threads {
+        0 if config.nodes.len() == 1 => 1,
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
+/// `serve`'s config: the file (or the default), with the command line's
+/// overrides, validated.
+fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -176,20 +218,33 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
         None => {}
     }
     config.validate()?;
-    let node = node::Node::start(&config, args.node, shutdown.clone()).await?;
+    Ok(config)
+}
+
+async fn serve(config: Config, node: u32, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let node = node::Node::start(&config, node, shutdown.clone()).await?;
     node.wait().await
 }
 
-async fn cluster(args: ClusterArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// `cluster`'s config, with the command line's overrides.
+fn cluster_config(args: &ClusterArgs) -> anyhow::Result<Config> {
     let mut config = Config::load(&args.config)?;
     if let Some(c) = args.consistency {
         config.cluster.consistency = c;
     }
     let nodes = config.nodes.len() as u64;
     fit_connections_to_fds(&mut config, nodes);
+    Ok(config)
+}
+
+async fn cluster(
+    mut config: Config,
+    memcached: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     // Held until the cluster stops; dropping them stops the memcached.
     let mut _started = Vec::new();
-    if args.memcached {
+    if memcached {
         // The ordered modes need a memcached that never evicts (-M).
         let never_evict = config.cluster.consistency != Consistency::Eventual;
         for n in &config.nodes {

@@ -194,7 +194,7 @@ impl Metrics {
                 IntGaugeVec::new(
                     Opts::new(
                         "backend_pool_connections",
-                        "Backend pool connections by state",
+                        "Backend connections by state (a multiplexed one is idle while open)",
                     ),
                     &["state"],
                 )?,

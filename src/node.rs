@@ -42,6 +42,7 @@ impl Node {
             Some(addr) => Arc::new(MemcachedBackend::new(
                 addr.clone(),
                 MemcachedOptions {
+                    multiplexed_connections: config.backend.multiplexed_connections,
                     pool_size: config.backend.pool_size,
                     connect_timeout: Duration::from_millis(t.backend_connect_timeout_ms),
                     request_timeout: Duration::from_millis(t.backend_request_timeout_ms),

@@ -537,8 +537,9 @@ fn metrics_show_backend_errors_and_pool_after_an_outage() {
         "{body}"
     );
     assert_eq!(
+        // The two multiplexed connections (backend.multiplexed_connections).
         metric(&body, "memdial_backend_pool_connections{state=\"max\"}"),
-        Some(16.0),
+        Some(2.0),
         "{body}"
     );
 }

@@ -1,18 +1,30 @@
-//! A [`Backend`] that forwards data requests to a real memcached over a pool
-//! of TCP connections.
+//! A [`Backend`] that forwards data requests to a real memcached over a few
+//! multiplexed connections (the default) or a pool of TCP connections.
 //!
 //! | Contract ([`Backend::call`])              | This implementation                                            |
 //! |-------------------------------------------|----------------------------------------------------------------|
-//! | one response per request, in order        | the batch is pipelined on one pooled connection and each reply |
-//! |                                           | is parsed against its request (FIFO), see [`parse_reply`]      |
+//! | one response per request, in order        | the batch goes whole, in order, onto one connection: with      |
+//! |                                           | `multiplexed_connections` > 0 one of a few shared ones, where  |
+//! |                                           | it follows other callers' batches (see [`super::mux`]); with 0 |
+//! |                                           | a pooled one of its own. Each reply is parsed against its      |
+//! |                                           | request (FIFO), see [`parse_reply`]                            |
 //! | `noreply` is the caller's business        | `noreply` is stripped, so every forwarded request earns        |
 //! |                                           | exactly one reply                                              |
 //! | non-data requests answer `ERROR`          | `quit`, `version`, `verbosity`, `stats` and too-large stores   |
 //! |                                           | are answered locally and never sent                            |
-//! | an `Err` leaves the batch's outcome open  | any failure discards the connection; nothing is retried        |
-//! | never hangs                               | pool wait, connect and the whole exchange each have a timeout  |
+//! | an `Err` leaves the batch's outcome open  | any failure drops the connection, failing every batch on it    |
+//! |                                           | with the same error; nothing is retried                        |
+//! | never hangs                               | connect and the wait for a batch's replies each have a         |
+//! |                                           | timeout (and the pool wait, for the pool); a connection whose  |
+//! |                                           | oldest reply is overdue is dropped                             |
 //!
-//! Connections are made lazily by the pool. A connection is only put back
+//! Multiplexed connections are made on first use and remade by the next
+//! batch after one fails (I/O error, EOF, a reply that does not frame,
+//! bytes nobody asked for, or an overdue reply). A caller that gives up
+//! leaves its batch queued: its replies are read and dropped, so framing
+//! is kept.
+//!
+//! Pooled connections are made lazily by the pool. A connection is only put back
 //! into service when its last exchange completed: it is marked broken when an
 //! exchange starts and unmarked when every reply has been read, so an error,
 //! a timeout or a cancelled caller all leave it broken, and `recycle` drops
@@ -32,6 +44,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::ReadHalf;
 
+use super::mux::{Mux, MuxOptions};
 use super::{Backend, BackendError, BoxFuture, KeyExpiry, PoolStatus};
 use crate::outage::Outage;
 use crate::protocol::{
@@ -45,10 +58,15 @@ const READ_CHUNK: usize = 64 * 1024;
 /// exchange is over, so idle pooled connections stay small.
 const IDLE_BUFFER_MAX: usize = 256 * 1024;
 
-/// Tuning of the connection pool to one memcached.
+/// Tuning of the connections to one memcached.
 #[derive(Debug, Clone)]
 pub struct MemcachedOptions {
-    /// Most connections open at once (at least 1 is used).
+    /// Connections that carry every caller's batches, multiplexed (see
+    /// [`super::mux`]); 0 runs each batch alone on a pooled connection
+    /// instead.
+    pub multiplexed_connections: usize,
+    /// With `multiplexed_connections` 0: most pooled connections open at
+    /// once (at least 1 is used).
     pub pool_size: usize,
     /// Bound on making one TCP connection (resolution included).
     pub connect_timeout: Duration,
@@ -61,6 +79,8 @@ pub struct MemcachedOptions {
 impl Default for MemcachedOptions {
     fn default() -> Self {
         MemcachedOptions {
+            multiplexed_connections: crate::config::BackendConfig::default()
+                .multiplexed_connections,
             pool_size: 16,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(2),
@@ -69,9 +89,11 @@ impl Default for MemcachedOptions {
     }
 }
 
-/// A pooled connection to one memcached.
+/// Connections to one memcached.
 pub struct MemcachedBackend {
     addr: String,
+    /// The data path, unless batches go to the pool.
+    mux: Option<Mux>,
     pool: Pool<Manager>,
     /// Logs this memcached going down and coming back, once each.
     outage: Outage,
@@ -105,7 +127,22 @@ impl MemcachedBackend {
             .build()
             .expect("a pool with a runtime always builds");
         let outage = Outage::new(format!("memcached {addr}"));
-        MemcachedBackend { addr, pool, outage }
+        let mux = (options.multiplexed_connections > 0).then(|| {
+            Mux::new(
+                addr.clone(),
+                MuxOptions {
+                    connections: options.multiplexed_connections,
+                    connect_timeout: options.connect_timeout,
+                    request_timeout: options.request_timeout,
+                },
+            )
+        });
+        MemcachedBackend {
+            addr,
+            mux,
+            pool,
+            outage,
+        }
     }
 
     /// Runs a batch, noting whether memcached answered.
@@ -155,8 +192,17 @@ impl MemcachedBackend {
             .collect()
     }
 
-    /// Runs `requests` (all forwardable) on one pooled connection.
+    /// Runs `requests` (all forwardable) on a multiplexed connection or,
+    /// without one, on one pooled connection.
     async fn exchange(&self, requests: &[Request]) -> Result<Vec<Response>, BackendError> {
+        if let Some(mux) = &self.mux {
+            return mux.call(requests).await;
+        }
+        // Boxed so that its large future is not part of every call's.
+        Box::pin(self.pooled_exchange(requests)).await
+    }
+
+    async fn pooled_exchange(&self, requests: &[Request]) -> Result<Vec<Response>, BackendError> {
         let mut conn = self.pool.get().await.map_err(|e| self.checkout_error(e))?;
         match conn.call(requests).await {
             Ok(responses) => Ok(responses),
@@ -377,6 +423,15 @@ impl Backend for MemcachedBackend {
     }
 
     fn pool_status(&self) -> Option<PoolStatus> {
+        if let Some(mux) = &self.mux {
+            // Every open multiplexed connection takes batches.
+            let open = mux.open();
+            return Some(PoolStatus {
+                max_size: mux.max(),
+                size: open,
+                available: open,
+            });
+        }
         let s = self.pool.status();
         Some(PoolStatus {
             max_size: s.max_size,
@@ -615,6 +670,7 @@ async fn read_replies(
 mod tests {
     use std::net::{SocketAddr, TcpListener};
     use std::process::{Child, Command, Stdio};
+    use std::sync::Arc;
     use std::time::Instant;
 
     use bytes::Bytes;
@@ -678,6 +734,19 @@ mod tests {
             MemcachedBackend::new(self.addr(), MemcachedOptions::default())
         }
 
+        /// A backend that runs each batch alone on a pooled connection.
+        fn pooled(&self) -> MemcachedBackend {
+            MemcachedBackend::new(self.addr(), pooled())
+        }
+
+        fn signal(&self, signal: &str) {
+            let status = Command::new("kill")
+                .args([signal, &self.child.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill {signal}");
+        }
+
         fn stop(&mut self) {
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -687,6 +756,14 @@ mod tests {
     impl Drop for Memcached {
         fn drop(&mut self) {
             self.stop();
+        }
+    }
+
+    /// Options for the pool path: no multiplexed connections.
+    fn pooled() -> MemcachedOptions {
+        MemcachedOptions {
+            multiplexed_connections: 0,
+            ..MemcachedOptions::default()
         }
     }
 
@@ -803,8 +880,9 @@ mod tests {
             one(&backend, get(&["nothing"], false)).await,
             Response::Values(vec![])
         );
+        // Batches go to the multiplexed connections in turn.
         let status = backend.pool_status().unwrap();
-        assert_eq!((status.max_size, status.size, status.available), (16, 1, 1));
+        assert_eq!((status.max_size, status.size, status.available), (2, 2, 2));
     }
 
     #[tokio::test]
@@ -959,8 +1037,8 @@ mod tests {
         );
         assert_eq!(
             backend.pool_status().unwrap().size,
-            1,
-            "one connection served it all"
+            2,
+            "the two multiplexed connections served it all"
         );
     }
 
@@ -1009,7 +1087,7 @@ mod tests {
     #[tokio::test]
     async fn local_requests_are_answered_error_without_being_sent() {
         let mc = Memcached::start().await;
-        let backend = mc.backend();
+        let backend = mc.pooled();
         let too_large = Request::TooLarge {
             op: StoreOp::Set,
             key: b("k"),
@@ -1026,10 +1104,7 @@ mod tests {
         assert_eq!(backend.pool_status().unwrap().size, 1);
 
         // A batch of local requests alone needs no connection at all.
-        let nowhere = MemcachedBackend::new(
-            format!("127.0.0.1:{}", free_port()),
-            MemcachedOptions::default(),
-        );
+        let nowhere = MemcachedBackend::new(format!("127.0.0.1:{}", free_port()), pooled());
         assert_eq!(
             nowhere.call(&[too_large.clone(), too_large]).await.unwrap(),
             vec![err.clone(), err]
@@ -1197,7 +1272,7 @@ mod tests {
 
         // Trailing bytes after the expected reply also lose the connection.
         let addr = fake_server(Some(b"STORED\r\nSTORED\r\n")).await;
-        let backend = MemcachedBackend::new(addr.to_string(), MemcachedOptions::default());
+        let backend = MemcachedBackend::new(addr.to_string(), pooled());
         assert_eq!(one(&backend, set("k", b"v")).await, Response::Stored);
         assert_eq!(backend.pool_status().unwrap().size, 1);
         // The leftover reply makes recycle drop that connection; the next
@@ -1209,7 +1284,7 @@ mod tests {
     #[tokio::test]
     async fn cancelled_call_does_not_return_a_reusable_connection() {
         let addr = fake_server(None).await;
-        let backend = MemcachedBackend::new(addr.to_string(), MemcachedOptions::default());
+        let backend = MemcachedBackend::new(addr.to_string(), pooled());
         // The caller gives up mid-exchange.
         let r = tokio::time::timeout(
             Duration::from_millis(100),
@@ -1229,5 +1304,244 @@ mod tests {
             "the broken connection was recycled away, this one is fresh"
         );
         assert!(conn.rbuf.is_empty());
+    }
+
+    // ---- the multiplexed connections (the default data path)
+
+    /// `callers` tasks, each running `rounds` batches of its own keys and
+    /// values on `backend` at once; each checks every reply it gets.
+    async fn run_callers(
+        backend: &Arc<MemcachedBackend>,
+        callers: usize,
+        rounds: usize,
+        value_len: impl Fn(usize, usize) -> usize + Send + Sync + Copy + 'static,
+    ) {
+        let tasks: Vec<_> = (0..callers)
+            .map(|c| {
+                let backend = backend.clone();
+                tokio::spawn(async move {
+                    for round in 0..rounds {
+                        let key = format!("caller{c}");
+                        let len = value_len(c, round);
+                        let tag = format!("{c}.{round}.");
+                        let mut data = tag.repeat(len / tag.len() + 1).into_bytes();
+                        data.truncate(len.max(tag.len()));
+                        let other = format!("{c}:{round}");
+                        let batch = vec![
+                            set(&key, &data),
+                            get(&[&key], false),
+                            set(&format!("{key}b"), other.as_bytes()),
+                            get(&[&format!("{key}b"), &key], false),
+                        ];
+                        let replies = backend.call(&batch).await.expect("call");
+                        assert_eq!(
+                            replies,
+                            vec![
+                                Response::Stored,
+                                Response::Values(vec![value(&key, &data)]),
+                                Response::Stored,
+                                Response::Values(vec![
+                                    value(&format!("{key}b"), other.as_bytes()),
+                                    value(&key, &data)
+                                ]),
+                            ],
+                            "caller {c} round {round}"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(60), task)
+                .await
+                .expect("callers finish")
+                .expect("caller passed");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_callers_share_two_connections_and_get_their_own_replies() {
+        let mc = Memcached::start().await;
+        let backend = Arc::new(mc.backend());
+        run_callers(&backend, 64, 50, |c, round| 8 + (c * 7 + round * 13) % 300).await;
+        let status = backend.pool_status().unwrap();
+        assert_eq!((status.max_size, status.size), (2, 2));
+        // memcached saw two data connections (and this test's own probe).
+        let lines = backend.admin_command(b"stats\r\n").await.unwrap();
+        let total = lines
+            .iter()
+            .find_map(|l| l.strip_prefix(b"STAT total_connections ".as_slice()))
+            .map(|n| String::from_utf8_lossy(n).parse::<u64>().unwrap())
+            .expect("total_connections");
+        // The harness's readiness probe, the two multiplexed connections and
+        // the stats connection; memcached counts its listener too.
+        assert!(total <= 5, "{total} connections for 3200 batches");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn big_values_interleaved_with_small_ones_frame() {
+        let mc = Memcached::start_with(free_port(), &["-I", "2m"]).await;
+        let options = MemcachedOptions {
+            request_timeout: Duration::from_secs(20),
+            ..MemcachedOptions::default()
+        };
+        let backend = Arc::new(MemcachedBackend::new(mc.addr(), options));
+        // Every third caller moves 1 MiB values (some rounds a byte off, so
+        // a value's end never lines up with a read), the others small ones.
+        run_callers(&backend, 12, 8, |c, round| {
+            if c % 3 == 0 {
+                1024 * 1024 - round % 2
+            } else {
+                5 + round
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn killed_memcached_fails_batches_in_flight_then_reconnects() {
+        let mut mc = Memcached::start().await;
+        let port = mc.port;
+        let options = MemcachedOptions {
+            connect_timeout: Duration::from_millis(500),
+            request_timeout: Duration::from_secs(2),
+            ..MemcachedOptions::default()
+        };
+        let backend = Arc::new(MemcachedBackend::new(mc.addr(), options));
+        let big = vec![b'v'; 200 * 1024];
+        assert_eq!(one(&backend, set("big", &big)).await, Response::Stored);
+        // Callers keep batches in flight until one fails.
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let backend = backend.clone();
+                tokio::spawn(async move {
+                    let batch: Vec<Request> = (0..8).map(|_| get(&["big"], false)).collect();
+                    for _ in 0..100_000 {
+                        if let Err(e) = backend.call(&batch).await {
+                            return e;
+                        }
+                    }
+                    panic!("no batch failed");
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let killed = Instant::now();
+        mc.stop();
+        for task in tasks {
+            let error = tokio::time::timeout(Duration::from_secs(3), task)
+                .await
+                .expect("an error, not a hang")
+                .expect("caller task");
+            assert!(
+                matches!(
+                    error,
+                    BackendError::Io(_) | BackendError::Unavailable(_) | BackendError::Protocol(_)
+                ),
+                "{error:?}"
+            );
+        }
+        // Errors came at once, far within the request timeout.
+        assert!(
+            killed.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            killed.elapsed()
+        );
+        assert_eq!(backend.pool_status().unwrap().size, 0, "no live connection");
+
+        let _mc = Memcached::start_on(port).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match backend.call(&[set("k", b"after")]).await {
+                Ok(r) => break assert_eq!(r, vec![Response::Stored]),
+                Err(e) => assert!(Instant::now() < deadline, "no reconnect: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        run_callers(&backend, 8, 10, |c, _| 10 + c).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopped_memcached_times_out_every_batch_within_the_bound() {
+        let mc = Memcached::start().await;
+        let request_timeout = Duration::from_millis(300);
+        let options = MemcachedOptions {
+            request_timeout,
+            ..MemcachedOptions::default()
+        };
+        let backend = Arc::new(MemcachedBackend::new(mc.addr(), options));
+        // Both connections open before memcached stops answering.
+        run_callers(&backend, 4, 2, |_, _| 10).await;
+        assert_eq!(backend.pool_status().unwrap().size, 2);
+        mc.signal("-STOP");
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let backend = backend.clone();
+                tokio::spawn(async move {
+                    backend
+                        .call(&[set(&format!("s{i}"), b"v"), get(&["s0"], false)])
+                        .await
+                })
+            })
+            .collect();
+        for task in tasks {
+            let r = task.await.unwrap();
+            assert!(matches!(r, Err(BackendError::Timeout)), "{r:?}");
+        }
+        let took = started.elapsed();
+        assert!(
+            took >= request_timeout && took < request_timeout + Duration::from_millis(500),
+            "{took:?}"
+        );
+        assert_eq!(backend.pool_status().unwrap().size, 0, "both dropped");
+        mc.signal("-CONT");
+        // Fresh connections; the answers are this batch's own.
+        assert_eq!(one(&backend, set("k", b"back")).await, Response::Stored);
+        assert_eq!(
+            one(&backend, get(&["k"], false)).await,
+            Response::Values(vec![value("k", b"back")])
+        );
+    }
+
+    #[tokio::test]
+    async fn unsolicited_bytes_drop_the_connection_and_the_next_batch_reconnects() {
+        // Two replies to one request: the second answers nothing.
+        let addr = fake_server(Some(b"STORED\r\nSTORED\r\n")).await;
+        let backend = MemcachedBackend::new(addr.to_string(), MemcachedOptions::default());
+        assert_eq!(one(&backend, set("k", b"v")).await, Response::Stored);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while backend.pool_status().unwrap().size > 0 {
+            assert!(Instant::now() < deadline, "the connection was kept");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(one(&backend, set("k", b"v")).await, Response::Stored);
+    }
+
+    #[tokio::test]
+    async fn cancelled_caller_leaves_the_framing_intact() {
+        let mc = Memcached::start().await;
+        let options = MemcachedOptions {
+            multiplexed_connections: 1,
+            ..MemcachedOptions::default()
+        };
+        let backend = MemcachedBackend::new(mc.addr(), options);
+        let big = vec![b'x'; 512 * 1024];
+        assert_eq!(one(&backend, set("big", &big)).await, Response::Stored);
+        // Queue a batch, then give up on it before any reply is read: its
+        // future is polled once (which queues it) and dropped.
+        let batch: Vec<Request> = (0..32).map(|_| get(&["big"], false)).collect();
+        let mut call = backend.call(&batch);
+        let polled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx))).await;
+        assert!(polled.is_pending(), "the batch was meant to be cut short");
+        drop(call);
+        // The next batch on the same connection gets its own replies.
+        assert_eq!(one(&backend, set("k", b"mine")).await, Response::Stored);
+        assert_eq!(
+            one(&backend, get(&["k"], false)).await,
+            Response::Values(vec![value("k", b"mine")])
+        );
+        assert_eq!(backend.pool_status().unwrap().size, 1, "never reconnected");
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod embedded;
 pub mod memcached;
+mod mux;
 
 use crate::protocol::{AdminRequest, Request, Response};
 

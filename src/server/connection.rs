@@ -454,14 +454,19 @@ impl<'a> Connection<'a> {
             return Ok(());
         }
         encode_value_header(v, &mut self.wbuf);
-        self.write_out().await?;
+        // What is buffered and the value leave in one write where the
+        // socket takes them (one wake-up of the client, not two).
         let stall = self.shared.settings.write_stall_timeout;
         self.writes += 1;
-        write_all(&mut self.stream, &v.data, stall).await?;
+        write_all_pair(&mut self.stream, &self.wbuf, &v.data, stall).await?;
         self.shared
             .metrics
             .bytes_written
-            .inc_by(v.data.len() as u64);
+            .inc_by((self.wbuf.len() + v.data.len()) as u64);
+        self.wbuf.clear();
+        if self.wbuf.capacity() > KEEP_BUFFER {
+            self.wbuf = BytesMut::with_capacity(READ_CHUNK);
+        }
         self.wbuf.extend_from_slice(b"\r\n");
         Ok(())
     }
@@ -747,6 +752,40 @@ async fn write_all(
         buf = &buf[n..];
     }
     Ok(())
+}
+
+/// Writes `first` then `second`, gathered into as few writes as the
+/// socket takes, with `write_all`'s stall bound on each.
+async fn write_all_pair(
+    stream: &mut TcpStream,
+    mut first: &[u8],
+    mut second: &[u8],
+    stall: Option<Duration>,
+) -> std::io::Result<()> {
+    while !first.is_empty() {
+        let slices = [std::io::IoSlice::new(first), std::io::IoSlice::new(second)];
+        let write = stream.write_vectored(&slices);
+        let n = match stall {
+            None => write.await?,
+            Some(d) => match tokio::time::timeout(d, write).await {
+                Ok(n) => n?,
+                Err(_) => {
+                    tracing::info!(
+                        stalled_ms = d.as_millis() as u64,
+                        "client takes none of its replies; closing"
+                    );
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+            },
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_first = n.min(first.len());
+        first = &first[from_first..];
+        second = &second[n - from_first..];
+    }
+    write_all(stream, second, stall).await
 }
 
 /// The same get-family request for other keys.

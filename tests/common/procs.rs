@@ -283,6 +283,10 @@ pub struct Memcached {
 }
 
 impl Memcached {
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// 64 MB of memory, on a fresh port.
     pub fn start() -> Memcached {
         Self::start_with_memory_mb(64)
