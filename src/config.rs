@@ -58,7 +58,8 @@ pub struct Config {
 pub struct RuntimeConfig {
     /// Threads that run the node: 1 runs every task on one thread (no
     /// cross-thread wake-ups), more share the tasks out (work-stealing);
-    /// 0 picks 1 for a config of one node and one per core for a cluster.
+    /// 0 picks 1 for a process that runs one node (`serve`) and one per
+    /// core for one that runs a whole cluster (`cluster`).
     pub worker_threads: usize,
 }
 

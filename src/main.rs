@@ -143,7 +143,7 @@ fn run() -> anyhow::Result<()> {
         }
         Command::Cli(_) | Command::Probe(_) | Command::RaftLog(_) => return Ok(()),
     };
-    let runtime = build_runtime(&config).context("starting the tokio runtime")?;
+    let runtime = build_runtime(&config, &start).context("starting the tokio runtime")?;
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signals(shutdown.clone()));
@@ -166,11 +166,13 @@ enum Start {
 /// The runtime `runtime.worker_threads` asks for: 1 is a current-thread
 /// runtime (every task on the thread that runs the node, so waking a task
 /// never wakes another thread), more is tokio's work-stealing scheduler on
-/// that many threads; 0 is one thread for a config of one node and one
-/// per core for a cluster (see `docs/BENCHMARKS.md`, issue 9).
-fn build_runtime(config: &Config) -> std::io::Result<tokio::runtime::Runtime> {
+/// that many threads; 0 is one thread for a process that runs one node
+/// (`serve`, or `cluster` of a one-node config) and one per core for a
+/// process that runs several (see `docs/BENCHMARKS.md`, issue 9).
+fn build_runtime(config: &Config, start: &Start) -> std::io::Result<tokio::runtime::Runtime> {
+    let one_node = matches!(start, Start::Serve(_)) || config.nodes.len() == 1;
     let threads = match config.runtime.worker_threads {
-        0 if config.nodes.len() == 1 => 1,
+        0 if one_node => 1,
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
