@@ -477,8 +477,9 @@ impl RaftMode {
         }
     }
 
-    /// Proposes `cmd`'s writes on this node (grouped with others waiting;
-    /// `batch.rs`), waiting until `deadline` for the outcome.
+    /// Proposes a client batch on this node (its writes grouped with
+    /// others waiting, its reads held here; `batch.rs`), waiting until
+    /// `deadline` for the outcome.
     async fn propose_here(&self, batch: Vec<Request>, deadline: Instant) -> Forwarded {
         self.batcher.propose(batch, deadline).await
     }
