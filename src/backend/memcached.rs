@@ -629,6 +629,29 @@ impl Conn {
     }
 }
 
+/// The reply to `request` at the front of `rbuf`, taken off it: `None`
+/// while it is not all there, `Err` when it does not frame against the
+/// request (the connection's framing is lost).
+pub(super) fn take_reply(
+    request: &Request,
+    rbuf: &mut BytesMut,
+) -> Result<Option<Response>, String> {
+    match parse_reply(request, rbuf) {
+        ReplyParsed::Complete { response, consumed } => {
+            if consumed == 0 || consumed > rbuf.len() {
+                return Err(format!(
+                    "reply parser consumed {consumed} of {} bytes",
+                    rbuf.len()
+                ));
+            }
+            rbuf.advance(consumed);
+            Ok(Some(response))
+        }
+        ReplyParsed::Incomplete => Ok(None),
+        ReplyParsed::Invalid(reason) => Err(reason),
+    }
+}
+
 /// Reads and parses the reply to each request in turn.
 async fn read_replies(
     reader: &mut ReadHalf<'_>,
@@ -638,19 +661,12 @@ async fn read_replies(
     let mut responses = Vec::with_capacity(requests.len());
     for request in requests {
         loop {
-            match parse_reply(request, rbuf) {
-                ReplyParsed::Complete { response, consumed } => {
-                    if consumed == 0 || consumed > rbuf.len() {
-                        return Err(BackendError::Protocol(format!(
-                            "reply parser consumed {consumed} of {} bytes",
-                            rbuf.len()
-                        )));
-                    }
-                    rbuf.advance(consumed);
+            match take_reply(request, rbuf) {
+                Ok(Some(response)) => {
                     responses.push(response);
                     break;
                 }
-                ReplyParsed::Incomplete => {
+                Ok(None) => {
                     rbuf.reserve(READ_CHUNK);
                     if reader.read_buf(rbuf).await? == 0 {
                         return Err(BackendError::Io(io::Error::new(
@@ -659,7 +675,7 @@ async fn read_replies(
                         )));
                     }
                 }
-                ReplyParsed::Invalid(reason) => return Err(BackendError::Protocol(reason)),
+                Err(reason) => return Err(BackendError::Protocol(reason)),
             }
         }
     }

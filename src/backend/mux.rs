@@ -6,7 +6,7 @@
 //! | a caller's batch stays whole | it is encoded into the connection's write buffer and queued   |
 //! | and in order                 | in one step under the connection's lock                      |
 //! | replies frame                | one reader task per connection parses replies against the    |
-//! |                              | queue of batches, FIFO, with [`parse_reply`]                 |
+//! |                              | queue of batches, FIFO, with `take_reply` (`parse_reply`)    |
 //! | few writes                   | one writer task per connection; woken by the first batch     |
 //! |                              | into an empty buffer, it yields once so that the batches of  |
 //! |                              | every task ready meanwhile join that one write               |
@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -36,7 +36,8 @@ use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
 
 use super::BackendError;
-use crate::protocol::{ReplyParsed, Request, Response, encode_request, parse_reply};
+use super::memcached::take_reply;
+use crate::protocol::{Request, Response, encode_request};
 
 /// How much room is made in the read buffer before each read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -237,15 +238,8 @@ impl Conn {
                 return Err(Failure::Protocol("unsolicited bytes from memcached".into()));
             };
             let request = &head.requests[head.responses.len()];
-            match parse_reply(request, rbuf) {
-                ReplyParsed::Complete { response, consumed } => {
-                    if consumed == 0 || consumed > rbuf.len() {
-                        return Err(Failure::Protocol(format!(
-                            "reply parser consumed {consumed} of {} bytes",
-                            rbuf.len()
-                        )));
-                    }
-                    rbuf.advance(consumed);
+            match take_reply(request, rbuf) {
+                Ok(Some(response)) => {
                     head.responses.push(response);
                     if head.responses.len() == head.requests.len() {
                         let done = state.queue.pop_front().expect("the head was there");
@@ -253,8 +247,8 @@ impl Conn {
                         let _ = done.reply.send(Ok(done.responses));
                     }
                 }
-                ReplyParsed::Incomplete => break,
-                ReplyParsed::Invalid(reason) => return Err(Failure::Protocol(reason)),
+                Ok(None) => break,
+                Err(reason) => return Err(Failure::Protocol(reason)),
             }
         }
         Ok(())

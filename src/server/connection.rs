@@ -733,22 +733,7 @@ async fn write_all(
     stall: Option<Duration>,
 ) -> std::io::Result<()> {
     while !buf.is_empty() {
-        let n = match stall {
-            None => stream.write(buf).await?,
-            Some(d) => match tokio::time::timeout(d, stream.write(buf)).await {
-                Ok(n) => n?,
-                Err(_) => {
-                    tracing::info!(
-                        stalled_ms = d.as_millis() as u64,
-                        "client takes none of its replies; closing"
-                    );
-                    return Err(std::io::ErrorKind::TimedOut.into());
-                }
-            },
-        };
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
+        let n = progress(stream.write(buf), stall).await?;
         buf = &buf[n..];
     }
     Ok(())
@@ -764,28 +749,37 @@ async fn write_all_pair(
 ) -> std::io::Result<()> {
     while !first.is_empty() {
         let slices = [std::io::IoSlice::new(first), std::io::IoSlice::new(second)];
-        let write = stream.write_vectored(&slices);
-        let n = match stall {
-            None => write.await?,
-            Some(d) => match tokio::time::timeout(d, write).await {
-                Ok(n) => n?,
-                Err(_) => {
-                    tracing::info!(
-                        stalled_ms = d.as_millis() as u64,
-                        "client takes none of its replies; closing"
-                    );
-                    return Err(std::io::ErrorKind::TimedOut.into());
-                }
-            },
-        };
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
+        let n = progress(stream.write_vectored(&slices), stall).await?;
         let from_first = n.min(first.len());
         first = &first[from_first..];
         second = &second[n - from_first..];
     }
     write_all(stream, second, stall).await
+}
+
+/// One socket write of at least a byte, or `TimedOut` when it makes no
+/// progress for `stall`.
+async fn progress(
+    write: impl std::future::Future<Output = std::io::Result<usize>>,
+    stall: Option<Duration>,
+) -> std::io::Result<usize> {
+    let n = match stall {
+        None => write.await?,
+        Some(d) => match tokio::time::timeout(d, write).await {
+            Ok(n) => n?,
+            Err(_) => {
+                tracing::info!(
+                    stalled_ms = d.as_millis() as u64,
+                    "client takes none of its replies; closing"
+                );
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+        },
+    };
+    if n == 0 {
+        return Err(std::io::ErrorKind::WriteZero.into());
+    }
+    Ok(n)
 }
 
 /// The same get-family request for other keys.
