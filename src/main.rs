@@ -170,21 +170,25 @@ enum Start {
 /// (`serve`, or `cluster` of a one-node config) and one per core for a
 /// process that runs several (see `docs/BENCHMARKS.md`, issue 9).
 fn build_runtime(config: &Config, start: &Start) -> std::io::Result<tokio::runtime::Runtime> {
-    let one_node = matches!(start, Start::Serve(_)) || config.nodes.len() == 1;
-    let threads = match config.runtime.worker_threads {
-        0 if one_node => 1,
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    if threads == 1 {
+    if worker_threads(config, start) == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
+            .worker_threads(worker_threads(config, start))
             .enable_all()
             .build()
+    }
+}
+
+/// The threads [`build_runtime`] runs `start` on.
+fn worker_threads(config: &Config, start: &Start) -> usize {
+    let one_node = matches!(start, Start::Serve(_)) || config.nodes.len() == 1;
+    match config.runtime.worker_threads {
+        0 if one_node => 1,
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     }
 }
 
@@ -402,4 +406,27 @@ async fn on_signals(shutdown: CancellationToken) {
     int.recv().await;
     tracing::warn!("second SIGINT: exiting now");
     std::process::exit(130);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 0 is one thread for a process of one node, `serve` of a cluster's
+    /// node included; one per core for `cluster` of several; a number is
+    /// taken as given.
+    #[test]
+    fn worker_threads_follow_the_nodes_a_process_runs() {
+        let mut three = Config::default();
+        let node = three.nodes[0].clone();
+        three.nodes = vec![node.clone(), node.clone(), node];
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cluster = Start::Cluster { memcached: false };
+        assert_eq!(worker_threads(&three, &Start::Serve(2)), 1);
+        assert_eq!(worker_threads(&Config::default(), &cluster), 1);
+        assert_eq!(worker_threads(&three, &cluster), cores);
+        three.runtime.worker_threads = 3;
+        assert_eq!(worker_threads(&three, &Start::Serve(2)), 3);
+        assert_eq!(worker_threads(&three, &cluster), 3);
+    }
 }

@@ -290,7 +290,7 @@ impl RaftMode {
             settings.item_size_max,
         )
         .await?;
-        let _ = sm.apply_seconds.set(metrics.apply_seconds.clone());
+        sm.observe_applies(metrics.apply_seconds.clone());
         let ms = |d: Duration| d.as_millis() as u64;
         let config = openraft::Config {
             cluster_name: settings.cluster_name.clone(),

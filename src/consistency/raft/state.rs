@@ -262,7 +262,7 @@ pub struct StateMachine {
     /// Reads of this node's proposals, held back from the log.
     pub held: Arc<Held>,
     /// Observes how long each apply of committed entries took, once set.
-    pub apply_seconds: std::sync::OnceLock<prometheus::Histogram>,
+    apply_seconds: std::sync::OnceLock<prometheus::Histogram>,
 }
 
 fn io_error(e: impl std::fmt::Display) -> StorageError<u64> {
@@ -414,6 +414,12 @@ impl StateMachine {
             }
         }
         Ok(sm)
+    }
+
+    /// From now on, observes the time of every apply of committed entries
+    /// in `h` (the first histogram given stays).
+    pub fn observe_applies(&self, h: prometheus::Histogram) {
+        let _ = self.apply_seconds.set(h);
     }
 
     /// Decides from `state` in memory from now on, until this replica has
