@@ -74,6 +74,7 @@ const STALL: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------- options
 
+#[derive(Clone)]
 struct Opts {
     conns: usize,
     pipelines: Vec<usize>,
@@ -1034,8 +1035,9 @@ async fn memtier_main(bin: &Path, targets: &[(&str, u16)], pids: &[u32], o: &Opt
 
 // ---------------------------------------------------- replication lag
 
-/// Node `port`'s `stats cluster` lines `peer:N:lag`, as (peer, lag).
-async fn peer_lags(port: u16) -> Result<Vec<(u32, u64)>, String> {
+/// Node `port`'s `stats cluster` lines `peer:N:NAME VALUE`, as
+/// (peer, name, value).
+async fn peer_stats(port: u16) -> Result<Vec<(u32, String, String)>, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -1060,13 +1062,57 @@ async fn peer_lags(port: u16) -> Result<Vec<(u32, u64)>, String> {
         .filter_map(|l| {
             let rest = l.strip_prefix("STAT peer:")?;
             let (peer, rest) = rest.split_once(':')?;
-            let lag = rest.strip_prefix("lag ")?;
-            Some((peer.parse().ok()?, lag.parse().ok()?))
+            let (name, value) = rest.split_once(' ')?;
+            Some((peer.parse().ok()?, name.to_string(), value.to_string()))
         })
         .collect())
 }
 
-/// The write-heavy replication phase (`--lag`).
+/// The numeric `name` of every peer in `stats` (peers showing `-` left out).
+fn per_peer(stats: &[(u32, String, String)], name: &str) -> Vec<u64> {
+    stats
+        .iter()
+        .filter(|(_, n, _)| n == name)
+        .filter_map(|(_, _, v)| v.parse().ok())
+        .collect()
+}
+
+/// Node `port`'s `stats cluster` lines `peer:N:lag`, as lags.
+async fn peer_lags(port: u16) -> Result<Vec<u64>, String> {
+    Ok(per_peer(&peer_stats(port).await?, "lag"))
+}
+
+/// The sum of `name` over the peers of every node in `ports`.
+async fn cluster_sum(ports: &[u16], name: &str) -> Result<u64, String> {
+    let mut sum = 0;
+    for &p in ports {
+        sum += per_peer(&peer_stats(p).await?, name).iter().sum::<u64>();
+    }
+    Ok(sum)
+}
+
+/// The `p` quantile of `v` (sorted here).
+fn quantile(v: &[u64], p: f64) -> u64 {
+    let mut sorted = v.to_vec();
+    sorted.sort_unstable();
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// The replication phase (`--lag`): a 3-node eventual cluster over three
+/// memcached (anti-entropy every 2 s, so rounds run under the load), and
+/// one memdial over a memcached of its own.
+///
+/// 1. Throughput at 1 set : 10 gets, at each `--pipeline` depth: the single
+///    node, then node 1 of the cluster (issue 9's goal 3: at least 0.8 of
+///    the single node).
+/// 2. Write-heavy load on node 1 (depth 16, 1 set : `--gets-per-set` gets,
+///    1 unless given) for `--seconds`: node 1's lag to its peers (entries
+///    not acknowledged), its heartbeat round trips and its peers' states,
+///    sampled every 250 ms; the anti-entropy entries sent and keys
+///    repaired meanwhile; then the time until the peers have caught up.
 fn lag_main(o: &Opts) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1081,29 +1127,48 @@ fn lag_main(o: &Opts) {
             .zip(&stores)
             .map(|(p, m)| (*p, Some(m.addr())))
             .collect();
-        let cluster = "  name: bench\n  secret: bench-secret\n  consistency: eventual\n";
+        let cluster = "  name: bench\n  secret: bench-secret\n  consistency: eventual\n  anti_entropy_interval_ms: 2000\n";
         vec![proxy_yaml(cluster, &nodes); 3]
     });
+    let behind = Memcached::start_with_memory_mb(256);
+    let single = Memdial::start(None, &["--backend", &behind.addr()], "error");
     let node1 = cluster.ports(1).client;
+    let nodes: Vec<u16> = (1..=3).map(|i| cluster.ports(i).client).collect();
     let value = o.values[0];
     println!(
-        "memdial replication lag, commit {}: eventual x3 over memcached, node 1 driven by {} connections at depth 16, 1 set : {} gets, {value}-byte values, {} keys, {} s; lag = entries of node 1's log a peer has not acknowledged",
+        "memdial replication, commit {}: eventual x3 over memcached (anti-entropy every 2 s) against one memdial over memcached; {} connections, {value}-byte values, {} keys",
         git_commit(),
         o.conns,
-        o.gets_per_set,
         o.keys,
-        o.seconds
     );
+    let mut failed = false;
     rt.block_on(async {
+        // 1. Throughput at 1:10.
+        let targets = [
+            ("memdial -> memcached", single.port),
+            ("memdial eventual x3, node 1", node1),
+        ];
+        let pids = [single.pid(), cluster.pid(1).expect("node 1 runs")];
+        let mix = Opts {
+            gets_per_set: 10,
+            values: vec![value],
+            ..o.clone()
+        };
+        println!("\n1 set : 10 gets; ratios to the single node");
+        failed |= match &o.memtier {
+            Some(bin) => memtier_main(bin, &targets, &pids, &mix).await,
+            None => builtin_main(&targets, &mix).await,
+        };
+
+        // 2. Write-heavy load. The writes so far replicate first.
         let w = Arc::new(Workload::new(o.keys, value, o.gets_per_set));
         if let Err(e) = prefill(node1, &w).await {
             panic!("prefill of node 1: {e}");
         }
-        // The prefill itself replicates first.
         let settle = Instant::now();
         while peer_lags(node1)
             .await
-            .map(|l| l.iter().any(|l| l.1 > 0) || l.is_empty())
+            .map(|l| l.len() < 2 || l.iter().any(|l| *l > 0))
             .unwrap_or(true)
         {
             assert!(
@@ -1112,14 +1177,28 @@ fn lag_main(o: &Opts) {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let counts = |name: &'static str| cluster_sum(&nodes, name);
+        let (sent0, repaired0) = (counts("repair_sent").await, counts("repaired").await);
+        println!(
+            "\nwrite-heavy: node 1 driven by {} connections at depth 16, 1 set : {} gets, {} s",
+            o.conns, o.gets_per_set, o.seconds
+        );
         let phase = Arc::new(AtomicU8::new(MEASURE));
         let started = Instant::now();
         let load = start_clients(node1, &w, o.conns, 16, &phase);
-        let mut samples: Vec<u64> = Vec::new();
+        // Per sample: the larger lag, the larger round trip, peers not up.
+        let (mut lags, mut rtts, mut not_up) = (Vec::new(), Vec::new(), 0);
         while started.elapsed() < Duration::from_secs(o.seconds) {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            match peer_lags(node1).await {
-                Ok(lags) => samples.push(lags.iter().map(|l| l.1).max().unwrap_or(0)),
+            match peer_stats(node1).await {
+                Ok(s) => {
+                    lags.push(per_peer(&s, "lag").into_iter().max().unwrap_or(0));
+                    rtts.push(per_peer(&s, "rtt_us").into_iter().max().unwrap_or(0));
+                    not_up += s
+                        .iter()
+                        .filter(|(_, n, v)| n == "state" && v != "up")
+                        .count();
+                }
                 Err(e) => println!("    stats cluster failed: {e}"),
             }
         }
@@ -1127,11 +1206,10 @@ fn lag_main(o: &Opts) {
         let elapsed = started.elapsed().as_secs_f64();
         let stats = join_clients(load).await;
         let stopped = Instant::now();
-        let end_lag = samples.last().copied().unwrap_or(0);
         let drained = loop {
             let lag = peer_lags(node1)
                 .await
-                .map(|l| l.iter().map(|l| l.1).max().unwrap_or(0));
+                .map(|l| l.into_iter().max().unwrap_or(0));
             if lag == Ok(0) {
                 break Some(stopped.elapsed());
             }
@@ -1140,16 +1218,17 @@ fn lag_main(o: &Opts) {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let mut sorted = samples.clone();
-        sorted.sort_unstable();
-        let pct = |p: f64| {
-            sorted
-                .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
-                .copied()
-                .unwrap_or(0)
+        let delta = |after: Result<u64, String>, before: Result<u64, String>| match (after, before) {
+            (Ok(a), Ok(b)) => a.saturating_sub(b).to_string(),
+            _ => "-".into(),
         };
+        let (sent, repaired) = (
+            delta(counts("repair_sent").await, sent0),
+            delta(counts("repaired").await, repaired0),
+        );
+        let half = lags.len() / 2;
         println!(
-            "node 1: {:.0} ops/s ({} wrong, {} misses{}); lag over {} samples: p50 {}, p99 {}, max {}, at the end {}; caught up {}",
+            "node 1: {:.0} ops/s ({} wrong, {} misses{})",
             stats.ops as f64 / elapsed,
             stats.wrong,
             stats.misses,
@@ -1157,17 +1236,34 @@ fn lag_main(o: &Opts) {
                 .failure
                 .as_ref()
                 .map_or(String::new(), |f| format!(", connection failed: {f}")),
-            samples.len(),
-            pct(0.50),
-            pct(0.99),
-            sorted.last().copied().unwrap_or(0),
-            end_lag,
+        );
+        println!(
+            "lag (entries) over {} samples: p50 {}, p99 {}, max {}; p99 of the first half {}, of the second {}; caught up {}",
+            lags.len(),
+            quantile(&lags, 0.50),
+            quantile(&lags, 0.99),
+            lags.iter().max().copied().unwrap_or(0),
+            quantile(&lags[..half], 0.99),
+            quantile(&lags[half..], 0.99),
             drained.map_or("not within 120 s".into(), |d| format!(
                 "{:.2} s after the load stopped",
                 d.as_secs_f64()
             )),
         );
+        println!(
+            "heartbeat round trip (µs): p50 {}, p99 {}, max {}; peer samples not up: {not_up}",
+            quantile(&rtts, 0.50),
+            quantile(&rtts, 0.99),
+            rtts.iter().max().copied().unwrap_or(0),
+        );
+        println!("anti-entropy meanwhile: {sent} entries sent in repairs, {repaired} keys changed by them");
+        failed |= stats.wrong > 0 || stats.failure.is_some() || drained.is_none();
     });
+    if failed {
+        println!(
+            "\nsome requests failed or got wrong replies, or the peers did not catch up (see above)"
+        );
+    }
 }
 
 // ------------------------------------------------------------------- main

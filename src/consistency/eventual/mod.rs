@@ -846,12 +846,13 @@ impl Pipeline for Eventual {
             ),
         ];
         self.cluster.stats("eventual", node, |peer| {
-            let (applied, repaired) = self.peers.counts(peer);
+            let (applied, repaired, repair_sent) = self.peers.counts(peer);
             let lag = self.peers.lag(peer, head);
             vec![
                 ("lag".to_string(), lag.map_or("-".into(), |l| l.to_string())),
                 ("applied".to_string(), applied.to_string()),
                 ("repaired".to_string(), repaired.to_string()),
+                ("repair_sent".to_string(), repair_sent.to_string()),
             ]
         })
     }

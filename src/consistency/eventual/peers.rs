@@ -32,6 +32,8 @@ struct State {
     applied: u64,
     /// Keys a full resync or an anti-entropy repair from it changed here.
     repaired: u64,
+    /// Entries we sent it in anti-entropy repairs.
+    repair_sent: u64,
 }
 
 /// One peer's slot: its state, and the signals for the pusher to it.
@@ -201,6 +203,10 @@ impl Peers {
         self.with(id, |s| s.repaired += keys);
     }
 
+    pub fn repair_sent(&self, id: u32, entries: u64) {
+        self.with(id, |s| s.repair_sent += entries);
+    }
+
     /// Our store lost its data: forget how far we applied every peer's log
     /// until each sends a full resync (asked for by [`Peers::resync_due`]).
     pub fn forget_cursors(&self) {
@@ -210,9 +216,10 @@ impl Peers {
         }
     }
 
-    /// (entries applied, keys repaired) from the peer.
-    pub fn counts(&self, id: u32) -> (u64, u64) {
-        self.with(id, |s| (s.applied, s.repaired))
+    /// (entries applied, keys repaired) from the peer, and entries sent
+    /// to it in repairs.
+    pub fn counts(&self, id: u32) -> (u64, u64, u64) {
+        self.with(id, |s| (s.applied, s.repaired, s.repair_sent))
             .unwrap_or_default()
     }
 }
@@ -229,6 +236,7 @@ pub(super) struct EventualMetrics {
     pub applied: IntCounterVec,
     pub repaired: IntCounterVec,
     pub antientropy_rounds: IntCounterVec,
+    pub repair_sent: IntCounterVec,
     pub full_resyncs_sent: IntCounterVec,
     pub store_restarts: IntCounter,
     pub replication_delay: Gauge,
@@ -276,6 +284,10 @@ impl EventualMetrics {
             antientropy_rounds: counter_vec(
                 "antientropy_rounds_total",
                 "Anti-entropy digest exchanges this node completed with the peer",
+            )?,
+            repair_sent: counter_vec(
+                "antientropy_sent_entries_total",
+                "Entries this node sent the peer in anti-entropy repairs",
             )?,
             full_resyncs_sent: counter_vec(
                 "full_resyncs_sent_total",
@@ -330,7 +342,7 @@ mod tests {
         assert!(p.snapshot_applied(2, C(7, 21), E(2)));
         p.entries_applied(2, 22, C(8, 22), 1);
         assert_eq!(p.resync_due(2), Some(E(3)), "another log");
-        assert_eq!(p.counts(2), (11, 0));
+        assert_eq!(p.counts(2), (11, 0, 0));
         assert_eq!(p.cursor_answer(2), (None, E(3)));
     }
 

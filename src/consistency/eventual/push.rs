@@ -30,6 +30,10 @@ const SNAPSHOT_CHUNK: usize = 256;
 /// How long the peer has to say where it stands on a new connection.
 const CURSOR_WAIT: Duration = Duration::from_secs(5);
 
+/// How old a write must be, when an anti-entropy round begins, for the
+/// round to repair it: younger ones may still be on their way in a log.
+const SETTLE: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 enum PushError {
     #[error(transparent)]
@@ -157,6 +161,7 @@ impl Eventual {
                     sent = self.full_resync(link).await?;
                 }
                 _ = tokio::time::sleep_until(ae.next), if ae.idle() => {
+                    ae.started_ms = unix_ms();
                     ae.computing = Some(Box::pin(async move {
                         let keys = self.list_keys().await?;
                         Digest::of(self, &keys, self.settings.tombstone_grace).await
@@ -184,13 +189,17 @@ impl Eventual {
                     }
                     self.replication.antientropy_rounds.with_label_values(&[&label]).inc();
                     if !buckets.is_empty() {
-                        match self.repair(link, &buckets).await {
-                            Ok(entries) => tracing::debug!(
+                        match self.repair(link, &buckets, ae.settled_ms()).await {
+                            Ok(entries) => {
+                                self.peers.repair_sent(peer, entries as u64);
+                                self.replication.repair_sent.with_label_values(&[&label]).inc_by(entries as u64);
+                                tracing::debug!(
                                 peer,
                                 buckets = buckets.len(),
                                 entries,
                                 "anti-entropy: replicas differ; sent this replica's entries of those buckets"
-                            ),
+                                );
+                            }
                             Err(PushError::Replica(e)) => tracing::warn!(
                                 peer,
                                 error = %e,
@@ -207,9 +216,18 @@ impl Eventual {
 
     /// Sends this replica's entries of `buckets` (where the peer's replica
     /// differs) as snapshot messages, which the peer applies
-    /// last-writer-wins; its cursor does not move. Returns how many entries
-    /// were sent. Entries newer on the peer come to us from its own pusher.
-    async fn repair(&self, link: &PeerLink, buckets: &[u16]) -> Result<usize, PushError> {
+    /// last-writer-wins; its cursor does not move. Only entries written
+    /// before `settled_ms` go: a younger one may still be on its way in a
+    /// log (this node's or a third's), and a bucket it made differ is no
+    /// sign of loss; if it was lost, a later round repairs it. Returns how
+    /// many entries were sent. Entries newer on the peer come to us from
+    /// its own pusher.
+    async fn repair(
+        &self,
+        link: &PeerLink,
+        buckets: &[u16],
+        settled_ms: u64,
+    ) -> Result<usize, PushError> {
         let mut wanted = vec![false; BUCKETS];
         for &b in buckets {
             if let Some(w) = wanted.get_mut(usize::from(b)) {
@@ -232,7 +250,7 @@ impl Eventual {
                 .await
                 .map_err(PushError::Replica)?
                 .into_iter()
-                .filter(|e| digest::compared(e, now, grace))
+                .filter(|e| digest::compared(e, now, grace) && e.version.ts >> 16 < settled_ms)
                 .collect();
             sent += entries.len();
             send_snapshot(link, entries).await?;
@@ -293,11 +311,14 @@ async fn sleep_until_some(at: Option<Instant>) {
 /// One link's anti-entropy rounds. A round: compute this replica's digest
 /// beside the log push (entries keep flowing), send it once every log entry
 /// written meanwhile is sent, wait for the peer's answer, send this
-/// replica's entries of the buckets it names. Rounds start a jittered
-/// interval after the previous one ended, never during a full resync.
+/// replica's settled entries of the buckets it names. Rounds start a
+/// jittered interval after the previous one ended, never during a full
+/// resync.
 struct AntiEntropy<'a> {
     interval: Option<Duration>,
     next: Instant,
+    /// When this round's digest began (unix ms).
+    started_ms: u64,
     computing: Option<BoxFuture<'a, Result<Digest, String>>>,
     /// Computed, to send once the log is flushed.
     ready: Option<Digest>,
@@ -310,6 +331,7 @@ impl AntiEntropy<'_> {
         let mut ae = AntiEntropy {
             interval,
             next: Instant::now(),
+            started_ms: 0,
             computing: None,
             ready: None,
             awaiting: None,
@@ -332,6 +354,15 @@ impl AntiEntropy<'_> {
         self.interval
             .map_or(Duration::ZERO, |i| i * 10)
             .max(Duration::from_secs(30))
+    }
+
+    /// Entries written before this moment are settled: a round repairs
+    /// only those. It is a round's start less [`SETTLE`], or less the
+    /// interval when that is shorter, so a repair comes at most an interval
+    /// or two after the loss.
+    fn settled_ms(&self) -> u64 {
+        let settle = self.interval.map_or(SETTLE, |i| i.min(SETTLE));
+        self.started_ms.saturating_sub(settle.as_millis() as u64)
     }
 
     fn idle(&self) -> bool {
