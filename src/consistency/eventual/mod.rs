@@ -465,33 +465,118 @@ impl Eventual {
         }
     }
 
-    /// A run of `get`/`gets`, sent to the store as one batch.
-    async fn gets(&self, run: &[Request]) -> Vec<Response> {
-        match self.call(run).await {
-            Ok(responses) => {
-                let now = unix_ms();
-                let flushed = self.flushed();
-                responses
+    /// A store's answer to a `get`/`gets` as the client sees it: records
+    /// unwrapped, tombstones, expired and flushed values left out.
+    fn visible(response: Response, now: u64, flushed: Version) -> Response {
+        match response {
+            Response::Values(values) => Response::Values(
+                values
                     .into_iter()
-                    .map(|r| match r {
-                        Response::Values(values) => Response::Values(
-                            values
-                                .into_iter()
-                                .filter_map(|v| {
-                                    let rec = Record::decode(&v.data);
-                                    (rec.live(now) && rec.version >= flushed).then_some(Value {
-                                        data: rec.data,
-                                        ..v
-                                    })
-                                })
-                                .collect(),
-                        ),
-                        other => other,
+                    .filter_map(|v| {
+                        let rec = Record::decode(&v.data);
+                        (rec.live(now) && rec.version >= flushed).then_some(Value {
+                            data: rec.data,
+                            ..v
+                        })
                     })
-                    .collect()
-            }
-            Err(e) => vec![self.failed(e); run.len()],
+                    .collect(),
+            ),
+            other => other,
         }
+    }
+
+    /// A plain `set` as the rules decide it without reading the key (a set
+    /// does not depend on its current value): its reply and the new value,
+    /// when the value is stored, not removed.
+    fn plain_set(request: &Request, now: u64) -> Option<(Response, rules::NewValue)> {
+        let Request::Store {
+            op: StoreOp::Set,
+            flags,
+            exptime,
+            data,
+            ..
+        } = request
+        else {
+            return None;
+        };
+        let out = rules::store(
+            StoreOp::Set,
+            None,
+            *flags,
+            *exptime,
+            data.clone(),
+            0,
+            Clock::unix(now),
+        );
+        match out.effect {
+            Effect::Put(v) if deadline_ms(v.deadline) == 0 || deadline_ms(v.deadline) > now => {
+                Some((out.reply, v))
+            }
+            _ => None,
+        }
+    }
+
+    /// A run of reads and plain sets, carried out in one exchange with the
+    /// store, in order: each set gets its version and is logged as
+    /// [`Eventual::put`] does, under the stripes of all the run's set keys
+    /// (taken in index order, as [`Eventual::apply_batch`] takes them).
+    /// Each set comes with what [`Eventual::plain_set`] decided at `now`.
+    async fn joined(&self, run: Vec<Joinable>, now: u64) -> Vec<Response> {
+        let mut stripes: Vec<usize> = run
+            .iter()
+            .filter_map(|(r, set)| match (r, set) {
+                (Request::Store { key, .. }, Some(_)) => Some(self.stripe_index(key)),
+                _ => None,
+            })
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for i in stripes {
+            guards.push(self.stripes[i].lock().await);
+        }
+        // Versions are taken under the stripes, so the store writes a
+        // key's sets in version order.
+        let mut logged: Vec<Option<(Response, Entry)>> = Vec::with_capacity(run.len());
+        let batch: Vec<Request> = run
+            .into_iter()
+            .map(|(request, set)| {
+                let (Request::Store { key, .. }, Some((reply, v))) = (&request, set) else {
+                    logged.push(None);
+                    return request;
+                };
+                let (version, deadline_ms) = (self.hlc.now(), deadline_ms(v.deadline));
+                let entry = Entry {
+                    key: key.clone(),
+                    version,
+                    op: Op::Put {
+                        flags: v.flags,
+                        deadline_ms,
+                        data: v.data,
+                    },
+                };
+                let store = self.replicated_request(entry.clone(), now);
+                logged.push(Some((reply, entry)));
+                store
+            })
+            .collect();
+        let responses = match self.call(&batch).await {
+            Ok(r) => r,
+            Err(e) => return vec![self.failed(e); batch.len()],
+        };
+        let flushed = self.flushed();
+        responses
+            .into_iter()
+            .zip(logged)
+            .map(|(response, set)| match set {
+                None => Self::visible(response, now, flushed),
+                Some((reply, entry)) if response == Response::Stored => {
+                    self.backlog().append(entry);
+                    reply
+                }
+                Some(_) => response,
+            })
+            .collect()
     }
 
     fn failed(&self, e: BackendError) -> Response {
@@ -606,7 +691,7 @@ impl Eventual {
             ))),
             Request::Meta(m) => self.meta(*m).await,
             Request::Get { .. } => {
-                let mut r = self.gets(std::slice::from_ref(&request)).await;
+                let mut r = self.joined(vec![(request, None)], unix_ms()).await;
                 Ok(r.pop()
                     .unwrap_or_else(|| Response::server_error("no reply")))
             }
@@ -762,6 +847,10 @@ impl Eventual {
     }
 }
 
+/// A read, or a plain set with what the rules decided for it, for
+/// [`Eventual::joined`].
+type Joinable = (Request, Option<(Response, rules::NewValue)>);
+
 /// A rules deadline as a record's: 0 never expires.
 fn deadline_ms(deadline: Option<u64>) -> u64 {
     // A deadline of 0 has passed already, and the rules remove such values
@@ -784,14 +873,21 @@ impl Pipeline for Eventual {
     ) -> BoxFuture<'a, Vec<Response>> {
         Box::pin(async move {
             let mut out = Vec::with_capacity(requests.len());
-            let mut pending_gets: Vec<Request> = Vec::new();
+            // Reads and plain sets go to the store together, in one
+            // exchange; anything else is carried out on its own.
+            let mut run: Vec<Joinable> = Vec::new();
+            let now = unix_ms();
             for request in requests {
                 if matches!(request, Request::Get { .. }) {
-                    pending_gets.push(request);
+                    run.push((request, None));
                     continue;
                 }
-                if !pending_gets.is_empty() {
-                    out.extend(self.gets(&std::mem::take(&mut pending_gets)).await);
+                if let Some(set) = Self::plain_set(&request, now) {
+                    run.push((request, Some(set)));
+                    continue;
+                }
+                if !run.is_empty() {
+                    out.extend(self.joined(std::mem::take(&mut run), now).await);
                 }
                 let r = match self.one(request).await {
                     Ok(r) => r,
@@ -799,8 +895,8 @@ impl Pipeline for Eventual {
                 };
                 out.push(r);
             }
-            if !pending_gets.is_empty() {
-                out.extend(self.gets(&pending_gets).await);
+            if !run.is_empty() {
+                out.extend(self.joined(run, now).await);
             }
             out
         })
@@ -1024,6 +1120,76 @@ mod tests {
         assert_eq!(e.backlog().head(), 1);
         let logged = e.backlog().read_after(0, 10).unwrap();
         assert!(matches!(&logged[0].1.op, Op::Put { flags: 5, .. }));
+    }
+
+    /// Reads and plain sets go to the store in one exchange; what they
+    /// answer and log is what they would one at a time.
+    #[tokio::test]
+    async fn a_batch_of_reads_and_sets_answers_as_one_at_a_time() {
+        let (e, _) = node();
+        let value = |data: &str| {
+            Response::Values(vec![Value {
+                key: b("k"),
+                flags: 5,
+                data: b(data),
+                cas: None,
+            }])
+        };
+        let mut expired = set("k", "gone");
+        if let Request::Store { exptime, .. } = &mut expired {
+            *exptime = -1;
+        }
+        let batch = vec![
+            get("k"),
+            set("k", "one"),
+            get("k"),
+            set("k", "two"),
+            set("j", "jay"),
+            get("k"),
+            expired,
+            get("k"),
+            set("k", "three"),
+            get("k"),
+        ];
+        assert_eq!(
+            e.execute(&mut Session::new(0), batch).await,
+            vec![
+                Response::Values(vec![]),
+                Response::Stored,
+                value("one"),
+                Response::Stored,
+                Response::Stored,
+                value("two"),
+                Response::Stored,
+                Response::Values(vec![]),
+                Response::Stored,
+                value("three"),
+            ]
+        );
+        // Logged in order, versions rising: three puts, the delete the
+        // expired set is, the last put; the newest put wins on a replica.
+        let logged = e.backlog().read_after(0, 10).unwrap();
+        let kinds: Vec<(String, bool)> = logged
+            .iter()
+            .map(|(_, en)| {
+                let key = String::from_utf8_lossy(&en.key).into_owned();
+                (key, matches!(en.op, Op::Put { .. }))
+            })
+            .collect();
+        let want = [
+            ("k", true),
+            ("k", true),
+            ("j", true),
+            ("k", false),
+            ("k", true),
+        ];
+        assert_eq!(kinds, want.map(|(k, put)| (k.to_string(), put)).to_vec(),);
+        assert!(logged.windows(2).all(|w| w[0].1.version < w[1].1.version));
+        let (other, _) = node();
+        let entries = logged.into_iter().map(|(_, en)| (*en).clone()).collect();
+        other.apply(entries).await.unwrap();
+        assert_eq!(read(&other, "k").await.as_deref(), Some("three"));
+        assert_eq!(read(&other, "j").await.as_deref(), Some("jay"));
     }
 
     #[tokio::test]
