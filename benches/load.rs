@@ -12,7 +12,8 @@
 //! (`tests/common/procs.rs`): fresh ports, polled readiness, killed on drop.
 //!
 //! Options (defaults in brackets; `--name value` or `--name=value`):
-//!   --conns N [50]          client connections per target
+//!   --conns LIST [50]       client connections per target, e.g. 10,50,200
+//!                           (the replication phases use the first)
 //!   --pipeline LIST [1,16]  requests per batch on each connection
 //!   --seconds S [5]         measured time per target and depth
 //!   --warmup S [1]          unmeasured time before it
@@ -26,6 +27,9 @@
 //!                           nutcracker is not installed
 //!   --memtier PATH          drive every target with that memtier_benchmark
 //!                           binary instead of the built-in generator
+//!   --out FILE              also append one JSON line per measured target,
+//!                           connection count, depth and value size to FILE
+//!                           (see [`Out`]); `benches/plot.py` draws them
 //! Unknown arguments (cargo passes `--bench`) are ignored.
 //!
 //! With `--memtier`, each target is prefilled by memtier itself (`--ratio=1:0
@@ -76,7 +80,8 @@ const STALL: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 struct Opts {
-    conns: usize,
+    /// Connection counts, each measured at every depth.
+    conns: Vec<usize>,
     pipelines: Vec<usize>,
     seconds: u64,
     warmup: u64,
@@ -94,6 +99,8 @@ struct Opts {
     twemproxy: bool,
     /// Drive the targets with this memtier_benchmark binary.
     memtier: Option<PathBuf>,
+    /// Append the raw results to this file, one JSON line each.
+    out: Option<PathBuf>,
 }
 
 fn list(name: &str, v: &str) -> Vec<usize> {
@@ -111,7 +118,7 @@ fn number(name: &str, v: &str) -> usize {
 
 fn opts() -> Opts {
     let mut o = Opts {
-        conns: 50,
+        conns: vec![50],
         pipelines: vec![1, 16],
         seconds: 5,
         warmup: 1,
@@ -124,6 +131,7 @@ fn opts() -> Opts {
         modes: vec!["eventual".into()],
         twemproxy: false,
         memtier: None,
+        out: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -142,6 +150,7 @@ fn opts() -> Opts {
             "--gets-per-set",
             "--modes",
             "--memtier",
+            "--out",
         ];
         if name == "--no-cluster" {
             o.cluster = false;
@@ -162,7 +171,7 @@ fn opts() -> Opts {
             .or_else(|| args.next())
             .unwrap_or_else(|| panic!("{name} needs a value"));
         match name.as_str() {
-            "--conns" => o.conns = number(&name, &v),
+            "--conns" => o.conns = list(&name, &v),
             "--pipeline" => o.pipelines = list(&name, &v),
             "--seconds" => o.seconds = number(&name, &v) as u64,
             "--warmup" => o.warmup = v.parse().expect("--warmup S"),
@@ -172,10 +181,152 @@ fn opts() -> Opts {
             "--gets-per-set" => o.gets_per_set = v.parse().expect("--gets-per-set N"),
             "--modes" => o.modes = v.split(',').map(|m| m.trim().to_string()).collect(),
             "--memtier" => o.memtier = Some(PathBuf::from(v)),
+            "--out" => o.out = Some(PathBuf::from(v)),
             _ => unreachable!(),
         }
     }
     o
+}
+
+impl Opts {
+    /// Every connection count and depth measured at value size `value`,
+    /// connection counts outermost.
+    fn points(&self, value: usize) -> Vec<Point> {
+        self.conns
+            .iter()
+            .flat_map(|&conns| {
+                self.pipelines.iter().map(move |&pipeline| Point {
+                    value,
+                    conns,
+                    pipeline,
+                })
+            })
+            .collect()
+    }
+}
+
+// ------------------------------------------------- targets and raw results
+
+/// One process measured: its name in the tables, its client port, the
+/// process whose CPU time is counted, and a cluster's consistency mode.
+struct Target<'a> {
+    name: &'a str,
+    port: u16,
+    pid: u32,
+    /// `None` for a single process (memcached, twemproxy, one memdial).
+    mode: Option<&'a str>,
+}
+
+/// Where in the sweep a measurement is.
+#[derive(Clone, Copy)]
+struct Point {
+    value: usize,
+    conns: usize,
+    pipeline: usize,
+}
+
+/// Percentiles, in %, asked of memtier (`--print-percentiles`) and of the
+/// built-in generator's histogram, for the latency curve. memtier names
+/// each with at most two decimals (see [`parse_memtier_json`]).
+const PERCENTILES: [f64; 11] = [
+    10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99,
+];
+
+/// One measurement as `--out` writes it.
+struct Row<'a> {
+    target: &'a Target<'a>,
+    at: Point,
+    ops_per_sec: f64,
+    /// memtier's mean latency; the built-in generator does not keep one.
+    avg_us: Option<u64>,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    /// (percent, µs), ascending.
+    percentiles_us: Vec<(f64, u64)>,
+    cpu_s: Option<f64>,
+    /// Requests answered in the run, the ones the CPU time is divided by.
+    requests: u64,
+    hit_ratio: f64,
+    /// Errors, wrong replies or misses: the tables say which.
+    failed: bool,
+}
+
+/// `--out FILE`: the raw results, appended as one JSON object per line so
+/// that several runs can share a file. Each line holds the run's `run` (its
+/// start, UTC), `commit`, `generator` (`memtier_benchmark …` or `built-in`),
+/// `seconds`, `warmup`, `keys`, `gets_per_set` and `threads`, then the
+/// measurement's `target`, `mode` (a cluster's consistency, or null),
+/// `value`, `conns`, `pipeline`, `ops_per_sec`, `avg_us` (null for the
+/// built-in generator), `p50_us`, `p99_us`, `p999_us`, `percentiles_us`
+/// (`[[percent, µs], …]`), `cpu_s` and `ops_per_cpu_s` (null where /proc
+/// is missing), `requests`, `hit_ratio` and `failed`.
+struct Out {
+    file: std::fs::File,
+    run: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Out {
+    fn open(path: &Path, o: &Opts, generator: &str) -> Out {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .unwrap_or_else(|e| panic!("--out: create {}: {e}", dir.display()));
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("--out {}: {e}", path.display()));
+        let serde_json::Value::Object(run) = serde_json::json!({
+            "run": utc_now(),
+            "commit": git_commit(),
+            "generator": generator,
+            "seconds": o.seconds,
+            "warmup": o.warmup,
+            "keys": o.keys,
+            "gets_per_set": o.gets_per_set,
+            "threads": o.threads,
+        }) else {
+            unreachable!("json! of an object")
+        };
+        Out { file, run }
+    }
+
+    /// Appends `row` as one line, flushed, so that a run cut short keeps
+    /// what it measured.
+    fn write(&mut self, row: &Row<'_>) {
+        use std::io::Write;
+        let per_cpu = row
+            .cpu_s
+            .filter(|&c| c > 0.0)
+            .map(|c| row.requests as f64 / c);
+        let mut line = self.run.clone();
+        let serde_json::Value::Object(fields) = serde_json::json!({
+            "target": row.target.name,
+            "mode": row.target.mode,
+            "value": row.at.value,
+            "conns": row.at.conns,
+            "pipeline": row.at.pipeline,
+            "ops_per_sec": row.ops_per_sec,
+            "avg_us": row.avg_us,
+            "p50_us": row.p50_us,
+            "p99_us": row.p99_us,
+            "p999_us": row.p999_us,
+            "percentiles_us": row.percentiles_us,
+            "cpu_s": row.cpu_s,
+            "ops_per_cpu_s": per_cpu,
+            "requests": row.requests,
+            "hit_ratio": row.hit_ratio,
+            "failed": row.failed,
+        }) else {
+            unreachable!("json! of an object")
+        };
+        line.extend(fields);
+        let text = serde_json::Value::Object(line).to_string();
+        writeln!(self.file, "{text}")
+            .and_then(|()| self.file.flush())
+            .unwrap_or_else(|e| panic!("--out: {e}"));
+    }
 }
 
 // --------------------------------------------------------------- workload
@@ -609,21 +760,26 @@ async fn join_clients(tasks: Vec<tokio::task::JoinHandle<Stats>>) -> Stats {
 struct Measured {
     ops_per_sec: f64,
     stats: Stats,
+    /// CPU seconds the process serving the target used while measuring.
+    cpu: Option<f64>,
 }
 
-async fn measure(port: u16, w: &Arc<Workload>, o: &Opts, pipeline: usize) -> Measured {
+async fn measure(t: &Target<'_>, w: &Arc<Workload>, o: &Opts, at: Point) -> Measured {
     let phase = Arc::new(AtomicU8::new(WARMUP));
-    let tasks = start_clients(port, w, o.conns, pipeline, &phase);
+    let tasks = start_clients(t.port, w, at.conns, at.pipeline, &phase);
     tokio::time::sleep(Duration::from_secs(o.warmup)).await;
+    let cpu_before = cpu_seconds(t.pid);
     phase.store(MEASURE, Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(o.seconds)).await;
     phase.store(STOP, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_before.zip(cpu_seconds(t.pid)).map(|(b, a)| a - b);
     let stats = join_clients(tasks).await;
     Measured {
         ops_per_sec: stats.ops as f64 / elapsed,
         stats,
+        cpu,
     }
 }
 
@@ -668,38 +824,41 @@ async fn replication_delays(
     Ok(delays)
 }
 
-/// Prefills every target, then runs every target at each depth back to
-/// back with the built-in generator and prints one table per value size and
-/// depth. Returns whether anything failed.
-async fn builtin_main(targets: &[(&str, u16)], o: &Opts) -> bool {
+/// Prefills every target, then runs every target at each connection count
+/// and depth back to back with the built-in generator and prints one table
+/// per value size, connection count and depth. Returns whether anything
+/// failed.
+async fn builtin_main(targets: &[Target<'_>], o: &Opts, out: &mut Option<Out>) -> bool {
     let mut failed = false;
     for &value in &o.values {
         let w = Arc::new(Workload::new(o.keys, value, o.gets_per_set));
-        for (name, port) in targets {
-            if let Err(e) = prefill(*port, &w).await {
-                panic!("prefill of {name} ({value}-byte values): {e}");
+        for t in targets {
+            if let Err(e) = prefill(t.port, &w).await {
+                panic!("prefill of {} ({value}-byte values): {e}", t.name);
             }
         }
-        for &pipeline in &o.pipelines {
-            println!("\n{value}-byte values, pipeline depth {pipeline}");
+        for at in o.points(value) {
+            let (conns, pipeline) = (at.conns, at.pipeline);
+            println!("\n{value}-byte values, {conns} connections, pipeline depth {pipeline}");
             println!(
                 "{:<32} {:>10} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9}",
                 "target", "ops/s", "p50", "p99", "hit %", "wrong", "ops ratio", "p99 ratio"
             );
             let mut direct: Option<(f64, u64)> = None;
-            for (name, port) in targets {
-                let m = measure(*port, &w, o, pipeline).await;
+            for t in targets {
+                let m = measure(t, &w, o, at).await;
                 let s = &m.stats;
                 let (p50, p99) = (s.latency.percentile(0.50), s.latency.percentile(0.99));
                 let (d_ops, d_p99) = *direct.get_or_insert((m.ops_per_sec, p99));
                 let gets = s.hits + s.misses;
+                let hit_ratio = s.hits as f64 / gets.max(1) as f64;
                 println!(
                     "{:<32} {:>10.0} {:>8} {:>8} {:>8.2} {:>7} {:>9.2} {:>9.2}",
-                    name,
+                    t.name,
                     m.ops_per_sec,
                     p50,
                     p99,
-                    100.0 * s.hits as f64 / gets.max(1) as f64,
+                    100.0 * hit_ratio,
                     s.wrong,
                     m.ops_per_sec / d_ops.max(1.0),
                     p99 as f64 / d_p99.max(1) as f64,
@@ -712,6 +871,25 @@ async fn builtin_main(targets: &[(&str, u16)], o: &Opts) -> bool {
                     failed = true;
                 }
                 failed |= s.wrong > 0 || s.misses > 0;
+                if let Some(out) = out {
+                    out.write(&Row {
+                        target: t,
+                        at,
+                        ops_per_sec: m.ops_per_sec,
+                        avg_us: None,
+                        p50_us: p50,
+                        p99_us: p99,
+                        p999_us: s.latency.percentile(0.999),
+                        percentiles_us: PERCENTILES
+                            .iter()
+                            .map(|&p| (p, s.latency.percentile(p / 100.0)))
+                            .collect(),
+                        cpu_s: m.cpu,
+                        requests: s.ops,
+                        hit_ratio,
+                        failed: s.failure.is_some() || s.wrong > 0,
+                    });
+                }
             }
         }
     }
@@ -732,6 +910,8 @@ struct MemtierRun {
     connection_errors: u64,
     /// Requests answered in the whole run (the tail included).
     count: u64,
+    /// Every percentile memtier printed, as (percent, µs), in order.
+    percentiles: Vec<(f64, u64)>,
 }
 
 /// CPU time (user + system) a process has used so far, in seconds, from
@@ -809,19 +989,21 @@ fn memtier_prefill(port: u16, o: &Opts, value: usize) -> Vec<String> {
     a
 }
 
-/// The measured mix: `o.conns` connections over `o.threads` threads, each
-/// with its own random key sequence, `seconds` long.
-fn memtier_load(port: u16, o: &Opts, value: usize, pipeline: usize, seconds: u64) -> Vec<String> {
-    let mut a = memtier_common(port, o, value);
+/// The measured mix: `at.conns` connections over `o.threads` threads, each
+/// with its own random key sequence, `seconds` long, reporting every
+/// percentile of [`PERCENTILES`].
+fn memtier_load(port: u16, o: &Opts, at: Point, seconds: u64) -> Vec<String> {
+    let mut a = memtier_common(port, o, at.value);
+    let percentiles: Vec<String> = PERCENTILES.iter().map(|p| p.to_string()).collect();
     a.extend([
         format!("--ratio=1:{}", o.gets_per_set),
-        format!("--pipeline={pipeline}"),
+        format!("--pipeline={}", at.pipeline),
         format!("--threads={}", o.threads),
-        format!("--clients={}", o.conns / o.threads),
+        format!("--clients={}", at.conns / o.threads),
         format!("--test-time={seconds}"),
         "--key-pattern=R:R".into(),
         "--distinct-client-seed".into(),
-        "--print-percentiles=50,99,99.9".into(),
+        format!("--print-percentiles={}", percentiles.join(",")),
     ]);
     a
 }
@@ -870,7 +1052,9 @@ async fn run_memtier(bin: &Path, args: &[String], limit: Duration) -> Result<(),
 /// back as whole seconds, which can be a second off (3.001 s for a 2 s run,
 /// so a third low, in one check). The bucket `seconds` holds the replies
 /// to requests still in flight at the deadline and is left out. Latencies
-/// are memtier's, over the whole run, in ms to 1 µs.
+/// are memtier's, over the whole run, in ms to 1 µs. memtier names each
+/// percentile `p%.3f` cut to six characters (`p50.00`, `p99.90`, `p5.000`),
+/// so every key under `Percentile Latencies` is read back as a number.
 fn parse_memtier_json(text: &str, seconds: u64) -> Result<MemtierRun, String> {
     let v: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("memtier JSON: {e}"))?;
@@ -895,6 +1079,13 @@ fn parse_memtier_json(text: &str, seconds: u64) -> Result<MemtierRun, String> {
     };
     // Accumulated Latency is the sum of every request's latency, in ms.
     let accumulated = totals["Accumulated Latency"].as_f64().unwrap_or(0.0);
+    let mut percentiles: Vec<(f64, u64)> = totals["Percentile Latencies"]
+        .as_object()
+        .ok_or("memtier JSON: no Totals/Percentile Latencies")?
+        .iter()
+        .filter_map(|(name, ms)| Some((name.strip_prefix('p')?.parse().ok()?, us(ms.as_f64()?))))
+        .collect();
+    percentiles.sort_by(|a, b| a.0.total_cmp(&b.0));
     let gets = &v["ALL STATS"]["Gets"];
     let hits = gets["Hits/sec"].as_f64().unwrap_or(0.0);
     let misses = gets["Misses/sec"].as_f64().unwrap_or(0.0);
@@ -911,46 +1102,42 @@ fn parse_memtier_json(text: &str, seconds: u64) -> Result<MemtierRun, String> {
         },
         connection_errors: totals["Connection Errors"].as_u64().unwrap_or(0),
         count,
+        percentiles,
     })
 }
 
 /// Warm-up (figures dropped), then the measured run of one target at one
-/// depth.
+/// connection count, depth and value size.
 async fn memtier_measure(
     bin: &Path,
-    port: u16,
+    t: &Target<'_>,
     o: &Opts,
-    value: usize,
-    pipeline: usize,
+    at: Point,
     json: &Path,
-    pid: Option<u32>,
 ) -> Result<(MemtierRun, Option<f64>), String> {
     // memtier's own start-up and the in-flight tail, with room to spare.
     let slack = Duration::from_secs(30);
     if o.warmup > 0 {
-        let args = memtier_load(port, o, value, pipeline, o.warmup);
+        let args = memtier_load(t.port, o, at, o.warmup);
         run_memtier(bin, &args, Duration::from_secs(o.warmup) + slack)
             .await
             .map_err(|e| format!("warm-up: {e}"))?;
     }
-    let mut args = memtier_load(port, o, value, pipeline, o.seconds);
+    let mut args = memtier_load(t.port, o, at, o.seconds);
     args.push(format!("--json-out-file={}", json.display()));
-    let cpu_before = pid.and_then(cpu_seconds);
+    let cpu_before = cpu_seconds(t.pid);
     run_memtier(bin, &args, Duration::from_secs(o.seconds) + slack).await?;
-    let cpu = match (cpu_before, pid.and_then(cpu_seconds)) {
-        (Some(before), Some(after)) => Some(after - before),
-        _ => None,
-    };
+    let cpu = cpu_before.zip(cpu_seconds(t.pid)).map(|(b, a)| a - b);
     let text = std::fs::read_to_string(json).map_err(|e| format!("{}: {e}", json.display()))?;
     Ok((parse_memtier_json(&text, o.seconds)?, cpu))
 }
 
-/// Prefills every target with memtier, then runs every target at each depth
-/// back to back and prints one table per value size and depth, with the
-/// CPU time the process serving each target (`pids`, in the order of
-/// `targets`) used in the measured run and its requests per CPU-second.
+/// Prefills every target with memtier, then runs every target at each
+/// connection count and depth back to back and prints one table per value
+/// size, connection count and depth, with the CPU time the process serving
+/// each target used in the measured run and its requests per CPU-second.
 /// Returns whether anything failed.
-async fn memtier_main(bin: &Path, targets: &[(&str, u16)], pids: &[u32], o: &Opts) -> bool {
+async fn memtier_main(bin: &Path, targets: &[Target<'_>], o: &Opts, out: &mut Option<Out>) -> bool {
     let dir = tempfile::tempdir().expect("a directory for memtier's JSON");
     let mut failed = false;
     let ratio = |x: f64, base: Option<f64>| match base {
@@ -958,16 +1145,19 @@ async fn memtier_main(bin: &Path, targets: &[(&str, u16)], pids: &[u32], o: &Opt
         _ => "-".into(),
     };
     for &value in &o.values {
-        for (name, port) in targets {
-            let args = memtier_prefill(*port, o, value);
+        for t in targets {
+            let args = memtier_prefill(t.port, o, value);
             // 10,000 keys take well under a second.
             let limit = Duration::from_secs(30 + o.keys as u64 / 1000);
             if let Err(e) = run_memtier(bin, &args, limit).await {
-                panic!("memtier prefill of {name} ({value}-byte values): {e}");
+                panic!("memtier prefill of {} ({value}-byte values): {e}", t.name);
             }
         }
-        for &pipeline in &o.pipelines {
-            println!("\n{value}-byte values, pipeline depth {pipeline} (memtier_benchmark)");
+        for at in o.points(value) {
+            let (conns, pipeline) = (at.conns, at.pipeline);
+            println!(
+                "\n{value}-byte values, {conns} connections, pipeline depth {pipeline} (memtier_benchmark)"
+            );
             println!(
                 "{:<32} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9}",
                 "target",
@@ -986,18 +1176,19 @@ async fn memtier_main(bin: &Path, targets: &[(&str, u16)], pids: &[u32], o: &Opt
             );
             // memcached direct's figures, the ratios' base.
             let mut direct: Option<[f64; 4]> = None;
-            for (i, (name, port)) in targets.iter().enumerate() {
-                let json = dir.path().join(format!("{value}-{pipeline}-{i}.json"));
-                let pid = pids.get(i).copied();
-                let (r, cpu) =
-                    match memtier_measure(bin, *port, o, value, pipeline, &json, pid).await {
-                        Ok(r) => r,
-                        Err(e) => {
-                            println!("{name:<32} failed: {e}");
-                            failed = true;
-                            continue;
-                        }
-                    };
+            for (i, t) in targets.iter().enumerate() {
+                let name = t.name;
+                let json = dir
+                    .path()
+                    .join(format!("{value}-{conns}-{pipeline}-{i}.json"));
+                let (r, cpu) = match memtier_measure(bin, t, o, at, &json).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        println!("{name:<32} failed: {e}");
+                        failed = true;
+                        continue;
+                    }
+                };
                 let figures = [r.ops_per_sec, r.p50 as f64, r.p99 as f64, r.p999 as f64];
                 if i == 0 {
                     direct = Some(figures);
@@ -1026,7 +1217,24 @@ async fn memtier_main(bin: &Path, targets: &[(&str, u16)], pids: &[u32], o: &Opt
                 if r.connection_errors > 0 {
                     println!("    connection errors: {}", r.connection_errors);
                 }
-                failed |= r.ops_per_sec <= 0.0 || r.connection_errors > 0 || r.hit_ratio < 1.0;
+                let bad = r.ops_per_sec <= 0.0 || r.connection_errors > 0 || r.hit_ratio < 1.0;
+                failed |= bad;
+                if let Some(out) = out {
+                    out.write(&Row {
+                        target: t,
+                        at,
+                        ops_per_sec: r.ops_per_sec,
+                        avg_us: Some(r.avg),
+                        p50_us: r.p50,
+                        p99_us: r.p99,
+                        p999_us: r.p999,
+                        percentiles_us: r.percentiles,
+                        cpu_s: cpu,
+                        requests: r.count,
+                        hit_ratio: r.hit_ratio,
+                        failed: bad,
+                    });
+                }
             }
         }
     }
@@ -1138,17 +1346,26 @@ fn lag_main(o: &Opts) {
     println!(
         "memdial replication, commit {}: eventual x3 over memcached (anti-entropy every 2 s) against one memdial over memcached; {} connections, {value}-byte values, {} keys",
         git_commit(),
-        o.conns,
+        o.conns[0],
         o.keys,
     );
     let mut failed = false;
     rt.block_on(async {
         // 1. Throughput at 1:10.
         let targets = [
-            ("memdial -> memcached", single.port),
-            ("memdial eventual x3, node 1", node1),
+            Target {
+                name: "memdial -> memcached",
+                port: single.port,
+                pid: single.pid(),
+                mode: None,
+            },
+            Target {
+                name: "memdial eventual x3, node 1",
+                port: node1,
+                pid: cluster.pid(1).expect("node 1 runs"),
+                mode: Some("eventual"),
+            },
         ];
-        let pids = [single.pid(), cluster.pid(1).expect("node 1 runs")];
         let mix = Opts {
             gets_per_set: 10,
             values: vec![value],
@@ -1156,8 +1373,8 @@ fn lag_main(o: &Opts) {
         };
         println!("\n1 set : 10 gets; ratios to the single node");
         failed |= match &o.memtier {
-            Some(bin) => memtier_main(bin, &targets, &pids, &mix).await,
-            None => builtin_main(&targets, &mix).await,
+            Some(bin) => memtier_main(bin, &targets, &mix, &mut None).await,
+            None => builtin_main(&targets, &mix, &mut None).await,
         };
 
         // 2. Write-heavy load. The writes so far replicate first.
@@ -1181,11 +1398,11 @@ fn lag_main(o: &Opts) {
         let (sent0, repaired0) = (counts("repair_sent").await, counts("repaired").await);
         println!(
             "\nwrite-heavy: node 1 driven by {} connections at depth 16, 1 set : {} gets, {} s",
-            o.conns, o.gets_per_set, o.seconds
+            o.conns[0], o.gets_per_set, o.seconds
         );
         let phase = Arc::new(AtomicU8::new(MEASURE));
         let started = Instant::now();
-        let load = start_clients(node1, &w, o.conns, 16, &phase);
+        let load = start_clients(node1, &w, o.conns[0], 16, &phase);
         // Per sample: the larger lag, the larger round trip, peers not up.
         let (mut lags, mut rtts, mut not_up) = (Vec::new(), Vec::new(), 0);
         while started.elapsed() < Duration::from_secs(o.seconds) {
@@ -1268,6 +1485,17 @@ fn lag_main(o: &Opts) {
 
 // ------------------------------------------------------------------- main
 
+/// The time now, UTC, as `date -u` gives it (`2026-12-02T01:30:00Z`).
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn git_commit() -> String {
     Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
@@ -1301,12 +1529,13 @@ fn main() {
 
     // Checked before any process starts.
     let memtier = o.memtier.as_deref().map(|bin| {
-        assert!(
-            o.conns.is_multiple_of(o.threads),
-            "--memtier: --conns {} is not a multiple of --threads {}",
-            o.conns,
-            o.threads
-        );
+        for conns in &o.conns {
+            assert!(
+                conns.is_multiple_of(o.threads),
+                "--memtier: --conns {conns} is not a multiple of --threads {}",
+                o.threads
+            );
+        }
         memtier_version(bin)
     });
     // Declared before the runtime work so they outlive it, and are killed
@@ -1361,24 +1590,31 @@ fn main() {
         .map(|(mode, _)| format!("memdial {mode} x3, node 1"))
         .collect();
 
-    let mut targets = vec![("memcached direct", mc.port)];
-    let mut pids = vec![mc.pid()];
+    let single = |name, port, pid| Target {
+        name,
+        port,
+        pid,
+        mode: None,
+    };
+    let mut targets = vec![single("memcached direct", mc.port, mc.pid())];
     if let Some((proxy, _)) = &twemproxy {
-        targets.push(("twemproxy -> memcached", proxy.port));
-        pids.push(proxy.pid());
+        targets.push(single("twemproxy -> memcached", proxy.port, proxy.pid()));
     }
-    targets.push(("memdial -> memcached", over.port));
-    pids.push(over.pid());
-    targets.push(("memdial embedded", emb.port));
-    pids.push(emb.pid());
-    for (name, (_, c)) in cluster_names.iter().zip(&clusters) {
-        targets.push((name.as_str(), c.ports(1).client));
-        pids.push(c.pid(1).expect("node 1 runs"));
+    targets.push(single("memdial -> memcached", over.port, over.pid()));
+    targets.push(single("memdial embedded", emb.port, emb.pid()));
+    for (name, (mode, c)) in cluster_names.iter().zip(&clusters) {
+        targets.push(Target {
+            name,
+            port: c.ports(1).client,
+            pid: c.pid(1).expect("node 1 runs"),
+            mode: Some(mode),
+        });
     }
+    let conns: Vec<String> = o.conns.iter().map(|c| c.to_string()).collect();
     println!(
         "memdial load, commit {}: {} connections, 1 set : {} gets, {} keys, {} s measured after {} s warm-up, {} generator thread(s); latency per request, µs",
         git_commit(),
-        o.conns,
+        conns.join(","),
         o.gets_per_set,
         o.keys,
         o.seconds,
@@ -1391,11 +1627,15 @@ fn main() {
     if let Some(v) = &twemproxy_version {
         println!("twemproxy: {v}, server_connections 1, preconnect");
     }
+    let mut out = o.out.as_deref().map(|path| {
+        let generator = memtier.as_deref().unwrap_or("built-in");
+        Out::open(path, &o, generator)
+    });
     let mut failed = false;
     rt.block_on(async {
         failed |= match &o.memtier {
-            Some(bin) => memtier_main(bin, &targets, &pids, &o).await,
-            None => builtin_main(&targets, &o).await,
+            Some(bin) => memtier_main(bin, &targets, &o, &mut out).await,
+            None => builtin_main(&targets, &o, &mut out).await,
         };
         // Replication delay: eventual mode's measure (the ordered modes
         // answer once the write is committed).
@@ -1408,7 +1648,7 @@ fn main() {
             for loaded in [false, true] {
                 let phase = Arc::new(AtomicU8::new(MEASURE));
                 let load = if loaded {
-                    start_clients(cluster_ports[0], &w, o.conns, 16, &phase)
+                    start_clients(cluster_ports[0], &w, o.conns[0], 16, &phase)
                 } else {
                     Vec::new()
                 };
@@ -1416,7 +1656,7 @@ fn main() {
                 phase.store(STOP, Ordering::Relaxed);
                 join_clients(load).await;
                 let what = if loaded {
-                    format!("under load ({} conns, depth 16, on node 1)", o.conns)
+                    format!("under load ({} conns, depth 16, on node 1)", o.conns[0])
                 } else {
                     "idle".into()
                 };
