@@ -1403,20 +1403,30 @@ fn lag_main(o: &Opts) {
         let phase = Arc::new(AtomicU8::new(MEASURE));
         let started = Instant::now();
         let load = start_clients(node1, &w, o.conns[0], 16, &phase);
-        // Per sample: the larger lag, the larger round trip, peers not up.
-        let (mut lags, mut rtts, mut not_up) = (Vec::new(), Vec::new(), 0);
+        // Per sample: node 1's larger lag; every node's heartbeat round
+        // trip to each peer, by link; peers any node saw not up.
+        let (mut lags, mut not_up) = (Vec::new(), 0);
+        let mut rtts: std::collections::BTreeMap<(usize, u32), Vec<u64>> = Default::default();
         while started.elapsed() < Duration::from_secs(o.seconds) {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            match peer_stats(node1).await {
-                Ok(s) => {
-                    lags.push(per_peer(&s, "lag").into_iter().max().unwrap_or(0));
-                    rtts.push(per_peer(&s, "rtt_us").into_iter().max().unwrap_or(0));
-                    not_up += s
-                        .iter()
-                        .filter(|(_, n, v)| n == "state" && v != "up")
-                        .count();
+            for (i, &port) in nodes.iter().enumerate() {
+                match peer_stats(port).await {
+                    Ok(s) => {
+                        if i == 0 {
+                            lags.push(per_peer(&s, "lag").into_iter().max().unwrap_or(0));
+                        }
+                        for (peer, name, v) in &s {
+                            match (name.as_str(), v.parse::<u64>()) {
+                                ("rtt_us", Ok(rtt)) => {
+                                    rtts.entry((i + 1, *peer)).or_default().push(rtt)
+                                }
+                                ("state", _) if v != "up" => not_up += 1,
+                                _ => {}
+                            }
+                        }
+                    }
+                    Err(e) => println!("    stats cluster of node {} failed: {e}", i + 1),
                 }
-                Err(e) => println!("    stats cluster failed: {e}"),
             }
         }
         phase.store(STOP, Ordering::Relaxed);
@@ -1467,11 +1477,20 @@ fn lag_main(o: &Opts) {
                 d.as_secs_f64()
             )),
         );
+        let links: Vec<String> = rtts
+            .iter()
+            .map(|((from, to), v)| {
+                format!(
+                    "{from}->{to} {} / {} / {}",
+                    quantile(v, 0.50),
+                    quantile(v, 0.99),
+                    v.iter().max().copied().unwrap_or(0)
+                )
+            })
+            .collect();
         println!(
-            "heartbeat round trip (µs): p50 {}, p99 {}, max {}; peer samples not up: {not_up}",
-            quantile(&rtts, 0.50),
-            quantile(&rtts, 0.99),
-            rtts.iter().max().copied().unwrap_or(0),
+            "heartbeat round trip (µs, p50 / p99 / max): {}; peer samples not up: {not_up}",
+            links.join(", ")
         );
         println!("anti-entropy meanwhile: {sent} entries sent in repairs, {repaired} keys changed by them");
         failed |= stats.wrong > 0 || stats.failure.is_some() || drained.is_none();

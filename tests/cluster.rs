@@ -226,6 +226,51 @@ fn write_on_one_node_reads_on_the_others() {
     }
 }
 
+/// A peer whose acks cannot reach the writer (its own link to the writer is
+/// cut) still gets every write, and the writer learns how far it got: with
+/// its window of messages in flight full, the writer asks the peer instead
+/// of waiting for acks that never come.
+#[test]
+fn replication_goes_on_when_acks_are_lost() {
+    let _serial = serial();
+    let c = TestCluster::start(
+        3,
+        ClusterOpts {
+            relays: true,
+            ..ClusterOpts::default()
+        },
+    );
+    c.relay(2, 1).cut();
+    let mut n1 = c.client(1);
+    // One message each: many more than the window holds.
+    let keys: Vec<String> = (0..100).map(|i| format!("ack-{i}")).collect();
+    for key in &keys {
+        assert_eq!(n1.set(key, 0, 0, key.as_bytes()).unwrap(), "STORED");
+    }
+    let want = n1.get_many(&keys).unwrap();
+    assert_eq!(want.len(), keys.len());
+    wait_reads(
+        c.ports(2).client,
+        &keys,
+        &want,
+        CONVERGE_WAIT,
+        "node 2, its acks cut off",
+    );
+    let started = Instant::now();
+    loop {
+        let lag = c.stats_cluster(1).unwrap()["peer:2:lag"].clone();
+        if lag == "0" {
+            break;
+        }
+        assert!(
+            started.elapsed() < CONVERGE_WAIT,
+            "node 1 still counts {lag} entries unacknowledged by node 2"
+        );
+        poll_pause();
+    }
+    c.heal_all();
+}
+
 /// Meta writes replicate as their text twins do: `ms` (with its modes),
 /// `ma` (with vivify) and `md` on one node are read on the others, through
 /// both protocols.

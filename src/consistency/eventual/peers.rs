@@ -41,6 +41,8 @@ pub(super) struct Peer {
     state: Mutex<State>,
     /// The peer asked for a full resync.
     pub resync: Notify,
+    /// The peer acknowledged more of our log.
+    pub ack: Notify,
     /// The peer's answers to our digests, for the pusher.
     pub diffs_tx: mpsc::Sender<Vec<u16>>,
     pub diffs_rx: tokio::sync::Mutex<mpsc::Receiver<Vec<u16>>>,
@@ -72,6 +74,7 @@ impl Peers {
                 let peer = Peer {
                     state: Mutex::new(State::default()),
                     resync: Notify::new(),
+                    ack: Notify::new(),
                     diffs_tx,
                     diffs_rx: tokio::sync::Mutex::new(diffs_rx),
                     digest: Mutex::new(None),
@@ -94,6 +97,14 @@ impl Peers {
 
     pub fn acked(&self, id: u32, cursor: Cursor) {
         self.with(id, |s| s.acked = Some(cursor));
+        if let Some(p) = self.peers.get(&id) {
+            p.ack.notify_one();
+        }
+    }
+
+    /// How far the peer last said it has applied our log.
+    pub fn acked_cursor(&self, id: u32) -> Option<Cursor> {
+        self.with(id, |s| s.acked).flatten()
     }
 
     /// Entries of our log (whose newest is `head`) the peer has not

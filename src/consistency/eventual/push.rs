@@ -6,6 +6,7 @@
 //! this replica's digest, and this replica's entries of the buckets where
 //! the peer answers that its replica differs.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,13 @@ const SNAPSHOT_CHUNK: usize = 256;
 
 /// How long the peer has to say where it stands on a new connection.
 const CURSOR_WAIT: Duration = Duration::from_secs(5);
+
+/// Messages of the log sent on one connection and not yet acknowledged,
+/// at most: the peer applies them one at a time, and its heartbeats from
+/// this node are read after them, so a short queue keeps the heartbeat's
+/// round trip short; while the window is full, new entries gather into
+/// larger messages, which the peer applies in fewer store exchanges.
+const IN_FLIGHT: usize = 4;
 
 /// How old a write must be, when an anti-entropy round begins, for the
 /// round to repair it: younger ones may still be on their way in a log.
@@ -106,18 +114,28 @@ impl Eventual {
         let resumable = |c: &Cursor| {
             c.incarnation == backlog.incarnation && backlog.read_after(c.seq, 0).is_ok()
         };
-        let resync = &self.peers.get(peer).ok_or(PeerError::Unknown(peer))?.resync;
+        let slot = self.peers.get(peer).ok_or(PeerError::Unknown(peer))?;
         let mut sent = match cursor {
             Some(c) if resumable(&c) => c.seq,
             _ => self.full_resync(link).await?,
         };
+        // The last entry of each message in flight.
+        let mut window: VecDeque<u64> = VecDeque::with_capacity(IN_FLIGHT);
         tracing::info!(peer, resume = ?cursor, from = sent, "pushing the log to peer");
         // Drop answers to digests of an earlier connection.
         while diffs.try_recv().is_ok() {}
         let mut ae = AntiEntropy::new(self.settings.anti_entropy_interval);
         let label = peer.to_string();
         loop {
-            match backlog.read_after(sent, self.settings.batch_max) {
+            if let Some(acked) = self.peers.acked_cursor(peer)
+                && acked.incarnation == backlog.incarnation
+            {
+                while window.front().is_some_and(|&last| last <= acked.seq) {
+                    window.pop_front();
+                }
+            }
+            let open = window.len() < IN_FLIGHT;
+            match backlog.read_after(sent, if open { self.settings.batch_max } else { 0 }) {
                 Ok(batch) if !batch.is_empty() => {
                     for run in frame_runs(batch, |(_, e)| entry_bytes(e)) {
                         sent = run.last().map_or(sent, |(seq, _)| *seq);
@@ -125,6 +143,7 @@ impl Eventual {
                             run.iter().map(|(seq, e)| (*seq, &**e)).collect();
                         let body = encode_entries(backlog.incarnation, &entries);
                         link.send(body).await?;
+                        window.push_back(sent);
                     }
                     continue;
                 }
@@ -136,13 +155,15 @@ impl Eventual {
                         "peer fell behind the replication backlog; sending a full resync"
                     );
                     ae.cancel();
+                    window.clear();
                     sent = self.full_resync(link).await?;
                     continue;
                 }
             }
             // Every log entry written while the digest was computed is sent
-            // now, so the peer's replica includes all that the digest covers.
-            if let Some(d) = ae.ready.take() {
+            // now (the window was open and nothing was left), so the peer's
+            // replica includes all that the digest covers.
+            if open && let Some(d) = ae.ready.take() {
                 let msg = Msg::Digest {
                     buckets: d.into_buckets(),
                 };
@@ -150,14 +171,21 @@ impl Eventual {
                 ae.awaiting = Some(Instant::now() + ae.answer_wait());
             }
             tokio::select! {
-                changed = head.changed() => {
+                changed = head.changed(), if open => {
                     if changed.is_err() {
                         return Ok(());
                     }
                 }
+                _ = slot.ack.notified(), if !window.is_empty() => {}
+                // An ack can be lost (the peer sends it only if its link
+                // has room): ask, when none came for a while.
+                _ = tokio::time::sleep(self.settings.heartbeat_interval), if !window.is_empty() => {
+                    self.ask_cursor(link).await?;
+                }
                 _ = link.closed() => return Err(PeerError::Down(peer).into()),
-                _ = resync.notified() => {
+                _ = slot.resync.notified() => {
                     ae.cancel();
+                    window.clear();
                     sent = self.full_resync(link).await?;
                 }
                 _ = tokio::time::sleep_until(ae.next), if ae.idle() => {
@@ -212,6 +240,20 @@ impl Eventual {
                 }
             }
         }
+    }
+
+    /// Asks the peer how far it has applied this node's log; it answers
+    /// once every message sent before is handled.
+    async fn ask_cursor(&self, link: &PeerLink) -> Result<(), PushError> {
+        let peer = link.peer();
+        let answer = tokio::time::timeout(CURSOR_WAIT, link.request(encode(&Ask::Cursor)))
+            .await
+            .map_err(|_| PeerError::Timeout(peer))??;
+        let (cursor, _): (Option<Cursor>, Epoch) = decode(&answer).map_err(PushError::Replica)?;
+        if let Some(c) = cursor {
+            self.peers.acked(peer, c);
+        }
+        Ok(())
     }
 
     /// Sends this replica's entries of `buckets` (where the peer's replica
