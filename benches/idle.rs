@@ -24,12 +24,14 @@
 //! "per conn" is (RSS with the connections open - RSS before) / conns;
 //! "after close" is the RSS once the server counts the connections closed
 //! (`curr_connections` of `stats`, or twemproxy's stats port) and
-//! `--settle-ms` more have passed.
+//! `--closed-ms` more have passed (memdial gives the memory of closed
+//! connections back within about a second).
 //!
 //! Options (defaults in brackets; `--name value` or `--name=value`):
 //!   --conns N [1000]      client connections per case
 //!   --large BYTES [102400] value moved per connection in the grown case
 //!   --settle-ms MS [500]  wait before each RSS reading
+//!   --closed-ms MS [2500] wait before the RSS reading after the close
 //!   --only LIST           targets by name: embedded,over,memcached,twemproxy
 //!
 //! Every read and connect has a deadline; only 127.0.0.1 is used.
@@ -54,6 +56,7 @@ struct Opts {
     conns: usize,
     large: usize,
     settle: Duration,
+    closed: Duration,
     only: Option<Vec<String>>,
 }
 
@@ -62,6 +65,7 @@ fn opts() -> Opts {
         conns: 1000,
         large: 100 * 1024,
         settle: Duration::from_millis(500),
+        closed: Duration::from_millis(2500),
         only: None,
     };
     let mut args = std::env::args().skip(1);
@@ -70,7 +74,8 @@ fn opts() -> Opts {
             Some((n, v)) => (n.to_string(), Some(v.to_string())),
             None => (arg.clone(), None),
         };
-        if !["--conns", "--large", "--settle-ms", "--only"].contains(&name.as_str()) {
+        if !["--conns", "--large", "--settle-ms", "--closed-ms", "--only"].contains(&name.as_str())
+        {
             // cargo passes `--bench`.
             continue;
         }
@@ -86,6 +91,7 @@ fn opts() -> Opts {
             "--conns" => o.conns = number().max(1),
             "--large" => o.large = number().max(GET_KEYS),
             "--settle-ms" => o.settle = Duration::from_millis(number() as u64),
+            "--closed-ms" => o.closed = Duration::from_millis(number() as u64),
             _ => o.only = Some(value.split(',').map(str::to_string).collect()),
         }
     }
@@ -230,7 +236,7 @@ fn case(
         std::thread::sleep(Duration::from_millis(20));
     }
     eprintln!("{} {case}: closed in {:?}", t.name, started.elapsed());
-    std::thread::sleep(o.settle);
+    std::thread::sleep(o.closed);
     Row {
         target: t.name,
         case,
