@@ -1080,3 +1080,47 @@ fn out_of_descriptors_connected_clients_and_the_admin_port_keep_serving() {
     });
     drop(proc);
 }
+
+/// Resident memory of `pid` in KB.
+fn rss_kb(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn idle_connections_keep_no_grown_buffers() {
+    // Each connection sends a 256 KB value (its read buffer grows to hold
+    // it) and gets 256 KB of small values (copied into its write buffer),
+    // then stays open and idle. Kept buffers would cost each at least
+    // 256 KB; an idle connection holds a few KB. The bound sits far from
+    // both.
+    const CONNS: usize = 200;
+    const VALUE: usize = 256 * 1024;
+    const SMALL: usize = 4 * 1024;
+    let node = Memdial::embedded();
+    let mut control = Client::connect(node.port);
+    let keys: Vec<String> = (0..VALUE / SMALL).map(|i| format!("small{i}")).collect();
+    for k in &keys {
+        assert_eq!(control.set(k, 0, 0, &[b's'; SMALL]).unwrap(), "STORED");
+    }
+    let value = vec![b'v'; VALUE];
+    assert_eq!(control.set("big", 0, 0, &value).unwrap(), "STORED");
+    let before = rss_kb(node.pid());
+    let mut conns = Vec::new();
+    for _ in 0..CONNS {
+        let mut c = Client::connect(node.port);
+        assert_eq!(c.set("big", 0, 0, &value).unwrap(), "STORED");
+        assert_eq!(c.get_many(&keys).unwrap().len(), keys.len());
+        conns.push(c);
+    }
+    let per_conn = rss_kb(node.pid()).saturating_sub(before) / CONNS;
+    assert!(
+        per_conn < 64,
+        "{per_conn} KB resident per idle connection after moving {} KB each",
+        VALUE / 1024
+    );
+}

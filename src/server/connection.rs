@@ -10,6 +10,11 @@
 //! node-wide semaphore of reply bytes bounds what all connections hold at
 //! once. A client that takes none of its replies for
 //! `write_stall_timeout_ms` is closed.
+//!
+//! A connection takes its buffers at its first request, not at accept. A
+//! buffer that grew for a large request or reply is given back before the
+//! connection waits for its client (see `release_for_wait`); one of the
+//! usual size is kept, so a busy connection does not allocate per request.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -17,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use prometheus::{Histogram, IntCounter};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::SemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -58,6 +63,10 @@ pub(super) struct Connection<'a> {
     stream: TcpStream,
     shared: &'a Shared,
     rbuf: BytesMut,
+    /// The read buffer grew past [`KEEP_WHILE_WAITING`] since it was last
+    /// replaced (its capacity may not tell: it leaves out what was
+    /// consumed).
+    rbuf_grown: bool,
     wbuf: BytesMut,
     /// Bytes still to discard: the data block of a rejected value.
     skip: usize,
@@ -76,6 +85,9 @@ pub(super) struct Connection<'a> {
 }
 
 const READ_CHUNK: usize = 16 * 1024;
+/// A read buffer larger than this that holds only the start of a request
+/// is cut back before the connection waits (see `release_for_wait`).
+const KEEP_WHILE_WAITING: usize = 2 * READ_CHUNK;
 /// While draining at shutdown, a client quiet this long is done.
 const DRAIN_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
 /// A write buffer grown past this by a large reply is released afterwards,
@@ -98,8 +110,9 @@ impl<'a> Connection<'a> {
         Connection {
             stream,
             shared,
-            rbuf: BytesMut::with_capacity(READ_CHUNK),
-            wbuf: BytesMut::with_capacity(READ_CHUNK),
+            rbuf: BytesMut::new(),
+            rbuf_grown: false,
+            wbuf: BytesMut::new(),
             skip: 0,
             handles: Handles::new(&shared.metrics),
             session: Session::new(conn_id),
@@ -146,10 +159,11 @@ impl<'a> Connection<'a> {
     /// Reads once. Returns false when the connection should end: the peer
     /// closed, it was idle too long, or the node is shutting down and the
     /// client has sent nothing more.
+    ///
+    /// The buffers are given back (see [`release_for_wait`]) before waiting
+    /// for the socket, and the read buffer is taken again once it is
+    /// readable: a connection waiting for its client holds none.
     async fn read_more(&mut self, shutdown: &CancellationToken) -> std::io::Result<bool> {
-        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK {
-            self.rbuf.reserve(READ_CHUNK);
-        }
         // While shutting down, requests the client already sent are still
         // read and answered; the connection ends once the client has been
         // quiet for a moment (the server's grace period bounds the whole).
@@ -158,27 +172,42 @@ impl<'a> Connection<'a> {
         } else {
             self.shared.settings.idle_timeout
         };
-        let read = self.stream.read_buf(&mut self.rbuf);
-        let read = async {
-            match wait {
-                Some(d) => tokio::time::timeout(d, read).await.ok(),
-                None => Some(read.await),
-            }
-        };
-        let n = tokio::select! {
-            biased;
-            r = read => match r {
-                Some(n) => n?,
-                None => {
-                    tracing::debug!(draining = shutdown.is_cancelled(), "connection quiet; closing");
-                    return Ok(false);
+        loop {
+            release_for_wait(&mut self.rbuf, &mut self.rbuf_grown);
+            release_for_wait(&mut self.wbuf, &mut false);
+            let ready = self.stream.readable();
+            let ready = async {
+                match wait {
+                    Some(d) => tokio::time::timeout(d, ready).await.ok(),
+                    None => Some(ready.await),
                 }
-            },
-            // Wake up to switch to draining; the next read goes on.
-            _ = shutdown.cancelled(), if !shutdown.is_cancelled() => return Ok(true),
-        };
-        self.shared.metrics.bytes_read.inc_by(n as u64);
-        Ok(n > 0)
+            };
+            tokio::select! {
+                biased;
+                r = ready => match r {
+                    Some(r) => r?,
+                    None => {
+                        tracing::debug!(draining = shutdown.is_cancelled(), "connection quiet; closing");
+                        return Ok(false);
+                    }
+                },
+                // Wake up to switch to draining; the next read goes on.
+                _ = shutdown.cancelled(), if !shutdown.is_cancelled() => return Ok(true),
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK {
+                self.rbuf.reserve(READ_CHUNK);
+                self.rbuf_grown |= self.rbuf.capacity() > KEEP_WHILE_WAITING;
+            }
+            match self.stream.try_read_buf(&mut self.rbuf) {
+                Ok(n) => {
+                    self.shared.metrics.bytes_read.inc_by(n as u64);
+                    return Ok(n > 0);
+                }
+                // Readiness was stale: wait again.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Parses up to the pipeline depth of complete requests from the buffer.
@@ -289,6 +318,8 @@ impl<'a> Connection<'a> {
     /// every reply, in order (a get of more keys is answered in parts; see
     /// `stream_get`).
     async fn answer(&mut self, slots: Vec<Slot>, requests: Vec<Request>) -> std::io::Result<()> {
+        // Given back at the last wait (`read_more`); replies grow it further.
+        self.wbuf.reserve(READ_CHUNK);
         let mut requests = requests.into_iter();
         let (mut seg_slots, mut seg_requests, mut seg_keys) = (Vec::new(), Vec::new(), 0);
         for slot in slots {
@@ -714,6 +745,31 @@ impl Handles {
     }
 }
 
+/// Before a connection waits for its client: gives back the memory of
+/// `buf` that grew past [`KEEP_WHILE_WAITING`] (`grown`, or its capacity,
+/// says so) and that what it holds does not need. Empty, it is dropped
+/// whole (the next read takes a `READ_CHUNK`); holding less than a
+/// `READ_CHUNK`, the start of the next request, it is copied into a fresh
+/// buffer with a `READ_CHUNK` of room. Anything else is kept: a buffer of
+/// the usual size (dropping it on every wait cost 5-10 % of the requests
+/// per CPU-second at depth 1; `docs/BENCHMARKS.md`), and a large request
+/// still arriving.
+fn release_for_wait(buf: &mut BytesMut, grown: &mut bool) {
+    let large = *grown || buf.capacity() > KEEP_WHILE_WAITING;
+    if !large {
+        return;
+    }
+    if buf.is_empty() {
+        *buf = BytesMut::new();
+        *grown = false;
+    } else if buf.len() < READ_CHUNK {
+        let mut fresh = BytesMut::with_capacity(buf.len() + READ_CHUNK);
+        fresh.extend_from_slice(buf);
+        *buf = fresh;
+        *grown = false;
+    }
+}
+
 /// Takes `bytes` permits of the node's reply budget, waiting while other
 /// connections hold it. `None` when there is nothing to take.
 async fn reserve(shared: &Shared, bytes: usize) -> Option<SemaphorePermit<'_>> {
@@ -800,5 +856,70 @@ fn key_count(r: &Request) -> Option<usize> {
     match r {
         Request::Get { keys, .. } | Request::Gat { keys, .. } => Some(keys.len()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_waiting_with_nothing_buffered_holds_no_grown_buffer() {
+        // The usual size: kept, not allocated again for the next request.
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        buf.extend_from_slice(b"get a\r\n");
+        buf.advance(7);
+        let mut grown = false;
+        release_for_wait(&mut buf, &mut grown);
+        assert!(buf.capacity() >= READ_CHUNK - 7, "{}", buf.capacity());
+
+        // Grown by a large request, then consumed to the end.
+        let mut buf = BytesMut::new();
+        buf.resize(1 << 20, b'v');
+        buf.advance(1 << 20);
+        let mut grown = true;
+        release_for_wait(&mut buf, &mut grown);
+        assert_eq!(buf.capacity(), 0);
+        assert!(!grown);
+    }
+
+    #[test]
+    fn a_grown_buffer_holding_the_start_of_a_request_is_cut_back() {
+        let mut buf = BytesMut::new();
+        buf.resize(1 << 20, b'v');
+        buf.extend_from_slice(b"get next");
+        buf.advance(1 << 20);
+        // The capacity left after the consumed part no longer shows the
+        // allocation's size; `grown` does.
+        let mut grown = true;
+        release_for_wait(&mut buf, &mut grown);
+        assert_eq!(&buf[..], b"get next");
+        assert!(buf.capacity() <= READ_CHUNK + 8, "{}", buf.capacity());
+        assert!(!grown);
+
+        // Seen from its capacity alone too.
+        let mut buf = BytesMut::with_capacity(1 << 20);
+        buf.extend_from_slice(b"get next");
+        release_for_wait(&mut buf, &mut false);
+        assert!(buf.capacity() <= READ_CHUNK + 8, "{}", buf.capacity());
+    }
+
+    #[test]
+    fn a_buffer_a_request_still_needs_is_kept() {
+        // Small: kept as it is (no copy on every wait of a pipelining
+        // client).
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        buf.extend_from_slice(b"get ne");
+        let at = buf.as_ptr();
+        release_for_wait(&mut buf, &mut false);
+        assert_eq!(buf.as_ptr(), at);
+
+        // A large value still arriving: kept whole.
+        let mut buf = BytesMut::with_capacity(1 << 20);
+        buf.resize(READ_CHUNK * 4, b'v');
+        let mut grown = true;
+        release_for_wait(&mut buf, &mut grown);
+        assert_eq!(buf.len(), READ_CHUNK * 4);
+        assert!(buf.capacity() >= 1 << 20);
     }
 }
