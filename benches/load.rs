@@ -47,10 +47,13 @@
 //! Workload: 1 set : 10 gets (memtier's default; `--gets-per-set N`),
 //! uniformly random keys.
 //!
-//! `--lag` runs only the write-heavy replication phase: a 3-node eventual
-//! cluster over three real memcached, node 1 driven at depth 16 (1 set : 1
-//! get unless `--gets-per-set` says otherwise), its `stats cluster` lag
-//! sampled every 250 ms, then the time until the peers have caught up.
+//! `--lag` runs only the replication phases against a 3-node eventual
+//! cluster over three real memcached and one memdial over a memcached of
+//! its own (see [`lag_main`]): 1 set : 10 gets on node 1 against the single
+//! node at each depth, then node 1 driven at depth 16 (1 set : 1 get unless
+//! `--gets-per-set` says otherwise) with its `stats cluster` lag and every
+//! node's heartbeat round trips sampled every 250 ms, the anti-entropy
+//! work meanwhile, and the time until the peers have caught up.
 //! Every reply is parsed against the request it answers (a read may hold
 //! part of a reply or several); a `get` must return the key and value that
 //! were stored. Latency is per request: from writing its batch to reading
