@@ -219,13 +219,14 @@ impl Eventual {
                     if !buckets.is_empty() {
                         match self.repair(link, &buckets, ae.settled_ms()).await {
                             Ok(entries) => {
-                                self.peers.repair_sent(peer, entries as u64);
-                                self.replication.repair_sent.with_label_values(&[&label]).inc_by(entries as u64);
+                                let n = entries as u64;
+                                self.peers.repair_sent(peer, n);
+                                self.replication.repair_sent.with_label_values(&[&label]).inc_by(n);
                                 tracing::debug!(
-                                peer,
-                                buckets = buckets.len(),
-                                entries,
-                                "anti-entropy: replicas differ; sent this replica's entries of those buckets"
+                                    peer,
+                                    buckets = buckets.len(),
+                                    entries,
+                                    "anti-entropy: replicas differ; sent this replica's settled entries of those buckets"
                                 );
                             }
                             Err(PushError::Replica(e)) => tracing::warn!(
