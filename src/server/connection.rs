@@ -87,7 +87,15 @@ pub(super) struct Connection<'a> {
 const READ_CHUNK: usize = 16 * 1024;
 /// A read buffer larger than this that holds only the start of a request
 /// is cut back before the connection waits (see `release_for_wait`).
-const KEEP_WHILE_WAITING: usize = 2 * READ_CHUNK;
+/// Four chunks: a client that sets values of 16-48 KiB reuses its buffer
+/// instead of taking a new one for every request (measured: 16 KiB values
+/// at depth 1 lost about a tenth of their requests per CPU-second with
+/// two chunks).
+const KEEP_WHILE_WAITING: usize = 4 * READ_CHUNK;
+/// The same for the write buffer: values of 16 KiB or more are written
+/// from the store's buffers, never copied into it, so it grows only for
+/// many small replies.
+const KEEP_WBUF_WHILE_WAITING: usize = 2 * READ_CHUNK;
 /// While draining at shutdown, a client quiet this long is done.
 const DRAIN_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
 /// A write buffer grown past this by a large reply is released afterwards,
@@ -173,8 +181,8 @@ impl<'a> Connection<'a> {
             self.shared.settings.idle_timeout
         };
         loop {
-            release_for_wait(&mut self.rbuf, &mut self.rbuf_grown);
-            release_for_wait(&mut self.wbuf, &mut false);
+            release_for_wait(&mut self.rbuf, &mut self.rbuf_grown, KEEP_WHILE_WAITING);
+            release_for_wait(&mut self.wbuf, &mut false, KEEP_WBUF_WHILE_WAITING);
             let ready = self.stream.readable();
             let ready = async {
                 match wait {
@@ -746,16 +754,15 @@ impl Handles {
 }
 
 /// Before a connection waits for its client: gives back the memory of
-/// `buf` that grew past [`KEEP_WHILE_WAITING`] (`grown`, or its capacity,
-/// says so) and that what it holds does not need. Empty, it is dropped
+/// `buf` that grew past `keep` (`grown`, or its capacity, says so) and that what it holds does not need. Empty, it is dropped
 /// whole (the next read takes a `READ_CHUNK`); holding less than a
 /// `READ_CHUNK`, the start of the next request, it is copied into a fresh
 /// buffer with a `READ_CHUNK` of room. Anything else is kept: a buffer of
 /// the usual size (dropping it on every wait cost 5-10 % of the requests
 /// per CPU-second at depth 1; `docs/BENCHMARKS.md`), and a large request
 /// still arriving.
-fn release_for_wait(buf: &mut BytesMut, grown: &mut bool) {
-    let large = *grown || buf.capacity() > KEEP_WHILE_WAITING;
+fn release_for_wait(buf: &mut BytesMut, grown: &mut bool, keep: usize) {
+    let large = *grown || buf.capacity() > keep;
     if !large {
         return;
     }
@@ -870,7 +877,7 @@ mod tests {
         buf.extend_from_slice(b"get a\r\n");
         buf.advance(7);
         let mut grown = false;
-        release_for_wait(&mut buf, &mut grown);
+        release_for_wait(&mut buf, &mut grown, KEEP_WHILE_WAITING);
         assert!(buf.capacity() >= READ_CHUNK - 7, "{}", buf.capacity());
 
         // Grown by a large request, then consumed to the end.
@@ -878,7 +885,7 @@ mod tests {
         buf.resize(1 << 20, b'v');
         buf.advance(1 << 20);
         let mut grown = true;
-        release_for_wait(&mut buf, &mut grown);
+        release_for_wait(&mut buf, &mut grown, KEEP_WHILE_WAITING);
         assert_eq!(buf.capacity(), 0);
         assert!(!grown);
     }
@@ -892,7 +899,7 @@ mod tests {
         // The capacity left after the consumed part no longer shows the
         // allocation's size; `grown` does.
         let mut grown = true;
-        release_for_wait(&mut buf, &mut grown);
+        release_for_wait(&mut buf, &mut grown, KEEP_WHILE_WAITING);
         assert_eq!(&buf[..], b"get next");
         assert!(buf.capacity() <= READ_CHUNK + 8, "{}", buf.capacity());
         assert!(!grown);
@@ -900,7 +907,7 @@ mod tests {
         // Seen from its capacity alone too.
         let mut buf = BytesMut::with_capacity(1 << 20);
         buf.extend_from_slice(b"get next");
-        release_for_wait(&mut buf, &mut false);
+        release_for_wait(&mut buf, &mut false, KEEP_WHILE_WAITING);
         assert!(buf.capacity() <= READ_CHUNK + 8, "{}", buf.capacity());
     }
 
@@ -911,14 +918,14 @@ mod tests {
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         buf.extend_from_slice(b"get ne");
         let at = buf.as_ptr();
-        release_for_wait(&mut buf, &mut false);
+        release_for_wait(&mut buf, &mut false, KEEP_WHILE_WAITING);
         assert_eq!(buf.as_ptr(), at);
 
         // A large value still arriving: kept whole.
         let mut buf = BytesMut::with_capacity(1 << 20);
         buf.resize(READ_CHUNK * 4, b'v');
         let mut grown = true;
-        release_for_wait(&mut buf, &mut grown);
+        release_for_wait(&mut buf, &mut grown, KEEP_WHILE_WAITING);
         assert_eq!(buf.len(), READ_CHUNK * 4);
         assert!(buf.capacity() >= 1 << 20);
     }
