@@ -520,14 +520,19 @@ impl Eventual {
     /// store, in order: each set gets its version and is logged as
     /// [`Eventual::put`] does, under the stripes of all the run's set keys
     /// (taken in index order, as [`Eventual::apply_batch`] takes them).
-    /// Each set comes with what [`Eventual::plain_set`] decided at `now`.
-    async fn joined(&self, run: Vec<Joinable>, now: u64) -> Vec<Response> {
-        let mut stripes: Vec<usize> = run
+    /// `sets` names the sets by their place in `run`, in order, with what
+    /// [`Eventual::plain_set`] decided at `now`; a run of reads alone goes
+    /// to the store as it is.
+    async fn joined(&self, mut run: Vec<Request>, sets: Vec<PlainSet>, now: u64) -> Vec<Response> {
+        fn key(run: &[Request], i: usize) -> &Bytes {
+            match &run[i] {
+                Request::Store { key, .. } => key,
+                _ => unreachable!("a plain set is a store request"),
+            }
+        }
+        let mut stripes: Vec<usize> = sets
             .iter()
-            .filter_map(|(r, set)| match (r, set) {
-                (Request::Store { key, .. }, Some(_)) => Some(self.stripe_index(key)),
-                _ => None,
-            })
+            .map(|(i, ..)| self.stripe_index(key(&run, *i)))
             .collect();
         stripes.sort_unstable();
         stripes.dedup();
@@ -537,40 +542,34 @@ impl Eventual {
         }
         // Versions are taken under the stripes, so the store writes a
         // key's sets in version order.
-        let mut logged: Vec<Option<(Response, Entry)>> = Vec::with_capacity(run.len());
-        let batch: Vec<Request> = run
+        let logged: Vec<(usize, Response, Entry)> = sets
             .into_iter()
-            .map(|(request, set)| {
-                let (Request::Store { key, .. }, Some((reply, v))) = (&request, set) else {
-                    logged.push(None);
-                    return request;
-                };
-                let (version, deadline_ms) = (self.hlc.now(), deadline_ms(v.deadline));
+            .map(|(i, reply, v)| {
                 let entry = Entry {
-                    key: key.clone(),
-                    version,
+                    key: key(&run, i).clone(),
+                    version: self.hlc.now(),
                     op: Op::Put {
                         flags: v.flags,
-                        deadline_ms,
+                        deadline_ms: deadline_ms(v.deadline),
                         data: v.data,
                     },
                 };
-                let store = self.replicated_request(entry.clone(), now);
-                logged.push(Some((reply, entry)));
-                store
+                run[i] = self.replicated_request(entry.clone(), now);
+                (i, reply, entry)
             })
             .collect();
-        let responses = match self.call(&batch).await {
+        let responses = match self.call(&run).await {
             Ok(r) => r,
-            Err(e) => return vec![self.failed(e); batch.len()],
+            Err(e) => return vec![self.failed(e); run.len()],
         };
         let flushed = self.flushed();
+        let mut logged = logged.into_iter().peekable();
         responses
             .into_iter()
-            .zip(logged)
-            .map(|(response, set)| match set {
+            .enumerate()
+            .map(|(i, response)| match logged.next_if(|(at, ..)| *at == i) {
                 None => Self::visible(response, now, flushed),
-                Some((reply, entry)) if response == Response::Stored => {
+                Some((_, reply, entry)) if response == Response::Stored => {
                     self.backlog().append(entry);
                     reply
                 }
@@ -691,7 +690,7 @@ impl Eventual {
             ))),
             Request::Meta(m) => self.meta(*m).await,
             Request::Get { .. } => {
-                let mut r = self.joined(vec![(request, None)], unix_ms()).await;
+                let mut r = self.joined(vec![request], Vec::new(), unix_ms()).await;
                 Ok(r.pop()
                     .unwrap_or_else(|| Response::server_error("no reply")))
             }
@@ -847,9 +846,9 @@ impl Eventual {
     }
 }
 
-/// A read, or a plain set with what the rules decided for it, for
-/// [`Eventual::joined`].
-type Joinable = (Request, Option<(Response, rules::NewValue)>);
+/// A plain set of a run for [`Eventual::joined`]: its place in the run,
+/// its reply and its value, as the rules decided them.
+type PlainSet = (usize, Response, rules::NewValue);
 
 /// A rules deadline as a record's: 0 never expires.
 fn deadline_ms(deadline: Option<u64>) -> u64 {
@@ -875,19 +874,22 @@ impl Pipeline for Eventual {
             let mut out = Vec::with_capacity(requests.len());
             // Reads and plain sets go to the store together, in one
             // exchange; anything else is carried out on its own.
-            let mut run: Vec<Joinable> = Vec::new();
+            let mut run: Vec<Request> = Vec::new();
+            let mut sets: Vec<PlainSet> = Vec::new();
             let now = unix_ms();
             for request in requests {
                 if matches!(request, Request::Get { .. }) {
-                    run.push((request, None));
+                    run.push(request);
                     continue;
                 }
-                if let Some(set) = Self::plain_set(&request, now) {
-                    run.push((request, Some(set)));
+                if let Some((reply, v)) = Self::plain_set(&request, now) {
+                    sets.push((run.len(), reply, v));
+                    run.push(request);
                     continue;
                 }
                 if !run.is_empty() {
-                    out.extend(self.joined(std::mem::take(&mut run), now).await);
+                    let (run, sets) = (std::mem::take(&mut run), std::mem::take(&mut sets));
+                    out.extend(self.joined(run, sets, now).await);
                 }
                 let r = match self.one(request).await {
                     Ok(r) => r,
@@ -896,7 +898,7 @@ impl Pipeline for Eventual {
                 out.push(r);
             }
             if !run.is_empty() {
-                out.extend(self.joined(run, now).await);
+                out.extend(self.joined(run, sets, now).await);
             }
             out
         })
