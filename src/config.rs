@@ -86,6 +86,12 @@ pub struct ClusterConfig {
     pub replication_backlog_bytes: usize,
     /// Most entries in one replication frame.
     pub replication_batch: usize,
+    /// Least time between two replication messages to a peer, unless the
+    /// second is full (`replication_batch` entries): writes gather in the
+    /// meantime, and the peer applies them in one store exchange instead
+    /// of many. 0 sends each write as soon as the previous message is
+    /// acknowledged.
+    pub replication_linger_ms: u64,
     /// How long a delete's tombstone is kept (a partition longer than this
     /// may bring a deleted key back).
     pub tombstone_grace_ms: u64,
@@ -349,6 +355,7 @@ impl Default for ClusterConfig {
             replication_backlog: 100_000,
             replication_backlog_bytes: 64 * 1024 * 1024,
             replication_batch: 512,
+            replication_linger_ms: 2,
             tombstone_grace_ms: 600_000,
             store_check_interval_ms: 1000,
             anti_entropy_interval_ms: 30_000,
@@ -653,6 +660,12 @@ impl Config {
                 "must exceed cluster.election_timeout_min_ms",
             ));
         }
+        if c.replication_linger_ms >= c.heartbeat_interval_ms {
+            return Err(invalid(
+                "cluster.replication_linger_ms",
+                "must be less than cluster.heartbeat_interval_ms",
+            ));
+        }
         if c.anti_entropy_interval_ms != 0 && c.anti_entropy_interval_ms < 100 {
             return Err(invalid(
                 "cluster.anti_entropy_interval_ms",
@@ -860,6 +873,16 @@ mod tests {
                 .contains("cluster.anti_entropy_interval_ms")
         );
         c.cluster.anti_entropy_interval_ms = 0;
+        c.validate().unwrap();
+        let mut c = Config::default();
+        c.cluster.replication_linger_ms = c.cluster.heartbeat_interval_ms;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("cluster.replication_linger_ms")
+        );
+        c.cluster.replication_linger_ms = 0;
         c.validate().unwrap();
         let mut c = Config::default();
         c.nodes[0].memcached = Some("nohost".into());

@@ -257,6 +257,7 @@ async fn cluster_pipeline(
             ));
             let settings = EventualSettings {
                 batch_max: c.replication_batch,
+                linger: ms(c.replication_linger_ms),
                 store_check_interval: ms(c.store_check_interval_ms),
                 anti_entropy_interval: (c.anti_entropy_interval_ms > 0)
                     .then(|| ms(c.anti_entropy_interval_ms)),

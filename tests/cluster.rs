@@ -271,6 +271,59 @@ fn replication_goes_on_when_acks_are_lost() {
     c.heal_all();
 }
 
+/// Writes that come while a message is lingering gather into the next one:
+/// two messages to a peer are at least `replication_linger_ms` apart
+/// unless the second is full, so the peer applies a stream of writes in
+/// far fewer messages than writes, and every write still arrives.
+#[test]
+fn writes_gather_into_messages_while_the_link_lingers() {
+    let _serial = serial();
+    const LINGER_MS: u64 = 50;
+    let c = TestCluster::start(
+        3,
+        ClusterOpts {
+            cluster_yaml: format!("  replication_linger_ms: {LINGER_MS}\n"),
+            ..ClusterOpts::default()
+        },
+    );
+    let counts = || {
+        let m = c.metrics(2).unwrap();
+        let get = |name: &str| metric(&m, &format!("{name}{{peer=\"1\"}}")).unwrap_or(0.0) as u64;
+        (
+            get("memdial_replication_applied_total"),
+            get("memdial_replication_messages_total"),
+        )
+    };
+    let (applied0, messages0) = counts();
+    let mut n1 = c.client(1);
+    let started = Instant::now();
+    let mut keys = Vec::new();
+    while started.elapsed() < Duration::from_millis(500) || keys.len() < 200 {
+        let key = format!("linger-{}", keys.len());
+        assert_eq!(n1.set(&key, 0, 0, key.as_bytes()).unwrap(), "STORED");
+        keys.push(key);
+    }
+    let want = n1.get_many(&keys).unwrap();
+    assert_eq!(want.len(), keys.len());
+    wait_reads(c.ports(2).client, &keys, &want, CONVERGE_WAIT, "node 2");
+    // Every message node 2 applied was sent between the first write and
+    // now; only full ones (512 entries) may come closer than the linger.
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let (applied, messages) = counts();
+    let (applied, messages) = (applied - applied0, messages - messages0);
+    assert_eq!(
+        applied,
+        keys.len() as u64,
+        "entries node 2 applied from node 1"
+    );
+    let most = elapsed_ms / LINGER_MS + 1 + applied / 512;
+    assert!(
+        (1..=most).contains(&messages),
+        "{} writes in {elapsed_ms} ms came to node 2 in {messages} messages; at most {most} with a {LINGER_MS} ms linger",
+        keys.len()
+    );
+}
+
 /// Meta writes replicate as their text twins do: `ms` (with its modes),
 /// `ma` (with vivify) and `md` on one node are read on the others, through
 /// both protocols.

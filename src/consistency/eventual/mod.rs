@@ -64,6 +64,9 @@ const APPLY_BATCH: usize = 64;
 pub struct EventualSettings {
     /// Most entries in one message.
     pub batch_max: usize,
+    /// Least time between two messages to a peer, unless the second is
+    /// full.
+    pub linger: Duration,
     /// How often the backing store is checked for a restart.
     pub store_check_interval: Duration,
     /// How often each pusher compares digests with its peer (±20%);
@@ -1050,6 +1053,7 @@ mod tests {
         };
         let eventual = EventualSettings {
             batch_max: 16,
+            linger: Duration::ZERO,
             store_check_interval: Duration::from_millis(100),
             anti_entropy_interval: None,
             tombstone_grace: Duration::from_secs(60),

@@ -245,6 +245,7 @@ pub(super) struct EventualMetrics {
     pub backlog_entries: IntGauge,
     pub backlog_bytes: IntGauge,
     pub applied: IntCounterVec,
+    pub messages: IntCounterVec,
     pub repaired: IntCounterVec,
     pub antientropy_rounds: IntCounterVec,
     pub repair_sent: IntCounterVec,
@@ -287,6 +288,10 @@ impl EventualMetrics {
             applied: counter_vec(
                 "replication_applied_total",
                 "Log entries from the peer applied here",
+            )?,
+            messages: counter_vec(
+                "replication_messages_total",
+                "Messages of the peer's log applied here (replication_applied_total over this is the entries per message)",
             )?,
             repaired: counter_vec(
                 "antientropy_repaired_keys_total",

@@ -121,6 +121,7 @@ impl Eventual {
         };
         // The last entry of each message in flight.
         let mut window: VecDeque<u64> = VecDeque::with_capacity(IN_FLIGHT);
+        let mut next_send = Instant::now();
         tracing::info!(peer, resume = ?cursor, from = sent, "pushing the log to peer");
         // Drop answers to digests of an earlier connection.
         while diffs.try_recv().is_ok() {}
@@ -134,7 +135,14 @@ impl Eventual {
                     window.pop_front();
                 }
             }
-            let open = window.len() < IN_FLIGHT;
+            // A full message goes at once while the window has room. A
+            // smaller one waits until nothing is in flight and the linger
+            // since the last message has passed; the writes that come
+            // meanwhile gather into it, so the peer applies many writes
+            // per store exchange instead of a few.
+            let full = backlog.head().saturating_sub(sent) >= self.settings.batch_max as u64;
+            let lingering = !full && Instant::now() < next_send;
+            let open = (window.is_empty() && !lingering) || (window.len() < IN_FLIGHT && full);
             match backlog.read_after(sent, if open { self.settings.batch_max } else { 0 }) {
                 Ok(batch) if !batch.is_empty() => {
                     for run in frame_runs(batch, |(_, e)| entry_bytes(e)) {
@@ -144,6 +152,7 @@ impl Eventual {
                         let body = encode_entries(backlog.incarnation, &entries);
                         link.send(body).await?;
                         window.push_back(sent);
+                        next_send = Instant::now() + self.settings.linger;
                     }
                     continue;
                 }
@@ -171,6 +180,7 @@ impl Eventual {
                 ae.awaiting = Some(Instant::now() + ae.answer_wait());
             }
             tokio::select! {
+                _ = tokio::time::sleep_until(next_send), if lingering && window.is_empty() => {}
                 changed = head.changed(), if open => {
                     if changed.is_err() {
                         return Ok(());

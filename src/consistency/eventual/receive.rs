@@ -71,6 +71,7 @@ impl Eventual {
                     .applied
                     .with_label_values(&[&label])
                     .inc_by(count);
+                self.replication.messages.with_label_values(&[&label]).inc();
                 let age_ms = unix_ms().saturating_sub(newest >> 16);
                 self.replication
                     .replication_delay
