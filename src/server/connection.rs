@@ -18,11 +18,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use prometheus::{Histogram, IntCounter};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::SemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -206,14 +207,21 @@ impl<'a> Connection<'a> {
                 self.rbuf.reserve(READ_CHUNK);
                 self.rbuf_grown |= self.rbuf.capacity() > KEEP_WHILE_WAITING;
             }
-            match self.stream.try_read_buf(&mut self.rbuf) {
-                Ok(n) => {
+            // One poll of an async read rather than `try_read_buf`: a read
+            // that leaves room in the buffer drained the socket, and the
+            // async read then forgets the readiness, so the next wait goes
+            // to the poller instead of trying a read that would block (one
+            // wasted `recv` per request from a client that waits for its
+            // replies).
+            let mut read = std::pin::pin!(self.stream.read_buf(&mut self.rbuf));
+            match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+                Poll::Ready(Ok(n)) => {
                     self.shared.metrics.bytes_read.inc_by(n as u64);
                     return Ok(n > 0);
                 }
+                Poll::Ready(Err(e)) => return Err(e),
                 // Readiness was stale: wait again.
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                Poll::Pending => {}
             }
         }
     }
