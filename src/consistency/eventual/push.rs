@@ -169,10 +169,14 @@ impl Eventual {
                     continue;
                 }
             }
-            // Every log entry written while the digest was computed is sent
-            // now (the window was open and nothing was left), so the peer's
-            // replica includes all that the digest covers.
-            if open && let Some(d) = ae.ready.take() {
+            // The digest goes once every log entry written before it was
+            // computed has been sent: the peer applies those before it
+            // answers, so its replica includes all that the digest covers.
+            // (Waiting for nothing left to send would wait for ever under
+            // steady writes.)
+            if ae.ready.as_ref().is_some_and(|(_, covers)| sent >= *covers)
+                && let Some((d, _)) = ae.ready.take()
+            {
                 let msg = Msg::Digest {
                     buckets: d.into_buckets(),
                 };
@@ -208,7 +212,7 @@ impl Eventual {
                 digest = in_slot(&mut ae.computing), if ae.computing.is_some() => {
                     ae.computing = None;
                     match digest {
-                        Ok(d) => ae.ready = Some(d),
+                        Ok(d) => ae.ready = Some((d, backlog.head())),
                         Err(e) => {
                             tracing::warn!(peer, error = %e, "anti-entropy: cannot compute this replica's digest");
                             ae.schedule();
@@ -373,8 +377,9 @@ struct AntiEntropy<'a> {
     /// When this round's digest began (unix ms).
     started_ms: u64,
     computing: Option<BoxFuture<'a, Result<Digest, String>>>,
-    /// Computed, to send once the log is flushed.
-    ready: Option<Digest>,
+    /// Computed, with the log's head then: sent once the log up to that
+    /// head is.
+    ready: Option<(Digest, u64)>,
     /// Sent; the peer's answer is awaited until then.
     awaiting: Option<Instant>,
 }
