@@ -25,13 +25,14 @@
 //! "after close" is the RSS once the server counts the connections closed
 //! (`curr_connections` of `stats`, or twemproxy's stats port) and
 //! `--closed-ms` more have passed (memdial's allocator, jemalloc, gives
-//! freed pages back on a timer: most within 10 s, nearly all within 25 s).
+//! freed pages back on a timer, about a second after they are freed:
+//! `.cargo/config.toml`).
 //!
 //! Options (defaults in brackets; `--name value` or `--name=value`):
 //!   --conns N [1000]      client connections per case
 //!   --large BYTES [102400] value moved per connection in the grown case
 //!   --settle-ms MS [500]  wait before each RSS reading
-//!   --closed-ms MS [25000] wait before the RSS reading after the close
+//!   --closed-ms MS [5000] wait before the RSS reading after the close
 //!   --only LIST           targets by name: embedded,over,memcached,twemproxy
 //!
 //! Every read and connect has a deadline; only 127.0.0.1 is used.
@@ -65,7 +66,7 @@ fn opts() -> Opts {
         conns: 1000,
         large: 100 * 1024,
         settle: Duration::from_millis(500),
-        closed: Duration::from_millis(25_000),
+        closed: Duration::from_millis(5_000),
         only: None,
     };
     let mut args = std::env::args().skip(1);

@@ -16,8 +16,11 @@ mod cli;
 mod probe;
 
 /// jemalloc rather than glibc's allocator: it gives freed memory back to
-/// the system over time (the buffers of closed connections), and costs
-/// less per allocation on the request path (`docs/BENCHMARKS.md`).
+/// the system (the buffers of closed connections), and costs less per
+/// allocation on the request path (`docs/BENCHMARKS.md`). Its background
+/// threads (the `background_threads` feature) purge freed pages on a
+/// timer, so an idle node, which allocates almost nothing, gives them back
+/// too; `.cargo/config.toml` sets how soon (`dirty_decay_ms`).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -122,12 +125,6 @@ fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    // jemalloc gives freed pages back only when it runs, and an idle node
-    // allocates almost nothing: its background threads purge them on a
-    // timer instead (dirty pages after about 10 s).
-    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
-        tracing::warn!(error = %e, "cannot start jemalloc's background threads; freed memory is given back only under load");
-    }
     let cli = Cli::parse();
     // The client is synchronous and keeps the default signal handling
     // (Ctrl-C ends it), so it runs before the runtime and its handlers.
