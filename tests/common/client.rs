@@ -55,7 +55,15 @@ impl Client {
     /// Reads more into the buffer; EOF is an error.
     fn fill(&mut self) -> io::Result<()> {
         let mut chunk = [0u8; 65536];
-        let n = self.stream.read(&mut chunk)?;
+        // A read on a socket with a timeout fails with EINTR whenever this
+        // process is interrupted, whatever SA_RESTART says (signal(7));
+        // like `read_exact`, try again.
+        let n = loop {
+            match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
+        };
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,

@@ -143,6 +143,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, id: u64, shared: Arc<RelayShared
     let mut buf = [0u8; 32 * 1024];
     loop {
         match from.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 if to.write_all(&buf[..n]).is_err() {
