@@ -23,7 +23,7 @@ pub use meta::{
     base64_decode, base64_encode,
 };
 pub use parse::{Parsed, parse_request};
-pub use reply::{ReplyParsed, parse_reply};
+pub use reply::{ReplyParsed, parse_reply, reply_shape};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};

@@ -187,6 +187,66 @@ fn meta_reply(request: &Request, buf: &[u8], line: &[u8], at: usize) -> ReplyPar
     )
 }
 
+/// What [`parse_reply`] reads of `request`: the request without its keys
+/// and data, which the reply parser never looks at. Made without an
+/// allocation for a text request, so a multiplexed connection can keep one
+/// per request in flight cheaply; a meta request is kept whole.
+pub fn reply_shape(request: &Request) -> Request {
+    let none = Bytes::new;
+    match request {
+        Request::Get { cas, .. } => Request::Get {
+            keys: Vec::new(),
+            cas: *cas,
+        },
+        Request::Gat { exptime, cas, .. } => Request::Gat {
+            exptime: *exptime,
+            keys: Vec::new(),
+            cas: *cas,
+        },
+        Request::Store {
+            op,
+            flags,
+            exptime,
+            cas_unique,
+            noreply,
+            ..
+        } => Request::Store {
+            op: *op,
+            key: none(),
+            flags: *flags,
+            exptime: *exptime,
+            data: none(),
+            cas_unique: *cas_unique,
+            noreply: *noreply,
+        },
+        Request::TooLarge { op, noreply, .. } => Request::TooLarge {
+            op: *op,
+            key: none(),
+            noreply: *noreply,
+        },
+        Request::Arith {
+            op, delta, noreply, ..
+        } => Request::Arith {
+            op: *op,
+            key: none(),
+            delta: *delta,
+            noreply: *noreply,
+        },
+        Request::Delete { noreply, .. } => Request::Delete {
+            key: none(),
+            noreply: *noreply,
+        },
+        Request::Touch {
+            exptime, noreply, ..
+        } => Request::Touch {
+            key: none(),
+            exptime: *exptime,
+            noreply: *noreply,
+        },
+        Request::FlushAll { .. } | Request::Meta(_) | Request::MetaNoop => request.clone(),
+    }
+}
+
 struct ValueHeader<'a> {
     key: &'a [u8],
     flags: u32,
@@ -251,6 +311,83 @@ mod tests {
                 ReplyParsed::Incomplete,
                 "cut {cut}"
             );
+        }
+    }
+
+    /// Every reply parses the same against a request's shape as against
+    /// the request itself, whole or cut short.
+    #[test]
+    fn a_reply_shape_parses_like_its_request() {
+        use super::super::{ArithOp, StoreOp};
+        let key = || Bytes::from_static(b"k");
+        let requests = [
+            get(),
+            Request::Gat {
+                exptime: 5,
+                keys: vec![key()],
+                cas: false,
+            },
+            Request::Store {
+                op: StoreOp::Cas,
+                key: key(),
+                flags: 3,
+                exptime: 0,
+                data: Bytes::from_static(b"value"),
+                cas_unique: 9,
+                noreply: false,
+            },
+            Request::TooLarge {
+                op: StoreOp::Set,
+                key: key(),
+                noreply: false,
+            },
+            Request::Arith {
+                op: ArithOp::Decr,
+                key: key(),
+                delta: 2,
+                noreply: false,
+            },
+            Request::Delete {
+                key: key(),
+                noreply: false,
+            },
+            Request::Touch {
+                key: key(),
+                exptime: 0,
+                noreply: false,
+            },
+            Request::FlushAll {
+                delay: None,
+                noreply: false,
+            },
+        ];
+        let replies: [&[u8]; 12] = [
+            b"VALUE k 3 5 11\r\nvalue\r\nEND\r\n",
+            b"VALUE k 3 5\r\nvalue\r\nEND\r\n",
+            b"END\r\n",
+            b"STORED\r\n",
+            b"EXISTS\r\n",
+            b"NOT_FOUND\r\n",
+            b"DELETED\r\n",
+            b"TOUCHED\r\n",
+            b"OK\r\n",
+            b"17\r\n",
+            b"SERVER_ERROR out of memory\r\n",
+            b"CLIENT_ERROR bad data chunk\r\n",
+        ];
+        for request in &requests {
+            let shape = reply_shape(request);
+            assert_eq!(shape.command(), request.command());
+            for reply in replies {
+                for cut in 0..=reply.len() {
+                    assert_eq!(
+                        parse_reply(&shape, &reply[..cut]),
+                        parse_reply(request, &reply[..cut]),
+                        "{request:?} {:?}",
+                        String::from_utf8_lossy(&reply[..cut])
+                    );
+                }
+            }
         }
     }
 
