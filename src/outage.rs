@@ -6,7 +6,7 @@
 //! A leaf module: tracing only.
 
 use std::fmt::Display;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -24,6 +24,11 @@ pub enum Logged {
     Back { failures: u64 },
 }
 
+/// Taken when an attempt starts (see [`Outage::mark`]): which outages
+/// had begun by then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark(u64);
+
 /// The up/down state of one thing, named in every line it logs.
 pub struct Outage {
     what: String,
@@ -31,6 +36,8 @@ pub struct Outage {
     /// Read without the lock on every success: the common case costs one
     /// atomic load.
     down: AtomicBool,
+    /// Outages begun so far; an attempt's [`Mark`].
+    outages: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -55,6 +62,7 @@ impl Outage {
             what: what.into(),
             every,
             down: AtomicBool::new(false),
+            outages: AtomicU64::new(0),
             state: Mutex::new(State {
                 since: now,
                 failures: 0,
@@ -73,6 +81,7 @@ impl Outage {
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         if !self.down.swap(true, Ordering::Relaxed) {
+            self.outages.fetch_add(1, Ordering::Relaxed);
             *s = State {
                 since: now,
                 failures: 1,
@@ -99,20 +108,27 @@ impl Outage {
         Logged::StillDown { failures }
     }
 
+    /// To take when an attempt starts, for [`Outage::ok_since`]. An atomic
+    /// load: no clock read on the request path.
+    pub fn mark(&self) -> Mark {
+        Mark(self.outages.load(Ordering::Relaxed))
+    }
+
     /// One success.
     pub fn ok(&self) -> Logged {
-        self.ok_started(None)
+        self.ok_since(None)
     }
 
     /// One success of an attempt that started at `started`: one that began
     /// before the outage did (an answer in flight when it went down) does
     /// not end it.
-    pub fn ok_started(&self, started: Option<Instant>) -> Logged {
+    pub fn ok_since(&self, started: Option<Mark>) -> Logged {
         if !self.down.load(Ordering::Relaxed) {
             return Logged::Nothing;
         }
+        // Under the lock, which `failed` holds while it begins an outage.
         let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if started.is_some_and(|t| t < s.since) {
+        if started.is_some_and(|m| m != self.mark()) {
             return Logged::Nothing;
         }
         if !self.down.swap(false, Ordering::Relaxed) {
@@ -149,15 +165,16 @@ mod tests {
         assert!(!o.is_down());
         assert_eq!(o.ok(), Logged::Nothing);
         // A new outage starts counting afresh.
-        let before = Instant::now();
-        tokio::time::advance(Duration::from_millis(1)).await;
+        let before = o.mark();
         assert_eq!(o.failed(&"timeout"), Logged::Down);
+        let during = o.mark();
         // An answer to a request sent before it went down does not end it.
-        assert_eq!(o.ok_started(Some(before)), Logged::Nothing);
+        assert_eq!(o.ok_since(Some(before)), Logged::Nothing);
         assert!(o.is_down());
-        assert_eq!(
-            o.ok_started(Some(Instant::now())),
-            Logged::Back { failures: 1 }
-        );
+        assert_eq!(o.ok_since(Some(during)), Logged::Back { failures: 1 });
+        // Nor does one sent before an outage that began after it.
+        assert_eq!(o.failed(&"timeout"), Logged::Down);
+        assert_eq!(o.ok_since(Some(during)), Logged::Nothing);
+        assert!(o.is_down());
     }
 }

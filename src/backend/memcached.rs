@@ -147,11 +147,11 @@ impl MemcachedBackend {
 
     /// Runs a batch, noting whether memcached answered.
     async fn run(&self, requests: &[Request]) -> Result<Vec<Response>, BackendError> {
-        let started = tokio::time::Instant::now();
+        let started = self.outage.mark();
         let result = self.run_batch(requests).await;
         match &result {
             Ok(_) => {
-                self.outage.ok_started(Some(started));
+                self.outage.ok_since(Some(started));
             }
             // The server answered, but not as expected: not an outage.
             Err(BackendError::Protocol(_)) => {}
