@@ -6,6 +6,7 @@
 mod common;
 
 use std::fs::File;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -212,5 +213,49 @@ fn a_peer_whose_store_is_down_is_one_outage_in_the_log() {
     );
     let backs = link.iter().filter(|l| l.contains("is back")).count();
     assert_eq!(backs, 1, "one 'back' line:\n{}", link.join("\n"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The lines a connection logs at the default level name its client and
+/// connection id (its span is at debug, so they say it themselves).
+#[test]
+fn a_connections_own_lines_name_its_client() {
+    let dir = scratch("conn-lines");
+    let err = dir.join("stderr");
+    let (mut node, port) = start_with_retry("memdial", || {
+        let (port, admin) = (free_port(), free_port());
+        let mut cmd = Command::new(memdial_bin());
+        cmd.arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .args(["--backend", "embedded"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(File::create(&err).expect("stderr file")));
+        let mut p = Proc::spawn(format!("memdial :{port}"), &mut cmd);
+        p.wait_ready(&[port, admin])?;
+        Ok((p, port))
+    });
+    // An HTTP request line: the node hangs up without a word.
+    let mut http = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let client = http.local_addr().expect("local address");
+    http.write_all(b"GET / HTTP/1.1\r\n").expect("write");
+    http.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    http.read_to_end(&mut rest)
+        .expect("the node closes the connection");
+    assert!(rest.is_empty(), "{rest:?}");
+    node.signal("TERM");
+    node.wait_exit();
+    let log = read(&err);
+    let line = log
+        .lines()
+        .find(|l| l.contains("closing connection after an HTTP request line"))
+        .unwrap_or_else(|| panic!("no line about the HTTP request:\n{log}"));
+    assert!(
+        line.contains(&format!("peer={client}")) && line.contains("conn_id="),
+        "the line does not name its client {client}: {line}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -132,6 +132,14 @@ impl<'a> Connection<'a> {
         .with_estimate(shared.settings.limits.item_size_max)
     }
 
+    /// The client's address, for the connection's own log lines (its
+    /// span is at debug).
+    fn peer(&self) -> String {
+        self.stream
+            .peer_addr()
+            .map_or_else(|_| "?".to_string(), |a| a.to_string())
+    }
+
     fn with_estimate(mut self, value_bytes: usize) -> Self {
         self.set_estimate(value_bytes);
         self
@@ -285,12 +293,18 @@ impl<'a> Connection<'a> {
                     }
                 }
                 Parsed::Hangup => {
-                    tracing::info!("closing connection after an HTTP request line");
+                    tracing::info!(
+                        peer = %self.peer(),
+                        conn_id = self.session.conn_id(),
+                        "closing connection after an HTTP request line"
+                    );
                     return (slots, requests, Next::Close);
                 }
                 Parsed::Fatal(error) => {
                     self.count_client_error(error);
                     tracing::info!(
+                        peer = %self.peer(),
+                        conn_id = self.session.conn_id(),
                         reply = error.line(),
                         "closing connection after a fatal request"
                     );
@@ -336,6 +350,20 @@ impl<'a> Connection<'a> {
     async fn answer(&mut self, slots: Vec<Slot>, requests: Vec<Request>) -> std::io::Result<()> {
         // Given back at the last wait (`read_more`); replies grow it further.
         self.wbuf.reserve(READ_CHUNK);
+        // The usual batch is one segment: run it as it is, without
+        // splitting it into new lists.
+        let one_segment = slots
+            .iter()
+            .all(|s| matches!(s, Slot::Pipeline { .. } | Slot::Ready(_)))
+            && requests
+                .iter()
+                .map(|r| key_count(r).unwrap_or(0))
+                .sum::<usize>()
+                <= self.key_budget;
+        if one_segment {
+            self.run_segment(slots, requests).await?;
+            return self.write_out().await;
+        }
         let mut requests = requests.into_iter();
         let (mut seg_slots, mut seg_requests, mut seg_keys) = (Vec::new(), Vec::new(), 0);
         for slot in slots {
@@ -681,7 +709,9 @@ struct Handles {
     metrics: std::sync::Arc<Metrics>,
     /// Indexed by `Command as usize`.
     latency: Vec<Option<Histogram>>,
-    requests: HashMap<(Command, &'static str), IntCounter>,
+    /// A list, not a map: a connection sees a few pairs, and hashing the
+    /// key on every request cost more than scanning them.
+    requests: Vec<(Command, &'static str, IntCounter)>,
     hit: Option<IntCounter>,
     miss: Option<IntCounter>,
     counted_as: HashMap<&'static str, IntCounter>,
@@ -691,7 +721,7 @@ impl Handles {
     fn new(metrics: &std::sync::Arc<Metrics>) -> Handles {
         Handles {
             latency: vec![None; Command::ALL.len()],
-            requests: HashMap::new(),
+            requests: Vec::new(),
             hit: None,
             miss: None,
             counted_as: HashMap::new(),
@@ -714,14 +744,20 @@ impl Handles {
                 .get_or_insert_with(|| metrics.latency.with_label_values(&[command.as_str()]))
                 .observe(elapsed);
         }
-        self.requests
-            .entry((command, outcome))
-            .or_insert_with(|| {
-                metrics
+        match self
+            .requests
+            .iter()
+            .find(|(c, o, _)| *c == command && *o == outcome)
+        {
+            Some((_, _, counter)) => counter.inc(),
+            None => {
+                let counter = metrics
                     .requests
-                    .with_label_values(&[command.as_str(), outcome])
-            })
-            .inc();
+                    .with_label_values(&[command.as_str(), outcome]);
+                counter.inc();
+                self.requests.push((command, outcome, counter));
+            }
+        }
         if let Some((hits, misses)) = keys {
             // memcached counts each key of a gat as a touch, not a get.
             if matches!(command, Command::Gat | Command::Gats) {
@@ -834,17 +870,17 @@ async fn progress(
     write: impl std::future::Future<Output = std::io::Result<usize>>,
     stall: Option<Duration>,
 ) -> std::io::Result<usize> {
-    let n = match stall {
-        None => write.await?,
-        Some(d) => match tokio::time::timeout(d, write).await {
+    let mut write = std::pin::pin!(write);
+    // Most writes finish at once: only a write that has to wait arms the
+    // stall timer (which costs a clock read and a timer entry).
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    let n = match (first, stall) {
+        (Poll::Ready(n), _) => n?,
+        (Poll::Pending, None) => write.await?,
+        (Poll::Pending, Some(d)) => match tokio::time::timeout(d, write).await {
             Ok(n) => n?,
-            Err(_) => {
-                tracing::info!(
-                    stalled_ms = d.as_millis() as u64,
-                    "client takes none of its replies; closing"
-                );
-                return Err(std::io::ErrorKind::TimedOut.into());
-            }
+            // Logged where the connection ends, which knows its peer.
+            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
         },
     };
     if n == 0 {

@@ -158,7 +158,11 @@ pub async fn run(
         };
         at_limit = false;
         let conn_id = conn_ids.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!("conn", %peer, conn_id);
+        // At debug: an enabled span is entered and left on every poll of
+        // the connection, which cost about 5 % of the proxy's instructions
+        // per request at depth 1. The connection's own info lines name
+        // their peer and id themselves.
+        let span = tracing::debug_span!("conn", %peer, conn_id);
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(
@@ -166,11 +170,20 @@ pub async fn run(
                 let _permit = permit;
                 shared.metrics.connections_total.inc();
                 shared.metrics.connections_current.inc();
-                if let Err(e) = connection::Connection::new(stream, &shared, conn_id)
+                match connection::Connection::new(stream, &shared, conn_id)
                     .run(&shutdown)
                     .await
                 {
-                    tracing::debug!(error = %e, "connection ended with an error");
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        tracing::info!(
+                            %peer,
+                            conn_id,
+                            stalled_ms = shared.settings.write_stall_timeout.map_or(0, |d| d.as_millis() as u64),
+                            "client takes none of its replies; closed"
+                        );
+                    }
+                    Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
+                    Ok(()) => {}
                 }
                 shared.metrics.connections_current.dec();
             }
