@@ -26,7 +26,7 @@ use prometheus::{Histogram, IntCounter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::SemaphorePermit;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::Shared;
 use crate::consistency::Session;
@@ -83,6 +83,10 @@ pub(super) struct Connection<'a> {
     /// Writes to the socket so far: tells whether part of a reply has
     /// left already.
     writes: u64,
+    /// Lists of the last batch, emptied, for the next one (a batch of a
+    /// few requests then allocates none of them); see [`keep_spare`].
+    spare_slots: Vec<Slot>,
+    spare_commands: Vec<(Command, Option<usize>, CountedAs)>,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -128,6 +132,8 @@ impl<'a> Connection<'a> {
             key_budget: 1,
             value_estimate: 0,
             writes: 0,
+            spare_slots: Vec::new(),
+            spare_commands: Vec::new(),
         }
         .with_estimate(shared.settings.limits.item_size_max)
     }
@@ -153,6 +159,9 @@ impl<'a> Connection<'a> {
     }
 
     pub async fn run(mut self, shutdown: &CancellationToken) -> std::io::Result<()> {
+        // Made once: making it registers a waiter with the token, and
+        // dropping it removes the waiter again, each under a lock.
+        let mut cancelled = std::pin::pin!(shutdown.cancelled());
         loop {
             let (slots, requests, next) = self.take_batch();
             if !slots.is_empty() {
@@ -165,7 +174,7 @@ impl<'a> Connection<'a> {
                 }
                 Next::Parse => {}
                 Next::Read => {
-                    if !self.read_more(shutdown).await? {
+                    if !self.read_more(shutdown, cancelled.as_mut()).await? {
                         return Ok(());
                     }
                 }
@@ -180,7 +189,11 @@ impl<'a> Connection<'a> {
     /// The buffers are given back (see [`release_for_wait`]) before waiting
     /// for the socket, and the read buffer is taken again once it is
     /// readable: a connection waiting for its client holds none.
-    async fn read_more(&mut self, shutdown: &CancellationToken) -> std::io::Result<bool> {
+    async fn read_more(
+        &mut self,
+        shutdown: &CancellationToken,
+        mut cancelled: std::pin::Pin<&mut WaitForCancellationFuture<'_>>,
+    ) -> std::io::Result<bool> {
         // While shutting down, requests the client already sent are still
         // read and answered; the connection ends once the client has been
         // quiet for a moment (the server's grace period bounds the whole).
@@ -209,7 +222,7 @@ impl<'a> Connection<'a> {
                     }
                 },
                 // Wake up to switch to draining; the next read goes on.
-                _ = shutdown.cancelled(), if !shutdown.is_cancelled() => return Ok(true),
+                _ = cancelled.as_mut(), if !shutdown.is_cancelled() => return Ok(true),
             }
             if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK {
                 self.rbuf.reserve(READ_CHUNK);
@@ -239,7 +252,7 @@ impl<'a> Connection<'a> {
     /// do once they are answered.
     fn take_batch(&mut self) -> (Vec<Slot>, Vec<Request>, Next) {
         let depth = self.shared.settings.max_pipeline_depth;
-        let mut slots = Vec::new();
+        let mut slots = std::mem::take(&mut self.spare_slots);
         let mut requests = Vec::new();
         loop {
             self.discard_skipped();
@@ -456,13 +469,15 @@ impl<'a> Connection<'a> {
     /// may stay buffered, below `connection_reply_buffer_bytes`).
     async fn run_segment(
         &mut self,
-        slots: Vec<Slot>,
+        mut slots: Vec<Slot>,
         requests: Vec<Request>,
     ) -> std::io::Result<()> {
-        let commands: Vec<_> = requests
-            .iter()
-            .map(|r| (r.command(), key_count(r), CountedAs::of(r)))
-            .collect();
+        let mut commands = std::mem::take(&mut self.spare_commands);
+        commands.extend(
+            requests
+                .iter()
+                .map(|r| (r.command(), key_count(r), CountedAs::of(r))),
+        );
         let (mut responses, _permit) = if requests.is_empty() {
             (Vec::new().into_iter(), None)
         } else {
@@ -471,8 +486,9 @@ impl<'a> Connection<'a> {
             self.record(&commands, &responses, started.elapsed().as_secs_f64());
             (responses.into_iter(), permit)
         };
+        keep_spare(&mut self.spare_commands, commands);
         // Pipeline slots are in request order, so responses are taken in turn.
-        for slot in slots {
+        for slot in slots.drain(..) {
             match slot {
                 Slot::Ready(r) => encode_response(&r, &mut self.wbuf),
                 // `answer` never puts these in a segment.
@@ -490,6 +506,7 @@ impl<'a> Connection<'a> {
                 self.write_out().await?;
             }
         }
+        keep_spare(&mut self.spare_slots, slots);
         Ok(())
     }
 
@@ -794,6 +811,16 @@ impl Handles {
     /// Times one batch of several requests.
     fn batch(&self, elapsed: f64) {
         self.metrics.batch_latency.observe(elapsed);
+    }
+}
+
+/// Keeps `list`, emptied, in `spare` for the next batch, unless a deep
+/// pipeline grew it: an idle connection holds a few entries at most.
+fn keep_spare<T>(spare: &mut Vec<T>, mut list: Vec<T>) {
+    const SPARE_MAX: usize = 16;
+    if list.capacity() <= SPARE_MAX {
+        list.clear();
+        *spare = list;
     }
 }
 
