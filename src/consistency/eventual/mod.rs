@@ -475,11 +475,11 @@ impl Eventual {
             Response::Values(values) => Response::Values(
                 values
                     .into_iter()
-                    .filter_map(|v| {
-                        let rec = Record::decode(&v.data);
-                        (rec.live(now) && rec.version >= flushed).then_some(Value {
-                            data: rec.data,
-                            ..v
+                    .filter_map(|mut v| {
+                        let rec = Record::take(std::mem::take(&mut v.data));
+                        (rec.live(now) && rec.version >= flushed).then(|| {
+                            v.data = rec.data;
+                            v
                         })
                     })
                     .collect(),
@@ -874,7 +874,8 @@ impl Pipeline for Eventual {
         requests: Vec<Request>,
     ) -> BoxFuture<'a, Vec<Response>> {
         Box::pin(async move {
-            let mut out = Vec::with_capacity(requests.len());
+            // Made when needed: a batch that is one run needs none.
+            let mut out = Vec::new();
             // Reads and plain sets go to the store together, in one
             // exchange; anything else is carried out on its own.
             let mut run: Vec<Request> = Vec::new();
@@ -894,13 +895,19 @@ impl Pipeline for Eventual {
                     let (run, sets) = (std::mem::take(&mut run), std::mem::take(&mut sets));
                     out.extend(self.joined(run, sets, now).await);
                 }
-                let r = match self.one(request).await {
+                // Boxed: its future is large (2.7 KB), and kept inline
+                // it made every batch's future that large, reads too.
+                let r = match Box::pin(self.one(request)).await {
                     Ok(r) => r,
                     Err(e) => self.failed(e),
                 };
                 out.push(r);
             }
             if !run.is_empty() {
+                if out.is_empty() {
+                    // The usual batch: one run, answered as it is.
+                    return self.joined(run, sets, now).await;
+                }
                 out.extend(self.joined(run, sets, now).await);
             }
             out

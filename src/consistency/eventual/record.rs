@@ -9,7 +9,7 @@
 //! Integers are big-endian. A value without the magic (written by something
 //! else) reads as a live value at version zero, which any write beats.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::messages::Version;
 
@@ -38,24 +38,37 @@ impl Record {
     }
 
     pub fn decode(stored: &Bytes) -> Record {
+        Record::take(stored.clone())
+    }
+
+    /// [`Record::decode`] of a value no longer needed whole: the data is
+    /// the stored bytes past the header, without the allocation that a
+    /// slice of a fresh `Bytes` (one read from a socket) costs.
+    pub fn take(mut stored: Bytes) -> Record {
         let header = stored.get(..HEADER_BYTES).filter(|h| h.starts_with(MAGIC));
         let Some(h) = header else {
             return Record {
                 tombstone: false,
                 version: Version::default(),
                 deadline_ms: 0,
-                data: stored.clone(),
+                data: stored,
             };
         };
         let u64_at = |i: usize| u64::from_be_bytes(h[i..i + 8].try_into().unwrap_or_default());
-        Record {
-            tombstone: h[4] == 1,
-            version: Version {
+        let (tombstone, version, deadline_ms) = (
+            h[4] == 1,
+            Version {
                 ts: u64_at(5),
                 node: u32::from_be_bytes(h[13..17].try_into().unwrap_or_default()),
             },
-            deadline_ms: u64_at(17),
-            data: stored.slice(HEADER_BYTES..),
+            u64_at(17),
+        );
+        stored.advance(HEADER_BYTES);
+        Record {
+            tombstone,
+            version,
+            deadline_ms,
+            data: stored,
         }
     }
 
@@ -87,6 +100,7 @@ mod tests {
         let enc = r.encode();
         assert_eq!(enc.len(), HEADER_BYTES + 4);
         assert_eq!(Record::decode(&enc), r);
+        assert_eq!(Record::take(enc), r);
         let foreign = Record::decode(&Bytes::from_static(b"plain"));
         assert_eq!(foreign.version, Version::default());
         assert_eq!(&foreign.data[..], b"plain");
