@@ -68,7 +68,10 @@ pub(super) async fn serve(
                     }
                 }
             }
-            .instrument(tracing::info_span!("peer_in", %from)),
+            // At debug, as a client connection's span: an enabled span is
+            // entered and left on every poll. The lines logged under it
+            // name their peer themselves.
+            .instrument(tracing::debug_span!("peer_in", %from)),
         );
     }
 }
@@ -118,7 +121,7 @@ async fn connection(
             r = write(tx, replies) => r,
         }
     }
-    .instrument(tracing::info_span!("from_peer", peer))
+    .instrument(tracing::debug_span!("from_peer", peer))
     .await
 }
 
