@@ -30,26 +30,36 @@ fn read(path: &PathBuf) -> String {
     String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
 }
 
+/// One `memdial serve` node over `backend`, logging at info to `err`
+/// (stdout to `out`, or nowhere); its client port.
+fn serve_logging_to(backend: &str, out: Option<&PathBuf>, err: &PathBuf) -> (Proc, u16) {
+    start_with_retry("memdial", || {
+        let (port, admin) = (free_port(), free_port());
+        let stdout = match out {
+            Some(path) => Stdio::from(File::create(path).expect("stdout file")),
+            None => Stdio::null(),
+        };
+        let mut cmd = Command::new(memdial_bin());
+        cmd.arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .args(["--backend", backend])
+            .env("RUST_LOG", "info")
+            .stdout(stdout)
+            .stderr(Stdio::from(File::create(err).expect("stderr file")));
+        let mut p = Proc::spawn(format!("memdial :{port}"), &mut cmd);
+        p.wait_ready(&[port, admin])?;
+        Ok((p, port))
+    })
+}
+
 #[test]
 fn a_memcached_outage_under_load_is_logged_once_not_per_request() {
     let mut memcached = Memcached::start();
     let mc_port = memcached.port;
     let dir = scratch("logs");
     let (out, err) = (dir.join("stdout"), dir.join("stderr"));
-    let (mut node, port) = start_with_retry("memdial", || {
-        let (port, admin) = (free_port(), free_port());
-        let mut cmd = Command::new(memdial_bin());
-        cmd.arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin", &format!("127.0.0.1:{admin}")])
-            .args(["--backend", &memcached.addr()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(File::create(&out).expect("stdout file")))
-            .stderr(Stdio::from(File::create(&err).expect("stderr file")));
-        let mut p = Proc::spawn(format!("memdial :{port}"), &mut cmd);
-        p.wait_ready(&[port, admin])?;
-        Ok((p, port))
-    });
+    let (mut node, port) = serve_logging_to(&memcached.addr(), Some(&out), &err);
 
     // Clients keep sending while memcached is away.
     let stop = Arc::new(AtomicBool::new(false));
@@ -222,20 +232,7 @@ fn a_peer_whose_store_is_down_is_one_outage_in_the_log() {
 fn a_connections_own_lines_name_its_client() {
     let dir = scratch("conn-lines");
     let err = dir.join("stderr");
-    let (mut node, port) = start_with_retry("memdial", || {
-        let (port, admin) = (free_port(), free_port());
-        let mut cmd = Command::new(memdial_bin());
-        cmd.arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin", &format!("127.0.0.1:{admin}")])
-            .args(["--backend", "embedded"])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(File::create(&err).expect("stderr file")));
-        let mut p = Proc::spawn(format!("memdial :{port}"), &mut cmd);
-        p.wait_ready(&[port, admin])?;
-        Ok((p, port))
-    });
+    let (mut node, port) = serve_logging_to("embedded", None, &err);
     // An HTTP request line: the node hangs up without a word.
     let mut http = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let client = http.local_addr().expect("local address");
