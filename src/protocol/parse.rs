@@ -107,7 +107,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Parsed {
             }
             super::meta::parse_meta(buf, consumed, &meta[..m], limits)
         }
-        cmd @ (b"get" | b"gets") if n >= 2 => match keys(split_tokens(line).skip(1), limits) {
+        cmd @ (b"get" | b"gets") if n >= 2 => match keys(line, t, n, 1, limits) {
             Ok(keys) => done(Request::Get {
                 keys,
                 cas: cmd == b"gets",
@@ -118,7 +118,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Parsed {
             let Some(exptime) = int::<i64>(t[1]) else {
                 return invalid(ClientError::InvalidExptime, false);
             };
-            match keys(split_tokens(line).skip(2), limits) {
+            match keys(line, t, n, 2, limits) {
                 Ok(keys) => done(Request::Gat {
                     exptime,
                     keys,
@@ -435,11 +435,29 @@ fn split_tokens(line: &[u8]) -> impl Iterator<Item = &[u8]> {
     line.split(|&b| b == b' ').filter(|t| !t.is_empty())
 }
 
-fn keys<'a>(
-    tokens: impl Iterator<Item = &'a [u8]>,
+/// The keys of a get-family line: its tokens from `first` on. `fixed` holds
+/// the line's first tokens and `n` counts them all; a line of no more
+/// tokens than `fixed` holds is not split again.
+fn keys(
+    line: &[u8],
+    fixed: &[&[u8]],
+    n: usize,
+    first: usize,
     limits: &Limits,
 ) -> Result<Vec<Bytes>, ClientError> {
-    let mut keys = Vec::new();
+    if n <= fixed.len() {
+        key_list(fixed[first..n].iter().copied(), n - first, limits)
+    } else {
+        key_list(split_tokens(line).skip(first), n - first, limits)
+    }
+}
+
+fn key_list<'a>(
+    tokens: impl Iterator<Item = &'a [u8]>,
+    count: usize,
+    limits: &Limits,
+) -> Result<Vec<Bytes>, ClientError> {
+    let mut keys = Vec::with_capacity(count.min(limits.max_keys_per_get));
     for t in tokens {
         if keys.len() == limits.max_keys_per_get {
             return Err(ClientError::BadCommandLine);
@@ -572,6 +590,31 @@ mod tests {
                 cas: true
             }
         );
+        // Either side of the tokens the parser holds without splitting
+        // the line again: the keys come whole and in order.
+        for count in 5..=10 {
+            let names: Vec<String> = (0..count).map(|i| format!("k{i}")).collect();
+            let want: Vec<Bytes> = names.iter().map(|k| b(k)).collect();
+            let get = format!("get {}\r\n", names.join(" "));
+            assert_eq!(
+                request(get.as_bytes()),
+                Request::Get {
+                    keys: want.clone(),
+                    cas: false
+                },
+                "{count} keys"
+            );
+            let gat = format!("gat 7 {}\r\n", names.join(" "));
+            assert_eq!(
+                request(gat.as_bytes()),
+                Request::Gat {
+                    exptime: 7,
+                    keys: want,
+                    cas: false
+                },
+                "{count} keys"
+            );
+        }
         let many = format!("get {}\r\n", vec!["k"; 30].join(" "));
         let Request::Get { keys, .. } = request(many.as_bytes()) else {
             panic!()
