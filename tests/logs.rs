@@ -256,3 +256,65 @@ fn a_connections_own_lines_name_its_client() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A client that takes none of its replies is closed after
+/// `write_stall_timeout_ms`, and the line saying so names it.
+#[test]
+fn a_client_closed_for_taking_no_replies_is_named() {
+    let dir = scratch("stall-line");
+    let err = dir.join("stderr");
+    let (mut node, (port, _config)) = start_with_retry("memdial", || {
+        let ports = NodePorts::pick(1)[0];
+        let yaml = format!(
+            "{}timeouts:\n  write_stall_timeout_ms: 500\n",
+            proxy_yaml("", &[(ports, None)])
+        );
+        let config = TempFile::new("stall.yaml", &yaml);
+        let mut cmd = Command::new(memdial_bin());
+        cmd.args(["serve", "--node", "1", "--backend", "embedded", "--config"])
+            .arg(config.path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(File::create(&err).expect("stderr file")));
+        let mut p = Proc::spawn(format!("memdial :{}", ports.client), &mut cmd);
+        // One node alone opens no internal port.
+        p.wait_ready(&[ports.client, ports.admin])?;
+        Ok((p, (ports.client, config)))
+    });
+    let mut setter = Client::connect(port);
+    assert_eq!(
+        setter.set("big", 0, 0, &vec![b'x'; 512 * 1024]).unwrap(),
+        "STORED"
+    );
+    // 50 MB of replies asked for, none read: more than the sockets hold.
+    let mut stalled = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let client = stalled.local_addr().expect("local address");
+    stalled
+        .write_all(&b"get big\r\n".repeat(100))
+        .expect("write");
+    let line = |log: &str| {
+        log.lines()
+            .find(|l| l.contains("client takes none of its replies; closed"))
+            .map(str::to_string)
+    };
+    let until = Instant::now() + Duration::from_secs(15);
+    let found = loop {
+        if let Some(l) = line(&read(&err)) {
+            break l;
+        }
+        assert!(
+            Instant::now() < until,
+            "no line about the stalled client within 15 s:\n{}",
+            read(&err)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        found.contains(&format!("peer={client}")) && found.contains("conn_id="),
+        "the line does not name its client {client}: {found}"
+    );
+    drop(stalled);
+    node.signal("TERM");
+    node.wait_exit();
+    let _ = std::fs::remove_dir_all(&dir);
+}
