@@ -483,7 +483,9 @@ fn decimal(token: &[u8]) -> Option<(bool, &[u8])> {
     Some((sign == Some('-'), digits))
 }
 
-fn magnitude(digits: &[u8]) -> Option<u64> {
+/// The value of `digits` (ASCII digits only: the caller checked), or
+/// `None` past `u64`.
+pub(super) fn magnitude(digits: &[u8]) -> Option<u64> {
     digits.iter().try_fold(0u64, |acc, &d| {
         acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
     })

@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 
+use super::parse::magnitude;
 use super::{ErrorReply, MetaCode, MetaReply, Request, Response, Value};
 
 /// What the front of a backend connection's buffer holds.
@@ -247,15 +248,8 @@ pub fn reply_shape(request: &Request) -> Request {
 /// `u64`. (Cheaper than `str::parse`, which is a visible part of parsing a
 /// `VALUE` line, and stricter: no sign.)
 fn decimal(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, &d| {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
+    let plain = !digits.is_empty() && digits.iter().all(u8::is_ascii_digit);
+    plain.then(|| magnitude(digits)).flatten()
 }
 
 struct ValueHeader<'a> {
