@@ -684,6 +684,7 @@ async fn read_replies(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
     use std::net::{SocketAddr, TcpListener};
     use std::process::{Child, Command, Stdio};
     use std::sync::Arc;
@@ -801,6 +802,13 @@ mod tests {
 
     fn set(key: &str, data: &[u8]) -> Request {
         store(StoreOp::Set, key, data, 0)
+    }
+
+    fn delete(key: &str) -> Request {
+        Request::Delete {
+            key: b(key),
+            noreply: false,
+        }
     }
 
     fn get(keys: &[&str], cas: bool) -> Request {
@@ -1532,6 +1540,113 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(one(&backend, set("k", b"v")).await, Response::Stored);
+    }
+
+    /// Many callers' batches of `get`, `gets`, `set` and `delete` on a few
+    /// keys, queued at once on one multiplexed connection, so that their
+    /// `get`s join lines (duplicate keys among them): every caller gets
+    /// what running the requests one at a time, in queue order, gives.
+    #[tokio::test]
+    async fn joined_gets_answer_each_caller_as_one_at_a_time_would() {
+        let mc = Memcached::start().await;
+        let options = MemcachedOptions {
+            multiplexed_connections: 1,
+            ..MemcachedOptions::default()
+        };
+        let backend = MemcachedBackend::new(mc.addr(), options);
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let keys = ["a", "b", "c", "d", "e", "f", "g", "h"];
+        let mut model: HashMap<&str, Vec<u8>> = HashMap::new();
+        let mut joined = 0;
+        for round in 0..200 {
+            let mut batches: Vec<Vec<Request>> = Vec::new();
+            for _ in 0..1 + next(12) {
+                let batch = (0..1 + next(4))
+                    .map(|_| {
+                        let key = keys[next(keys.len() as u64) as usize];
+                        match next(10) {
+                            0 => set(key, format!("{round}.{}", next(1000)).as_bytes()),
+                            1 => delete(key),
+                            n => {
+                                let more: Vec<&str> = (0..next(3))
+                                    .map(|_| keys[next(keys.len() as u64) as usize])
+                                    .collect();
+                                get(&[&[key][..], &more].concat(), n == 2)
+                            }
+                        }
+                    })
+                    .collect();
+                batches.push(batch);
+            }
+            // What one request at a time gives, in queue order.
+            let mut want: Vec<Vec<Response>> = Vec::new();
+            for batch in &batches {
+                let mut replies = Vec::new();
+                for request in batch {
+                    replies.push(match request {
+                        Request::Store { key, data, .. } => {
+                            model.insert(
+                                keys.iter().find(|k| k.as_bytes() == &key[..]).unwrap(),
+                                data.to_vec(),
+                            );
+                            Response::Stored
+                        }
+                        Request::Delete { key, .. } => {
+                            let k = keys.iter().find(|k| k.as_bytes() == &key[..]).unwrap();
+                            match model.remove(k) {
+                                Some(_) => Response::Deleted,
+                                None => Response::NotFound,
+                            }
+                        }
+                        Request::Get { keys: ks, .. } => Response::Values(
+                            ks.iter()
+                                .filter_map(|k| {
+                                    let k = std::str::from_utf8(k).unwrap();
+                                    model.get(k).map(|d| value(k, d))
+                                })
+                                .collect(),
+                        ),
+                        _ => unreachable!(),
+                    });
+                }
+                want.push(replies);
+            }
+            let got = futures_util::future::join_all(batches.iter().map(|b| backend.call(b))).await;
+            for (i, (got, want)) in got.into_iter().zip(want).enumerate() {
+                let got: Vec<Response> = got
+                    .expect("call")
+                    .into_iter()
+                    .zip(&batches[i])
+                    .map(|(r, request)| match (r, request) {
+                        (Response::Values(vs), Request::Get { cas, .. }) => Response::Values(
+                            vs.into_iter()
+                                .map(|v| {
+                                    assert_eq!(v.cas.is_some(), *cas, "round {round}");
+                                    Value { cas: None, ..v }
+                                })
+                                .collect(),
+                        ),
+                        (r, _) => r,
+                    })
+                    .collect();
+                assert_eq!(got, want, "round {round}, batch {i}: {:?}", batches[i]);
+            }
+            joined += batches
+                .windows(2)
+                .filter(|w| {
+                    matches!(w[0].last(), Some(Request::Get { .. }))
+                        && matches!(w[1].first(), Some(Request::Get { .. }))
+                })
+                .count();
+        }
+        assert!(joined > 100, "{joined} chances to join across callers");
+        assert_eq!(backend.pool_status().unwrap().size, 1, "never reconnected");
     }
 
     #[tokio::test]

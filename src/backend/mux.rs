@@ -7,6 +7,10 @@
 //! | and in order                 | in one step under the connection's lock                      |
 //! | replies frame                | one reader task per connection parses replies against the    |
 //! |                              | queue of batches, FIFO, with `take_reply` (`parse_reply`)    |
+//! | few commands for memcached   | consecutive `get`s (or `gets`) of any callers are sent as    |
+//! |                              | one multi-key line ([`Line`]); its one reply is split back   |
+//! |                              | by key. Not if a key is already on the line for another      |
+//! |                              | request: then a reply could not say whose a value is         |
 //! | few writes                   | one writer task per connection; woken by the first batch     |
 //! |                              | into an empty buffer, it yields once so that the batches of  |
 //! |                              | every task ready meanwhile join that one write               |
@@ -15,6 +19,12 @@
 //! |                              | tasks (closing the socket); the next batch reconnects         |
 //! | a cancelled caller is safe   | its batch stays queued and its replies are read and dropped, |
 //! |                              | so framing is kept                                           |
+//!
+//! Why join `get`s: memcached 1.6.18 flushes its replies with a `sendmsg`
+//! after every `get` command, however deep the pipeline (`conn_mwrite` at
+//! the end of `process_get_command`), but once per multi-key `get`. Over
+//! loopback that send also carries the receiving side's TCP work, and it
+//! was most of memcached's CPU behind memdial (docs/BENCHMARKS.md).
 //!
 //! A batch's replies are due `request_timeout` after it is queued. Replies
 //! come in queue order, so only the oldest batch can be the first overdue:
@@ -32,7 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -41,7 +51,7 @@ use tokio::task::AbortHandle;
 
 use super::BackendError;
 use super::memcached::take_reply;
-use crate::protocol::{Request, Response, encode_request, reply_shape};
+use crate::protocol::{Request, Response, Value, encode_request, reply_shape};
 
 /// How much room is made in the read buffer before each read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -52,6 +62,10 @@ const CHECKS_PER_TIMEOUT: u64 = 8;
 /// A buffer grown past this by a large batch is given back once it is
 /// empty again, so an idle connection stays small.
 const IDLE_BUFFER_MAX: usize = 256 * 1024;
+
+/// Most keys on one joined `get` line, and most bytes of it.
+const LINE_MAX_KEYS: usize = 64;
+const LINE_MAX_BYTES: usize = 4096;
 
 /// Why a connection was dropped; every batch on it fails with this.
 #[derive(Debug, Clone)]
@@ -89,6 +103,68 @@ struct Exchange {
     queued_at: u64,
 }
 
+/// A `get` or `gets` line that carries the keys of several requests, one
+/// after another in the queue; its one reply answers them all.
+struct Line {
+    /// Sequence number of its first request.
+    first: u64,
+    cas: bool,
+    /// The line's keys, separated by spaces.
+    keys: Bytes,
+    /// How many of them each request gave, in order.
+    counts: Vec<usize>,
+}
+
+impl Line {
+    /// Splits the line's reply into one per request: each value goes to
+    /// the request whose key it answers (memcached answers the keys in
+    /// order and leaves out misses; no key is on the line for two
+    /// requests). An error answers every request.
+    fn split(&self, reply: Response) -> Result<Vec<Response>, Failure> {
+        let Response::Values(values) = reply else {
+            return match reply {
+                Response::Error(_) => Ok(vec![reply; self.counts.len()]),
+                other => Err(Failure::Protocol(format!(
+                    "unexpected reply to a joined get: {:?}",
+                    other.outcome()
+                ))),
+            };
+        };
+        let mut out: Vec<Vec<Value>> = self.counts.iter().map(|_| Vec::new()).collect();
+        let mut owners = self
+            .counts
+            .iter()
+            .enumerate()
+            .flat_map(|(owner, &n)| std::iter::repeat_n(owner, n));
+        let mut keys = self.keys.split(|&b| b == b' ');
+        for value in values {
+            loop {
+                let (Some(owner), Some(key)) = (owners.next(), keys.next()) else {
+                    return Err(Failure::Protocol(format!(
+                        "a value for {:?}, not a key of the joined get",
+                        String::from_utf8_lossy(&value.key)
+                    )));
+                };
+                if key == value.key {
+                    out[owner].push(value);
+                    break;
+                }
+            }
+        }
+        Ok(out.into_iter().map(Response::Values).collect())
+    }
+}
+
+/// The `get` line at the end of the write buffer, which the next requests'
+/// keys may join.
+struct OpenLine {
+    first: u64,
+    cas: bool,
+    /// Where it starts in `wbuf`.
+    start: usize,
+    keys: usize,
+}
+
 /// What callers and the two tasks share, under one lock.
 struct State {
     /// Set when the connection is dropped; no batch joins it after.
@@ -99,6 +175,132 @@ struct State {
     queue: VecDeque<Exchange>,
     /// Counts the watchdog's checks.
     tick: u64,
+    /// Requests encoded so far, and requests answered so far: the
+    /// sequence number of the next of each.
+    encoded: u64,
+    answered: u64,
+    /// Lines that carry several requests, oldest first.
+    lines: VecDeque<Line>,
+    open: Option<OpenLine>,
+    /// The open line's keys per request, and their hashes (see
+    /// [`key_hash`]); kept between lines.
+    open_counts: Vec<usize>,
+    open_hashes: Vec<u64>,
+}
+
+impl State {
+    fn new() -> State {
+        State {
+            failed: None,
+            wbuf: BytesMut::new(),
+            queue: VecDeque::new(),
+            tick: 0,
+            encoded: 0,
+            answered: 0,
+            lines: VecDeque::new(),
+            open: None,
+            open_counts: Vec::new(),
+            open_hashes: Vec::new(),
+        }
+    }
+
+    /// Encodes `request`, onto the open `get` line when it can join it.
+    fn encode(&mut self, request: &Request) {
+        let seq = self.encoded;
+        self.encoded += 1;
+        if let Request::Get { keys, cas } = request
+            && !keys.is_empty()
+        {
+            if self.join(keys, *cas) {
+                return;
+            }
+            self.close_line();
+            let start = self.wbuf.len();
+            encode_request(request, false, &mut self.wbuf);
+            self.open = Some(OpenLine {
+                first: seq,
+                cas: *cas,
+                start,
+                keys: keys.len(),
+            });
+            self.open_counts.push(keys.len());
+            self.open_hashes.extend(keys.iter().map(|k| key_hash(k)));
+            return;
+        }
+        self.close_line();
+        encode_request(request, false, &mut self.wbuf);
+    }
+
+    /// Adds `keys` to the open line, if there is one of this kind with room
+    /// and none of them is on it already.
+    fn join(&mut self, keys: &[Bytes], cas: bool) -> bool {
+        let Some(open) = &mut self.open else {
+            return false;
+        };
+        let bytes: usize = keys.iter().map(|k| k.len() + 1).sum();
+        if open.cas != cas
+            || open.keys + keys.len() > LINE_MAX_KEYS
+            || self.wbuf.len() - open.start + bytes > LINE_MAX_BYTES
+            || keys.iter().any(|k| self.open_hashes.contains(&key_hash(k)))
+        {
+            return false;
+        }
+        debug_assert!(self.wbuf.ends_with(b"\r\n"));
+        self.wbuf.truncate(self.wbuf.len() - 2);
+        for k in keys {
+            self.wbuf.put_u8(b' ');
+            self.wbuf.put_slice(k);
+        }
+        self.wbuf.put_slice(b"\r\n");
+        open.keys += keys.len();
+        self.open_counts.push(keys.len());
+        self.open_hashes.extend(keys.iter().map(|k| key_hash(k)));
+        true
+    }
+
+    /// Ends the open line: nothing joins it any more. One that carries
+    /// several requests is recorded for the reader.
+    fn close_line(&mut self) {
+        let Some(open) = self.open.take() else {
+            return;
+        };
+        if self.open_counts.len() > 1 {
+            let verb = if open.cas { "gets " } else { "get " };
+            let keys = &self.wbuf[open.start + verb.len()..self.wbuf.len() - 2];
+            self.lines.push_back(Line {
+                first: open.first,
+                cas: open.cas,
+                keys: Bytes::copy_from_slice(keys),
+                counts: std::mem::take(&mut self.open_counts),
+            });
+        }
+        self.open_counts.clear();
+        self.open_hashes.clear();
+    }
+
+    /// Hands `response` to the oldest batch, which is answered once it has
+    /// all of its replies.
+    fn answer(&mut self, response: Response) -> Result<(), Failure> {
+        let Some(head) = self.queue.front_mut() else {
+            return Err(Failure::Protocol("unsolicited bytes from memcached".into()));
+        };
+        head.responses.push(response);
+        self.answered += 1;
+        if head.responses.len() == head.requests.len() {
+            let done = self.queue.pop_front().expect("the head was there");
+            // A caller that gave up has dropped its receiver.
+            let _ = done.reply.send(Ok(done.responses));
+        }
+        Ok(())
+    }
+}
+
+/// A cheap hash of a key (FNV-1a), for telling that a key is not on a line
+/// yet; equal hashes only stop a join.
+fn key_hash(key: &[u8]) -> u64 {
+    key.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// One multiplexed connection.
@@ -134,7 +336,7 @@ impl Conn {
         }
         let was_empty = state.wbuf.is_empty();
         for request in requests {
-            encode_request(request, false, &mut state.wbuf);
+            state.encode(request);
         }
         let queued_at = state.tick;
         state.queue.push_back(Exchange {
@@ -162,6 +364,8 @@ impl Conn {
             state.failed = Some(failure.clone());
             self.dead.store(true, Ordering::Release);
             state.wbuf = BytesMut::new();
+            state.lines.clear();
+            state.open = None;
             std::mem::take(&mut state.queue)
         };
         for exchange in queue {
@@ -223,6 +427,8 @@ impl Conn {
                         }
                         break;
                     }
+                    // What is written is final.
+                    state.close_line();
                     std::mem::swap(&mut state.wbuf, &mut out);
                 }
                 if let Err(e) = writer.write_all(&out).await {
@@ -273,23 +479,36 @@ impl Conn {
             return Ok(());
         }
         let mut state = self.lock();
+        let state = &mut *state;
         if state.failed.is_some() {
             return Ok(());
         }
         while !rbuf.is_empty() {
-            let Some(head) = state.queue.front_mut() else {
+            if let Some(line) = state.lines.front()
+                && line.first == state.answered
+            {
+                let shape = Request::Get {
+                    keys: Vec::new(),
+                    cas: line.cas,
+                };
+                match take_reply(&shape, rbuf) {
+                    Ok(Some(reply)) => {
+                        let line = state.lines.pop_front().expect("the line was there");
+                        for response in line.split(reply)? {
+                            state.answer(response)?;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(reason) => return Err(Failure::Protocol(reason)),
+                }
+                continue;
+            }
+            let Some(head) = state.queue.front() else {
                 return Err(Failure::Protocol("unsolicited bytes from memcached".into()));
             };
             let request = &head.requests[head.responses.len()];
             match take_reply(request, rbuf) {
-                Ok(Some(response)) => {
-                    head.responses.push(response);
-                    if head.responses.len() == head.requests.len() {
-                        let done = state.queue.pop_front().expect("the head was there");
-                        // A caller that gave up has dropped its receiver.
-                        let _ = done.reply.send(Ok(done.responses));
-                    }
-                }
+                Ok(Some(response)) => state.answer(response)?,
                 Ok(None) => break,
                 Err(reason) => return Err(Failure::Protocol(reason)),
             }
@@ -412,12 +631,7 @@ impl Mux {
         let (reader, writer) = stream.into_split();
         let conn = Arc::new(Conn {
             addr: self.addr.clone(),
-            state: Mutex::new(State {
-                failed: None,
-                wbuf: BytesMut::new(),
-                queue: VecDeque::new(),
-                tick: 0,
-            }),
+            state: Mutex::new(State::new()),
             writable: Notify::new(),
             dead: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
@@ -477,5 +691,142 @@ impl Drop for Mux {
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn get(keys: &[&str], cas: bool) -> Request {
+        Request::Get {
+            keys: keys.iter().map(|k| b(k)).collect(),
+            cas,
+        }
+    }
+
+    fn value(key: &str, data: &str) -> Value {
+        Value {
+            key: b(key),
+            flags: 0,
+            data: b(data),
+            cas: None,
+        }
+    }
+
+    fn encoded(requests: &[Request]) -> State {
+        let mut state = State::new();
+        for r in requests {
+            state.encode(r);
+        }
+        state.close_line();
+        state
+    }
+
+    #[test]
+    fn consecutive_gets_share_a_line_unless_a_key_is_on_it_already() {
+        let set = Request::Delete {
+            key: b("x"),
+            noreply: false,
+        };
+        let state = encoded(&[
+            get(&["a"], false),
+            get(&["b", "c"], false),
+            get(&["d", "d"], false), // its own duplicate: still joins
+            get(&["c"], false),      // on the line for another request
+            get(&["e"], false),
+            get(&["f"], true), // gets: a line of its own kind
+            get(&["g"], true),
+            set,
+            get(&["h"], false),
+            get(&[], false), // no key: memcached's ERROR, alone
+        ]);
+        assert_eq!(
+            &state.wbuf[..],
+            b"get a b c d d\r\nget c e\r\ngets f g\r\ndelete x\r\nget h\r\nget\r\n"
+        );
+        let lines: Vec<(u64, bool, &[u8], &[usize])> = state
+            .lines
+            .iter()
+            .map(|l| (l.first, l.cas, &l.keys[..], &l.counts[..]))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                (0, false, &b"a b c d d"[..], &[1, 2, 2][..]),
+                (3, false, &b"c e"[..], &[1, 1][..]),
+                (5, true, &b"f g"[..], &[1, 1][..]),
+            ]
+        );
+        assert_eq!(state.encoded, 10);
+    }
+
+    #[test]
+    fn a_line_stops_at_its_key_and_byte_bounds() {
+        let many: Vec<String> = (0..LINE_MAX_KEYS + 1).map(|i| format!("k{i}")).collect();
+        let requests: Vec<Request> = many.iter().map(|k| get(&[k], false)).collect();
+        let state = encoded(&requests);
+        let counts: Vec<usize> = state.lines.iter().map(|l| l.counts.len()).collect();
+        assert_eq!(
+            counts,
+            vec![LINE_MAX_KEYS],
+            "the last key starts a line of its own"
+        );
+
+        let long = "x".repeat(250);
+        let keys: Vec<String> = (0..20).map(|i| format!("{i:02}{long}")).collect();
+        let requests: Vec<Request> = keys.iter().map(|k| get(&[k], false)).collect();
+        let state = encoded(&requests);
+        for line in state.wbuf[..]
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+        {
+            assert!(line.len() < LINE_MAX_BYTES, "{} bytes", line.len() + 1);
+        }
+        assert_eq!(
+            state.lines.iter().map(|l| l.counts.len()).sum::<usize>(),
+            20
+        );
+    }
+
+    #[test]
+    fn a_joined_reply_is_split_by_key() {
+        let line = Line {
+            first: 0,
+            cas: false,
+            keys: b("a b c d d e"),
+            counts: vec![1, 2, 2, 1],
+        };
+        // b and e missed.
+        let reply = Response::Values(vec![
+            value("a", "1"),
+            value("c", "3"),
+            value("d", "4"),
+            value("d", "4"),
+        ]);
+        assert_eq!(
+            line.split(reply).unwrap(),
+            vec![
+                Response::Values(vec![value("a", "1")]),
+                Response::Values(vec![value("c", "3")]),
+                Response::Values(vec![value("d", "4"), value("d", "4")]),
+                Response::Values(vec![]),
+            ]
+        );
+        // An error answers every request on the line.
+        let error = Response::Error(crate::protocol::ErrorReply::Server("out of memory".into()));
+        assert_eq!(line.split(error.clone()).unwrap(), vec![error; 4]);
+        // A value for no key, or out of order, loses the framing.
+        for bad in [
+            vec![value("z", "1")],
+            vec![value("c", "3"), value("a", "1")],
+        ] {
+            assert!(line.split(Response::Values(bad)).is_err());
+        }
+        assert!(line.split(Response::Stored).is_err());
     }
 }
