@@ -339,6 +339,11 @@ pub struct BackendConfig {
     /// Pooled connections to each node's memcached, when
     /// `multiplexed_connections` is 0.
     pub pool_size: usize,
+    /// Send consecutive `get`s (or `gets`) queued on a multiplexed
+    /// connection as one multi-key line, and split its reply by key
+    /// (`backend/mux.rs`). Needs a backend that answers a multi-key `get`
+    /// in key order, as memcached does.
+    pub join_gets: bool,
 }
 
 impl Default for ClusterConfig {
@@ -441,6 +446,7 @@ impl Default for BackendConfig {
         BackendConfig {
             multiplexed_connections: 2,
             pool_size: 16,
+            join_gets: true,
         }
     }
 }

@@ -44,6 +44,7 @@ impl Node {
                 MemcachedOptions {
                     multiplexed_connections: config.backend.multiplexed_connections,
                     pool_size: config.backend.pool_size,
+                    join_gets: config.backend.join_gets,
                     connect_timeout: Duration::from_millis(t.backend_connect_timeout_ms),
                     request_timeout: Duration::from_millis(t.backend_request_timeout_ms),
                     pool_wait_timeout: Duration::from_millis(t.backend_pool_wait_ms),

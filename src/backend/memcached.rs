@@ -68,6 +68,8 @@ pub struct MemcachedOptions {
     /// With `multiplexed_connections` 0: most pooled connections open at
     /// once (at least 1 is used).
     pub pool_size: usize,
+    /// Multiplexed: consecutive `get`s go as one multi-key line.
+    pub join_gets: bool,
     /// Bound on making one TCP connection (resolution included).
     pub connect_timeout: Duration,
     /// Bound on one whole exchange: writing the batch and reading every reply.
@@ -82,6 +84,7 @@ impl Default for MemcachedOptions {
             multiplexed_connections: crate::config::BackendConfig::default()
                 .multiplexed_connections,
             pool_size: 16,
+            join_gets: true,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(2),
             pool_wait_timeout: Duration::from_secs(1),
@@ -132,6 +135,7 @@ impl MemcachedBackend {
                 addr.clone(),
                 MuxOptions {
                     connections: options.multiplexed_connections,
+                    join_gets: options.join_gets,
                     connect_timeout: options.connect_timeout,
                     request_timeout: options.request_timeout,
                 },

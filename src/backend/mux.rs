@@ -186,11 +186,14 @@ struct State {
     /// [`key_hash`]); kept between lines.
     open_counts: Vec<usize>,
     open_hashes: Vec<u64>,
+    /// Whether `get`s join lines at all.
+    join_gets: bool,
 }
 
 impl State {
-    fn new() -> State {
+    fn new(join_gets: bool) -> State {
         State {
+            join_gets,
             failed: None,
             wbuf: BytesMut::new(),
             queue: VecDeque::new(),
@@ -210,6 +213,7 @@ impl State {
         self.encoded += 1;
         if let Request::Get { keys, cas } = request
             && !keys.is_empty()
+            && self.join_gets
         {
             if self.join(keys, *cas) {
                 return;
@@ -523,6 +527,8 @@ pub(super) struct MuxOptions {
     /// Connections opened to memcached (at least 1 is used); batches go to
     /// them in turn.
     pub connections: usize,
+    /// Consecutive `get`s (or `gets`) go as one line ([`Line`]).
+    pub join_gets: bool,
     pub connect_timeout: Duration,
     /// Bound on waiting for a batch's replies, from when it is queued.
     pub request_timeout: Duration,
@@ -631,7 +637,7 @@ impl Mux {
         let (reader, writer) = stream.into_split();
         let conn = Arc::new(Conn {
             addr: self.addr.clone(),
-            state: Mutex::new(State::new()),
+            state: Mutex::new(State::new(self.options.join_gets)),
             writable: Notify::new(),
             dead: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
@@ -719,7 +725,11 @@ mod tests {
     }
 
     fn encoded(requests: &[Request]) -> State {
-        let mut state = State::new();
+        encoded_as(requests, true)
+    }
+
+    fn encoded_as(requests: &[Request], join_gets: bool) -> State {
+        let mut state = State::new(join_gets);
         for r in requests {
             state.encode(r);
         }
@@ -763,6 +773,11 @@ mod tests {
             ]
         );
         assert_eq!(state.encoded, 10);
+
+        // Not joined when the backend says so.
+        let state = encoded_as(&[get(&["a"], false), get(&["b"], false)], false);
+        assert_eq!(&state.wbuf[..], b"get a\r\nget b\r\n");
+        assert!(state.lines.is_empty());
     }
 
     #[test]
