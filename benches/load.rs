@@ -20,6 +20,10 @@
 //!   --value LIST [32]       value sizes in bytes, e.g. 32,1024
 //!   --keys N [10000]        key space, prefilled on every target
 //!   --threads N [1]         load generator threads
+//!   --rounds N [1]          with --memtier: measure every target N times in
+//!                           turn at each point, then print each target's
+//!                           medians and, with --twemproxy, the median of
+//!                           memdial's ratio to twemproxy round by round
 //!   --no-cluster            skip the 3-node clusters and replication delay
 //!   --modes LIST [eventual] the clusters' modes, e.g. eventual,linearizable,sequential
 //!   --twemproxy             also twemproxy (`nutcracker` on PATH) in front
@@ -92,6 +96,8 @@ struct Opts {
     values: Vec<usize>,
     keys: usize,
     threads: usize,
+    /// Rounds over the targets at each point (`--memtier` only).
+    rounds: usize,
     cluster: bool,
     /// Gets per set in the mix (memtier's default is 10).
     gets_per_set: usize,
@@ -129,6 +135,7 @@ fn opts() -> Opts {
         values: vec![32],
         keys: 10_000,
         threads: 1,
+        rounds: 1,
         cluster: true,
         gets_per_set: 10,
         lag: false,
@@ -151,6 +158,7 @@ fn opts() -> Opts {
             "--value",
             "--keys",
             "--threads",
+            "--rounds",
             "--gets-per-set",
             "--modes",
             "--memtier",
@@ -182,6 +190,7 @@ fn opts() -> Opts {
             "--value" => o.values = list(&name, &v),
             "--keys" => o.keys = number(&name, &v),
             "--threads" => o.threads = number(&name, &v),
+            "--rounds" => o.rounds = number(&name, &v),
             "--gets-per-set" => o.gets_per_set = v.parse().expect("--gets-per-set N"),
             "--modes" => o.modes = v.split(',').map(|m| m.trim().to_string()).collect(),
             "--memtier" => o.memtier = Some(PathBuf::from(v)),
@@ -1178,71 +1187,151 @@ async fn memtier_main(bin: &Path, targets: &[Target<'_>], o: &Opts, out: &mut Op
                 "cpu s",
                 "ops/cpu-s"
             );
-            // memcached direct's figures, the ratios' base.
-            let mut direct: Option<[f64; 4]> = None;
-            for (i, t) in targets.iter().enumerate() {
-                let name = t.name;
-                let json = dir
-                    .path()
-                    .join(format!("{value}-{conns}-{pipeline}-{i}.json"));
-                let (r, cpu) = match memtier_measure(bin, t, o, at, &json).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        println!("{name:<32} failed: {e}");
-                        failed = true;
-                        continue;
+            // Per round, each target's ops/s, p99 and requests per
+            // CPU-second.
+            let mut rounds: Vec<Vec<Option<[f64; 3]>>> = Vec::new();
+            for round in 0..o.rounds {
+                if o.rounds > 1 {
+                    println!("round {}", round + 1);
+                }
+                rounds.push(vec![None; targets.len()]);
+                // memcached direct's figures, the ratios' base.
+                let mut direct: Option<[f64; 4]> = None;
+                for (i, t) in targets.iter().enumerate() {
+                    let name = t.name;
+                    let json = dir
+                        .path()
+                        .join(format!("{value}-{conns}-{pipeline}-{i}-{round}.json"));
+                    let (r, cpu) = match memtier_measure(bin, t, o, at, &json).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            println!("{name:<32} failed: {e}");
+                            failed = true;
+                            continue;
+                        }
+                    };
+                    let figures = [r.ops_per_sec, r.p50 as f64, r.p99 as f64, r.p999 as f64];
+                    if i == 0 {
+                        direct = Some(figures);
                     }
-                };
-                let figures = [r.ops_per_sec, r.p50 as f64, r.p99 as f64, r.p999 as f64];
-                if i == 0 {
-                    direct = Some(figures);
+                    let base = |k: usize| direct.map(|d| d[k]);
+                    let (cpu_s, per_cpu) = match cpu {
+                        Some(c) if c > 0.0 => {
+                            (format!("{c:.2}"), format!("{:.0}", r.count as f64 / c))
+                        }
+                        _ => ("-".into(), "-".into()),
+                    };
+                    rounds[round][i] = Some([
+                        r.ops_per_sec,
+                        r.p99 as f64,
+                        cpu.filter(|c| *c > 0.0).map_or(0.0, |c| r.count as f64 / c),
+                    ]);
+                    println!(
+                        "{:<32} {:>10.0} {:>7} {:>7} {:>7} {:>7} {:>7.2} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9}",
+                        name,
+                        r.ops_per_sec,
+                        r.avg,
+                        r.p50,
+                        r.p99,
+                        r.p999,
+                        100.0 * r.hit_ratio,
+                        ratio(figures[0], base(0)),
+                        ratio(figures[1], base(1)),
+                        ratio(figures[2], base(2)),
+                        ratio(figures[3], base(3)),
+                        cpu_s,
+                        per_cpu,
+                    );
+                    if r.connection_errors > 0 {
+                        println!("    connection errors: {}", r.connection_errors);
+                    }
+                    let bad = r.ops_per_sec <= 0.0 || r.connection_errors > 0 || r.hit_ratio < 1.0;
+                    failed |= bad;
+                    if let Some(out) = out {
+                        out.write(&Row {
+                            target: t,
+                            at,
+                            ops_per_sec: r.ops_per_sec,
+                            avg_us: Some(r.avg),
+                            p50_us: r.p50,
+                            p99_us: r.p99,
+                            p999_us: r.p999,
+                            percentiles_us: r.percentiles,
+                            cpu_s: cpu,
+                            requests: r.count,
+                            hit_ratio: r.hit_ratio,
+                            failed: bad,
+                        });
+                    }
                 }
-                let base = |k: usize| direct.map(|d| d[k]);
-                let (cpu_s, per_cpu) = match cpu {
-                    Some(c) if c > 0.0 => (format!("{c:.2}"), format!("{:.0}", r.count as f64 / c)),
-                    _ => ("-".into(), "-".into()),
-                };
-                println!(
-                    "{:<32} {:>10.0} {:>7} {:>7} {:>7} {:>7} {:>7.2} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9}",
-                    name,
-                    r.ops_per_sec,
-                    r.avg,
-                    r.p50,
-                    r.p99,
-                    r.p999,
-                    100.0 * r.hit_ratio,
-                    ratio(figures[0], base(0)),
-                    ratio(figures[1], base(1)),
-                    ratio(figures[2], base(2)),
-                    ratio(figures[3], base(3)),
-                    cpu_s,
-                    per_cpu,
-                );
-                if r.connection_errors > 0 {
-                    println!("    connection errors: {}", r.connection_errors);
-                }
-                let bad = r.ops_per_sec <= 0.0 || r.connection_errors > 0 || r.hit_ratio < 1.0;
-                failed |= bad;
-                if let Some(out) = out {
-                    out.write(&Row {
-                        target: t,
-                        at,
-                        ops_per_sec: r.ops_per_sec,
-                        avg_us: Some(r.avg),
-                        p50_us: r.p50,
-                        p99_us: r.p99,
-                        p999_us: r.p999,
-                        percentiles_us: r.percentiles,
-                        cpu_s: cpu,
-                        requests: r.count,
-                        hit_ratio: r.hit_ratio,
-                        failed: bad,
-                    });
-                }
+            }
+            if o.rounds > 1 {
+                print_medians(targets, &rounds);
             }
         }
     }
     failed
+}
+
+/// Each target's medians over the rounds and, when twemproxy was measured,
+/// the median of each target's ratio to twemproxy in the same round (its
+/// spread too): the machine's noise moves whole rounds, so a ratio taken
+/// within a round varies less than one of medians.
+fn print_medians(targets: &[Target<'_>], rounds: &[Vec<Option<[f64; 3]>>]) {
+    fn median(mut xs: Vec<f64>) -> Option<f64> {
+        xs.sort_by(f64::total_cmp);
+        let n = xs.len();
+        (n > 0).then(|| {
+            if n % 2 == 1 {
+                xs[n / 2]
+            } else {
+                (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+            }
+        })
+    }
+    let tw = targets.iter().position(|t| t.name.starts_with("twemproxy"));
+    println!(
+        "medians over {} rounds: {:<19} {:>10} {:>7} {:>9}   x twemproxy, same round: ops/s (min-max), p99, ops/cpu-s",
+        rounds.len(),
+        "target",
+        "ops/s",
+        "p99",
+        "ops/cpu-s"
+    );
+    for (i, t) in targets.iter().enumerate() {
+        let col = |k: usize| median(rounds.iter().filter_map(|r| r[i].map(|f| f[k])).collect());
+        let fmt = |x: Option<f64>, width: usize| match x {
+            Some(x) => format!("{x:>width$.0}"),
+            None => format!("{:>width$}", "-"),
+        };
+        let mut line = format!(
+            "{:<39} {} {} {}",
+            t.name,
+            fmt(col(0), 10),
+            fmt(col(1), 7),
+            fmt(col(2), 9)
+        );
+        if let Some(tw) = tw.filter(|&tw| tw != i) {
+            let ratios = |k: usize| -> Vec<f64> {
+                rounds
+                    .iter()
+                    .filter_map(|r| match (r[i], r[tw]) {
+                        (Some(a), Some(b)) if b[k] > 0.0 => Some(a[k] / b[k]),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            let ops = ratios(0);
+            let lo = ops.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = ops.iter().copied().fold(0.0, f64::max);
+            if let (Some(m), Some(p99), Some(cpu)) =
+                (median(ops), median(ratios(1)), median(ratios(2)))
+            {
+                line += &format!("   {m:.2} ({lo:.2}-{hi:.2}), {p99:.2}, {cpu:.2}");
+            }
+        }
+        println!("{line}");
+    }
 }
 
 // ---------------------------------------------------- replication lag
