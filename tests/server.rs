@@ -244,6 +244,71 @@ fn pipelined_requests_beyond_the_depth_are_all_answered_in_order() {
     assert_eq!(text(&conn.call(b"version\r\n")), version_line());
 }
 
+/// Many clients pipelining gets over memcached at once: the node joins
+/// their gets into shared multi-key lines (`backend/mux.rs`) and splits the
+/// replies back. Each client reads and writes keys of its own, sometimes the
+/// same key twice in one batch, and deletes some, so every reply is known:
+/// a value given to the wrong request, or a miss taken for a hit, shows.
+#[test]
+fn many_clients_pipelining_gets_over_memcached_each_get_their_own_replies() {
+    let memcached = Memcached::start();
+    let node = Memdial::over(&memcached);
+    let port = node.port;
+    let clients: Vec<_> = (0..12)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut conn = Client::connect(port);
+                let key = |i: usize| format!("c{c}-k{}", i % 6);
+                let mut stored: [Option<String>; 6] = Default::default();
+                let hit = |stored: &[Option<String>; 6], i: usize| {
+                    stored[i % 6]
+                        .as_ref()
+                        .map(|v| format!("VALUE {} 3 {}\r\n{v}\r\n", key(i), v.len()))
+                        .unwrap_or_default()
+                };
+                for round in 0..150 {
+                    let i = round % 6;
+                    let v = format!("{c}.{round}");
+                    let (mut request, mut expected) = (String::new(), String::new());
+                    request += &format!("set {} 3 0 {}\r\n{v}\r\n", key(i), v.len());
+                    stored[i] = Some(v);
+                    expected += "STORED\r\n";
+                    if round % 5 == 0 {
+                        request += &format!("delete {}\r\n", key(i + 3));
+                        expected += if stored[(i + 3) % 6].take().is_some() {
+                            "DELETED\r\n"
+                        } else {
+                            "NOT_FOUND\r\n"
+                        };
+                    }
+                    // The same key twice, on one line and on two.
+                    for keys in [
+                        vec![i],
+                        vec![i + 1, i + 2],
+                        vec![i, i + 3],
+                        vec![i + 4, i + 4],
+                    ] {
+                        let names: Vec<String> = keys.iter().map(|&k| key(k)).collect();
+                        request += &format!("get {}\r\n", names.join(" "));
+                        for &k in &keys {
+                            expected += &hit(&stored, k);
+                        }
+                        expected += "END\r\n";
+                    }
+                    conn.send(request.as_bytes());
+                    let got = text(&conn.read_exact_len(expected.len()));
+                    assert_eq!(got, expected, "client {c}, round {round}");
+                }
+                // Nothing more was sent than those replies.
+                assert_eq!(text(&conn.call(b"version\r\n")), version_line());
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("every client got its own replies");
+    }
+}
+
 // 5. Keys per get.
 
 #[test]
