@@ -59,6 +59,8 @@ pub struct Metrics {
     pub backend_errors: IntCounterVec,
     /// Backend pool occupancy (`max`, `open`, `idle`), read at scrape time.
     pub backend_pool: IntGaugeVec,
+    /// Requests whose `get` joined another's line, read at scrape time.
+    pub backend_joined_gets: IntCounter,
     /// 1 when the node is ready, as of the last time anyone asked.
     pub ready: IntGauge,
     /// What makes the node ready or not; see [`Readiness`].
@@ -187,6 +189,13 @@ impl Metrics {
                     "backend_errors_total",
                     "Backend failures by kind",
                     &["kind"],
+                )?,
+            )?,
+            backend_joined_gets: reg(
+                r,
+                counter(
+                    "backend_joined_gets_total",
+                    "gets sent to memcached on a line another request's get began",
                 )?,
             )?,
             backend_pool: reg(

@@ -97,6 +97,8 @@ impl Node {
                     g.with_label_values(&["max"]).set(p.max_size as i64);
                     g.with_label_values(&["open"]).set(p.size as i64);
                     g.with_label_values(&["idle"]).set(p.available as i64);
+                    let joined = &metrics.backend_joined_gets;
+                    joined.inc_by(p.joined_gets.saturating_sub(joined.get()));
                 }
             })
         };

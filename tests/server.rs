@@ -307,6 +307,9 @@ fn many_clients_pipelining_gets_over_memcached_each_get_their_own_replies() {
     for client in clients {
         client.join().expect("every client got its own replies");
     }
+    let body = admin_get(&node, "/metrics");
+    let joined = metric(&body, "memdial_backend_joined_gets_total").unwrap_or(0.0);
+    assert!(joined > 0.0, "no get joined another's line:\n{body}");
 }
 
 // 5. Keys per get.

@@ -67,6 +67,9 @@ pub struct PoolStatus {
     pub size: usize,
     /// Idle connections ready for use.
     pub available: usize,
+    /// `get`s sent on a line another request's `get` began, since start
+    /// (multiplexed, `backend.join_gets`).
+    pub joined_gets: u64,
 }
 
 /// A store that executes data requests (`get gets gat gats set add replace

@@ -38,7 +38,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -188,6 +188,8 @@ struct State {
     open_hashes: Vec<u64>,
     /// Whether `get`s join lines at all.
     join_gets: bool,
+    /// Requests that joined a line, so far.
+    joined: u64,
 }
 
 impl State {
@@ -204,6 +206,7 @@ impl State {
             open: None,
             open_counts: Vec::new(),
             open_hashes: Vec::new(),
+            joined: 0,
         }
     }
 
@@ -257,6 +260,7 @@ impl State {
         }
         self.wbuf.put_slice(b"\r\n");
         open.keys += keys.len();
+        self.joined += 1;
         self.open_counts.push(keys.len());
         self.open_hashes.extend(keys.iter().map(|k| key_hash(k)));
         true
@@ -317,6 +321,8 @@ struct Conn {
     dead: AtomicBool,
     /// The reader and writer tasks, ended when the connection fails.
     tasks: Mutex<Vec<AbortHandle>>,
+    /// The mux's count of joined `get`s.
+    joined_gets: Arc<AtomicU64>,
 }
 
 impl Conn {
@@ -339,8 +345,13 @@ impl Conn {
             return None;
         }
         let was_empty = state.wbuf.is_empty();
+        let joined = state.joined;
         for request in requests {
             state.encode(request);
+        }
+        if state.joined > joined {
+            self.joined_gets
+                .fetch_add(state.joined - joined, Ordering::Relaxed);
         }
         let queued_at = state.tick;
         state.queue.push_back(Exchange {
@@ -541,6 +552,8 @@ pub(super) struct Mux {
     options: MuxOptions,
     slots: Vec<Slot>,
     next: AtomicUsize,
+    /// Requests whose `get` joined another's line, over every connection.
+    joined_gets: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -569,6 +582,7 @@ impl Mux {
             options,
             slots,
             next: AtomicUsize::new(0),
+            joined_gets: Arc::default(),
         }
     }
 
@@ -641,6 +655,7 @@ impl Mux {
             writable: Notify::new(),
             dead: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
+            joined_gets: self.joined_gets.clone(),
         });
         let tasks = vec![
             tokio::spawn(conn.clone().read_loop(reader)).abort_handle(),
@@ -679,6 +694,11 @@ impl Mux {
     /// Connections it opens at most.
     pub fn max(&self) -> usize {
         self.slots.len()
+    }
+
+    /// Requests whose `get` joined another's line, since start.
+    pub fn joined_gets(&self) -> u64 {
+        self.joined_gets.load(Ordering::Relaxed)
     }
 }
 
@@ -773,6 +793,7 @@ mod tests {
             ]
         );
         assert_eq!(state.encoded, 10);
+        assert_eq!(state.joined, 4, "b c, d d, e and g joined");
 
         // Not joined when the backend says so.
         let state = encoded_as(&[get(&["a"], false), get(&["b"], false)], false);
