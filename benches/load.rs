@@ -24,6 +24,8 @@
 //!                           turn at each point, then print each target's
 //!                           medians and, with --twemproxy, the median of
 //!                           memdial's ratio to twemproxy round by round
+//!                           (--out gets a line per round; plot.py keeps
+//!                           the last)
 //!   --no-cluster            skip the 3-node clusters and replication delay
 //!   --modes LIST [eventual] the clusters' modes, e.g. eventual,linearizable,sequential
 //!   --twemproxy             also twemproxy (`nutcracker` on PATH) in front
