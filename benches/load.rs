@@ -80,7 +80,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use procs::{Memcached, Memdial, MemdialCluster, Twemproxy, proxy_yaml};
+use procs::{Memcached, Memdial, MemdialCluster, TempFile, Twemproxy, proxy_yaml};
+
+/// Config lines that give an embedded store the 256 MiB that every
+/// memcached here is started with (`-m 256`).
+const EMBEDDED_LIMITS: &str = "limits:\n  embedded_memory_bytes: 268435456\n";
 
 /// Longest wait for any single read, write or connect before the
 /// connection counts as stalled.
@@ -1689,7 +1693,10 @@ fn main() {
         // The proxy first: it is killed before its memcached.
         (proxy, store)
     });
-    let emb = Memdial::start(None, &["--backend", "embedded"], "error");
+    // The embedded store gets the memory memcached gets, so that large
+    // values are compared hit for hit instead of against evictions.
+    let emb_config = TempFile::with_suffix("memdial-emb", ".yaml", EMBEDDED_LIMITS);
+    let emb = Memdial::start(Some(emb_config.path()), &["--backend", "embedded"], "error");
     // Three nodes, embedded stores, per mode asked for (eventual unless
     // `--modes` says otherwise).
     let data = tempfile::tempdir().expect("a data directory");
@@ -1704,7 +1711,7 @@ fn main() {
                         "  name: bench\n  secret: bench-secret\n  consistency: {mode}\n  data_dir: \"{}\"\n",
                         dir.display()
                     );
-                    vec![proxy_yaml(&cluster, &nodes); 3]
+                    vec![proxy_yaml(&cluster, &nodes) + EMBEDDED_LIMITS; 3]
                 });
                 (mode.clone(), c)
             })
