@@ -244,6 +244,71 @@ fn pipelined_requests_beyond_the_depth_are_all_answered_in_order() {
     assert_eq!(text(&conn.call(b"version\r\n")), version_line());
 }
 
+/// Large values (16 KiB and more) leave from where the store put them,
+/// gathered with the small replies around them into one write: in a
+/// pipeline of gets that mix large values, small ones and misses, every
+/// byte is in its place, on either backend and on memcached itself.
+#[test]
+fn pipelined_gets_of_large_and_small_values_come_back_in_place() {
+    let memcached = Memcached::start();
+    let direct = Memcached::start();
+    let value = |key: &str, len: usize| -> String {
+        key.bytes()
+            .chain((0..).map(|i: u32| b'a' + (i % 26) as u8))
+            .take(len)
+            .map(char::from)
+            .collect()
+    };
+    let sizes = [
+        ("L1", 16 * 1024),
+        ("s1", 10),
+        ("L2", 20_000),
+        ("s2", 1),
+        ("L3", 100_000),
+    ];
+    let gets = [
+        "get L1",
+        "get s1 L2 nope L3 s2",
+        "get nope",
+        "get L1 L1 s1",
+        "get L3",
+        "get s2 nope L2",
+    ];
+    let (mut request, mut expected) = (String::new(), String::new());
+    for (flags, (key, len)) in sizes.iter().enumerate() {
+        request += &format!(
+            "set {key} {flags} 0 {len} noreply\r\n{}\r\n",
+            value(key, *len)
+        );
+    }
+    for get in gets {
+        request += &format!("{get}\r\n");
+        for key in get.split(' ').skip(1) {
+            if let Some(flags) = sizes.iter().position(|(k, _)| *k == key) {
+                let v = value(key, sizes[flags].1);
+                expected += &format!("VALUE {key} {flags} {}\r\n{v}\r\n", v.len());
+            }
+        }
+        expected += "END\r\n";
+    }
+    let embedded = Memdial::embedded();
+    let over = Memdial::over(&memcached);
+    for (what, port) in [
+        ("memcached", direct.port),
+        ("embedded", embedded.port),
+        ("over memcached", over.port),
+    ] {
+        let mut conn = Client::connect(port);
+        conn.send(request.as_bytes());
+        let got = conn.read_exact_len(expected.len());
+        assert!(got == expected.as_bytes(), "{what}: the replies differ");
+        assert!(
+            text(&conn.call(b"version\r\n")).starts_with("VERSION "),
+            "{what}: more was sent than the replies"
+        );
+    }
+}
+
 /// Many clients pipelining gets over memcached at once: the node joins
 /// their gets into shared multi-key lines (`backend/mux.rs`) and splits the
 /// replies back. Each client reads and writes keys of its own, sometimes the

@@ -69,6 +69,12 @@ pub(super) struct Connection<'a> {
     /// consumed).
     rbuf_grown: bool,
     wbuf: BytesMut,
+    /// Values of at least [`DIRECT_WRITE_BYTES`] that go out from where
+    /// the store put them, each with the length of `wbuf` where it belongs
+    /// (after its `VALUE` line); written with `wbuf` in one gathered write.
+    values_out: Vec<(usize, Bytes)>,
+    /// The bytes of `values_out`'s values.
+    values_out_bytes: usize,
     /// Bytes still to discard: the data block of a rejected value.
     skip: usize,
     handles: Handles,
@@ -126,6 +132,8 @@ impl<'a> Connection<'a> {
             rbuf: BytesMut::new(),
             rbuf_grown: false,
             wbuf: BytesMut::new(),
+            values_out: Vec::new(),
+            values_out_bytes: 0,
             skip: 0,
             handles: Handles::new(&shared.metrics),
             session: Session::new(conn_id),
@@ -502,11 +510,16 @@ impl<'a> Connection<'a> {
                     }
                 }
             }
-            if self.wbuf.len() >= self.shared.settings.connection_reply_buffer_bytes {
+            if self.buffered() >= self.shared.settings.connection_reply_buffer_bytes {
                 self.write_out().await?;
             }
         }
         keep_spare(&mut self.spare_slots, slots);
+        // Values are not held past the fetch (and its permit) that brought
+        // them: they may keep a larger read buffer of the backend alive.
+        if !self.values_out.is_empty() {
+            self.write_out().await?;
+        }
         Ok(())
     }
 
@@ -526,41 +539,37 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// Adds `r` to the write buffer; a large value is written from where it
-    /// is instead, after what is buffered.
+    /// Adds `r` to the write buffer; a large value is queued to be written
+    /// from where it is, in its place.
     async fn put_response(&mut self, r: &Response) -> std::io::Result<()> {
         let Response::Values(values) = r else {
             encode_response(r, &mut self.wbuf);
             return Ok(());
         };
         for v in values {
-            self.put_value(v).await?;
+            self.put_value(v);
         }
         self.wbuf.extend_from_slice(b"END\r\n");
         Ok(())
     }
 
-    async fn put_value(&mut self, v: &crate::protocol::Value) -> std::io::Result<()> {
+    /// Adds a value to the reply: copied into the write buffer, or, when
+    /// large, queued to be written from where it is, so that the replies
+    /// around it still leave in the same write (one wake-up of the client).
+    fn put_value(&mut self, v: &crate::protocol::Value) {
         if v.data.len() < DIRECT_WRITE_BYTES {
             encode_value(v, &mut self.wbuf);
-            return Ok(());
+            return;
         }
         encode_value_header(v, &mut self.wbuf);
-        // What is buffered and the value leave in one write where the
-        // socket takes them (one wake-up of the client, not two).
-        let stall = self.shared.settings.write_stall_timeout;
-        self.writes += 1;
-        write_all_pair(&mut self.stream, &self.wbuf, &v.data, stall).await?;
-        self.shared
-            .metrics
-            .bytes_written
-            .inc_by((self.wbuf.len() + v.data.len()) as u64);
-        self.wbuf.clear();
-        if self.wbuf.capacity() > KEEP_BUFFER {
-            self.wbuf = BytesMut::with_capacity(READ_CHUNK);
-        }
+        self.values_out.push((self.wbuf.len(), v.data.clone()));
+        self.values_out_bytes += v.data.len();
         self.wbuf.extend_from_slice(b"\r\n");
-        Ok(())
+    }
+
+    /// The reply bytes waiting to be written.
+    fn buffered(&self) -> usize {
+        self.wbuf.len() + self.values_out_bytes
     }
 
     /// A get of more keys than one fetch takes, fetched and written a part
@@ -588,7 +597,7 @@ impl<'a> Connection<'a> {
                 Some(Response::Values(values)) => {
                     hits += values.len();
                     for v in &values {
-                        self.put_value(v).await?;
+                        self.put_value(v);
                     }
                 }
                 other => {
@@ -602,6 +611,11 @@ impl<'a> Connection<'a> {
                     if unsent {
                         // Nothing of this reply has left: drop its values.
                         self.wbuf.truncate(mark);
+                        while self.values_out.last().is_some_and(|(at, _)| *at > mark) {
+                            if let Some((_, v)) = self.values_out.pop() {
+                                self.values_out_bytes -= v.len();
+                            }
+                        }
                     }
                     encode_response(&error, &mut self.wbuf);
                     self.write_out().await?;
@@ -613,7 +627,10 @@ impl<'a> Connection<'a> {
                     ));
                 }
             }
-            if self.wbuf.len() >= self.shared.settings.connection_reply_buffer_bytes {
+            // Large values are written before this part's permit goes.
+            if !self.values_out.is_empty()
+                || self.wbuf.len() >= self.shared.settings.connection_reply_buffer_bytes
+            {
                 self.write_out().await?;
             }
         }
@@ -629,17 +646,24 @@ impl<'a> Connection<'a> {
         Ok(())
     }
 
-    /// Writes what is buffered.
+    /// Writes what is buffered, with the queued large values in their
+    /// places.
     async fn write_out(&mut self) -> std::io::Result<()> {
         if !self.wbuf.is_empty() {
             let stall = self.shared.settings.write_stall_timeout;
             self.writes += 1;
-            write_all(&mut self.stream, &self.wbuf, stall).await?;
+            if self.values_out.is_empty() {
+                write_all(&mut self.stream, &self.wbuf, stall).await?;
+            } else {
+                write_all_gathered(&mut self.stream, &self.wbuf, &self.values_out, stall).await?;
+            }
             self.shared
                 .metrics
                 .bytes_written
-                .inc_by(self.wbuf.len() as u64);
+                .inc_by(self.buffered() as u64);
             self.wbuf.clear();
+            self.values_out.clear();
+            self.values_out_bytes = 0;
             if self.wbuf.capacity() > KEEP_BUFFER {
                 self.wbuf = BytesMut::with_capacity(READ_CHUNK);
             }
@@ -873,22 +897,40 @@ async fn write_all(
     Ok(())
 }
 
-/// Writes `first` then `second`, gathered into as few writes as the
-/// socket takes, with `write_all`'s stall bound on each.
-async fn write_all_pair(
+/// Writes `buf` with each of `values` at its offset in `buf`, gathered
+/// into as few writes as the socket takes, with `write_all`'s stall bound
+/// on each.
+async fn write_all_gathered(
     stream: &mut TcpStream,
-    mut first: &[u8],
-    mut second: &[u8],
+    buf: &[u8],
+    values: &[(usize, Bytes)],
     stall: Option<Duration>,
 ) -> std::io::Result<()> {
-    while !first.is_empty() {
-        let slices = [std::io::IoSlice::new(first), std::io::IoSlice::new(second)];
-        let n = progress(stream.write_vectored(&slices), stall).await?;
-        let from_first = n.min(first.len());
-        first = &first[from_first..];
-        second = &second[n - from_first..];
+    let mut slices = gather(buf, values);
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n = progress(stream.write_vectored(slices), stall).await?;
+        std::io::IoSlice::advance_slices(&mut slices, n);
     }
-    write_all(stream, second, stall).await
+    Ok(())
+}
+
+/// `buf` cut at the offsets of `values` (in order) with each value between
+/// its two parts; no empty slice.
+fn gather<'b>(buf: &'b [u8], values: &'b [(usize, Bytes)]) -> Vec<std::io::IoSlice<'b>> {
+    let mut slices = Vec::with_capacity(2 * values.len() + 1);
+    let mut from = 0;
+    for (at, value) in values {
+        if *at > from {
+            slices.push(std::io::IoSlice::new(&buf[from..*at]));
+        }
+        slices.push(std::io::IoSlice::new(value));
+        from = *at;
+    }
+    if buf.len() > from {
+        slices.push(std::io::IoSlice::new(&buf[from..]));
+    }
+    slices
 }
 
 /// One socket write of at least a byte, or `TimedOut` when it makes no
@@ -940,6 +982,32 @@ fn key_count(r: &Request) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gathered_values_sit_at_their_offsets_with_no_empty_slice() {
+        let joined = |slices: &[std::io::IoSlice<'_>]| -> Vec<u8> {
+            assert!(slices.iter().all(|s| !s.is_empty()));
+            slices.iter().flat_map(|s| s.to_vec()).collect()
+        };
+        let buf = b"H1\r\n\r\nH2\r\n\r\nEND\r\n";
+        let values = [
+            (4, Bytes::from_static(b"one")),
+            (10, Bytes::from_static(b"two")),
+        ];
+        let slices = gather(buf, &values);
+        assert_eq!(slices.len(), 5);
+        assert_eq!(joined(&slices), b"H1\r\none\r\nH2\r\ntwo\r\nEND\r\n");
+        // A value at the very start, two in a row, one at the very end.
+        let values = [
+            (0, Bytes::from_static(b"a")),
+            (2, Bytes::from_static(b"b")),
+            (2, Bytes::from_static(b"c")),
+            (4, Bytes::from_static(b"d")),
+        ];
+        let slices = gather(b"xxyy", &values);
+        assert_eq!(slices.len(), 6);
+        assert_eq!(joined(&slices), b"axxbcyyd");
+    }
 
     #[test]
     fn a_connection_waiting_with_nothing_buffered_holds_no_grown_buffer() {
