@@ -22,10 +22,11 @@
 //!   --threads N [1]         load generator threads
 //!   --rounds N [1]          with --memtier: measure every target N times in
 //!                           turn at each point, then print each target's
-//!                           medians and, with --twemproxy, the median of
-//!                           memdial's ratio to twemproxy round by round
-//!                           (--out gets a line per round; plot.py keeps
-//!                           the last)
+//!                           medians and the median of its ratio, round by
+//!                           round, to twemproxy (with --twemproxy) or else
+//!                           to the first target (with --lag, the single
+//!                           node); --out gets a line per round, plot.py
+//!                           keeps the last
 //!   --no-cluster            skip the 3-node clusters and replication delay
 //!   --modes LIST [eventual] the clusters' modes, e.g. eventual,linearizable,sequential
 //!   --twemproxy             also twemproxy (`nutcracker` on PATH) in front
@@ -1295,14 +1296,20 @@ fn print_medians(targets: &[Target<'_>], rounds: &[Vec<Option<[f64; 3]>>]) {
             }
         })
     }
-    let tw = targets.iter().position(|t| t.name.starts_with("twemproxy"));
+    // Ratios are to twemproxy when it ran, else to the first target (the
+    // single node of `--lag`, memcached direct otherwise).
+    let tw = targets
+        .iter()
+        .position(|t| t.name.starts_with("twemproxy"))
+        .or((!targets.is_empty()).then_some(0));
     println!(
-        "medians over {} rounds: {:<19} {:>10} {:>7} {:>9}   x twemproxy, same round: ops/s (min-max), p99, ops/cpu-s",
+        "medians over {} rounds: {:<19} {:>10} {:>7} {:>9}   x {}, same round: ops/s (min-max), p99, ops/cpu-s",
         rounds.len(),
         "target",
         "ops/s",
         "p99",
-        "ops/cpu-s"
+        "ops/cpu-s",
+        tw.map_or("-", |i| targets[i].name),
     );
     for (i, t) in targets.iter().enumerate() {
         let col = |k: usize| median(rounds.iter().filter_map(|r| r[i].map(|f| f[k])).collect());
