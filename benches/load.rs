@@ -1222,17 +1222,13 @@ async fn memtier_main(bin: &Path, targets: &[Target<'_>], o: &Opts, out: &mut Op
                         direct = Some(figures);
                     }
                     let base = |k: usize| direct.map(|d| d[k]);
-                    let (cpu_s, per_cpu) = match cpu {
-                        Some(c) if c > 0.0 => {
-                            (format!("{c:.2}"), format!("{:.0}", r.count as f64 / c))
-                        }
+                    let measured = cpu.filter(|c| *c > 0.0);
+                    let per_cpu = measured.map(|c| r.count as f64 / c);
+                    let (cpu_s, per_cpu_s) = match (measured, per_cpu) {
+                        (Some(c), Some(n)) => (format!("{c:.2}"), format!("{n:.0}")),
                         _ => ("-".into(), "-".into()),
                     };
-                    rounds[round][i] = Some([
-                        r.ops_per_sec,
-                        r.p99 as f64,
-                        cpu.filter(|c| *c > 0.0).map_or(0.0, |c| r.count as f64 / c),
-                    ]);
+                    rounds[round][i] = Some([r.ops_per_sec, r.p99 as f64, per_cpu.unwrap_or(0.0)]);
                     println!(
                         "{:<32} {:>10.0} {:>7} {:>7} {:>7} {:>7} {:>7.2} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9}",
                         name,
@@ -1247,7 +1243,7 @@ async fn memtier_main(bin: &Path, targets: &[Target<'_>], o: &Opts, out: &mut Op
                         ratio(figures[2], base(2)),
                         ratio(figures[3], base(3)),
                         cpu_s,
-                        per_cpu,
+                        per_cpu_s,
                     );
                     if r.connection_errors > 0 {
                         println!("    connection errors: {}", r.connection_errors);
@@ -1280,10 +1276,11 @@ async fn memtier_main(bin: &Path, targets: &[Target<'_>], o: &Opts, out: &mut Op
     failed
 }
 
-/// Each target's medians over the rounds and, when twemproxy was measured,
-/// the median of each target's ratio to twemproxy in the same round (its
-/// spread too): the machine's noise moves whole rounds, so a ratio taken
-/// within a round varies less than one of medians.
+/// Each target's medians over the rounds and the median of each target's
+/// ratio, in the same round, to twemproxy (or, when twemproxy was not
+/// measured, to the first target), with its spread: the machine's noise
+/// moves whole rounds, so a ratio taken within a round varies less than
+/// one of medians.
 fn print_medians(targets: &[Target<'_>], rounds: &[Vec<Option<[f64; 3]>>]) {
     fn median(mut xs: Vec<f64>) -> Option<f64> {
         xs.sort_by(f64::total_cmp);

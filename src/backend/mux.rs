@@ -162,7 +162,6 @@ struct OpenLine {
     cas: bool,
     /// Where it starts in `wbuf`.
     start: usize,
-    keys: usize,
 }
 
 /// What callers and the two tasks share, under one lock.
@@ -182,8 +181,8 @@ struct State {
     /// Lines that carry several requests, oldest first.
     lines: VecDeque<Line>,
     open: Option<OpenLine>,
-    /// The open line's keys per request, and their hashes (see
-    /// [`key_hash`]); kept between lines.
+    /// The open line's keys per request, and the hash of each of its keys
+    /// (see [`key_hash`]); kept between lines.
     open_counts: Vec<usize>,
     open_hashes: Vec<u64>,
     /// Whether `get`s join lines at all.
@@ -228,7 +227,6 @@ impl State {
                 first: seq,
                 cas: *cas,
                 start,
-                keys: keys.len(),
             });
             self.open_counts.push(keys.len());
             self.open_hashes.extend(keys.iter().map(|k| key_hash(k)));
@@ -241,15 +239,22 @@ impl State {
     /// Adds `keys` to the open line, if there is one of this kind with room
     /// and none of them is on it already.
     fn join(&mut self, keys: &[Bytes], cas: bool) -> bool {
-        let Some(open) = &mut self.open else {
+        let Some(open) = &self.open else {
             return false;
         };
         let bytes: usize = keys.iter().map(|k| k.len() + 1).sum();
+        let on_line = self.open_hashes.len();
         if open.cas != cas
-            || open.keys + keys.len() > LINE_MAX_KEYS
+            || on_line + keys.len() > LINE_MAX_KEYS
             || self.wbuf.len() - open.start + bytes > LINE_MAX_BYTES
-            || keys.iter().any(|k| self.open_hashes.contains(&key_hash(k)))
         {
+            return false;
+        }
+        // Each key hashed once: added, then looked for among the line's.
+        self.open_hashes.extend(keys.iter().map(|k| key_hash(k)));
+        let (line, new) = self.open_hashes.split_at(on_line);
+        if new.iter().any(|h| line.contains(h)) {
+            self.open_hashes.truncate(on_line);
             return false;
         }
         debug_assert!(self.wbuf.ends_with(b"\r\n"));
@@ -259,10 +264,8 @@ impl State {
             self.wbuf.put_slice(k);
         }
         self.wbuf.put_slice(b"\r\n");
-        open.keys += keys.len();
         self.joined += 1;
         self.open_counts.push(keys.len());
-        self.open_hashes.extend(keys.iter().map(|k| key_hash(k)));
         true
     }
 
