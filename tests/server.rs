@@ -318,7 +318,32 @@ fn pipelined_gets_of_large_and_small_values_come_back_in_place() {
 fn many_clients_pipelining_gets_over_memcached_each_get_their_own_replies() {
     let memcached = Memcached::start();
     let node = Memdial::over(&memcached);
-    let port = node.port;
+    pipeline_own_keys_from_many_clients(node.port);
+    let body = admin_get(&node, "/metrics");
+    let joined = metric(&body, "memdial_backend_joined_gets_total").unwrap_or(0.0);
+    assert!(joined > 0.0, "no get joined another's line:\n{body}");
+}
+
+/// `backend.join_gets: false` sends every get as its own line: the same
+/// load as above, the same replies, and no get joined another's.
+#[test]
+fn gets_are_not_joined_when_the_config_says_so() {
+    let memcached = Memcached::start();
+    let config = one_node_config("backend:\n  join_gets: false\n");
+    let node = Memdial::serve_with_config(
+        Some(config.path()),
+        &["--node", "1", "--backend", &memcached.addr()],
+    );
+    pipeline_own_keys_from_many_clients(node.port);
+    let body = admin_get(&node, "/metrics");
+    let joined = metric(&body, "memdial_backend_joined_gets_total");
+    assert_eq!(joined, Some(0.0), "{body}");
+}
+
+/// Twelve clients each pipeline 150 batches of sets, deletes and gets of
+/// keys of their own through the node on `port`, and each must read back
+/// exactly the replies those requests earn.
+fn pipeline_own_keys_from_many_clients(port: u16) {
     let clients: Vec<_> = (0..12)
         .map(|c| {
             std::thread::spawn(move || {
@@ -372,9 +397,6 @@ fn many_clients_pipelining_gets_over_memcached_each_get_their_own_replies() {
     for client in clients {
         client.join().expect("every client got its own replies");
     }
-    let body = admin_get(&node, "/metrics");
-    let joined = metric(&body, "memdial_backend_joined_gets_total").unwrap_or(0.0);
-    assert!(joined > 0.0, "no get joined another's line:\n{body}");
 }
 
 // 5. Keys per get.
