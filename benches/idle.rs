@@ -21,7 +21,10 @@
 //!   grown  each connection sets a `--large`-byte value and gets 100 keys of
 //!          `--large`/100 bytes in one request, so a server that keeps what
 //!          a connection once needed keeps a grown read and write buffer.
-//! "per conn" is (RSS with the connections open - RSS before) / conns;
+//! "per conn" is (RSS with the connections open - RSS before) / conns,
+//! read `--settle-ms` after the last one opened ("open"), and again once
+//! they have been idle `--idle-ms` more ("idle": memdial gives back a
+//! connection's buffers after 1 s without a request);
 //! "after close" is the RSS once the server counts the connections closed
 //! (`curr_connections` of `stats`, or twemproxy's stats port) and
 //! `--closed-ms` more have passed (memdial's allocator, jemalloc, gives
@@ -32,6 +35,7 @@
 //!   --conns N [1000]      client connections per case
 //!   --large BYTES [102400] value moved per connection in the grown case
 //!   --settle-ms MS [500]  wait before each RSS reading
+//!   --idle-ms MS [3000]   wait after the "open" reading before the "idle" one
 //!   --closed-ms MS [5000] wait before the RSS reading after the close
 //!   --only LIST           targets by name: embedded,over,memcached,twemproxy
 //!
@@ -57,6 +61,7 @@ struct Opts {
     conns: usize,
     large: usize,
     settle: Duration,
+    idle: Duration,
     closed: Duration,
     only: Option<Vec<String>>,
 }
@@ -66,6 +71,7 @@ fn opts() -> Opts {
         conns: 1000,
         large: 100 * 1024,
         settle: Duration::from_millis(500),
+        idle: Duration::from_millis(3_000),
         closed: Duration::from_millis(5_000),
         only: None,
     };
@@ -75,7 +81,15 @@ fn opts() -> Opts {
             Some((n, v)) => (n.to_string(), Some(v.to_string())),
             None => (arg.clone(), None),
         };
-        if !["--conns", "--large", "--settle-ms", "--closed-ms", "--only"].contains(&name.as_str())
+        if ![
+            "--conns",
+            "--large",
+            "--settle-ms",
+            "--idle-ms",
+            "--closed-ms",
+            "--only",
+        ]
+        .contains(&name.as_str())
         {
             // cargo passes `--bench`.
             continue;
@@ -92,6 +106,7 @@ fn opts() -> Opts {
             "--conns" => o.conns = number().max(1),
             "--large" => o.large = number().max(GET_KEYS),
             "--settle-ms" => o.settle = Duration::from_millis(number() as u64),
+            "--idle-ms" => o.idle = Duration::from_millis(number() as u64),
             "--closed-ms" => o.closed = Duration::from_millis(number() as u64),
             _ => o.only = Some(value.split(',').map(str::to_string).collect()),
         }
@@ -198,6 +213,7 @@ struct Row {
     fresh: u64,
     before: u64,
     open: u64,
+    idle: u64,
     after: u64,
     conns: usize,
 }
@@ -226,6 +242,8 @@ fn case(
     eprintln!("{} {case}: opened in {:?}", t.name, started.elapsed());
     std::thread::sleep(o.settle);
     let with_open = rss_kb(t.pid);
+    std::thread::sleep(o.idle);
+    let idle_open = rss_kb(t.pid);
     drop(open);
     let deadline = Instant::now() + CLOSE_WAIT;
     while (t.connections)() > idle {
@@ -244,6 +262,7 @@ fn case(
         fresh,
         before,
         open: with_open,
+        idle: idle_open,
         after: rss_kb(t.pid),
         conns: o.conns,
     }
@@ -279,20 +298,31 @@ fn wanted(o: &Opts, name: &str) -> bool {
 
 fn print(rows: &[Row]) {
     println!(
-        "{:<22} {:<6} {:>11} {:>10} {:>10} {:>10} {:>9} {:>9}",
-        "target", "case", "fresh KB", "before KB", "open KB", "closed KB", "KB/conn", "kept KB"
+        "{:<22} {:<6} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8}",
+        "target",
+        "case",
+        "fresh KB",
+        "before KB",
+        "open KB",
+        "idle KB",
+        "closed KB",
+        "KB/c open",
+        "KB/c idle",
+        "kept KB"
     );
     for r in rows {
-        let per = (r.open as f64 - r.before as f64) / r.conns as f64;
+        let per = |kb: u64| (kb as f64 - r.before as f64) / r.conns as f64;
         println!(
-            "{:<22} {:<6} {:>11} {:>10} {:>10} {:>10} {:>9.2} {:>9}",
+            "{:<22} {:<6} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9.2} {:>9.2} {:>8}",
             r.target,
             r.case,
             r.fresh,
             r.before,
             r.open,
+            r.idle,
             r.after,
-            per,
+            per(r.open),
+            per(r.idle),
             r.after as i64 - r.before as i64
         );
     }
