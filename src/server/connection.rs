@@ -184,7 +184,7 @@ impl<'a> Connection<'a> {
             .clamp(1, STREAM_GET_KEYS);
     }
 
-    pub async fn run(mut self, shutdown: &CancellationToken) -> std::io::Result<()> {
+    pub async fn run(&mut self, shutdown: &CancellationToken) -> std::io::Result<()> {
         // Made once: making it registers a waiter with the token, and
         // dropping it removes the waiter again, each under a lock.
         let mut cancelled = std::pin::pin!(shutdown.cancelled());

@@ -170,10 +170,10 @@ pub async fn run(
                 let _permit = permit;
                 shared.metrics.connections_total.inc();
                 shared.metrics.connections_current.inc();
-                match connection::Connection::new(stream, &shared, conn_id)
-                    .run(&shutdown)
-                    .await
-                {
+                // Held here and run by reference: a `run(self)` future
+                // would keep the connection twice.
+                let mut connection = connection::Connection::new(stream, &shared, conn_id);
+                match connection.run(&shutdown).await {
                     Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                         tracing::info!(
                             %peer,
@@ -185,6 +185,7 @@ pub async fn run(
                     Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
                     Ok(()) => {}
                 }
+                drop(connection);
                 shared.metrics.connections_current.dec();
             }
             .instrument(span),
