@@ -12,10 +12,11 @@
 //! measured, not the memcached behind it.
 //!
 //! For each target: `VmRSS` (from `/proc/PID/status`) of the fresh process
-//! (the idle node), then after a prefill over one control connection that
-//! stays open (the base), then two cases, each opening `--conns` client
-//! connections one after another, leaving them open and idle, then closing
-//! them all:
+//! (the idle node) and its `RssAnon` (the part that is not the program's
+//! and libraries' pages), then after a prefill over one control
+//! connection that stays open (the base), then two cases, each opening
+//! `--conns` client connections one after another, leaving them open and
+//! idle, then closing them all:
 //!   small  each connection sends `get idle:small` (a 32-byte value) and
 //!          reads the reply, so the buffers of a connection have been used;
 //!   grown  each connection sets a `--large`-byte value and gets 100 keys of
@@ -116,13 +117,27 @@ fn opts() -> Opts {
 
 /// Resident memory of `pid` in KB.
 fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS:")
+}
+
+/// A KB figure of `/proc/PID/status`, by its label.
+fn status_kb(pid: u32, label: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(label))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+        .unwrap_or_else(|| panic!("no {label} in /proc/{pid}/status"))
+}
+
+/// The fresh process: all its resident memory, and the part of it that is
+/// its own (`RssAnon`: heap and stacks, not the pages of its program and
+/// libraries, which the page cache shares).
+#[derive(Clone, Copy)]
+struct Fresh {
+    rss: u64,
+    anon: u64,
 }
 
 fn connect(addr: SocketAddr) -> TcpStream {
@@ -210,7 +225,7 @@ fn twemproxy_connections(stats_port: u16) -> u64 {
 struct Row {
     target: &'static str,
     case: &'static str,
-    fresh: u64,
+    fresh: Fresh,
     before: u64,
     open: u64,
     idle: u64,
@@ -224,7 +239,7 @@ fn case(
     t: &Target,
     o: &Opts,
     case: &'static str,
-    fresh: u64,
+    fresh: Fresh,
     requests: &[(Vec<u8>, &[u8])],
 ) -> Row {
     let started = Instant::now();
@@ -268,7 +283,12 @@ fn case(
     }
 }
 
-fn measure(t: &Target, control: &std::cell::RefCell<TcpStream>, o: &Opts, fresh: u64) -> Vec<Row> {
+fn measure(
+    t: &Target,
+    control: &std::cell::RefCell<TcpStream>,
+    o: &Opts,
+    fresh: Fresh,
+) -> Vec<Row> {
     {
         let mut c = control.borrow_mut();
         call(&mut c, &set("idle:small", 32), b"STORED\r\n");
@@ -298,10 +318,11 @@ fn wanted(o: &Opts, name: &str) -> bool {
 
 fn print(rows: &[Row]) {
     println!(
-        "{:<22} {:<6} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8}",
+        "{:<22} {:<6} {:>9} {:>8} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8}",
         "target",
         "case",
         "fresh KB",
+        "anon KB",
         "before KB",
         "open KB",
         "idle KB",
@@ -313,10 +334,11 @@ fn print(rows: &[Row]) {
     for r in rows {
         let per = |kb: u64| (kb as f64 - r.before as f64) / r.conns as f64;
         println!(
-            "{:<22} {:<6} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9.2} {:>9.2} {:>8}",
+            "{:<22} {:<6} {:>9} {:>8} {:>10} {:>9} {:>9} {:>10} {:>9.2} {:>9.2} {:>8}",
             r.target,
             r.case,
-            r.fresh,
+            r.fresh.rss,
+            r.fresh.anon,
             r.before,
             r.open,
             r.idle,
@@ -344,7 +366,10 @@ fn main() {
     let mut rows = Vec::new();
     let settle_fresh = |pid| {
         std::thread::sleep(o.settle);
-        rss_kb(pid)
+        Fresh {
+            rss: rss_kb(pid),
+            anon: status_kb(pid, "RssAnon:"),
+        }
     };
     if wanted(&o, "embedded") {
         let m = Memdial::start(None, &["--backend", "embedded"], "error");
