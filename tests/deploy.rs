@@ -260,3 +260,49 @@ fn docker_compose_agrees_with_the_compose_proxy_config() {
         }
     }
 }
+
+/// The Dockerfile builds its dependencies first, against stub sources.
+/// Cargo reads every target Cargo.toml names before it builds anything, so
+/// that step must leave a file for each (a bench added without one broke
+/// the image's build). Its stub `RUN`, run here in a directory holding only
+/// Cargo.toml and Cargo.lock, then a build of a binary that does not exist:
+/// cargo answers that there is no such binary once it has read the
+/// manifest, and builds nothing.
+#[test]
+fn the_dockerfile_stub_step_leaves_every_target_cargo_reads() {
+    let dockerfile = std::fs::read_to_string(repo("Dockerfile")).expect("Dockerfile");
+    let joined = dockerfile.replace("\\\n", " ");
+    let stubs = joined
+        .lines()
+        .filter_map(|l| l.strip_prefix("RUN "))
+        .find(|r| r.trim_start().starts_with("mkdir -p src benches"))
+        .expect("a RUN that makes the stub sources");
+    assert!(
+        !stubs.contains("cargo "),
+        "the stub step only writes files: {stubs}"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    for f in ["Cargo.toml", "Cargo.lock"] {
+        std::fs::copy(repo(f), dir.path().join(f)).expect(f);
+    }
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(stubs)
+        .current_dir(dir.path())
+        .output()
+        .expect("sh");
+    assert!(out.status.success(), "stub step: {}", stderr(&out));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--locked", "--offline", "--bin", "no-such-binary"])
+        .arg("--target-dir")
+        .arg(dir.path().join("target"))
+        .current_dir(dir.path())
+        .output()
+        .expect("cargo");
+    let err = stderr(&out);
+    assert!(
+        err.contains("no bin target named `no-such-binary`"),
+        "cargo did not read the stub manifest through: {err}"
+    );
+}
