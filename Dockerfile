@@ -14,17 +14,17 @@ RUN mkdir -p src benches \
     && touch src/lib.rs \
     && for b in $(sed -n '/^\[\[bench\]\]/,/^name/ s/^name = "\(.*\)"/\1/p' Cargo.toml); do \
         echo 'fn main() {}' > "benches/$b.rs"; done
-RUN cargo build --release --locked --bin memdial \
-    && rm -rf src benches target/release/.fingerprint/memdial-*
+RUN cargo build --profile production --locked --bin memdial \
+    && rm -rf src benches target/production/.fingerprint/memdial-*
 # Then memdial itself (the benches only because Cargo.toml names them).
 COPY src ./src
 COPY benches ./benches
-RUN cargo build --release --locked --bin memdial
+RUN cargo build --profile production --locked --bin memdial
 
 FROM debian:bookworm-slim
 RUN groupadd --system --gid 10001 memdial \
     && useradd --system --uid 10001 --gid memdial --no-create-home --shell /usr/sbin/nologin memdial
-COPY --from=build /src/target/release/memdial /usr/local/bin/memdial
+COPY --from=build /src/target/production/memdial /usr/local/bin/memdial
 COPY proxy.yaml /etc/memdial/proxy.yaml
 COPY deploy/proxy.compose.yaml /etc/memdial/proxy.compose.yaml
 # Numeric, so that runtimes checking for non-root need not read /etc/passwd.
