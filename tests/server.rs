@@ -444,6 +444,24 @@ fn idle_connection_is_closed_and_a_busy_one_is_not() {
     assert_eq!(text(&busy.call(b"version\r\n")), version_line());
 }
 
+#[test]
+fn the_idle_timeout_counts_from_the_last_request_through_buffer_releases() {
+    // An idle connection wakes after one and two seconds to give back its
+    // buffers (connection.rs, `IDLE_RELEASE`); those wake-ups must not
+    // restart the idle timeout, which would then close it after 4.5 s.
+    let node = node_with("timeouts:\n  idle_timeout_ms: 2500\n");
+    let mut idle = Client::connect(node.port);
+    assert_eq!(text(&idle.call(b"version\r\n")), version_line());
+    let idle_since = Instant::now();
+    let rest = idle.read_to_eof();
+    let closed_after = idle_since.elapsed();
+    assert_eq!(text(&rest), "", "nothing was sent before closing");
+    assert!(
+        closed_after >= Duration::from_millis(2_400) && closed_after < Duration::from_millis(4_000),
+        "idle connection closed after {closed_after:?}"
+    );
+}
+
 // 7. Graceful shutdown.
 
 #[test]

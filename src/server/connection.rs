@@ -240,6 +240,9 @@ impl<'a> Connection<'a> {
         } else {
             self.shared.settings.idle_timeout
         };
+        // One deadline for the whole wait: the loop goes round again after
+        // a tick or a stale readiness, and must not restart it.
+        let quiet_at = wait.map(|d| tokio::time::Instant::now() + d);
         loop {
             release_for_wait(&mut self.rbuf, &mut self.rbuf_grown, KEEP_WHILE_WAITING);
             release_for_wait(&mut self.wbuf, &mut false, KEEP_WBUF_WHILE_WAITING);
@@ -269,8 +272,8 @@ impl<'a> Connection<'a> {
             });
             let ready = self.stream.readable();
             let ready = async {
-                match wait {
-                    Some(d) => tokio::time::timeout(d, ready).await.ok(),
+                match quiet_at {
+                    Some(t) => tokio::time::timeout_at(t, ready).await.ok(),
                     None => Some(ready.await),
                 }
             };
