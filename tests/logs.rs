@@ -192,7 +192,22 @@ fn a_peer_whose_store_is_down_is_one_outage_in_the_log() {
         writes(&mut cl, 200);
     }
     stores[1] = Memcached::start_on(store2);
-    std::thread::sleep(Duration::from_millis(2500));
+    // Back once a reconnect (its backoff grows to `reconnect_max_ms`, 2 s)
+    // has held for a second: up to about 3 s, more on a busy machine. A
+    // fixed 2.5 s wait missed it in a CI run.
+    let back = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("link to peer 2") && l.contains("is back"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !back(&read(&logs[0])) {
+        assert!(
+            Instant::now() < deadline,
+            "link to peer 2 not back 20 s after its store returned:\n{}",
+            read(&logs[0])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     for p in nodes.0.iter_mut() {
         p.signal("TERM");
         p.wait_exit();
