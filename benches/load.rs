@@ -1222,13 +1222,14 @@ async fn memtier_main(bin: &Path, targets: &[Target<'_>], o: &Opts, out: &mut Op
                         direct = Some(figures);
                     }
                     let base = |k: usize| direct.map(|d| d[k]);
-                    let measured = cpu.filter(|c| *c > 0.0);
-                    let per_cpu = measured.map(|c| r.count as f64 / c);
-                    let (cpu_s, per_cpu_s) = match (measured, per_cpu) {
-                        (Some(c), Some(n)) => (format!("{c:.2}"), format!("{n:.0}")),
-                        _ => ("-".into(), "-".into()),
-                    };
-                    rounds[round][i] = Some([r.ops_per_sec, r.p99 as f64, per_cpu.unwrap_or(0.0)]);
+                    // CPU seconds and requests per CPU-second, when measured.
+                    let measured = cpu.filter(|c| *c > 0.0).map(|c| (c, r.count as f64 / c));
+                    let (cpu_s, per_cpu_s) = measured
+                        .map_or(("-".to_string(), "-".to_string()), |(c, n)| {
+                            (format!("{c:.2}"), format!("{n:.0}"))
+                        });
+                    let per_cpu = measured.map_or(0.0, |(_, n)| n);
+                    rounds[round][i] = Some([r.ops_per_sec, r.p99 as f64, per_cpu]);
                     println!(
                         "{:<32} {:>10.0} {:>7} {:>7} {:>7} {:>7} {:>7.2} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9}",
                         name,
