@@ -1,12 +1,14 @@
 //! Properties of the parser and encoders: a request (text or meta) split at
-//! any byte parses the same, encode → parse round-trips, and no input makes
-//! the parser panic or claim more bytes than it was given.
+//! any byte parses the same, encode → parse round-trips, no input makes
+//! the parser panic or claim more bytes than it was given, and a backend's
+//! reply taken off its read buffer is the reply parsed, long values shared
+//! with the buffer and short ones copied.
 
 use bytes::{Bytes, BytesMut};
 use memdial::protocol::{
     ArithOp, ConnRequest, Incoming, Limits, MetaCode, MetaReply, Parsed, ReplyParsed, Request,
-    Response, StoreOp, Value, base64_encode, encode_admin_request, encode_conn_request,
-    encode_request, encode_response, parse_reply, parse_request,
+    Response, SHARED_VALUE_MIN, StoreOp, Value, base64_encode, encode_admin_request,
+    encode_conn_request, encode_request, encode_response, parse_reply, parse_request, take_reply,
 };
 use proptest::prelude::*;
 
@@ -225,21 +227,24 @@ fn response() -> impl Strategy<Value = (Request, Response)> {
     ]
 }
 
-fn meta_response() -> impl Strategy<Value = (Request, Response)> {
-    let request = |quiet: bool| {
-        let line: &[u8] = if quiet {
-            b"mg k v q\r\n"
-        } else {
-            b"mg k v\r\n"
-        };
-        match parse_request(line, &Limits::default()) {
-            Parsed::Request {
-                request: Incoming::Data(r),
-                ..
-            } => r,
-            other => panic!("{other:?}"),
-        }
+/// `mg k v`, quiet or not.
+fn meta_get(quiet: bool) -> Request {
+    let line: &[u8] = if quiet {
+        b"mg k v q\r\n"
+    } else {
+        b"mg k v\r\n"
     };
+    match parse_request(line, &Limits::default()) {
+        Parsed::Request {
+            request: Incoming::Data(r),
+            ..
+        } => r,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn meta_response() -> impl Strategy<Value = (Request, Response)> {
+    let request = meta_get;
     let code = prop::sample::select(
         &[
             MetaCode::Hd,
@@ -263,6 +268,93 @@ fn meta_response() -> impl Strategy<Value = (Request, Response)> {
             (request(quiet), Response::Meta(reply))
         }),
     ]
+}
+
+/// Data of any short length, or just below, at, or above
+/// [`SHARED_VALUE_MIN`], with bytes that differ along it (so a slice taken
+/// at the wrong place shows).
+fn long_data() -> impl Strategy<Value = Bytes> {
+    let sizes = vec![
+        SHARED_VALUE_MIN - 1,
+        SHARED_VALUE_MIN,
+        SHARED_VALUE_MIN + 301,
+    ];
+    let long = (prop::sample::select(sizes), any::<u8>()).prop_map(|(n, seed)| {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect::<Vec<u8>>()
+            .into()
+    });
+    prop_oneof![data(), long]
+}
+
+/// Replies that carry values, short and long: a `gets` of up to four
+/// values, or an `mg` hit (quiet or not).
+fn value_response() -> impl Strategy<Value = (Request, Response)> {
+    let get = Request::Get {
+        keys: vec![Bytes::from_static(b"k")],
+        cas: true,
+    };
+    let value = (
+        key(),
+        any::<u32>(),
+        long_data(),
+        proptest::option::of(any::<u64>()),
+    )
+        .prop_map(|(key, flags, data, cas)| Value {
+            key,
+            flags,
+            data,
+            cas,
+        });
+    prop_oneof![
+        proptest::collection::vec(value, 0..4)
+            .prop_map(move |v| (get.clone(), Response::Values(v))),
+        (long_data(), any::<bool>()).prop_map(|(data, quiet)| {
+            let reply = MetaReply {
+                code: MetaCode::Va,
+                rest: Bytes::from_static(b" f1"),
+                value: Some(data),
+            };
+            (meta_get(quiet), Response::Meta(reply))
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+    #[test]
+    fn a_reply_taken_off_its_buffer_shares_long_values_and_copies_short_ones(
+        (req, resp) in value_response(),
+        tail in proptest::collection::vec(any::<u8>(), 0..40),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut b = BytesMut::new();
+        encode_response(&resp, &mut b);
+        if matches!(&req, Request::Meta(m) if m.flags.quiet) {
+            b.extend_from_slice(b"MN\r\n");
+        }
+        // Not all there: nothing is taken.
+        let cut = cut.index(b.len());
+        let mut prefix = BytesMut::from(&b[..cut]);
+        prop_assert_eq!(take_reply(&req, &mut prefix), Ok(None));
+        prop_assert_eq!(&prefix[..], &b[..cut]);
+        // All there, with the start of the next reply behind it.
+        b.extend_from_slice(&tail);
+        let buffer = b.as_ptr() as usize..b.as_ptr() as usize + b.len();
+        let taken = take_reply(&req, &mut b);
+        prop_assert_eq!(&taken, &Ok(Some(resp)));
+        prop_assert_eq!(&b[..], &tail[..]);
+        let data: Vec<&Bytes> = match &taken {
+            Ok(Some(Response::Values(values))) => values.iter().map(|v| &v.data).collect(),
+            Ok(Some(Response::Meta(m))) => m.value.iter().collect(),
+            other => return Err(TestCaseError::fail(format!("{other:?}"))),
+        };
+        for d in data {
+            let shared = buffer.contains(&(d.as_ptr() as usize));
+            prop_assert_eq!(shared, d.len() >= SHARED_VALUE_MIN, "{} bytes", d.len());
+        }
+    }
 }
 
 proptest! {

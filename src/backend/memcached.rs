@@ -7,7 +7,7 @@
 //! |                                           | `multiplexed_connections` > 0 one of a few shared ones, where  |
 //! |                                           | it follows other callers' batches (see [`super::mux`]); with 0 |
 //! |                                           | a pooled one of its own. Each reply is parsed against its      |
-//! |                                           | request (FIFO), see [`parse_reply`]                            |
+//! |                                           | request (FIFO), see [`take_reply`]                             |
 //! | `noreply` is the caller's business        | `noreply` is stripped, so every forwarded request earns        |
 //! |                                           | exactly one reply                                              |
 //! | non-data requests answer `ERROR`          | `quit`, `version`, `verbosity`, `stats` and too-large stores   |
@@ -35,7 +35,7 @@
 use std::io;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use deadpool::Runtime;
 use deadpool::managed::{
     self, Metrics, Object, Pool, PoolError, RecycleError, RecycleResult, TimeoutType,
@@ -48,11 +48,8 @@ use super::mux::{Mux, MuxOptions};
 use super::{Backend, BackendError, BoxFuture, KeyExpiry, PoolStatus};
 use crate::outage::Outage;
 use crate::protocol::{
-    AdminRequest, ErrorReply, ReplyParsed, Request, Response, encode_request, parse_reply,
+    AdminRequest, BACKEND_READ_CHUNK, ErrorReply, Request, Response, encode_request, take_reply,
 };
-
-/// How much room is made in the read buffer before each read.
-const READ_CHUNK: usize = 64 * 1024;
 
 /// Buffers that grew past this for a large exchange are given back once the
 /// exchange is over, so idle pooled connections stay small.
@@ -635,29 +632,6 @@ impl Conn {
     }
 }
 
-/// The reply to `request` at the front of `rbuf`, taken off it: `None`
-/// while it is not all there, `Err` when it does not frame against the
-/// request (the connection's framing is lost).
-pub(super) fn take_reply(
-    request: &Request,
-    rbuf: &mut BytesMut,
-) -> Result<Option<Response>, String> {
-    match parse_reply(request, rbuf) {
-        ReplyParsed::Complete { response, consumed } => {
-            if consumed == 0 || consumed > rbuf.len() {
-                return Err(format!(
-                    "reply parser consumed {consumed} of {} bytes",
-                    rbuf.len()
-                ));
-            }
-            rbuf.advance(consumed);
-            Ok(Some(response))
-        }
-        ReplyParsed::Incomplete => Ok(None),
-        ReplyParsed::Invalid(reason) => Err(reason),
-    }
-}
-
 /// Reads and parses the reply to each request in turn.
 async fn read_replies(
     reader: &mut ReadHalf<'_>,
@@ -673,7 +647,7 @@ async fn read_replies(
                     break;
                 }
                 Ok(None) => {
-                    rbuf.reserve(READ_CHUNK);
+                    rbuf.reserve(BACKEND_READ_CHUNK);
                     if reader.read_buf(rbuf).await? == 0 {
                         return Err(BackendError::Io(io::Error::new(
                             io::ErrorKind::UnexpectedEof,

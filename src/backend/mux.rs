@@ -6,7 +6,8 @@
 //! | a caller's batch stays whole | it is encoded into the connection's write buffer and queued   |
 //! | and in order                 | in one step under the connection's lock                      |
 //! | replies frame                | one reader task per connection parses replies against the    |
-//! |                              | queue of batches, FIFO, with `take_reply` (`parse_reply`)    |
+//! |                              | queue of batches, FIFO, with [`take_reply`]; values of 16 KiB |
+//! |                              | or more are slices of the read buffer, never copied           |
 //! | few commands for memcached   | consecutive `get`s (or `gets`) of any callers are sent as    |
 //! |                              | one multi-key line ([`Line`]); its one reply is split back   |
 //! |                              | by key. Not if a key is already on the line for another      |
@@ -50,11 +51,9 @@ use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
 
 use super::BackendError;
-use super::memcached::take_reply;
-use crate::protocol::{Request, Response, Value, encode_request, reply_shape};
-
-/// How much room is made in the read buffer before each read.
-const READ_CHUNK: usize = 64 * 1024;
+use crate::protocol::{
+    BACKEND_READ_CHUNK, Request, Response, Value, encode_request, reply_shape, take_reply,
+};
 
 /// How often per `request_timeout` the watchdog looks at the oldest batch.
 const CHECKS_PER_TIMEOUT: u64 = 8;
@@ -463,16 +462,16 @@ impl Conn {
 
     /// Reads replies and hands each batch its own, in queue order.
     async fn read_loop(self: Arc<Self>, mut reader: OwnedReadHalf) {
-        let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+        let mut rbuf = BytesMut::with_capacity(BACKEND_READ_CHUNK);
         loop {
             if let Err(failure) = self.parse_replies(&mut rbuf) {
                 self.fail(failure);
                 return;
             }
             if rbuf.is_empty() && rbuf.capacity() > IDLE_BUFFER_MAX {
-                rbuf = BytesMut::with_capacity(READ_CHUNK);
+                rbuf = BytesMut::with_capacity(BACKEND_READ_CHUNK);
             }
-            rbuf.reserve(READ_CHUNK);
+            rbuf.reserve(BACKEND_READ_CHUNK);
             match reader.read_buf(&mut rbuf).await {
                 Ok(0) => {
                     self.fail(Failure::Io(

@@ -23,7 +23,10 @@ pub use meta::{
     base64_decode, base64_encode,
 };
 pub use parse::{Parsed, parse_request};
-pub use reply::{ReplyParsed, parse_reply, reply_shape};
+pub use reply::{
+    BACKEND_READ_CHUNK, ReplyParsed, SHARED_VALUE_MIN, parse_reply, reply_shape, take_reply,
+    value_footprint,
+};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};

@@ -2,7 +2,9 @@
 //! request it answers, so a multi-key `get` is framed by its `END` and a
 //! number is only taken as a number where a number may come.
 
-use bytes::Bytes;
+use std::ops::Range;
+
+use bytes::{Buf, Bytes, BytesMut};
 
 use super::parse::magnitude;
 use super::{ErrorReply, MetaCode, MetaReply, Request, Response, Value};
@@ -51,8 +53,104 @@ fn invalid(request: &Request, line: &[u8]) -> ReplyParsed {
     ))
 }
 
-/// Parses the reply to `request` at the front of `buf`.
+/// A value at least this long is not copied out of a backend connection's
+/// read buffer by [`take_reply`]: the reply's bytes are split off the
+/// buffer and the value is a slice of them, so it goes from memcached's
+/// socket to the client's without a copy in memdial (the client side
+/// writes values this large from their `Bytes`). A slice keeps its whole
+/// read buffer allocated until it is written ([`value_footprint`]), so
+/// smaller values are copied.
+pub const SHARED_VALUE_MIN: usize = 16 * 1024;
+
+/// The room a backend connection makes in its read buffer before each
+/// read.
+pub const BACKEND_READ_CHUNK: usize = 64 * 1024;
+
+/// The memory a value of `len` bytes from a backend is counted as holding
+/// while it waits to be written: a shared one holds the buffer it was read
+/// into. A backend connection's buffer is made with [`BACKEND_READ_CHUNK`]
+/// of room beside what it holds and grows by doubling, so it is at most
+/// twice that beside a value, unless a larger reply read with the value
+/// grew it further (then the larger reply is counted the same way).
+pub fn value_footprint(len: usize) -> usize {
+    if len >= SHARED_VALUE_MIN {
+        len + 2 * BACKEND_READ_CHUNK
+    } else {
+        len
+    }
+}
+
+/// The reply to `request` at the front of `rbuf`, taken off it: `None`
+/// while it is not all there, `Err` when it does not frame against the
+/// request (the connection's framing is lost). Values of
+/// [`SHARED_VALUE_MIN`] bytes or more are slices of `rbuf`'s bytes; the
+/// rest are copied.
+pub fn take_reply(request: &Request, rbuf: &mut BytesMut) -> Result<Option<Response>, String> {
+    let mut left = Vec::new();
+    match parse(request, rbuf, Some(&mut left)) {
+        ReplyParsed::Complete {
+            mut response,
+            consumed,
+        } => {
+            if consumed == 0 || consumed > rbuf.len() {
+                return Err(format!(
+                    "reply parser consumed {consumed} of {} bytes",
+                    rbuf.len()
+                ));
+            }
+            if left.is_empty() {
+                rbuf.advance(consumed);
+            } else {
+                let bytes = rbuf.split_to(consumed).freeze();
+                fill(&mut response, left, &bytes);
+            }
+            Ok(Some(response))
+        }
+        ReplyParsed::Incomplete => Ok(None),
+        ReplyParsed::Invalid(reason) => Err(reason),
+    }
+}
+
+/// A value [`parse`] left in the buffer: the data of the reply's value
+/// `index` (a meta reply has one, index 0) is `buf[range]`.
+struct Left {
+    index: usize,
+    range: Range<usize>,
+}
+
+/// Puts the values [`parse`] left into `response`, as slices of `bytes`
+/// (the buffer it parsed, frozen).
+fn fill(response: &mut Response, left: Vec<Left>, bytes: &Bytes) {
+    for Left { index, range } in left {
+        match response {
+            Response::Values(values) => values[index].data = bytes.slice(range),
+            Response::Meta(m) => m.value = Some(bytes.slice(range)),
+            _ => unreachable!("only values are left in the buffer"),
+        }
+    }
+}
+
+/// The data at `range` of `buf`: copied, or left for [`fill`] (empty
+/// meanwhile) when `left` is given and it is long enough.
+fn data(buf: &[u8], range: Range<usize>, index: usize, left: Option<&mut Vec<Left>>) -> Bytes {
+    match left {
+        Some(left) if range.len() >= SHARED_VALUE_MIN => {
+            left.push(Left { index, range });
+            Bytes::new()
+        }
+        _ => Bytes::copy_from_slice(&buf[range]),
+    }
+}
+
+/// Parses the reply to `request` at the front of `buf`; every value is
+/// copied out of it.
 pub fn parse_reply(request: &Request, buf: &[u8]) -> ReplyParsed {
+    parse(request, buf, None)
+}
+
+/// [`parse_reply`], leaving long values in `buf` for the caller when
+/// `left` is given ([`take_reply`]).
+fn parse(request: &Request, buf: &[u8], mut left: Option<&mut Vec<Left>>) -> ReplyParsed {
     let Some((line, mut at)) = line_at(buf, 0) else {
         return ReplyParsed::Incomplete;
     };
@@ -67,7 +165,7 @@ pub fn parse_reply(request: &Request, buf: &[u8]) -> ReplyParsed {
             if line == b"MN" {
                 return done(Response::Quiet, at);
             }
-            let (response, end) = match meta_reply(request, buf, line, at) {
+            let (response, end) = match meta_reply(request, buf, line, at, left) {
                 ReplyParsed::Complete { response, consumed } => (response, consumed),
                 other => return other,
             };
@@ -77,7 +175,7 @@ pub fn parse_reply(request: &Request, buf: &[u8]) -> ReplyParsed {
                 Some((other, _)) => invalid(request, other),
             };
         }
-        Request::Meta(_) => return meta_reply(request, buf, line, at),
+        Request::Meta(_) => return meta_reply(request, buf, line, at, left),
         _ => {}
     }
     if let Some(e) = error_line(line) {
@@ -118,10 +216,11 @@ pub fn parse_reply(request: &Request, buf: &[u8]) -> ReplyParsed {
                 if &buf[end - 2..end] != b"\r\n" {
                     return invalid(request, line);
                 }
+                let index = values.len();
                 values.push(Value {
                     key: Bytes::copy_from_slice(header.key),
                     flags: header.flags,
-                    data: Bytes::copy_from_slice(&buf[at..end - 2]),
+                    data: data(buf, at..end - 2, index, left.as_deref_mut()),
                     cas: header.cas,
                 });
                 at = end;
@@ -140,7 +239,13 @@ pub fn parse_reply(request: &Request, buf: &[u8]) -> ReplyParsed {
 
 /// One meta reply (or error line) whose first line is `line`, ending at
 /// `at`; a `VA` reply's value follows.
-fn meta_reply(request: &Request, buf: &[u8], line: &[u8], at: usize) -> ReplyParsed {
+fn meta_reply(
+    request: &Request,
+    buf: &[u8],
+    line: &[u8],
+    at: usize,
+    left: Option<&mut Vec<Left>>,
+) -> ReplyParsed {
     let done = |response, consumed| ReplyParsed::Complete { response, consumed };
     if let Some(e) = error_line(line) {
         return done(e, at);
@@ -178,7 +283,7 @@ fn meta_reply(request: &Request, buf: &[u8], line: &[u8], at: usize) -> ReplyPar
         Response::Meta(MetaReply {
             code,
             rest: Bytes::copy_from_slice(&after[digits_end..]),
-            value: Some(Bytes::copy_from_slice(&buf[at..end - 2])),
+            value: Some(data(buf, at..end - 2, 0, left)),
         }),
         end,
     )

@@ -35,7 +35,7 @@ use crate::consistency::Session;
 use crate::metrics::Metrics;
 use crate::protocol::{
     AdminRequest, ClientError, Command, ConnRequest, Incoming, MetaCmd, Parsed, Request, Response,
-    encode_response, encode_value, encode_value_header, parse_request,
+    encode_response, encode_value, encode_value_header, parse_request, value_footprint,
 };
 
 /// What a connection does after answering a batch.
@@ -532,8 +532,9 @@ impl<'a> Connection<'a> {
         let shared = self.shared;
         let node_budget = shared.settings.node_reply_buffer_bytes;
         let keys: usize = requests.iter().filter_map(key_count).sum();
-        let estimate =
-            (keys * self.value_estimate + requests.len() * MIN_REPLY_ESTIMATE).min(node_budget);
+        let estimate = (keys * value_footprint(self.value_estimate)
+            + requests.len() * MIN_REPLY_ESTIMATE)
+            .min(node_budget);
         let mut permit = reserve(shared, estimate).await;
         let responses = shared.pipeline.execute(&mut self.session, requests).await;
         let (mut bytes, mut largest) = (0, 0);
@@ -542,11 +543,13 @@ impl<'a> Connection<'a> {
             match r {
                 Response::Values(values) => {
                     for v in values {
-                        bytes += v.data.len() + v.key.len();
+                        bytes += value_footprint(v.data.len()) + v.key.len();
                         largest = largest.max(v.data.len());
                     }
                 }
-                Response::Meta(m) => bytes += m.value.as_ref().map_or(0, |v| v.len()),
+                Response::Meta(m) => {
+                    bytes += m.value.as_ref().map_or(0, |v| value_footprint(v.len()))
+                }
                 _ => {}
             }
         }
