@@ -117,18 +117,12 @@ fn opts() -> Opts {
 
 /// Resident memory of `pid` in KB.
 fn rss_kb(pid: u32) -> u64 {
-    status_kb(pid, "VmRSS:")
+    status_kb(pid, "VmRSS")
 }
 
-/// A KB figure of `/proc/PID/status`, by its label.
-fn status_kb(pid: u32, label: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(label))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {label} in /proc/{pid}/status"))
+/// A kB figure of `/proc/PID/status`, by its field name.
+fn status_kb(pid: u32, field: &str) -> u64 {
+    procs::proc_status_kb(pid, field).unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// The fresh process: all its resident memory, and the part of it that is
@@ -368,7 +362,7 @@ fn main() {
         std::thread::sleep(o.settle);
         Fresh {
             rss: rss_kb(pid),
-            anon: status_kb(pid, "RssAnon:"),
+            anon: status_kb(pid, "RssAnon"),
         }
     };
     if wanted(&o, "embedded") {

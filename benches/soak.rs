@@ -58,6 +58,7 @@ use rand::{Rng, SeedableRng};
 
 use common::client::Client;
 use common::cluster::{ClusterOpts, Dump, TestCluster, diff_summary, dump_memcached};
+use common::procs::proc_status_kb;
 
 // ---------------------------------------------------------------- options
 
@@ -316,14 +317,6 @@ fn reader(node: usize, port: u16, rate: u64, stop: Arc<AtomicBool>, n: Arc<Count
 }
 
 // ---------------------------------------------------------------- sampling
-
-fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
 
 fn fd_count(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())

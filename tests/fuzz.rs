@@ -45,7 +45,7 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
 use common::procs::{
-    Memcached, NotReady, Proc, TempFile, free_port, memdial_bin, start_with_retry,
+    Memcached, NotReady, Proc, TempFile, free_port, memdial_bin, proc_status_kb, start_with_retry,
 };
 
 /// `MEMDIAL_FUZZ_CASES`, or `default`.
@@ -556,10 +556,7 @@ impl Node {
             state.is_some_and(|s| !s.contains("zombie")),
             "memdial exited: {state:?}"
         );
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{field}:")))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        proc_status_kb(self.proc.pid(), field)
             .unwrap_or_else(|| panic!("no {field} in /proc status"))
     }
 

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::client::{Client, http_get, metric, text};
 use common::procs::{
-    Memcached, Memdial, NodePorts, Proc, TempFile, WAIT, free_port, memdial_bin, proxy_yaml,
-    start_with_retry,
+    Memcached, Memdial, NodePorts, Proc, TempFile, WAIT, free_port, memdial_bin, proc_status_kb,
+    proxy_yaml, start_with_retry,
 };
 
 /// A config file of one node on free local ports, followed by `sections`
@@ -939,13 +939,7 @@ fn the_client_port_queues_a_burst_of_1024_connections() {
 
 /// The resident memory of process `pid`, in bytes (VmRSS).
 fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status");
-    kb * 1024
+    rss_kb(pid) * 1024
 }
 
 /// The largest RSS of `pid` sampled every 20 ms for `d`.
@@ -1255,13 +1249,8 @@ fn out_of_descriptors_connected_clients_and_the_admin_port_keep_serving() {
 }
 
 /// Resident memory of `pid` in KB.
-fn rss_kb(pid: u32) -> usize {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+fn rss_kb(pid: u32) -> u64 {
+    proc_status_kb(pid, "VmRSS").expect("VmRSS in /proc/PID/status")
 }
 
 #[test]
@@ -1273,7 +1262,7 @@ fn idle_connections_give_their_buffers_back() {
     // 3 KB (`benches/idle.rs`, docs/BENCHMARKS.md). RSS goes down once
     // the allocator has returned the freed pages, about a second later.
     const CONNS: usize = 400;
-    const BOUND_KB: usize = 6;
+    const BOUND_KB: u64 = 6;
     let node = Memdial::embedded();
     let mut control = Client::connect(node.port);
     assert_eq!(control.set("idle", 0, 0, b"value").unwrap(), "STORED");
@@ -1286,7 +1275,7 @@ fn idle_connections_give_their_buffers_back() {
         conns.push(c);
     }
     let deadline = Instant::now() + Duration::from_secs(20);
-    let per_conn = || rss_kb(node.pid()).saturating_sub(before) / CONNS;
+    let per_conn = || rss_kb(node.pid()).saturating_sub(before) / CONNS as u64;
     while per_conn() >= BOUND_KB {
         assert!(
             Instant::now() < deadline,
@@ -1350,7 +1339,7 @@ fn idle_connections_keep_no_grown_buffers() {
         assert_eq!(c.get_many(&keys).unwrap().len(), keys.len());
         conns.push(c);
     }
-    let per_conn = rss_kb(node.pid()).saturating_sub(before) / CONNS;
+    let per_conn = rss_kb(node.pid()).saturating_sub(before) / CONNS as u64;
     assert!(
         per_conn < 64,
         "{per_conn} KB resident per idle connection after moving {} KB each",

@@ -28,6 +28,17 @@ pub const WAIT: Duration = Duration::from_secs(20);
 /// How many times a process is started on fresh ports before giving up.
 pub const START_ATTEMPTS: usize = 3;
 
+/// A kB figure of `/proc/PID/status` by its field name (`VmRSS`,
+/// `RssAnon`, `VmHWM`, ...); `None` when the process or the field is not
+/// there.
+pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 /// Pause between two readiness polls.
 const POLL: Duration = Duration::from_millis(20);
 
