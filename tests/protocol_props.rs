@@ -6,9 +6,9 @@
 
 use bytes::{Bytes, BytesMut};
 use memdial::protocol::{
-    ArithOp, ConnRequest, Incoming, Limits, MetaCode, MetaReply, Parsed, ReplyParsed, Request,
-    Response, SHARED_VALUE_MIN, StoreOp, Value, base64_encode, encode_admin_request,
-    encode_conn_request, encode_request, encode_response, parse_reply, parse_request, take_reply,
+    ArithOp, ConnRequest, Incoming, Limits, MetaCode, MetaReply, Parsed, ReplyBuffer, ReplyParsed,
+    Request, Response, SHARED_VALUE_MIN, StoreOp, Value, base64_encode, encode_admin_request,
+    encode_conn_request, encode_request, encode_response, parse_reply, parse_request,
 };
 use proptest::prelude::*;
 
@@ -321,38 +321,96 @@ fn value_response() -> impl Strategy<Value = (Request, Response)> {
     ]
 }
 
+/// The values of a reply that carries values.
+fn values_of(response: &Response) -> Vec<&Bytes> {
+    match response {
+        Response::Values(values) => values.iter().map(|v| &v.data).collect(),
+        Response::Meta(m) => m.value.iter().collect(),
+        other => panic!("no values: {other:?}"),
+    }
+}
+
+/// The addresses of `bytes`.
+fn addresses(bytes: &[u8]) -> std::ops::Range<usize> {
+    let start = bytes.as_ptr() as usize;
+    start..start + bytes.len()
+}
+
+/// A reply fed to a [`ReplyBuffer`] in one read: its value of `len` bytes
+/// is a slice of the buffer, or a copy.
+fn shared_after_one_read(len: usize) -> bool {
+    let req = Request::Get {
+        keys: vec![Bytes::from_static(b"k")],
+        cas: false,
+    };
+    let value = Value {
+        key: Bytes::from_static(b"k"),
+        flags: 0,
+        data: vec![7; len].into(),
+        cas: None,
+    };
+    let mut wire = BytesMut::new();
+    encode_response(&Response::Values(vec![value]), &mut wire);
+    let mut rb = ReplyBuffer::new();
+    rb.for_read().extend_from_slice(&wire);
+    let region = addresses(rb.bytes());
+    let taken = rb.take(&req).expect("frames").expect("all there");
+    assert!(rb.is_empty());
+    let data = values_of(&taken)[0];
+    assert_eq!(data.len(), len);
+    region.contains(&(data.as_ptr() as usize))
+}
+
+#[test]
+fn a_value_of_16_kib_is_taken_as_a_slice_of_the_read_buffer_and_a_shorter_one_copied() {
+    assert!(shared_after_one_read(SHARED_VALUE_MIN));
+    assert!(shared_after_one_read(40_000));
+    assert!(!shared_after_one_read(SHARED_VALUE_MIN - 1));
+    assert!(!shared_after_one_read(10));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
     #[test]
-    fn a_reply_taken_off_its_buffer_shares_long_values_and_copies_short_ones(
+    fn a_reply_read_in_pieces_is_taken_whole_once_it_is_all_there(
         (req, resp) in value_response(),
         tail in proptest::collection::vec(any::<u8>(), 0..40),
-        cut in any::<prop::sample::Index>(),
+        pieces in proptest::collection::vec(1usize..70_000, 1..8),
     ) {
-        let mut b = BytesMut::new();
-        encode_response(&resp, &mut b);
+        let mut wire = BytesMut::new();
+        encode_response(&resp, &mut wire);
         if matches!(&req, Request::Meta(m) if m.flags.quiet) {
-            b.extend_from_slice(b"MN\r\n");
+            wire.extend_from_slice(b"MN\r\n");
         }
-        // Not all there: nothing is taken.
-        let cut = cut.index(b.len());
-        let mut prefix = BytesMut::from(&b[..cut]);
-        prop_assert_eq!(take_reply(&req, &mut prefix), Ok(None));
-        prop_assert_eq!(&prefix[..], &b[..cut]);
-        // All there, with the start of the next reply behind it.
-        b.extend_from_slice(&tail);
-        let buffer = b.as_ptr() as usize..b.as_ptr() as usize + b.len();
-        let taken = take_reply(&req, &mut b);
-        prop_assert_eq!(&taken, &Ok(Some(resp)));
-        prop_assert_eq!(&b[..], &tail[..]);
-        let data: Vec<&Bytes> = match &taken {
-            Ok(Some(Response::Values(values))) => values.iter().map(|v| &v.data).collect(),
-            Ok(Some(Response::Meta(m))) => m.value.iter().collect(),
-            other => return Err(TestCaseError::fail(format!("{other:?}"))),
+        let whole = wire.len();
+        wire.extend_from_slice(&tail);
+        // Fed as reads of the given sizes (each at most the buffer's room,
+        // as a socket read is); taken as soon as it is all there.
+        let mut rb = ReplyBuffer::new();
+        let mut fed = 0;
+        let mut sizes = pieces.iter().cycle();
+        let (taken, region) = loop {
+            let region = addresses(rb.bytes());
+            match rb.take(&req) {
+                Ok(Some(r)) => break (r, region),
+                Ok(None) => prop_assert!(fed < wire.len(), "not taken with every byte in"),
+                Err(e) => return Err(TestCaseError::fail(e)),
+            }
+            let into = rb.for_read();
+            let room = into.capacity() - into.len();
+            let n = (*sizes.next().unwrap()).min(room).min(wire.len() - fed);
+            into.extend_from_slice(&wire[fed..fed + n]);
+            fed += n;
         };
-        for d in data {
-            let shared = buffer.contains(&(d.as_ptr() as usize));
-            prop_assert_eq!(shared, d.len() >= SHARED_VALUE_MIN, "{} bytes", d.len());
+        prop_assert!(fed >= whole, "taken after {} of {} bytes", fed, whole);
+        prop_assert_eq!(&taken, &resp);
+        // What is left is what followed the reply.
+        prop_assert_eq!(rb.bytes(), &wire[whole..fed]);
+        // Only long values are shared.
+        for d in values_of(&taken) {
+            if region.contains(&(d.as_ptr() as usize)) {
+                prop_assert!(d.len() >= SHARED_VALUE_MIN, "{} bytes shared", d.len());
+            }
         }
     }
 }

@@ -7,7 +7,7 @@
 //! |                                           | `multiplexed_connections` > 0 one of a few shared ones, where  |
 //! |                                           | it follows other callers' batches (see [`super::mux`]); with 0 |
 //! |                                           | a pooled one of its own. Each reply is parsed against its      |
-//! |                                           | request (FIFO), see [`take_reply`]                             |
+//! |                                           | request (FIFO), see [`ReplyBuffer`]                            |
 //! | `noreply` is the caller's business        | `noreply` is stripped, so every forwarded request earns        |
 //! |                                           | exactly one reply                                              |
 //! | non-data requests answer `ERROR`          | `quit`, `version`, `verbosity`, `stats` and too-large stores   |
@@ -47,9 +47,7 @@ use tokio::net::tcp::ReadHalf;
 use super::mux::{Mux, MuxOptions};
 use super::{Backend, BackendError, BoxFuture, KeyExpiry, PoolStatus};
 use crate::outage::Outage;
-use crate::protocol::{
-    AdminRequest, BACKEND_READ_CHUNK, ErrorReply, Request, Response, encode_request, take_reply,
-};
+use crate::protocol::{AdminRequest, ErrorReply, ReplyBuffer, Request, Response, encode_request};
 
 /// Buffers that grew past this for a large exchange are given back once the
 /// exchange is over, so idle pooled connections stay small.
@@ -552,7 +550,7 @@ impl managed::Manager for Manager {
         tracing::debug!(addr = %self.addr, "memcached connection opened");
         Ok(Conn {
             stream,
-            rbuf: BytesMut::new(),
+            rbuf: ReplyBuffer::new(),
             wbuf: BytesMut::new(),
             broken: false,
             request_timeout: self.request_timeout,
@@ -586,7 +584,7 @@ impl managed::Manager for Manager {
 /// One connection to memcached, with its buffers.
 struct Conn {
     stream: TcpStream,
-    rbuf: BytesMut,
+    rbuf: ReplyBuffer,
     wbuf: BytesMut,
     /// Set while an exchange is under way and left set if it does not
     /// finish: such a connection is never used again.
@@ -625,9 +623,7 @@ impl Conn {
         if self.wbuf.capacity() > IDLE_BUFFER_MAX {
             self.wbuf = BytesMut::new();
         }
-        if self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_BUFFER_MAX {
-            self.rbuf = BytesMut::new();
-        }
+        self.rbuf.release_if_large();
         Ok(responses)
     }
 }
@@ -635,20 +631,19 @@ impl Conn {
 /// Reads and parses the reply to each request in turn.
 async fn read_replies(
     reader: &mut ReadHalf<'_>,
-    rbuf: &mut BytesMut,
+    rbuf: &mut ReplyBuffer,
     requests: &[Request],
 ) -> Result<Vec<Response>, BackendError> {
     let mut responses = Vec::with_capacity(requests.len());
     for request in requests {
         loop {
-            match take_reply(request, rbuf) {
+            match rbuf.take(request) {
                 Ok(Some(response)) => {
                     responses.push(response);
                     break;
                 }
                 Ok(None) => {
-                    rbuf.reserve(BACKEND_READ_CHUNK);
-                    if reader.read_buf(rbuf).await? == 0 {
+                    if reader.read_buf(rbuf.for_read()).await? == 0 {
                         return Err(BackendError::Io(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             "memcached closed the connection mid-reply",

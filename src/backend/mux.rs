@@ -6,7 +6,7 @@
 //! | a caller's batch stays whole | it is encoded into the connection's write buffer and queued   |
 //! | and in order                 | in one step under the connection's lock                      |
 //! | replies frame                | one reader task per connection parses replies against the    |
-//! |                              | queue of batches, FIFO, with [`take_reply`]; values of 16 KiB |
+//! |                              | queue of batches, FIFO ([`ReplyBuffer`]); values of 16 KiB   |
 //! |                              | or more are slices of the read buffer, never copied           |
 //! | few commands for memcached   | consecutive `get`s (or `gets`) of any callers are sent as    |
 //! |                              | one multi-key line ([`Line`]); its one reply is split back   |
@@ -51,9 +51,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
 
 use super::BackendError;
-use crate::protocol::{
-    BACKEND_READ_CHUNK, Request, Response, Value, encode_request, reply_shape, take_reply,
-};
+use crate::protocol::{ReplyBuffer, Request, Response, Value, encode_request, reply_shape};
 
 /// How often per `request_timeout` the watchdog looks at the oldest batch.
 const CHECKS_PER_TIMEOUT: u64 = 8;
@@ -462,17 +460,14 @@ impl Conn {
 
     /// Reads replies and hands each batch its own, in queue order.
     async fn read_loop(self: Arc<Self>, mut reader: OwnedReadHalf) {
-        let mut rbuf = BytesMut::with_capacity(BACKEND_READ_CHUNK);
+        let mut rbuf = ReplyBuffer::new();
         loop {
             if let Err(failure) = self.parse_replies(&mut rbuf) {
                 self.fail(failure);
                 return;
             }
-            if rbuf.is_empty() && rbuf.capacity() > IDLE_BUFFER_MAX {
-                rbuf = BytesMut::with_capacity(BACKEND_READ_CHUNK);
-            }
-            rbuf.reserve(BACKEND_READ_CHUNK);
-            match reader.read_buf(&mut rbuf).await {
+            rbuf.release_if_large();
+            match reader.read_buf(rbuf.for_read()).await {
                 Ok(0) => {
                     self.fail(Failure::Io(
                         io::ErrorKind::UnexpectedEof,
@@ -491,7 +486,7 @@ impl Conn {
 
     /// Parses every whole reply in `rbuf` against the queue and answers
     /// each batch whose replies are all in.
-    fn parse_replies(&self, rbuf: &mut BytesMut) -> Result<(), Failure> {
+    fn parse_replies(&self, rbuf: &mut ReplyBuffer) -> Result<(), Failure> {
         if rbuf.is_empty() {
             return Ok(());
         }
@@ -508,7 +503,7 @@ impl Conn {
                     keys: Vec::new(),
                     cas: line.cas,
                 };
-                match take_reply(&shape, rbuf) {
+                match rbuf.take(&shape) {
                     Ok(Some(reply)) => {
                         let line = state.lines.pop_front().expect("the line was there");
                         for response in line.split(reply)? {
@@ -524,7 +519,7 @@ impl Conn {
                 return Err(Failure::Protocol("unsolicited bytes from memcached".into()));
             };
             let request = &head.requests[head.responses.len()];
-            match take_reply(request, rbuf) {
+            match rbuf.take(request) {
                 Ok(Some(response)) => state.answer(response)?,
                 Ok(None) => break,
                 Err(reason) => return Err(Failure::Protocol(reason)),

@@ -54,24 +54,26 @@ fn invalid(request: &Request, line: &[u8]) -> ReplyParsed {
 }
 
 /// A value at least this long is not copied out of a backend connection's
-/// read buffer by [`take_reply`]: the reply's bytes are split off the
-/// buffer and the value is a slice of them, so it goes from memcached's
-/// socket to the client's without a copy in memdial (the client side
-/// writes values this large from their `Bytes`). A slice keeps its whole
-/// read buffer allocated until it is written ([`value_footprint`]), so
-/// smaller values are copied.
+/// read buffer by [`ReplyBuffer::take`]: the reply's bytes are split off
+/// the buffer and the value is a slice of them, so it goes from
+/// memcached's socket to the client's without a copy in memdial (the
+/// client side writes values this large from their `Bytes`). A slice keeps
+/// its whole buffer allocated until it is written ([`value_footprint`]),
+/// so smaller values are copied.
 pub const SHARED_VALUE_MIN: usize = 16 * 1024;
 
-/// The room a backend connection makes in its read buffer before each
-/// read.
+/// The room a backend connection's read buffer has for each read, at
+/// least.
 pub const BACKEND_READ_CHUNK: usize = 64 * 1024;
 
+/// An empty read buffer larger than this is given back
+/// ([`ReplyBuffer::release_if_large`]).
+const KEEP_BUFFER_MAX: usize = 256 * 1024;
+
 /// The memory a value of `len` bytes from a backend is counted as holding
-/// while it waits to be written: a shared one holds the buffer it was read
-/// into. A backend connection's buffer is made with [`BACKEND_READ_CHUNK`]
-/// of room beside what it holds and grows by doubling, so it is at most
-/// twice that beside a value, unless a larger reply read with the value
-/// grew it further (then the larger reply is counted the same way).
+/// while it waits to be written: a shared value holds its read buffer,
+/// and [`ReplyBuffer::take`] shares a value only from a buffer of at most
+/// this size.
 pub fn value_footprint(len: usize) -> usize {
     if len >= SHARED_VALUE_MIN {
         len + 2 * BACKEND_READ_CHUNK
@@ -80,35 +82,105 @@ pub fn value_footprint(len: usize) -> usize {
     }
 }
 
-/// The reply to `request` at the front of `rbuf`, taken off it: `None`
-/// while it is not all there, `Err` when it does not frame against the
-/// request (the connection's framing is lost). Values of
-/// [`SHARED_VALUE_MIN`] bytes or more are slices of `rbuf`'s bytes; the
-/// rest are copied.
-pub fn take_reply(request: &Request, rbuf: &mut BytesMut) -> Result<Option<Response>, String> {
-    let mut left = Vec::new();
-    match parse(request, rbuf, Some(&mut left)) {
-        ReplyParsed::Complete {
-            mut response,
-            consumed,
-        } => {
-            if consumed == 0 || consumed > rbuf.len() {
-                return Err(format!(
-                    "reply parser consumed {consumed} of {} bytes",
-                    rbuf.len()
-                ));
-            }
-            if left.is_empty() {
-                rbuf.advance(consumed);
-            } else {
-                let bytes = rbuf.split_to(consumed).freeze();
-                fill(&mut response, left, &bytes);
-            }
-            Ok(Some(response))
-        }
-        ReplyParsed::Incomplete => Ok(None),
-        ReplyParsed::Invalid(reason) => Err(reason),
+/// A backend connection's read buffer: bytes are read into it
+/// ([`ReplyBuffer::for_read`]) and replies taken off its front
+/// ([`ReplyBuffer::take`]). When it runs short of room it moves what it
+/// holds into a new allocation (or back to the front of its own, when
+/// nothing else holds it); it is never grown in place, so the size of the
+/// allocation a shared value holds is known, and bounded by the value's
+/// [`value_footprint`].
+#[derive(Debug, Default)]
+pub struct ReplyBuffer {
+    buf: BytesMut,
+    /// The size of `buf`'s allocation.
+    size: usize,
+}
+
+impl ReplyBuffer {
+    pub fn new() -> ReplyBuffer {
+        ReplyBuffer::default()
     }
+
+    /// Whether every byte read was taken.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The bytes read and not yet taken.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// The buffer to read into (at most its spare capacity, as
+    /// `read_buf` does), with at least a quarter of [`BACKEND_READ_CHUNK`]
+    /// free. Short of that, what it holds moves to the front of its
+    /// allocation, when nothing else holds the allocation and a long reply
+    /// did not make it larger than needed; otherwise to a new allocation of
+    /// what it holds and a whole chunk more, or twice what it holds (so a
+    /// long reply arriving costs copies of about its own length, not one
+    /// per chunk).
+    pub fn for_read(&mut self) -> &mut BytesMut {
+        if self.buf.capacity() - self.buf.len() < BACKEND_READ_CHUNK / 4 {
+            let held = self.buf.len();
+            let size = (held + BACKEND_READ_CHUNK).max(2 * held);
+            let oversized = self.size > size.max(KEEP_BUFFER_MAX);
+            if oversized || !self.buf.try_reclaim(BACKEND_READ_CHUNK) {
+                let mut fresh = BytesMut::with_capacity(size);
+                fresh.extend_from_slice(&self.buf);
+                self.buf = fresh;
+                self.size = self.buf.capacity();
+            }
+        }
+        &mut self.buf
+    }
+
+    /// Gives back an empty buffer that a long reply made large.
+    pub fn release_if_large(&mut self) {
+        if self.buf.is_empty() && self.size > KEEP_BUFFER_MAX {
+            *self = ReplyBuffer::new();
+        }
+    }
+
+    /// The reply to `request` at the front, taken off: `None` while it is
+    /// not all there, `Err` when it does not frame against the request (the
+    /// connection's framing is lost). Values of [`SHARED_VALUE_MIN`] bytes
+    /// or more are slices of the buffer when its allocation is within
+    /// their [`value_footprint`]; the rest are copied.
+    pub fn take(&mut self, request: &Request) -> Result<Option<Response>, String> {
+        let mut left = Leave {
+            buffer: self.size,
+            values: Vec::new(),
+        };
+        match parse(request, &self.buf, Some(&mut left)) {
+            ReplyParsed::Complete {
+                mut response,
+                consumed,
+            } => {
+                if consumed == 0 || consumed > self.buf.len() {
+                    return Err(format!(
+                        "reply parser consumed {consumed} of {} bytes",
+                        self.buf.len()
+                    ));
+                }
+                if left.values.is_empty() {
+                    self.buf.advance(consumed);
+                } else {
+                    let bytes = self.buf.split_to(consumed).freeze();
+                    fill(&mut response, left.values, &bytes);
+                }
+                Ok(Some(response))
+            }
+            ReplyParsed::Incomplete => Ok(None),
+            ReplyParsed::Invalid(reason) => Err(reason),
+        }
+    }
+}
+
+/// Which values [`parse`] leaves in the buffer instead of copying: those
+/// whose [`value_footprint`] covers `buffer`, the buffer's allocation.
+struct Leave {
+    buffer: usize,
+    values: Vec<Left>,
 }
 
 /// A value [`parse`] left in the buffer: the data of the reply's value
@@ -131,11 +203,13 @@ fn fill(response: &mut Response, left: Vec<Left>, bytes: &Bytes) {
 }
 
 /// The data at `range` of `buf`: copied, or left for [`fill`] (empty
-/// meanwhile) when `left` is given and it is long enough.
-fn data(buf: &[u8], range: Range<usize>, index: usize, left: Option<&mut Vec<Left>>) -> Bytes {
-    match left {
-        Some(left) if range.len() >= SHARED_VALUE_MIN => {
-            left.push(Left { index, range });
+/// meanwhile) when `leave` takes it.
+fn data(buf: &[u8], range: Range<usize>, index: usize, leave: Option<&mut Leave>) -> Bytes {
+    match leave {
+        Some(leave)
+            if range.len() >= SHARED_VALUE_MIN && leave.buffer <= value_footprint(range.len()) =>
+        {
+            leave.values.push(Left { index, range });
             Bytes::new()
         }
         _ => Bytes::copy_from_slice(&buf[range]),
@@ -148,9 +222,9 @@ pub fn parse_reply(request: &Request, buf: &[u8]) -> ReplyParsed {
     parse(request, buf, None)
 }
 
-/// [`parse_reply`], leaving long values in `buf` for the caller when
-/// `left` is given ([`take_reply`]).
-fn parse(request: &Request, buf: &[u8], mut left: Option<&mut Vec<Left>>) -> ReplyParsed {
+/// [`parse_reply`], leaving values that `leave` takes in `buf` for the
+/// caller ([`ReplyBuffer::take`]).
+fn parse(request: &Request, buf: &[u8], mut left: Option<&mut Leave>) -> ReplyParsed {
     let Some((line, mut at)) = line_at(buf, 0) else {
         return ReplyParsed::Incomplete;
     };
@@ -244,7 +318,7 @@ fn meta_reply(
     buf: &[u8],
     line: &[u8],
     at: usize,
-    left: Option<&mut Vec<Left>>,
+    left: Option<&mut Leave>,
 ) -> ReplyParsed {
     let done = |response, consumed| ReplyParsed::Complete { response, consumed };
     if let Some(e) = error_line(line) {
@@ -547,6 +621,76 @@ mod tests {
                 response: Response::server_error("out of memory"),
                 consumed: 28
             }
+        );
+    }
+
+    /// Feeds `stream` to a [`ReplyBuffer`] in reads of `read` bytes (at
+    /// most its room) and takes `replies` replies to `request`; returns how
+    /// many of their values were slices of the buffer. Checks on the way
+    /// that the buffer never grew in place and that a shared value's buffer
+    /// is within its footprint.
+    fn take_all(stream: &[u8], read: usize, request: &Request, replies: usize) -> usize {
+        let mut rb = ReplyBuffer::new();
+        let (mut fed, mut taken, mut shared) = (0, 0, 0);
+        while taken < replies {
+            let at = rb.bytes().as_ptr() as usize;
+            let region = at..at + rb.bytes().len();
+            match rb.take(request).expect("frames") {
+                Some(Response::Values(values)) => {
+                    taken += 1;
+                    for v in values {
+                        if region.contains(&(v.data.as_ptr() as usize)) {
+                            shared += 1;
+                            assert!(rb.size <= value_footprint(v.data.len()), "{}", rb.size);
+                        }
+                    }
+                }
+                Some(other) => panic!("{other:?}"),
+                None => {
+                    assert!(fed < stream.len(), "every byte read, {taken} replies taken");
+                    let into = rb.for_read();
+                    let n = read
+                        .min(into.capacity() - into.len())
+                        .min(stream.len() - fed);
+                    into.extend_from_slice(&stream[fed..fed + n]);
+                    fed += n;
+                    assert!(rb.buf.capacity() <= rb.size, "grown in place");
+                }
+            }
+        }
+        assert!(rb.is_empty());
+        shared
+    }
+
+    fn value_reply(len: usize) -> Vec<u8> {
+        let mut r = format!("VALUE k 0 {len}\r\n").into_bytes();
+        r.extend((0..len).map(|i| i as u8));
+        r.extend_from_slice(b"\r\nEND\r\n");
+        r
+    }
+
+    #[test]
+    fn values_of_16_kib_read_in_chunks_are_shared_and_hold_bounded_buffers() {
+        let one = Request::Get {
+            keys: vec![Bytes::from_static(b"k")],
+            cas: false,
+        };
+        let stream = value_reply(SHARED_VALUE_MIN).repeat(40);
+        for read in [BACKEND_READ_CHUNK, 10_000, 100_000] {
+            let shared = take_all(&stream, read, &one, 40);
+            assert!(shared >= 36, "{shared} of 40 shared with reads of {read}");
+        }
+        // A long value grows the buffer while it arrives; values read into
+        // a buffer beyond their footprint are copied, and the buffer after
+        // it is of the usual size again.
+        let mut stream = value_reply(1_000_000);
+        stream.extend(value_reply(SHARED_VALUE_MIN).repeat(200));
+        let shared = take_all(&stream, BACKEND_READ_CHUNK, &one, 201);
+        assert!(shared >= 190, "{shared} of 201 shared");
+        // Short values are never shared.
+        assert_eq!(
+            take_all(&value_reply(100).repeat(2000), 65536, &one, 2000),
+            0
         );
     }
 }
