@@ -72,8 +72,8 @@ const KEEP_BUFFER_MAX: usize = 256 * 1024;
 
 /// The memory a value of `len` bytes from a backend is counted as holding
 /// while it waits to be written: a shared value holds its read buffer,
-/// and [`ReplyBuffer::take`] shares a value only from a buffer of at most
-/// this size.
+/// and [`ReplyBuffer::take`] shares a reply's values only from a buffer no
+/// larger than their footprints together.
 pub fn value_footprint(len: usize) -> usize {
     if len >= SHARED_VALUE_MIN {
         len + 2 * BACKEND_READ_CHUNK
@@ -87,8 +87,8 @@ pub fn value_footprint(len: usize) -> usize {
 /// ([`ReplyBuffer::take`]). When it runs short of room it moves what it
 /// holds into a new allocation (or back to the front of its own, when
 /// nothing else holds it); it is never grown in place, so the size of the
-/// allocation a shared value holds is known, and bounded by the value's
-/// [`value_footprint`].
+/// allocation shared values hold is known, and bounded by their
+/// [`value_footprint`]s.
 #[derive(Debug, Default)]
 pub struct ReplyBuffer {
     buf: BytesMut,
@@ -112,15 +112,15 @@ impl ReplyBuffer {
     }
 
     /// The buffer to read into (at most its spare capacity, as
-    /// `read_buf` does), with at least a quarter of [`BACKEND_READ_CHUNK`]
-    /// free. Short of that, what it holds moves to the front of its
+    /// `read_buf` does), with at least [`BACKEND_READ_CHUNK`] free. Short
+    /// of that, what it holds moves to the front of its
     /// allocation, when nothing else holds the allocation and a long reply
     /// did not make it larger than needed; otherwise to a new allocation of
     /// what it holds and a whole chunk more, or twice what it holds (so a
     /// long reply arriving costs copies of about its own length, not one
     /// per chunk).
     pub fn for_read(&mut self) -> &mut BytesMut {
-        if self.buf.capacity() - self.buf.len() < BACKEND_READ_CHUNK / 4 {
+        if self.buf.capacity() - self.buf.len() < BACKEND_READ_CHUNK {
             let held = self.buf.len();
             let size = (held + BACKEND_READ_CHUNK).max(2 * held);
             let oversized = self.size > size.max(KEEP_BUFFER_MAX);
@@ -145,12 +145,10 @@ impl ReplyBuffer {
     /// not all there, `Err` when it does not frame against the request (the
     /// connection's framing is lost). Values of [`SHARED_VALUE_MIN`] bytes
     /// or more are slices of the buffer when its allocation is within
-    /// their [`value_footprint`]; the rest are copied.
+    /// their [`value_footprint`]s together (a joined `get` brings many in
+    /// one reply); the rest are copied.
     pub fn take(&mut self, request: &Request) -> Result<Option<Response>, String> {
-        let mut left = Leave {
-            buffer: self.size,
-            values: Vec::new(),
-        };
+        let mut left = Vec::new();
         match parse(request, &self.buf, Some(&mut left)) {
             ReplyParsed::Complete {
                 mut response,
@@ -162,11 +160,15 @@ impl ReplyBuffer {
                         self.buf.len()
                     ));
                 }
-                if left.values.is_empty() {
+                let counted: usize = left.iter().map(|l| value_footprint(l.range.len())).sum();
+                if left.is_empty() || counted < self.size {
+                    fill(&mut response, left, |r| {
+                        Bytes::copy_from_slice(&self.buf[r])
+                    });
                     self.buf.advance(consumed);
                 } else {
                     let bytes = self.buf.split_to(consumed).freeze();
-                    fill(&mut response, left.values, &bytes);
+                    fill(&mut response, left, |r| bytes.slice(r));
                 }
                 Ok(Some(response))
             }
@@ -176,13 +178,6 @@ impl ReplyBuffer {
     }
 }
 
-/// Which values [`parse`] leaves in the buffer instead of copying: those
-/// whose [`value_footprint`] covers `buffer`, the buffer's allocation.
-struct Leave {
-    buffer: usize,
-    values: Vec<Left>,
-}
-
 /// A value [`parse`] left in the buffer: the data of the reply's value
 /// `index` (a meta reply has one, index 0) is `buf[range]`.
 struct Left {
@@ -190,26 +185,24 @@ struct Left {
     range: Range<usize>,
 }
 
-/// Puts the values [`parse`] left into `response`, as slices of `bytes`
-/// (the buffer it parsed, frozen).
-fn fill(response: &mut Response, left: Vec<Left>, bytes: &Bytes) {
+/// Puts the values [`parse`] left into `response`, each made by `data`
+/// from its place in the buffer.
+fn fill(response: &mut Response, left: Vec<Left>, data: impl Fn(Range<usize>) -> Bytes) {
     for Left { index, range } in left {
         match response {
-            Response::Values(values) => values[index].data = bytes.slice(range),
-            Response::Meta(m) => m.value = Some(bytes.slice(range)),
+            Response::Values(values) => values[index].data = data(range),
+            Response::Meta(m) => m.value = Some(data(range)),
             _ => unreachable!("only values are left in the buffer"),
         }
     }
 }
 
-/// The data at `range` of `buf`: copied, or left for [`fill`] (empty
-/// meanwhile) when `leave` takes it.
-fn data(buf: &[u8], range: Range<usize>, index: usize, leave: Option<&mut Leave>) -> Bytes {
-    match leave {
-        Some(leave)
-            if range.len() >= SHARED_VALUE_MIN && leave.buffer <= value_footprint(range.len()) =>
-        {
-            leave.values.push(Left { index, range });
+/// The data at `range` of `buf`: copied, or, when `left` is given and it
+/// is long enough, left for [`fill`] (empty meanwhile).
+fn data(buf: &[u8], range: Range<usize>, index: usize, left: Option<&mut Vec<Left>>) -> Bytes {
+    match left {
+        Some(left) if range.len() >= SHARED_VALUE_MIN => {
+            left.push(Left { index, range });
             Bytes::new()
         }
         _ => Bytes::copy_from_slice(&buf[range]),
@@ -222,9 +215,9 @@ pub fn parse_reply(request: &Request, buf: &[u8]) -> ReplyParsed {
     parse(request, buf, None)
 }
 
-/// [`parse_reply`], leaving values that `leave` takes in `buf` for the
-/// caller ([`ReplyBuffer::take`]).
-fn parse(request: &Request, buf: &[u8], mut left: Option<&mut Leave>) -> ReplyParsed {
+/// [`parse_reply`], leaving long values in `buf` for the caller when
+/// `left` is given ([`ReplyBuffer::take`]).
+fn parse(request: &Request, buf: &[u8], mut left: Option<&mut Vec<Left>>) -> ReplyParsed {
     let Some((line, mut at)) = line_at(buf, 0) else {
         return ReplyParsed::Incomplete;
     };
@@ -318,7 +311,7 @@ fn meta_reply(
     buf: &[u8],
     line: &[u8],
     at: usize,
-    left: Option<&mut Leave>,
+    left: Option<&mut Vec<Left>>,
 ) -> ReplyParsed {
     let done = |response, consumed| ReplyParsed::Complete { response, consumed };
     if let Some(e) = error_line(line) {
@@ -627,8 +620,8 @@ mod tests {
     /// Feeds `stream` to a [`ReplyBuffer`] in reads of `read` bytes (at
     /// most its room) and takes `replies` replies to `request`; returns how
     /// many of their values were slices of the buffer. Checks on the way
-    /// that the buffer never grew in place and that a shared value's buffer
-    /// is within its footprint.
+    /// that the buffer never grew in place and that shared values' buffer
+    /// is within their footprints.
     fn take_all(stream: &[u8], read: usize, request: &Request, replies: usize) -> usize {
         let mut rb = ReplyBuffer::new();
         let (mut fed, mut taken, mut shared) = (0, 0, 0);
@@ -638,11 +631,14 @@ mod tests {
             match rb.take(request).expect("frames") {
                 Some(Response::Values(values)) => {
                     taken += 1;
-                    for v in values {
-                        if region.contains(&(v.data.as_ptr() as usize)) {
-                            shared += 1;
-                            assert!(rb.size <= value_footprint(v.data.len()), "{}", rb.size);
-                        }
+                    let counted: usize = values
+                        .iter()
+                        .filter(|v| region.contains(&(v.data.as_ptr() as usize)))
+                        .map(|v| value_footprint(v.data.len()))
+                        .sum();
+                    if counted > 0 {
+                        shared += values.len();
+                        assert!(rb.size <= counted, "{} > {counted}", rb.size);
                     }
                 }
                 Some(other) => panic!("{other:?}"),
@@ -687,6 +683,23 @@ mod tests {
         stream.extend(value_reply(SHARED_VALUE_MIN).repeat(200));
         let shared = take_all(&stream, BACKEND_READ_CHUNK, &one, 201);
         assert!(shared >= 190, "{shared} of 201 shared");
+        // A joined get's reply: 64 values of 16 KiB, a megabyte, held in
+        // one buffer until its end arrives, then shared.
+        let many = Request::Get {
+            keys: (0..64).map(|i| Bytes::from(format!("k{i}"))).collect(),
+            cas: false,
+        };
+        let mut joined = Vec::new();
+        for i in 0..64 {
+            joined.extend(format!("VALUE k{i} 0 {SHARED_VALUE_MIN}\r\n").into_bytes());
+            joined.extend(std::iter::repeat_n(i as u8, SHARED_VALUE_MIN));
+            joined.extend_from_slice(b"\r\n");
+        }
+        joined.extend_from_slice(b"END\r\n");
+        assert_eq!(
+            take_all(&joined.repeat(3), BACKEND_READ_CHUNK, &many, 3),
+            192
+        );
         // Short values are never shared.
         assert_eq!(
             take_all(&value_reply(100).repeat(2000), 65536, &one, 2000),
