@@ -195,7 +195,8 @@ fn encoded(r: &Incoming) -> Vec<u8> {
     b.to_vec()
 }
 
-fn response() -> impl Strategy<Value = (Request, Response)> {
+/// A `gets` and its reply of up to four values with data from `data`.
+fn gets_reply(data: impl Strategy<Value = Bytes>) -> impl Strategy<Value = (Request, Response)> {
     let get = Request::Get {
         keys: vec![Bytes::from_static(b"k")],
         cas: true,
@@ -203,7 +204,7 @@ fn response() -> impl Strategy<Value = (Request, Response)> {
     let value = (
         key(),
         any::<u32>(),
-        data(),
+        data,
         proptest::option::of(any::<u64>()),
     )
         .prop_map(|(key, flags, data, cas)| Value {
@@ -212,9 +213,12 @@ fn response() -> impl Strategy<Value = (Request, Response)> {
             data,
             cas,
         });
+    proptest::collection::vec(value, 0..4).prop_map(move |v| (get.clone(), Response::Values(v)))
+}
+
+fn response() -> impl Strategy<Value = (Request, Response)> {
     prop_oneof![
-        proptest::collection::vec(value, 0..4)
-            .prop_map(move |v| (get.clone(), Response::Values(v))),
+        gets_reply(data()),
         any::<u64>().prop_map(|n| (
             Request::Arith {
                 op: ArithOp::Incr,
@@ -291,25 +295,8 @@ fn long_data() -> impl Strategy<Value = Bytes> {
 /// Replies that carry values, short and long: a `gets` of up to four
 /// values, or an `mg` hit (quiet or not).
 fn value_response() -> impl Strategy<Value = (Request, Response)> {
-    let get = Request::Get {
-        keys: vec![Bytes::from_static(b"k")],
-        cas: true,
-    };
-    let value = (
-        key(),
-        any::<u32>(),
-        long_data(),
-        proptest::option::of(any::<u64>()),
-    )
-        .prop_map(|(key, flags, data, cas)| Value {
-            key,
-            flags,
-            data,
-            cas,
-        });
     prop_oneof![
-        proptest::collection::vec(value, 0..4)
-            .prop_map(move |v| (get.clone(), Response::Values(v))),
+        gets_reply(long_data()),
         (long_data(), any::<bool>()).prop_map(|(data, quiet)| {
             let reply = MetaReply {
                 code: MetaCode::Va,
