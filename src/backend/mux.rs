@@ -7,7 +7,7 @@
 //! | and in order                 | in one step under the connection's lock                      |
 //! | replies frame                | one reader task per connection parses replies against the    |
 //! |                              | queue of batches, FIFO ([`ReplyBuffer`]); values of 16 KiB   |
-//! |                              | or more are slices of the read buffer, never copied           |
+//! |                              | or more are slices of the read buffer, never copied          |
 //! | few commands for memcached   | consecutive `get`s (or `gets`) of any callers are sent as    |
 //! |                              | one multi-key line ([`Line`]); its one reply is split back   |
 //! |                              | by key. Not if a key is already on the line for another      |
