@@ -47,11 +47,10 @@ use tokio::net::tcp::ReadHalf;
 use super::mux::{Mux, MuxOptions};
 use super::{Backend, BackendError, BoxFuture, KeyExpiry, PoolStatus};
 use crate::outage::Outage;
-use crate::protocol::{AdminRequest, ErrorReply, ReplyBuffer, Request, Response, encode_request};
-
-/// Buffers that grew past this for a large exchange are given back once the
-/// exchange is over, so idle pooled connections stay small.
-const IDLE_BUFFER_MAX: usize = 256 * 1024;
+use crate::protocol::{
+    AdminRequest, BACKEND_IDLE_BUFFER_MAX, ErrorReply, ReplyBuffer, Request, Response,
+    encode_request,
+};
 
 /// Tuning of the connections to one memcached.
 #[derive(Debug, Clone)]
@@ -620,7 +619,7 @@ impl Conn {
             Err(_) => return Err(BackendError::Timeout),
         };
         self.broken = false;
-        if self.wbuf.capacity() > IDLE_BUFFER_MAX {
+        if self.wbuf.capacity() > BACKEND_IDLE_BUFFER_MAX {
             self.wbuf = BytesMut::new();
         }
         self.rbuf.release_if_large();

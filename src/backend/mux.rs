@@ -51,14 +51,12 @@ use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
 
 use super::BackendError;
-use crate::protocol::{ReplyBuffer, Request, Response, Value, encode_request, reply_shape};
+use crate::protocol::{
+    BACKEND_IDLE_BUFFER_MAX, ReplyBuffer, Request, Response, Value, encode_request, reply_shape,
+};
 
 /// How often per `request_timeout` the watchdog looks at the oldest batch.
 const CHECKS_PER_TIMEOUT: u64 = 8;
-
-/// A buffer grown past this by a large batch is given back once it is
-/// empty again, so an idle connection stays small.
-const IDLE_BUFFER_MAX: usize = 256 * 1024;
 
 /// Most keys on one joined `get` line, and most bytes of it.
 const LINE_MAX_KEYS: usize = 64;
@@ -437,7 +435,7 @@ impl Conn {
                         return;
                     }
                     if state.wbuf.is_empty() {
-                        if state.wbuf.capacity() > IDLE_BUFFER_MAX {
+                        if state.wbuf.capacity() > BACKEND_IDLE_BUFFER_MAX {
                             state.wbuf = BytesMut::new();
                         }
                         break;
@@ -451,7 +449,7 @@ impl Conn {
                     return;
                 }
                 out.clear();
-                if out.capacity() > IDLE_BUFFER_MAX {
+                if out.capacity() > BACKEND_IDLE_BUFFER_MAX {
                     out = BytesMut::new();
                 }
             }

@@ -24,7 +24,7 @@ pub use meta::{
 };
 pub use parse::{Parsed, parse_request};
 pub use reply::{
-    BACKEND_READ_CHUNK, ReplyBuffer, ReplyParsed, SHARED_VALUE_MIN, parse_reply, reply_shape,
+    BACKEND_IDLE_BUFFER_MAX, ReplyBuffer, ReplyParsed, SHARED_VALUE_MIN, parse_reply, reply_shape,
     value_footprint,
 };
 

@@ -66,9 +66,10 @@ pub const SHARED_VALUE_MIN: usize = 16 * 1024;
 /// least.
 pub const BACKEND_READ_CHUNK: usize = 64 * 1024;
 
-/// An empty read buffer larger than this is given back
-/// ([`ReplyBuffer::release_if_large`]).
-const KEEP_BUFFER_MAX: usize = 256 * 1024;
+/// A backend connection's buffer, read or write, that a long exchange grew
+/// past this is given back once empty, so idle connections stay small
+/// ([`ReplyBuffer::release_if_large`] for the read buffer).
+pub const BACKEND_IDLE_BUFFER_MAX: usize = 256 * 1024;
 
 /// The memory a value of `len` bytes from a backend is counted as holding
 /// while it waits to be written: a shared value holds its read buffer,
@@ -123,7 +124,7 @@ impl ReplyBuffer {
         if self.buf.capacity() - self.buf.len() < BACKEND_READ_CHUNK {
             let held = self.buf.len();
             let size = (held + BACKEND_READ_CHUNK).max(2 * held);
-            let oversized = self.size > size.max(KEEP_BUFFER_MAX);
+            let oversized = self.size > size.max(BACKEND_IDLE_BUFFER_MAX);
             if oversized || !self.buf.try_reclaim(BACKEND_READ_CHUNK) {
                 let mut fresh = BytesMut::with_capacity(size);
                 fresh.extend_from_slice(&self.buf);
@@ -136,7 +137,7 @@ impl ReplyBuffer {
 
     /// Gives back an empty buffer that a long reply made large.
     pub fn release_if_large(&mut self) {
-        if self.buf.is_empty() && self.size > KEEP_BUFFER_MAX {
+        if self.buf.is_empty() && self.size > BACKEND_IDLE_BUFFER_MAX {
             *self = ReplyBuffer::new();
         }
     }
