@@ -256,19 +256,59 @@ fn replication_goes_on_when_acks_are_lost() {
         CONVERGE_WAIT,
         "node 2, its acks cut off",
     );
+    wait_no_lag(&c, 1, 2);
+    c.heal_all();
+}
+
+/// A full resync is acked like a message, and a lost ack of it is asked
+/// for too: the writer's count of what the peer lacks comes back to 0.
+#[test]
+fn a_resync_whose_ack_is_lost_is_still_counted() {
+    let _serial = serial();
+    let mut c = TestCluster::start(
+        3,
+        ClusterOpts {
+            relays: true,
+            ..ClusterOpts::default()
+        },
+    );
+    c.relay(2, 1).cut();
+    c.kill9(2);
+    let mut n1 = c.client(1);
+    let keys: Vec<String> = (0..50).map(|i| format!("resync-{i}")).collect();
+    for key in &keys {
+        assert_eq!(n1.set(key, 0, 0, key.as_bytes()).unwrap(), "STORED");
+    }
+    let want = n1.get_many(&keys).unwrap();
+    // Node 2 comes back empty (embedded store): node 1 sends it everything
+    // as a full resync.
+    c.restart(2);
+    wait_reads(
+        c.ports(2).client,
+        &keys,
+        &want,
+        CONVERGE_WAIT,
+        "node 2 after its resync, its acks cut off",
+    );
+    wait_no_lag(&c, 1, 2);
+    c.heal_all();
+}
+
+/// Waits until node `writer` counts no entry of its log unacknowledged by
+/// node `peer`; panics after [`CONVERGE_WAIT`].
+fn wait_no_lag(c: &TestCluster, writer: usize, peer: usize) {
     let started = Instant::now();
     loop {
-        let lag = c.stats_cluster(1).unwrap()["peer:2:lag"].clone();
+        let lag = c.stats_cluster(writer).unwrap()[&format!("peer:{peer}:lag")].clone();
         if lag == "0" {
             break;
         }
         assert!(
             started.elapsed() < CONVERGE_WAIT,
-            "node 1 still counts {lag} entries unacknowledged by node 2"
+            "node {writer} still counts {lag} entries unacknowledged by node {peer}"
         );
         poll_pause();
     }
-    c.heal_all();
 }
 
 /// Writes that come while a message is lingering gather into the next one:

@@ -115,12 +115,24 @@ impl Eventual {
             c.incarnation == backlog.incarnation && backlog.read_after(c.seq, 0).is_ok()
         };
         let slot = self.peers.get(peer).ok_or(PeerError::Unknown(peer))?;
-        let mut sent = match cursor {
-            Some(c) if resumable(&c) => c.seq,
-            _ => self.full_resync(link).await?,
-        };
-        // The last entry of each message in flight.
+        // The last entry of each message in flight. A full resync counts as
+        // one (its end is acked like a message), so a lost ack of it is
+        // asked for too.
         let mut window: VecDeque<u64> = VecDeque::with_capacity(IN_FLIGHT);
+        let mut sent = match cursor {
+            // The peer's answer is also its ack: a pusher that restarted
+            // with nothing left to send would otherwise keep counting the
+            // lag of the last ack that reached it, for ever.
+            Some(c) if resumable(&c) => {
+                self.peers.acked(peer, c);
+                c.seq
+            }
+            _ => {
+                let seq = self.full_resync(link).await?;
+                window.push_back(seq);
+                seq
+            }
+        };
         let mut next_send = Instant::now();
         tracing::info!(peer, resume = ?cursor, from = sent, "pushing the log to peer");
         // Drop answers to digests of an earlier connection.
@@ -166,6 +178,7 @@ impl Eventual {
                     ae.cancel();
                     window.clear();
                     sent = self.full_resync(link).await?;
+                    window.push_back(sent);
                     continue;
                 }
             }
@@ -201,6 +214,7 @@ impl Eventual {
                     ae.cancel();
                     window.clear();
                     sent = self.full_resync(link).await?;
+                    window.push_back(sent);
                 }
                 _ = tokio::time::sleep_until(ae.next), if ae.idle() => {
                     ae.started_ms = unix_ms();
