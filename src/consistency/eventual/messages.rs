@@ -159,12 +159,24 @@ pub fn entry_bytes(e: &Entry) -> usize {
 /// Splits entries into runs that each fit a message (a run holds at least
 /// one entry).
 pub fn frame_runs<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    runs(items, usize::MAX, FRAME_BUDGET, size)
+}
+
+/// Splits items, in order, into runs of at most `max_items` items and
+/// `max_bytes` bytes by `size`; an item larger than `max_bytes` is a run of
+/// its own.
+pub fn runs<T>(
+    items: Vec<T>,
+    max_items: usize,
+    max_bytes: usize,
+    size: impl Fn(&T) -> usize,
+) -> Vec<Vec<T>> {
     let mut runs = Vec::new();
     let mut run = Vec::new();
     let mut bytes = 0;
     for item in items {
         let n = size(&item);
-        if !run.is_empty() && bytes + n > FRAME_BUDGET {
+        if !run.is_empty() && (bytes + n > max_bytes || run.len() >= max_items) {
             runs.push(std::mem::take(&mut run));
             bytes = 0;
         }
@@ -261,6 +273,14 @@ mod tests {
             "an entry larger than the budget travels alone"
         );
         assert!(frame_runs(Vec::<usize>::new(), |n| *n).is_empty());
+    }
+
+    #[test]
+    fn runs_stay_within_a_count_and_a_size() {
+        let lens = |runs: Vec<Vec<usize>>| runs.iter().map(Vec::len).collect::<Vec<_>>();
+        assert_eq!(lens(runs(vec![1; 7], 3, 100, |n| *n)), vec![3, 3, 1]);
+        assert_eq!(lens(runs(vec![40; 7], 3, 100, |n| *n)), vec![2, 2, 2, 1]);
+        assert_eq!(lens(runs(vec![1, 500, 1], 3, 100, |n| *n)), vec![1, 1, 1]);
     }
 
     #[test]

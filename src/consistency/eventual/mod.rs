@@ -50,14 +50,24 @@ use crate::rules::{self, Clock, Effect};
 use crate::time::unix_ms;
 pub use backlog::Backlog;
 use hlc::Hlc;
-use messages::{Entry, Op, Version};
+use messages::{Entry, Op, Version, entry_bytes};
 use peers::{EventualMetrics, Peers};
 pub use record::Record;
 
 const STRIPES: usize = 1024;
 
-/// Keys of replicated entries read and written per store exchange.
-const APPLY_BATCH: usize = 64;
+/// Keys of replicated entries read and written per store exchange, at
+/// most: a peer's message (`replication_batch`, 512 by default) is applied
+/// in one exchange that reads the keys' versions and one that writes.
+/// Each store exchange costs the replica and its store a few wake-ups;
+/// at 64 keys per exchange they were a sixth of their CPU under load
+/// (docs/BENCHMARKS.md).
+const APPLY_BATCH: usize = 512;
+
+/// Bytes of replicated values per store exchange, at most: the version read
+/// returns the keys' whole current values, which are likely about as large
+/// as the new ones.
+const APPLY_BATCH_BYTES: usize = 1024 * 1024;
 
 /// Eventual mode's settings.
 #[derive(Debug, Clone)]
@@ -785,10 +795,11 @@ impl Eventual {
         }
     }
 
-    /// Applies a run of entries without a flush as batches of
-    /// [`APPLY_BATCH`] keys: for each, the current versions are read in one
-    /// exchange and the winning writes sent in another, under the stripes of
-    /// all its keys (taken in index order, so batches never deadlock).
+    /// Applies a run of entries without a flush as batches of at most
+    /// [`APPLY_BATCH`] keys and [`APPLY_BATCH_BYTES`]: for each, the
+    /// current versions are read in one exchange and the winning writes
+    /// sent in another, under the stripes of all its keys (taken in index
+    /// order, so batches never deadlock).
     /// Returns how many keys changed.
     async fn apply_run(&self, run: Vec<Entry>) -> Result<usize, BackendError> {
         let flushed = self.flushed();
@@ -809,8 +820,8 @@ impl Eventual {
         }
         let entries: Vec<Entry> = newest.into_values().collect();
         let mut changed = 0;
-        for batch in entries.chunks(APPLY_BATCH) {
-            changed += self.apply_batch(batch.to_vec()).await?;
+        for batch in messages::runs(entries, APPLY_BATCH, APPLY_BATCH_BYTES, entry_bytes) {
+            changed += self.apply_batch(batch).await?;
         }
         Ok(changed)
     }
