@@ -360,7 +360,7 @@ impl Default for ClusterConfig {
             replication_backlog: 100_000,
             replication_backlog_bytes: 64 * 1024 * 1024,
             replication_batch: 512,
-            replication_linger_ms: 10,
+            replication_linger_ms: 5,
             tombstone_grace_ms: 600_000,
             store_check_interval_ms: 1000,
             anti_entropy_interval_ms: 30_000,
