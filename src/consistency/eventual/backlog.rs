@@ -3,9 +3,10 @@
 //! a peer further behind gets a full resync instead.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use super::messages::Entry;
 
@@ -15,8 +16,12 @@ pub struct Backlog {
     capacity: usize,
     max_bytes: usize,
     inner: Mutex<Inner>,
-    /// The newest sequence number, for pushers to wait on.
-    head: watch::Sender<u64>,
+    /// The newest sequence number, stored under `inner`'s lock so that it
+    /// never goes back.
+    head: AtomicU64,
+    /// Woken on every append, for pushers waiting for entries (one lock
+    /// per append; a `watch` channel took nine).
+    appended: Notify,
 }
 
 struct Inner {
@@ -52,7 +57,8 @@ impl Backlog {
                 entries: VecDeque::new(),
                 bytes: 0,
             }),
-            head: watch::Sender::new(0),
+            head: AtomicU64::new(0),
+            appended: Notify::new(),
         }
     }
 
@@ -70,18 +76,30 @@ impl Backlog {
             }
         }
         let seq = inner.first_seq + inner.entries.len() as u64 - 1;
+        self.head.store(seq, Ordering::Release);
         drop(inner);
-        self.head.send_replace(seq);
+        self.appended.notify_waiters();
         seq
     }
 
     /// The newest sequence number (0 when nothing was written yet).
     pub fn head(&self) -> u64 {
-        *self.head.borrow()
+        self.head.load(Ordering::Acquire)
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.head.subscribe()
+    /// Returns once the newest sequence number is beyond `seq`.
+    pub async fn beyond(&self, seq: u64) {
+        loop {
+            // Registered before the check, so an append between the two
+            // still wakes this waiter.
+            let appended = self.appended.notified();
+            let mut appended = std::pin::pin!(appended);
+            appended.as_mut().enable();
+            if self.head() > seq {
+                return;
+            }
+            appended.await;
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -160,6 +178,25 @@ mod tests {
         assert_eq!(seqs(b.read_after(3, 1).unwrap()), vec![4]);
         assert_eq!(seqs(b.read_after(5, 10).unwrap()), Vec::<u64>::new());
         assert_eq!(b.read_after(1, 10), Err(TooOld));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_wakes_on_the_append_beyond_its_entry() {
+        let b = Arc::new(Backlog::new(1, 10, usize::MAX));
+        b.append(entry(1));
+        // Beyond what is there: returns at once.
+        b.beyond(0).await;
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            async move { b.beyond(1).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "nothing beyond entry 1 yet");
+        b.append(entry(2));
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the append wakes the waiter")
+            .unwrap();
     }
 
     #[test]

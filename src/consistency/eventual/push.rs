@@ -104,7 +104,6 @@ impl Eventual {
     ) -> Result<(), PushError> {
         let peer = link.peer();
         let backlog = &*self.backlog;
-        let mut head = backlog.subscribe();
         let answer = tokio::time::timeout(CURSOR_WAIT, link.request(encode(&Ask::Cursor)))
             .await
             .map_err(|_| PeerError::Timeout(peer))??;
@@ -198,11 +197,7 @@ impl Eventual {
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(next_send), if lingering && window.is_empty() => {}
-                changed = head.changed(), if open => {
-                    if changed.is_err() {
-                        return Ok(());
-                    }
-                }
+                _ = backlog.beyond(sent), if open => {}
                 _ = slot.ack.notified(), if !window.is_empty() => {}
                 // An ack can be lost (the peer sends it only if its link
                 // has room): ask, when none came for a while.
