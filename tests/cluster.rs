@@ -241,14 +241,9 @@ fn replication_goes_on_when_acks_are_lost() {
         },
     );
     c.relay(2, 1).cut();
-    let mut n1 = c.client(1);
     // One message each: many more than the window holds.
     let keys: Vec<String> = (0..100).map(|i| format!("ack-{i}")).collect();
-    for key in &keys {
-        assert_eq!(n1.set(key, 0, 0, key.as_bytes()).unwrap(), "STORED");
-    }
-    let want = n1.get_many(&keys).unwrap();
-    assert_eq!(want.len(), keys.len());
+    let want = set_to_own_names(&mut c.client(1), &keys);
     wait_reads(
         c.ports(2).client,
         &keys,
@@ -274,12 +269,8 @@ fn a_resync_whose_ack_is_lost_is_still_counted() {
     );
     c.relay(2, 1).cut();
     c.kill9(2);
-    let mut n1 = c.client(1);
     let keys: Vec<String> = (0..50).map(|i| format!("resync-{i}")).collect();
-    for key in &keys {
-        assert_eq!(n1.set(key, 0, 0, key.as_bytes()).unwrap(), "STORED");
-    }
-    let want = n1.get_many(&keys).unwrap();
+    let want = set_to_own_names(&mut c.client(1), &keys);
     // Node 2 comes back empty (embedded store): node 1 sends it everything
     // as a full resync.
     c.restart(2);
@@ -292,6 +283,17 @@ fn a_resync_whose_ack_is_lost_is_still_counted() {
     );
     wait_no_lag(&c, 1, 2);
     c.heal_all();
+}
+
+/// Sets each key to its own name through `client`; returns what the node
+/// then reads, every key checked present.
+fn set_to_own_names(client: &mut Client, keys: &[String]) -> Values {
+    for key in keys {
+        assert_eq!(client.set(key, 0, 0, key.as_bytes()).unwrap(), "STORED");
+    }
+    let read = client.get_many(keys).unwrap();
+    assert_eq!(read.len(), keys.len(), "{}", show(&read));
+    read
 }
 
 /// Waits until node `writer` counts no entry of its log unacknowledged by
