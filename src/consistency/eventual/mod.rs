@@ -59,9 +59,9 @@ const STRIPES: usize = 1024;
 /// Keys of replicated entries read and written per store exchange, at
 /// most: a peer's message (`replication_batch`, 512 by default) is applied
 /// in one exchange that reads the keys' versions and one that writes.
-/// Each store exchange costs the replica and its store a few wake-ups;
-/// at 64 keys per exchange they were a sixth of their CPU under load
-/// (docs/BENCHMARKS.md).
+/// Each store exchange costs the replica and its store a few wake-ups:
+/// at 64 keys per exchange a replica woke about 2.4 k times a second
+/// under 1:10 load, at 512 about 1.5 k (docs/BENCHMARKS.md).
 const APPLY_BATCH: usize = 512;
 
 /// Bytes of replicated values per store exchange, at most: the version read
