@@ -1056,13 +1056,21 @@ mod tests {
     use std::time::Duration;
 
     fn node() -> (Arc<Eventual>, Arc<dyn Backend>) {
+        node_with_peers(vec![])
+    }
+
+    /// A node whose peers are named but never dialled (nothing starts
+    /// the cluster's links).
+    fn node_with_peers(
+        peers: Vec<(u32, crate::config::HostPort)>,
+    ) -> (Arc<Eventual>, Arc<dyn Backend>) {
         let backend: Arc<dyn Backend> = Arc::new(EmbeddedStore::new(1 << 24));
         let metrics = Arc::new(Metrics::new());
         let settings = ClusterSettings {
             cluster_name: "t".into(),
             secret: "s".into(),
             node_id: 1,
-            peers: vec![],
+            peers,
             heartbeat_interval: Duration::from_millis(100),
             suspect_after: Duration::from_millis(500),
             down_after: Duration::from_millis(1000),
@@ -1214,6 +1222,29 @@ mod tests {
         other.apply(entries).await.unwrap();
         assert_eq!(read(&other, "k").await.as_deref(), Some("three"));
         assert_eq!(read(&other, "j").await.as_deref(), Some("jay"));
+    }
+
+    #[tokio::test]
+    async fn acks_of_another_incarnation_of_the_log_are_not_counted() {
+        use crate::cluster::Handler;
+        use messages::{Cursor, Msg};
+        let (e, _) = node_with_peers(vec![(2, "127.0.0.1:1".parse().unwrap())]);
+        e.execute(&mut Session::new(0), vec![set("k", "v")]).await;
+        let head = e.backlog().head();
+        assert_eq!(head, 1);
+        let ack = |incarnation| {
+            messages::encode(&Msg::Ack {
+                cursor: Cursor {
+                    incarnation,
+                    seq: 1,
+                },
+            })
+        };
+        // The backlog of `node()` is incarnation 7.
+        e.on_message(2, ack(6)).await.unwrap();
+        assert_eq!(e.peers.lag(2, head), None, "an ack of incarnation 6");
+        e.on_message(2, ack(7)).await.unwrap();
+        assert_eq!(e.peers.lag(2, head), Some(0));
     }
 
     #[tokio::test]

@@ -274,7 +274,7 @@ impl Eventual {
             .await
             .map_err(|_| PeerError::Timeout(peer))??;
         let (cursor, _): (Option<Cursor>, Epoch) = decode(&answer).map_err(PushError::Replica)?;
-        if let Some(c) = cursor {
+        if let Some(c) = cursor.filter(|c| c.incarnation == self.backlog.incarnation) {
             self.peers.acked(peer, c);
         }
         Ok(())

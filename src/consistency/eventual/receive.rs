@@ -105,7 +105,12 @@ impl Eventual {
                     );
                 }
             }
-            Msg::Ack { cursor } => self.peers.acked(peer, cursor),
+            // An ack of another incarnation of this node's log (a message
+            // in flight when this process started) says nothing of this one.
+            Msg::Ack { cursor } if cursor.incarnation == self.backlog.incarnation => {
+                self.peers.acked(peer, cursor)
+            }
+            Msg::Ack { .. } => {}
             Msg::Digest { buckets } => {
                 // Every message the peer sent before its digest is applied,
                 // so this replica's digest, taken now, covers what the
