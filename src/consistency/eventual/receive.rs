@@ -105,12 +105,7 @@ impl Eventual {
                     );
                 }
             }
-            // An ack of another incarnation of this node's log (a message
-            // in flight when this process started) says nothing of this one.
-            Msg::Ack { cursor } if cursor.incarnation == self.backlog.incarnation => {
-                self.peers.acked(peer, cursor)
-            }
-            Msg::Ack { .. } => {}
+            Msg::Ack { cursor } => self.peers.acked(peer, cursor),
             Msg::Digest { buckets } => {
                 // Every message the peer sent before its digest is applied,
                 // so this replica's digest, taken now, covers what the
