@@ -151,6 +151,89 @@ pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
     postcard::from_bytes(body).map_err(|e| format!("undecodable eventual message: {e}"))
 }
 
+/// Decodes a [`Msg`] whose entries (`Entries`, `Snapshot`) keep their keys
+/// and values as slices of `body` rather than copies of them: a replica
+/// applies tens of thousands of entries a second, and each copy was an
+/// allocation (and another at the key's first clone). An entry keeps the
+/// whole message alive while it lives; applying one copies what the store
+/// keeps (the embedded store copies keys and values, memcached receives
+/// them over a socket), so a message lives as long as its apply.
+pub fn decode_msg(body: &Bytes) -> Result<Msg, String> {
+    // Postcard names a variant by its index, a varint: 0 and 1 are the
+    // variants that carry entries.
+    if !matches!(body.first(), Some(0 | 1)) {
+        return decode(body);
+    }
+    let shared = |b: &[u8]| body.slice_ref(b);
+    let entry = |e: EntryRef<'_>| Entry {
+        key: shared(e.key),
+        version: e.version,
+        op: match e.op {
+            OpRef::Put {
+                flags,
+                deadline_ms,
+                data,
+            } => Op::Put {
+                flags,
+                deadline_ms,
+                data: shared(data),
+            },
+            OpRef::Delete => Op::Delete,
+            OpRef::Flush { at_ms } => Op::Flush { at_ms },
+        },
+    };
+    Ok(match decode::<WithEntries>(body)? {
+        WithEntries::Entries {
+            incarnation,
+            entries,
+        } => Msg::Entries {
+            incarnation,
+            entries: entries.into_iter().map(|(s, e)| (s, entry(e))).collect(),
+        },
+        WithEntries::Snapshot { entries } => Msg::Snapshot {
+            entries: entries.into_iter().map(entry).collect(),
+        },
+    })
+}
+
+/// `Msg`'s first two variants with their entries borrowed from the encoded
+/// message; they decode from the same bytes as `Msg`'s.
+#[derive(Deserialize)]
+enum WithEntries<'a> {
+    Entries {
+        incarnation: u64,
+        #[serde(borrow)]
+        entries: Vec<(u64, EntryRef<'a>)>,
+    },
+    Snapshot {
+        #[serde(borrow)]
+        entries: Vec<EntryRef<'a>>,
+    },
+}
+
+/// [`Entry`] borrowed from an encoded message.
+#[derive(Deserialize)]
+struct EntryRef<'a> {
+    key: &'a [u8],
+    version: Version,
+    #[serde(borrow)]
+    op: OpRef<'a>,
+}
+
+/// [`Op`] borrowed from an encoded message.
+#[derive(Deserialize)]
+enum OpRef<'a> {
+    Put {
+        flags: u32,
+        deadline_ms: u64,
+        data: &'a [u8],
+    },
+    Delete,
+    Flush {
+        at_ms: u64,
+    },
+}
+
 /// About how many bytes an entry takes in a message.
 pub fn entry_bytes(e: &Entry) -> usize {
     let data = match &e.op {
@@ -232,7 +315,9 @@ mod tests {
                 },
             },
         ] {
-            assert_eq!(decode::<Msg>(&encode(&m)), Ok(m));
+            let body = encode(&m);
+            assert_eq!(decode::<Msg>(&body), Ok(m.clone()));
+            assert_eq!(decode_msg(&body), Ok(m));
         }
         let cursor = Some(Cursor {
             incarnation: 1,
@@ -240,6 +325,59 @@ mod tests {
         });
         assert_eq!(decode::<Option<Cursor>>(&encode(&cursor)), Ok(cursor));
         assert!(decode::<Msg>(b"\xff\xff").is_err());
+    }
+
+    #[test]
+    fn decoded_entries_share_the_message_bytes() {
+        let put = |k: &'static [u8], data: &'static [u8]| Entry {
+            key: Bytes::from_static(k),
+            version: Version { ts: 1, node: 1 },
+            op: Op::Put {
+                flags: 0,
+                deadline_ms: 0,
+                data: Bytes::from_static(data),
+            },
+        };
+        let flush = Entry {
+            key: Bytes::new(),
+            version: Version { ts: 2, node: 1 },
+            op: Op::Flush { at_ms: 9 },
+        };
+        let within = |body: &Bytes, b: &Bytes| {
+            let at = b.as_ptr() as usize;
+            let start = body.as_ptr() as usize;
+            at >= start && at + b.len() <= start + body.len()
+        };
+        let entries = vec![put(b"key-a", b"value a\r\n"), flush, put(b"b", b"")];
+        let body = encode(&Msg::Entries {
+            incarnation: 3,
+            entries: entries
+                .iter()
+                .cloned()
+                .enumerate()
+                .map(|(i, e)| (i as u64, e))
+                .collect(),
+        });
+        let Ok(Msg::Entries { entries: got, .. }) = decode_msg(&body) else {
+            panic!("not decoded as entries");
+        };
+        assert_eq!(
+            got.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
+            entries
+        );
+        let Op::Put { data, .. } = &got[0].1.op else {
+            panic!("not a put");
+        };
+        assert!(within(&body, &got[0].1.key) && within(&body, data));
+        let body = encode(&Msg::Snapshot {
+            entries: entries.clone(),
+        });
+        let Ok(Msg::Snapshot { entries: got }) = decode_msg(&body) else {
+            panic!("not decoded as a snapshot");
+        };
+        assert_eq!(got, entries);
+        assert!(within(&body, &got[0].key));
+        assert!(decode_msg(&Bytes::from_static(b"\x00\xff")).is_err());
     }
 
     #[test]

@@ -806,8 +806,11 @@ impl Eventual {
         // Within the run, the newest entry of each key is the one that
         // would win if they were applied in turn.
         let mut newest: HashMap<Bytes, Entry> = HashMap::with_capacity(run.len());
+        // The clock takes in the run's newest reading once, not one atomic
+        // update per entry.
+        self.hlc
+            .observe(run.iter().map(|e| e.version.ts).max().unwrap_or(0));
         for e in run {
-            self.hlc.observe(e.version.ts);
             if e.version <= flushed {
                 continue;
             }
@@ -836,17 +839,15 @@ impl Eventual {
         }
         let keys: Vec<Bytes> = batch.iter().map(|e| e.key.clone()).collect();
         let current = match self.call_one(Request::Get { keys, cas: false }).await? {
-            Response::Values(values) => values
-                .into_iter()
-                .map(|v| (v.key.clone(), Record::decode(&v.data).version))
-                .collect::<HashMap<Bytes, Version>>(),
+            Response::Values(values) => stored_versions(&batch, values),
             other => return Err(unexpected(other)),
         };
         let now = unix_ms();
         let writes: Vec<Request> = batch
             .into_iter()
-            .filter(|e| current.get(&e.key).is_none_or(|have| *have < e.version))
-            .map(|e| self.replicated_request(e, now))
+            .zip(current)
+            .filter(|(e, have)| have.is_none_or(|have| have < e.version))
+            .map(|(e, _)| self.replicated_request(e, now))
             .collect();
         if writes.is_empty() {
             return Ok(0);
@@ -858,6 +859,25 @@ impl Eventual {
         }
         Ok(writes.len())
     }
+}
+
+/// The stored version of each entry's key, in the batch's order (`None`
+/// where the store has nothing), from the values a multi-key get of the
+/// batch's keys returned. The store answers hits in the order asked, so
+/// each value is matched to the next entry of its key; a value left over
+/// (an answer in another order) has them matched by key instead.
+fn stored_versions(batch: &[Entry], values: Vec<Value>) -> Vec<Option<Version>> {
+    let version = |v: &Value| Record::decode(&v.data).version;
+    let mut rest = values.iter().peekable();
+    let in_order: Vec<Option<Version>> = batch
+        .iter()
+        .map(|e| rest.next_if(|v| v.key == e.key).map(version))
+        .collect();
+    if rest.peek().is_none() {
+        return in_order;
+    }
+    let by_key: HashMap<&Bytes, Version> = values.iter().map(|v| (&v.key, version(v))).collect();
+    batch.iter().map(|e| by_key.get(&e.key).copied()).collect()
 }
 
 /// A plain set of a run for [`Eventual::joined`]: its place in the run,
@@ -1296,6 +1316,38 @@ mod tests {
             .collect();
         assert_eq!(e.apply(many).await, Ok(3 * APPLY_BATCH));
         assert_eq!(read(&e, "m0").await.as_deref(), Some("v"));
+    }
+
+    #[test]
+    fn stored_versions_match_values_to_entries_in_any_order() {
+        let value = |key: &str, ts| Value {
+            key: b(key),
+            flags: 0,
+            data: Record {
+                tombstone: false,
+                version: Version { ts, node: 1 },
+                deadline_ms: 0,
+                data: b("v"),
+            }
+            .encode(),
+            cas: None,
+        };
+        let batch = vec![
+            put("a", "x", 9, 2),
+            put("b", "x", 9, 2),
+            put("c", "x", 9, 2),
+        ];
+        let v = |ts| Some(Version { ts, node: 1 });
+        assert_eq!(
+            stored_versions(&batch, vec![value("a", 1), value("c", 3)]),
+            vec![v(1), None, v(3)]
+        );
+        assert_eq!(
+            stored_versions(&batch, vec![value("c", 3), value("b", 2), value("a", 1)]),
+            vec![v(1), v(2), v(3)],
+            "values in another order are matched by key"
+        );
+        assert_eq!(stored_versions(&batch, vec![]), vec![None; 3]);
     }
 
     #[tokio::test]

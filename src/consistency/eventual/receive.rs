@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Eventual;
 use super::digest::Digest;
-use super::messages::{Ask, Cursor, Msg, decode, encode};
+use super::messages::{Ask, Cursor, Msg, decode, decode_msg, encode};
 use crate::BoxFuture;
 use crate::cluster::Handler;
 use crate::time::unix_ms;
@@ -21,7 +21,7 @@ const ASK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Handler for Eventual {
     fn on_message(&self, peer: u32, body: Bytes) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move { self.receive(peer, decode(&body)?).await })
+        Box::pin(async move { self.receive(peer, decode_msg(&body)?).await })
     }
 
     fn on_request(&self, peer: u32, body: Bytes) -> BoxFuture<'_, Result<Bytes, String>> {
