@@ -8,9 +8,10 @@
 #   benches/instructions.sh MEMTIER [TARGET...]
 #
 # TARGET is `memdial` (one node over memcached; the default), `twemproxy`
-# (nutcracker over memcached, one server connection) or `eventual` (node 1
+# (nutcracker over memcached, one server connection), `eventual` (node 1
 # of three `memdial serve` processes over a memcached each; node 1 is
-# counted). The memdial binary is $MEMDIAL_BIN, else target/release/memdial;
+# counted) or `replica` (the same cluster, node 2 counted: what applying
+# node 1's writes costs a replica, per request node 1 served). The memdial binary is $MEMDIAL_BIN, else target/release/memdial;
 # it runs with its default log level (info), as a user runs it.
 # memtier_benchmark runs 50 connections, 1 set : 10 gets, 32-byte values on
 # 2,000 keys, each connection at $RATE requests per second (20) for
@@ -20,7 +21,7 @@
 # docs/BENCHMARKS.md.
 set -euo pipefail
 
-memtier=${1:?usage: benches/instructions.sh MEMTIER [memdial|twemproxy|eventual ...]}
+memtier=${1:?usage: benches/instructions.sh MEMTIER [memdial|twemproxy|eventual|replica ...]}
 shift
 targets=("${@:-memdial}")
 memdial=${MEMDIAL_BIN:-target/release/memdial}
@@ -100,7 +101,9 @@ for target in "${targets[@]}"; do
         wait_port "$port"
         count "$target" "$port" "$vg" "$out"
         ;;
-    eventual)
+    eventual | replica)
+        counted=1
+        [[ $target == replica ]] && counted=2
         config="$work/cluster.yaml"
         printf 'cluster:\n  name: instructions\n  secret: instructions-secret\n  consistency: eventual\n  data_dir: %s/data\nnodes:\n' "$work" >"$config"
         ports=()
@@ -113,9 +116,9 @@ for target in "${targets[@]}"; do
         for n in 1 2 3; do
             mc=$(free_port)
             memcached_on "$mc"
-            if [[ $n == 1 ]]; then
+            if [[ $n == "$counted" ]]; then
                 valgrind --tool=callgrind --callgrind-out-file="$out" "$memdial" serve \
-                    --config "$config" --node 1 --backend "127.0.0.1:$mc" >"$work/node1.log" 2>&1 &
+                    --config "$config" --node "$n" --backend "127.0.0.1:$mc" >"$work/node$n.log" 2>&1 &
                 vg=$!
                 pids+=("$vg")
             else
@@ -130,7 +133,7 @@ for target in "${targets[@]}"; do
         count "$target" "${ports[0]}" "$vg" "$out"
         ;;
     *)
-        echo "unknown target $target (memdial, twemproxy, eventual)" >&2
+        echo "unknown target $target (memdial, twemproxy, eventual, replica)" >&2
         exit 2
         ;;
     esac
