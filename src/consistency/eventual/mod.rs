@@ -909,7 +909,7 @@ impl Pipeline for Eventual {
             let mut out = Vec::new();
             // Reads and plain sets go to the store together, in one
             // exchange; anything else is carried out on its own.
-            let mut run: Vec<Request> = Vec::new();
+            let mut run: Vec<Request> = Vec::with_capacity(requests.len());
             let mut sets: Vec<PlainSet> = Vec::new();
             let now = unix_ms();
             for request in requests {
