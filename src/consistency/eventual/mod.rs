@@ -271,6 +271,29 @@ impl Eventual {
         &self.stripes[self.stripe_index(key)]
     }
 
+    /// Takes the stripes of all these keys, each once, in index order, so
+    /// that two batches never wait for each other in a cycle.
+    async fn lock_stripes<'k>(
+        &self,
+        keys: impl Iterator<Item = &'k Bytes>,
+    ) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = keys.map(|k| self.stripe_index(k)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for i in stripes {
+            let stripe = &self.stripes[i];
+            // Most stripes are free: taken at once, without a future to
+            // poll. A free stripe has no waiters (the mutex hands a
+            // released stripe to its first waiter), so this is as fair.
+            guards.push(match stripe.try_lock() {
+                Ok(guard) => guard,
+                Err(_) => stripe.lock().await,
+            });
+        }
+        guards
+    }
+
     fn flushed(&self) -> Version {
         *self.flushed.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -543,16 +566,9 @@ impl Eventual {
                 _ => unreachable!("a plain set is a store request"),
             }
         }
-        let mut stripes: Vec<usize> = sets
-            .iter()
-            .map(|(i, ..)| self.stripe_index(key(&run, *i)))
-            .collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        let mut guards = Vec::with_capacity(stripes.len());
-        for i in stripes {
-            guards.push(self.stripes[i].lock().await);
-        }
+        let _guards = self
+            .lock_stripes(sets.iter().map(|(i, ..)| key(&run, *i)))
+            .await;
         // Versions are taken under the stripes, so the store writes a
         // key's sets in version order.
         let logged: Vec<(usize, Response, Entry)> = sets
@@ -830,13 +846,7 @@ impl Eventual {
     }
 
     async fn apply_batch(&self, batch: Vec<Entry>) -> Result<usize, BackendError> {
-        let mut stripes: Vec<usize> = batch.iter().map(|e| self.stripe_index(&e.key)).collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        let mut guards = Vec::with_capacity(stripes.len());
-        for i in stripes {
-            guards.push(self.stripes[i].lock().await);
-        }
+        let _guards = self.lock_stripes(batch.iter().map(|e| &e.key)).await;
         let keys: Vec<Bytes> = batch.iter().map(|e| e.key.clone()).collect();
         let current = match self.call_one(Request::Get { keys, cas: false }).await? {
             Response::Values(values) => stored_versions(&batch, values),
@@ -1316,6 +1326,26 @@ mod tests {
             .collect();
         assert_eq!(e.apply(many).await, Ok(3 * APPLY_BATCH));
         assert_eq!(read(&e, "m0").await.as_deref(), Some("v"));
+    }
+
+    #[tokio::test]
+    async fn a_batch_waits_for_a_stripe_held_by_a_write() {
+        let (e, _) = node();
+        let now = unix_ms() << 16;
+        let held = e.stripe(b"k").lock().await;
+        let applying = tokio::spawn({
+            let e = e.clone();
+            async move {
+                e.apply(vec![put("j", "v", now + 1, 2), put("k", "v", now + 1, 2)])
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!applying.is_finished(), "the batch took a held stripe");
+        assert_eq!(read(&e, "k").await, None);
+        drop(held);
+        assert_eq!(applying.await.expect("apply task"), Ok(2));
+        assert_eq!(read(&e, "k").await.as_deref(), Some("v"));
     }
 
     #[test]
