@@ -11,8 +11,9 @@
 # (nutcracker over memcached, one server connection), `eventual` (node 1
 # of three `memdial serve` processes over a memcached each; node 1 is
 # counted) or `replica` (the same cluster, node 2 counted: what applying
-# node 1's writes costs a replica, per request node 1 served). The memdial binary is $MEMDIAL_BIN, else target/release/memdial;
-# it runs with its default log level (info), as a user runs it.
+# node 1's writes costs a replica, per request node 1 served). The memdial
+# binary is $MEMDIAL_BIN, else target/release/memdial; it runs with its
+# default log level (info), as a user runs it.
 # memtier_benchmark runs 50 connections, 1 set : 10 gets, 32-byte values on
 # 2,000 keys, each connection at $RATE requests per second (20) for
 # $REQUESTS requests (200), at pipeline depth $DEPTH (1); the count starts
