@@ -360,7 +360,7 @@ impl Eventual {
             .await?;
         Ok(match response {
             Response::Values(mut v) => v.pop().map(|v| Current {
-                record: Record::decode(&v.data),
+                record: Record::take(v.data),
                 flags: v.flags,
                 cas: v.cas,
             }),
@@ -877,16 +877,19 @@ impl Eventual {
 /// each value is matched to the next entry of its key; a value left over
 /// (an answer in another order) has them matched by key instead.
 fn stored_versions(batch: &[Entry], values: Vec<Value>) -> Vec<Option<Version>> {
-    let version = |v: &Value| Record::decode(&v.data).version;
-    let mut rest = values.iter().peekable();
+    let stored: Vec<(Bytes, Version)> = values
+        .into_iter()
+        .map(|v| (v.key, Record::take(v.data).version))
+        .collect();
+    let mut rest = stored.iter().peekable();
     let in_order: Vec<Option<Version>> = batch
         .iter()
-        .map(|e| rest.next_if(|v| v.key == e.key).map(version))
+        .map(|e| rest.next_if(|(key, _)| *key == e.key).map(|(_, v)| *v))
         .collect();
     if rest.peek().is_none() {
         return in_order;
     }
-    let by_key: HashMap<&Bytes, Version> = values.iter().map(|v| (&v.key, version(v))).collect();
+    let by_key: HashMap<&Bytes, Version> = stored.iter().map(|(k, v)| (k, *v)).collect();
     batch.iter().map(|e| by_key.get(&e.key).copied()).collect()
 }
 
@@ -1054,8 +1057,8 @@ impl Replica for Eventual {
             let now = unix_ms();
             Ok(values
                 .into_iter()
-                .filter_map(|v| {
-                    let rec = Record::decode(&v.data);
+                .filter_map(|mut v| {
+                    let rec = Record::take(std::mem::take(&mut v.data));
                     let op = if rec.tombstone {
                         Op::Delete
                     } else if rec.expired(now) {

@@ -37,13 +37,9 @@ impl Record {
         b.freeze()
     }
 
-    pub fn decode(stored: &Bytes) -> Record {
-        Record::take(stored.clone())
-    }
-
-    /// [`Record::decode`] of a value no longer needed whole: the data is
-    /// the stored bytes past the header, without the allocation that a
-    /// slice of a fresh `Bytes` (one read from a socket) costs.
+    /// The record a stored value holds; the data is the stored bytes past
+    /// the header. It takes the value rather than a reference: cloning a
+    /// `Bytes` copied out of a reply allocates.
     pub fn take(mut stored: Bytes) -> Record {
         let header = stored.get(..HEADER_BYTES).filter(|h| h.starts_with(MAGIC));
         let Some(h) = header else {
@@ -99,9 +95,8 @@ mod tests {
         };
         let enc = r.encode();
         assert_eq!(enc.len(), HEADER_BYTES + 4);
-        assert_eq!(Record::decode(&enc), r);
         assert_eq!(Record::take(enc), r);
-        let foreign = Record::decode(&Bytes::from_static(b"plain"));
+        let foreign = Record::take(Bytes::from_static(b"plain"));
         assert_eq!(foreign.version, Version::default());
         assert_eq!(&foreign.data[..], b"plain");
         assert!(foreign.live(1));
