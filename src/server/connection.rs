@@ -539,22 +539,7 @@ impl<'a> Connection<'a> {
             .min(node_budget);
         let mut permit = reserve(shared, estimate).await;
         let responses = shared.pipeline.execute(&mut self.session, requests).await;
-        let (mut bytes, mut largest) = (0, 0);
-        for r in &responses {
-            bytes += MIN_REPLY_ESTIMATE;
-            match r {
-                Response::Values(values) => {
-                    for v in values {
-                        bytes += value_footprint(v.data.len()) + v.key.len();
-                        largest = largest.max(v.data.len());
-                    }
-                }
-                Response::Meta(m) => {
-                    bytes += m.value.as_ref().map_or(0, |v| value_footprint(v.len()))
-                }
-                _ => {}
-            }
-        }
+        let (bytes, largest) = reply_footprint(&responses);
         if bytes.min(node_budget) > estimate {
             // Give back, then wait for the whole: never hold some permits
             // while waiting for more (two connections could wait on each
@@ -968,6 +953,28 @@ fn release_for_wait(buf: &mut BytesMut, grown: &mut bool, keep: usize) {
     }
 }
 
+/// What `responses` are counted as holding against the node's reply
+/// budget until they are written (a value by its [`value_footprint`], so a
+/// large one shared from a backend's read buffer counts that buffer), and
+/// the longest value among them.
+fn reply_footprint(responses: &[Response]) -> (usize, usize) {
+    let (mut bytes, mut largest) = (0, 0);
+    for r in responses {
+        bytes += MIN_REPLY_ESTIMATE;
+        match r {
+            Response::Values(values) => {
+                for v in values {
+                    bytes += value_footprint(v.data.len()) + v.key.len();
+                    largest = largest.max(v.data.len());
+                }
+            }
+            Response::Meta(m) => bytes += m.value.as_ref().map_or(0, |v| value_footprint(v.len())),
+            _ => {}
+        }
+    }
+    (bytes, largest)
+}
+
 /// Takes `bytes` permits of the node's reply budget, waiting while other
 /// connections hold it. `None` when there is nothing to take.
 async fn reserve(shared: &Shared, bytes: usize) -> Option<SemaphorePermit<'_>> {
@@ -1078,6 +1085,42 @@ fn key_count(r: &Request) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // A value long enough to be shared from a backend's read buffer counts
+    // that buffer too; a shorter one counts its own length.
+    #[test]
+    fn replies_count_shared_values_with_their_read_buffer() {
+        use crate::protocol::SHARED_VALUE_MIN;
+        let value = |len: usize| crate::protocol::Value {
+            key: Bytes::from_static(b"key"),
+            flags: 0,
+            data: Bytes::from(vec![b'v'; len]),
+            cas: None,
+        };
+        let short = SHARED_VALUE_MIN - 1;
+        let (bytes, largest) = reply_footprint(&[
+            Response::Values(vec![value(short), value(SHARED_VALUE_MIN)]),
+            Response::Stored,
+        ]);
+        let shared = value_footprint(SHARED_VALUE_MIN);
+        assert!(
+            shared > SHARED_VALUE_MIN,
+            "a shared value counts its buffer"
+        );
+        assert_eq!(
+            bytes,
+            2 * MIN_REPLY_ESTIMATE + short + 3 + shared + 3,
+            "the shared value's buffer is not counted"
+        );
+        assert_eq!(largest, SHARED_VALUE_MIN);
+
+        let mut meta = crate::protocol::MetaReply::new(crate::protocol::MetaCode::Va, "");
+        meta.value = Some(Bytes::from(vec![b'v'; SHARED_VALUE_MIN]));
+        let (bytes, largest) = reply_footprint(&[Response::Meta(meta)]);
+        assert_eq!(bytes, MIN_REPLY_ESTIMATE + shared);
+        // Only `get` values teach the connection their size.
+        assert_eq!(largest, 0);
+    }
 
     #[test]
     fn gathered_values_sit_at_their_offsets_with_no_empty_slice() {
